@@ -1,0 +1,123 @@
+"""Batched log-probabilities of target continuations.
+
+Used by the engine (p before/after an edit) and by ``evals`` (CounterFact
+metrics, GLUE label scoring). Logits are computed only at the positions the
+score reads: the model's trunk runs once per batch, the output head only on
+the gathered hidden states (the head is a large share of a small model's
+forward).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+
+def with_leading_space(text: str) -> str:
+    """ROME scores and trains targets with a leading space (" Rome")."""
+    return text if text.startswith(" ") else " " + text
+
+
+def prompt_ids(tok: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    return list(tok(prompt)["input_ids"])
+
+
+def target_ids(tok: PreTrainedTokenizerBase, target: str) -> list[int]:
+    return list(tok(with_leading_space(target), add_special_tokens=False)["input_ids"])
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The transformer without its LM head (returns final-normed states) and the head."""
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    return model.base_model, head
+
+
+@dataclass
+class TargetScore:
+    """Log-probability of one target continuation after one prompt."""
+
+    token_logprobs: list[float]
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_logprobs)
+
+    @property
+    def sum_logprob(self) -> float:
+        return float(sum(self.token_logprobs))
+
+    @property
+    def mean_nll(self) -> float:
+        """Mean per-token negative log-likelihood (the CounterFact score)."""
+        return -self.sum_logprob / max(1, self.n_tokens)
+
+    @property
+    def prob(self) -> float:
+        """Probability of the whole target (product over its tokens)."""
+        return float(torch.tensor(self.sum_logprob).exp())
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device):
+    """Right-padded ids and attention mask."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long, device=device)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long, device=device)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def pad_id_of(tok: PreTrainedTokenizerBase) -> int:
+    for cand in (tok.pad_token_id, tok.eos_token_id, 0):
+        if cand is not None:
+            return int(cand)
+    return 0
+
+
+@torch.no_grad()
+def score_targets(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    batch_size: int = 32,
+) -> list[TargetScore]:
+    """Score ``targets[i]`` as the continuation of ``prompts[i]`` (teacher forced).
+
+    Targets get a leading space when missing. Returns one :class:`TargetScore`
+    per pair, in order.
+    """
+    if len(prompts) != len(targets):
+        raise ValueError("prompts and targets must have the same length")
+    device = model_device(model)
+    trunk, head = trunk_and_head(model)
+    pad = pad_id_of(tok)
+    out: list[TargetScore] = []
+    for start in range(0, len(prompts), batch_size):
+        p_ids = [prompt_ids(tok, p) for p in prompts[start : start + batch_size]]
+        t_ids = [target_ids(tok, t) for t in targets[start : start + batch_size]]
+        seqs = [p + t[:-1] for p, t in zip(p_ids, t_ids, strict=True)]
+        ids, mask = pad_right(seqs, pad, device)
+        hidden = trunk(input_ids=ids, attention_mask=mask).last_hidden_state
+        rows, cols, labels = [], [], []
+        for i, (p, t) in enumerate(zip(p_ids, t_ids, strict=True)):
+            for j, tid in enumerate(t):
+                rows.append(i)
+                cols.append(len(p) - 1 + j)
+                labels.append(tid)
+        logits = head(hidden[rows, cols]).float()
+        logp = logits.log_softmax(-1)[torch.arange(len(labels)), torch.tensor(labels)]
+        k = 0
+        for t in t_ids:
+            out.append(TargetScore(logp[k : k + len(t)].tolist()))
+            k += len(t)
+    return out
