@@ -1,0 +1,1 @@
+"""Evaluation of edited models: CounterFact metrics, GLUE, sequential replay."""

@@ -1,0 +1,40 @@
+"""ROME and r-ROME rank-one model editing: the engine (no UI code here)."""
+
+from .editor import AppliedEdit, Editor
+from .errors import (
+    BadRequestError,
+    LayerOutOfRangeError,
+    NothingToUndoError,
+    RomeError,
+    SubjectNotFoundError,
+    UnknownPresetError,
+    UnsafeUpdateError,
+    UnsupportedArchitectureError,
+    WeightsUnavailableError,
+)
+from .hparams import MODES, EditHparams, list_presets, load_preset
+from .models import LoadedModel, load_model
+from .request import EditRequest
+from .result import EditResult
+
+__all__ = [
+    "MODES",
+    "AppliedEdit",
+    "BadRequestError",
+    "EditHparams",
+    "EditRequest",
+    "EditResult",
+    "Editor",
+    "LayerOutOfRangeError",
+    "LoadedModel",
+    "NothingToUndoError",
+    "RomeError",
+    "SubjectNotFoundError",
+    "UnknownPresetError",
+    "UnsafeUpdateError",
+    "UnsupportedArchitectureError",
+    "WeightsUnavailableError",
+    "list_presets",
+    "load_model",
+    "load_preset",
+]

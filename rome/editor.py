@@ -1,0 +1,374 @@
+"""The caller-owned editing session: caches, compute / compare / apply / undo.
+
+An :class:`Editor` wraps one loaded model. It holds what is worth computing
+once per model and layer (context templates, the covariance factor) and the
+stack of applied edits. Nothing here is global: two editors on two models
+share nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from . import covariance as cov
+from .errors import BadRequestError, LayerOutOfRangeError, NothingToUndoError, UnsafeUpdateError
+from .hparams import MODES, EditHparams
+from .keys import average_keys, keys_at_subject
+from .nethook import get_module
+from .paths import cache_dir as default_cache_dir
+from .paths import slug
+from .request import EditRequest
+from .result import EditResult
+from .scoring import score_targets
+from .templates import cached_templates, normalise_templates
+from .update import add_update, rank_one, restore, weight_out_in
+from .vstar import compute_v_star
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+@dataclass
+class AppliedEdit:
+    """One update on the model, with the weight as it was before it (for undo)."""
+
+    layer: int
+    weight_name: str
+    u: torch.Tensor
+    v: torch.Tensor
+    saved: torch.Tensor | None
+    result: EditResult | None = None
+
+
+@dataclass
+class _Probe:
+    p_new: float
+    p_true: float | None
+    p_new_templated: float
+
+
+class Editor:
+    """Edits one model in place. Compute leaves the model as it was; apply changes it."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tok: PreTrainedTokenizerBase,
+        hparams: EditHparams,
+        *,
+        cache_dir: Path | None | str = "default",
+        templates: Sequence[str] | None = None,
+        model_key: str | None = None,
+        keep_undo: bool = True,
+    ):
+        self.model = model
+        self.tok = tok
+        self.hp = hparams.validate()
+        self.cache = default_cache_dir() if cache_dir == "default" else cache_dir
+        self.model_key = slug(model_key or hparams.model)
+        self.keep_undo = keep_undo
+        explicit = templates if templates is not None else hparams.context_templates
+        self._templates = normalise_templates(explicit) if explicit is not None else None
+        self._factors: dict[int, cov.CovFactor] = {}
+        self._stats_meta: dict[int, cov.StatsMeta | None] = {}
+        self._base: dict[int, torch.Tensor] = {}
+        self.applied: list[AppliedEdit] = []
+
+    # ----------------------------------------------------------- setup
+    @property
+    def n_layers(self) -> int:
+        return len(get_module(self.model, self.hp.layers_module))  # type: ignore[arg-type]
+
+    def check_layer(self, layer: int) -> int:
+        if not 0 <= layer < self.n_layers:
+            raise LayerOutOfRangeError(
+                f"layer {layer} is out of range: the model has layers 0..{self.n_layers - 1}"
+            )
+        return layer
+
+    def module(self, layer: int) -> nn.Module:
+        return get_module(self.model, self.hp.weight_module(layer))
+
+    def templates(self) -> list[str]:
+        if self._templates is None:
+            self._templates = cached_templates(
+                self.model,
+                self.tok,
+                self.model_key,
+                self.hp.context_template_length_params,
+                self.hp.template_seed,
+                self.cache / "templates" if isinstance(self.cache, Path) else None,
+            )
+        return self._templates
+
+    def set_covariance(self, layer: int, matrix: torch.Tensor | None, description: str = "") -> None:
+        """Use this C (``None``: identity) for ``layer`` instead of collected statistics."""
+        self._factors[layer] = cov.CovFactor(matrix, self.hp.mom2_ridge, description)
+        self._stats_meta[layer] = None
+
+    def stats_file(self, layer: int, corpus: str | None = None) -> Path | None:
+        if not isinstance(self.cache, Path):
+            return None
+        return cov.stats_path(
+            self.cache,
+            self.model_key,
+            corpus or self.hp.mom2_dataset,
+            self.hp.weight_module(layer),
+            self.hp.mom2_dtype,
+            self.hp.mom2_n_samples,
+        )
+
+    def stats(
+        self, layer: int, progress: Progress | None = None, corpus: str | None = None
+    ) -> cov.SecondMoment:
+        """Second moment for ``layer``: from the disk cache, else collected and cached."""
+        path = self.stats_file(layer, corpus)
+        if path is not None and path.is_file():
+            return cov.load_stats(path)
+        prog = (lambda d, t: progress("covariance", d, t)) if progress else None
+        stats = cov.compute_stats(
+            self.model,
+            self.tok,
+            self.model_key,
+            layer,
+            self.hp.weight_module(layer),
+            corpus or self.hp.mom2_dataset,
+            self.hp.mom2_n_samples,
+            self.hp.mom2_max_len,
+            self.hp.mom2_dtype,
+            self.hp.template_seed,
+            prog,
+        )
+        if path is not None:
+            cov.save_stats(path, stats)
+        return stats
+
+    def factor(self, layer: int, progress: Progress | None = None) -> cov.CovFactor:
+        """The ``C⁻¹`` solver for ``layer``, computed once."""
+        if layer not in self._factors:
+            if self.hp.covariance == "identity":
+                self.set_covariance(layer, None, "identity")
+            else:
+                stats = self.stats(layer, progress)
+                m = stats.meta
+                desc = f"{m.corpus}: {m.n_texts} texts, {m.n_tokens} tokens"
+                self._factors[layer] = cov.CovFactor(stats.matrix, self.hp.mom2_ridge, desc)
+                self._stats_meta[layer] = m
+        return self._factors[layer]
+
+    def prepare(self, layer: int | None = None, progress: Progress | None = None) -> None:
+        """Compute templates and the covariance factor ahead of the first edit."""
+        layer = self.check_layer(self.hp.layer if layer is None else layer)
+        self.templates()
+        self.factor(layer, progress)
+
+    # ----------------------------------------------------------- compute
+    def compute(
+        self,
+        req: EditRequest,
+        mode: str | None = None,
+        layer: int | None = None,
+        progress: Progress | None = None,
+    ) -> EditResult:
+        """The update for one key mode. The model is unchanged afterwards."""
+        mode = mode or self.hp.default_mode
+        return self._compute(req, [mode], layer, progress)[mode]
+
+    def compare(
+        self,
+        req: EditRequest,
+        layer: int | None = None,
+        progress: Progress | None = None,
+        modes: Sequence[str] = MODES,
+    ) -> dict[str, EditResult]:
+        """The update in every key mode, sharing templates, keys and v*. Nothing applied."""
+        return self._compute(req, list(modes), layer, progress)
+
+    def _compute(
+        self, req: EditRequest, modes: list[str], layer: int | None, progress: Progress | None
+    ) -> dict[str, EditResult]:
+        for m in modes:
+            if m not in MODES:
+                raise BadRequestError(f"unknown key mode {m!r}: use one of {', '.join(MODES)}")
+        req.validate()
+        layer = self.check_layer(self.hp.layer if layer is None else layer)
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[name] = timings.get(name, 0.0) + now - clock
+            clock = now
+
+        templates = self.templates()
+        lap("templates")
+        factor = self.factor(layer, progress)
+        lap("covariance")
+        name = self.hp.weight_module(layer)
+        keys = keys_at_subject(
+            self.model, self.tok, name, [t.format(req.prompt) for t in templates], req.subject
+        )
+        k_s = keys[0]
+        k_star = average_keys(keys, self.hp.key_averaging)
+        lap("keys")
+        before = self._probe(req, templates)
+        lap("scoring")
+        step_cb = (lambda d, t: progress("v*", d, t)) if progress else None
+        vs = compute_v_star(self.model, self.tok, self.hp, req, templates, layer, step_cb)
+        lap("v_star")
+        module = self.module(layer)
+        weight_norm = float(weight_out_in(module).float().norm())
+        results: dict[str, EditResult] = {}
+        for mode in modes:
+            k_u, k_v = {"original": (k_star, k_s), "rrome": (k_star, k_star), "prompt": (k_s, k_s)}[
+                mode
+            ]
+            r1 = rank_one(module, factor, k_u, k_v, vs.v_star)
+            lap("update")
+            finite = bool(torch.isfinite(r1.u).all() and torch.isfinite(r1.v).all())
+            if finite:
+                saved = add_update(module, r1.u, r1.v)
+                try:
+                    after = self._probe(req, templates)
+                finally:
+                    restore(module, saved)
+            else:
+                after = _Probe(math.nan, math.nan, math.nan)
+            lap("scoring")
+            res = EditResult(
+                request=req,
+                mode=mode,
+                layer=layer,
+                weight_name=name,
+                u=r1.u.cpu(),
+                v=r1.v.cpu(),
+                update_norm=r1.norm,
+                weight_norm=weight_norm,
+                denominator=r1.denominator,
+                k_star_norm=float(k_star.norm()),
+                k_s_norm=float(k_s.norm()),
+                cos_kstar_ks=float(torch.nn.functional.cosine_similarity(k_star, k_s, dim=0)),
+                v_star_trace=vs.trace,
+                v_init_norm=float(vs.v_init.norm()),
+                v_star_norm=float(vs.v_star.norm()),
+                p_new_before=before.p_new,
+                p_new_after=after.p_new,
+                p_true_before=before.p_true,
+                p_true_after=after.p_true,
+                p_new_before_templated=before.p_new_templated,
+                p_new_after_templated=after.p_new_templated,
+                key_averaging=self.hp.key_averaging,
+                covariance=factor.description,
+                n_templates=len(templates),
+                timings=dict(timings),
+                model=self.hp.name,
+                k_u=k_u.cpu(),
+                k_v=k_v.cpu(),
+                v_star=vs.v_star.cpu(),
+            )
+            res.unsafe_reason = self.unsafe_reason(res.u, res.v, weight_norm)
+            results[mode] = res
+        return results
+
+    def _probe(self, req: EditRequest, templates: Sequence[str]) -> _Probe:
+        """p(target_new), p(target_true) on the bare prompt; mean p(new) over prefixed ones."""
+        bare = req.text
+        prefixed = [t.format(req.prompt).replace("{}", req.subject, 1) for t in templates[1:]]
+        prompts = [bare, *prefixed]
+        targets = [req.target_new] * len(prompts)
+        if req.target_true is not None:
+            prompts.append(bare)
+            targets.append(req.target_true)
+        scores = score_targets(self.model, self.tok, prompts, targets)
+        p_true = scores[-1].prob if req.target_true is not None else None
+        templ = [s.prob for s in scores[1 : 1 + len(prefixed)]]
+        return _Probe(scores[0].prob, p_true, sum(templ) / len(templ) if templ else scores[0].prob)
+
+    def unsafe_reason(self, u: torch.Tensor, v: torch.Tensor, weight_norm: float) -> str | None:
+        """Why an update must not be applied: non-finite, or far larger than the weight."""
+        if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
+            return "the update has NaN or infinite entries"
+        ratio = float(u.norm() * v.norm()) / weight_norm if weight_norm else math.inf
+        if ratio > self.hp.max_update_ratio:
+            return (
+                f"the update norm is {ratio:.1f}x the weight's norm "
+                f"(limit {self.hp.max_update_ratio:g}, preset field max_update_ratio)"
+            )
+        return None
+
+    # ----------------------------------------------------------- apply / undo
+    def apply(self, result: EditResult, force: bool = False) -> AppliedEdit:
+        """Add a computed update to the model. Refuses an unsafe one unless ``force``."""
+        return self.apply_factors(result.layer, result.u, result.v, force=force, result=result)
+
+    def apply_factors(
+        self,
+        layer: int,
+        u: torch.Tensor,
+        v: torch.Tensor,
+        force: bool = False,
+        result: EditResult | None = None,
+    ) -> AppliedEdit:
+        """Add ``v uᵀ`` at ``layer`` (a stored update, e.g. when a replay resumes)."""
+        module = self.module(self.check_layer(layer))
+        if not force:
+            reason = self.unsafe_reason(u, v, float(weight_out_in(module).float().norm()))
+            if reason:
+                raise UnsafeUpdateError(f"refused to apply: {reason}; nothing was changed")
+        if layer not in self._base:
+            self._base[layer] = module.weight.detach().to("cpu", copy=True)
+        saved = add_update(module, u, v)
+        entry = AppliedEdit(
+            layer=layer,
+            weight_name=self.hp.weight_module(layer),
+            u=u,
+            v=v,
+            saved=saved.to("cpu") if self.keep_undo else None,
+            result=result,
+        )
+        self.applied.append(entry)
+        return entry
+
+    def undo(self) -> AppliedEdit:
+        """Remove the last applied edit; the weight is restored bit for bit."""
+        if not self.applied:
+            raise NothingToUndoError("no applied edit to undo")
+        entry = self.applied[-1]
+        if entry.saved is None:
+            raise NothingToUndoError("this editor keeps no undo copies (keep_undo=False)")
+        restore(self.module(entry.layer), entry.saved)
+        self.applied.pop()
+        return entry
+
+    def revert_all(self) -> int:
+        """Put every edited weight back to its base value; returns how many edits were undone."""
+        n = len(self.applied)
+        for layer, base in self._base.items():
+            restore(self.module(layer), base)
+        self.applied.clear()
+        return n
+
+    def fingerprint(self, layers: Iterable[int] | None = None) -> str:
+        """SHA-256 over the editable weights of ``layers`` (default: the preset's and edited ones)."""
+        chosen = sorted(set(layers) if layers is not None else {self.hp.layer, *self._base})
+        h = hashlib.sha256()
+        for layer in chosen:
+            w = self.module(layer).weight.detach().to("cpu").contiguous()
+            h.update(f"{layer}:{w.dtype}:{tuple(w.shape)}".encode())
+            h.update(w.view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def stats_meta(self, layer: int) -> cov.StatsMeta | None:
+        return self._stats_meta.get(layer)

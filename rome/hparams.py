@@ -1,0 +1,129 @@
+"""Edit hyperparameters and the presets that ship with the package."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import BadRequestError, UnknownPresetError
+
+KeyAveraging = Literal["uniform", "grouped"]
+MODES = ("original", "rrome", "prompt")
+
+
+@dataclass(frozen=True)
+class EditHparams:
+    """Everything that decides an edit besides the request. One JSON preset each."""
+
+    name: str
+    model: str
+    layers_module: str
+    mlp_out_module: str
+    final_norm_module: str
+    layer: int
+    v_num_grad_steps: int = 20
+    v_lr: float = 0.5
+    v_loss_layer: int | None = None  # recorded for reference; the loss is on the final logits
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    v_early_stop_loss: float = 0.05
+    v_autocast: str | None = None  # None (fp32, the reference) or "bf16"
+    fact_token: str = "subject_last"
+    key_averaging: KeyAveraging = "uniform"
+    context_template_length_params: list[list[int]] = field(
+        default_factory=lambda: [[5, 10], [10, 10]]
+    )
+    context_templates: list[str] | None = None
+    template_seed: int = 0
+    covariance: Literal["corpus", "identity"] = "corpus"
+    mom2_dataset: str = "wikipedia"
+    mom2_n_samples: int = 100000
+    mom2_max_len: int = 128
+    mom2_dtype: str = "float32"
+    mom2_ridge: float = 1e-6
+    max_update_ratio: float = 10.0
+    default_mode: str = "rrome"
+    aliases: list[str] = field(default_factory=list)
+    notes: str = ""
+
+    def replace(self, **changes: Any) -> EditHparams:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def weight_module(self, layer: int | None = None) -> str:
+        return self.mlp_out_module.format(self.layer if layer is None else layer)
+
+    def validate(self) -> EditHparams:
+        if self.key_averaging not in ("uniform", "grouped"):
+            raise BadRequestError(
+                f"key_averaging must be 'uniform' or 'grouped', not {self.key_averaging!r}"
+            )
+        if self.covariance not in ("corpus", "identity"):
+            raise BadRequestError(
+                f"covariance must be 'corpus' or 'identity', not {self.covariance!r}"
+            )
+        if self.default_mode not in MODES:
+            raise BadRequestError(f"default_mode must be one of {MODES}")
+        if "{}" not in self.mlp_out_module:
+            raise BadRequestError("mlp_out_module must contain '{}' for the layer index")
+        return self
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EditHparams:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise BadRequestError(f"unknown preset fields: {', '.join(unknown)}")
+        try:
+            return cls(**data).validate()
+        except TypeError as exc:
+            raise BadRequestError(f"incomplete preset: {exc}") from None
+
+
+def _preset_files() -> list[Any]:
+    root = resources.files("rome") / "presets"
+    return sorted((p for p in root.iterdir() if p.name.endswith(".json")), key=lambda p: p.name)
+
+
+def list_presets() -> dict[str, EditHparams]:
+    """All shipped presets by name."""
+    out = {}
+    for p in _preset_files():
+        hp = EditHparams.from_dict(json.loads(p.read_text()))
+        out[hp.name] = hp
+    return out
+
+
+def find_preset(name: str) -> EditHparams | None:
+    """The shipped preset whose name, model id or alias is ``name``, if any."""
+    for hp in list_presets().values():
+        if name in (hp.name, hp.model, *hp.aliases):
+            return hp
+    return None
+
+
+def load_preset(name_or_path: str | Path) -> EditHparams:
+    """A shipped preset by name (``smollm2-135m``, ``gpt2-xl``...) or a JSON file path."""
+    path = Path(name_or_path)
+    if path.suffix == ".json" or path.is_file():
+        if not path.is_file():
+            raise UnknownPresetError(f"no preset file at {path}")
+        try:
+            return EditHparams.from_dict(json.loads(path.read_text()))
+        except json.JSONDecodeError as exc:
+            raise BadRequestError(f"preset file {path} is not valid JSON: {exc}") from None
+    hp = find_preset(str(name_or_path))
+    if hp is None:
+        names = ", ".join(sorted(list_presets()))
+        raise UnknownPresetError(
+            f"unknown preset {str(name_or_path)!r}; shipped presets: {names} "
+            "(or pass a JSON file with --hparams)"
+        )
+    return hp

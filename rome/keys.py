@@ -1,0 +1,50 @@
+"""Keys: the input of the edited weight at the subject's last token.
+
+The forward pass stops right after the edited module: nothing above the
+edited layer runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from . import nethook
+from .scoring import model_device, pad_id_of, pad_right
+from .tokens import encode_with_subject
+
+
+@torch.no_grad()
+def keys_at_subject(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    module_name: str,
+    templates: Sequence[str],
+    subject: str,
+) -> torch.Tensor:
+    """One key per template (each with one ``{}`` for the subject), as rows, float32."""
+    encs = [encode_with_subject(tok, t, subject) for t in templates]
+    ids, mask = pad_right([e.ids for e in encs], pad_id_of(tok), model_device(model))
+    with nethook.capture(model, module_name, stop=True) as rec, nethook.stop_after():
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    assert rec.input is not None
+    rows = torch.arange(len(encs), device=ids.device)
+    cols = torch.tensor([e.subject_last for e in encs], device=ids.device)
+    return rec.input[rows, cols].float()
+
+
+def average_keys(keys: torch.Tensor, averaging: str) -> torch.Tensor:
+    """k* from the keys of ``["{}", prefixed...]``.
+
+    ``uniform`` (ROME): the mean over all templates. ``grouped`` (MEMIT, later
+    r-ROME): the bare prompt is one group and the prefixed prompts another, so
+    k(s) weighs one half.
+    """
+    if averaging == "uniform" or keys.shape[0] == 1:
+        return keys.mean(0)
+    if averaging == "grouped":
+        return 0.5 * keys[0] + 0.5 * keys[1:].mean(0)
+    raise ValueError(f"unknown key averaging {averaging!r}")

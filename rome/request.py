@@ -1,0 +1,46 @@
+"""The edit request and its validation."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .errors import BadRequestError
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One fact edit: ``prompt.format(subject)`` should continue with ``target_new``."""
+
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+
+    def validate(self) -> EditRequest:
+        """Raise :class:`BadRequestError` on a request that cannot be run."""
+        n = self.prompt.count("{}")
+        if n != 1:
+            raise BadRequestError(
+                f"the prompt must contain exactly one '{{}}' where the subject goes "
+                f"(found {n}): {self.prompt!r}"
+            )
+        stripped = self.prompt.replace("{}", "")
+        if "{" in stripped or "}" in stripped:
+            raise BadRequestError(f"the prompt has a stray brace besides '{{}}': {self.prompt!r}")
+        if not self.subject.strip():
+            raise BadRequestError("the subject is empty")
+        if not self.target_new.strip():
+            raise BadRequestError("target_new is empty")
+        if self.target_true is not None and not self.target_true.strip():
+            raise BadRequestError("target_true is empty (leave it out instead)")
+        if self.target_true is not None and self.target_true.strip() == self.target_new.strip():
+            raise BadRequestError("target_new equals target_true: nothing to edit")
+        return self
+
+    @property
+    def text(self) -> str:
+        """The bare prompt with the subject filled in."""
+        return self.prompt.format(self.subject)
+
+    def to_dict(self) -> dict[str, str | None]:
+        return asdict(self)

@@ -1,0 +1,90 @@
+"""The record of one computed edit (JSON-serialisable through ``to_dict``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .request import EditRequest
+
+
+@dataclass
+class EditResult:
+    request: EditRequest
+    mode: str
+    layer: int
+    weight_name: str
+    u: torch.Tensor
+    v: torch.Tensor
+    update_norm: float
+    weight_norm: float
+    denominator: float
+    k_star_norm: float
+    k_s_norm: float
+    cos_kstar_ks: float
+    v_star_trace: list[dict[str, float]]
+    v_init_norm: float
+    v_star_norm: float
+    p_new_before: float
+    p_new_after: float
+    p_true_before: float | None
+    p_true_after: float | None
+    p_new_before_templated: float
+    p_new_after_templated: float
+    key_averaging: str
+    covariance: str
+    n_templates: int
+    timings: dict[str, float]
+    model: str = ""
+    unsafe_reason: str | None = None
+    # tensors kept for checks and for callers; not serialised
+    k_u: torch.Tensor | None = field(default=None, repr=False)
+    k_v: torch.Tensor | None = field(default=None, repr=False)
+    v_star: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def update_norm_ratio(self) -> float:
+        return self.update_norm / self.weight_norm if self.weight_norm else float("inf")
+
+    @property
+    def efficacy(self) -> bool:
+        """target_new more likely than target_true on the bare prompt after the edit."""
+        if self.p_true_after is None:
+            return self.p_new_after > self.p_new_before
+        return self.p_new_after > self.p_true_after
+
+    def to_dict(self, factors: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "request": self.request.to_dict(),
+            "model": self.model,
+            "mode": self.mode,
+            "layer": self.layer,
+            "weight_name": self.weight_name,
+            "update_norm": self.update_norm,
+            "update_norm_ratio": self.update_norm_ratio,
+            "weight_norm": self.weight_norm,
+            "denominator": self.denominator,
+            "k_star_norm": self.k_star_norm,
+            "k_s_norm": self.k_s_norm,
+            "cos_kstar_ks": self.cos_kstar_ks,
+            "v_init_norm": self.v_init_norm,
+            "v_star_norm": self.v_star_norm,
+            "p_new_before": self.p_new_before,
+            "p_new_after": self.p_new_after,
+            "p_true_before": self.p_true_before,
+            "p_true_after": self.p_true_after,
+            "p_new_before_templated": self.p_new_before_templated,
+            "p_new_after_templated": self.p_new_after_templated,
+            "key_averaging": self.key_averaging,
+            "covariance": self.covariance,
+            "n_templates": self.n_templates,
+            "unsafe_reason": self.unsafe_reason,
+            "v_star_trace": self.v_star_trace,
+            "timings": self.timings,
+        }
+        if factors:
+            out["u"] = self.u.tolist()
+            out["v"] = self.v.tolist()
+        return out

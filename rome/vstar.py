@@ -1,0 +1,227 @@
+"""v*: the value the edited layer should output for the subject.
+
+A vector ``δ`` is added to the edited module's output at the subject's last
+token of every prompt and optimised with Adam so the model predicts
+``target_new``. The layers below the edit do not depend on ``δ``: their
+output is computed once per edit, and each step runs only the blocks from
+the edited layer up, then the LM head only at the positions the loss reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from . import nethook
+from .hparams import EditHparams
+from .request import EditRequest
+from .scoring import model_device, pad_id_of, pad_right, target_ids
+from .tokens import encode_with_subject
+
+StepCallback = Callable[[int, int], None]  # (step, total)
+KL_PROMPT = "{} is a"
+
+
+@dataclass
+class VStar:
+    v_star: torch.Tensor
+    v_init: torch.Tensor
+    delta: torch.Tensor
+    trace: list[dict[str, float]]
+    steps: int
+
+
+@dataclass
+class _Batch:
+    ids: torch.Tensor
+    mask: torch.Tensor
+    lookup_rows: torch.Tensor
+    lookup_cols: torch.Tensor
+    loss_rows: torch.Tensor
+    loss_cols: torch.Tensor
+    loss_labels: torch.Tensor
+    n_rewrite: int
+    target_len: int
+
+
+def _build_batch(
+    tok: PreTrainedTokenizerBase, req: EditRequest, templates: Sequence[str], device: torch.device
+) -> _Batch:
+    tgt = target_ids(tok, req.target_new)
+    seqs, lookups = [], []
+    loss_rows, loss_cols, labels = [], [], []
+    for i, t in enumerate(templates):
+        enc = encode_with_subject(tok, t.format(req.prompt), req.subject)
+        seqs.append(enc.ids + tgt[:-1])
+        lookups.append(enc.subject_last)
+        for j, tid in enumerate(tgt):
+            loss_rows.append(i)
+            loss_cols.append(len(enc.ids) - 1 + j)
+            labels.append(tid)
+    kl = encode_with_subject(tok, KL_PROMPT, req.subject)
+    seqs.append(kl.ids)
+    lookups.append(kl.subject_last)
+    ids, mask = pad_right(seqs, pad_id_of(tok), device)
+
+    def t(x: list[int]) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.long, device=device)
+
+    return _Batch(
+        ids=ids,
+        mask=mask,
+        lookup_rows=torch.arange(len(seqs), device=device),
+        lookup_cols=t(lookups),
+        loss_rows=t(loss_rows),
+        loss_cols=t(loss_cols),
+        loss_labels=t(labels),
+        n_rewrite=len(templates),
+        target_len=len(tgt),
+    )
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """Parameters do not require grad inside; their previous flags come back after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class UpperStack:
+    """Runs the blocks from layer ``l`` up, the final norm, and the head at chosen positions.
+
+    The inputs of block ``l`` (hidden states and whatever else the model
+    passes its blocks: masks, rotary embeddings) are captured once by a
+    stopping pre-hook, so nothing here depends on one architecture's calling
+    convention.
+    """
+
+    def __init__(self, model: nn.Module, hp: EditHparams, layer: int, ids: torch.Tensor, mask: torch.Tensor):
+        self.model = model
+        blocks = nethook.get_module(model, hp.layers_module)
+        self.blocks = list(blocks)[layer:]  # type: ignore[call-overload]
+        self.norm = nethook.get_module(model, hp.final_norm_module)
+        self.head = model.get_output_embeddings()  # type: ignore[operator]
+        with nethook.capture_block_inputs(model, f"{hp.layers_module}.{layer}") as rec:
+            with nethook.stop_after(), torch.no_grad():
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+        args, kwargs = rec["args"], dict(rec["kwargs"])
+        if args:
+            self.hidden, self.args = args[0].detach(), args[1:]
+        else:
+            self.hidden, self.args = kwargs.pop("hidden_states").detach(), ()
+        self.kwargs = kwargs
+
+    def logits_at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        h = self.hidden
+        for block in self.blocks:
+            out = block(h, *self.args, **self.kwargs)
+            h = out[0] if isinstance(out, tuple) else out
+        return self.head(self.norm(h[rows, cols]))
+
+
+def compute_v_star(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    hp: EditHparams,
+    req: EditRequest,
+    templates: Sequence[str],
+    layer: int,
+    on_step: StepCallback | None = None,
+    fast: bool = True,
+) -> VStar:
+    """Optimise ``δ`` as ROME's ``compute_v`` does (same loss, clamp and stopping rule).
+
+    ``fast=False`` runs the whole model at every step and takes logits at
+    every position, as the published code does (kept for the benchmark).
+    """
+    device = model_device(model)
+    b = _build_batch(tok, req, templates, device)
+    module = hp.weight_module(layer)
+    width = nethook.get_module(model, module)
+    d_out = _out_features(width)
+    delta = torch.zeros(d_out, device=device, dtype=torch.float32, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hp.v_lr)
+    edit = nethook.OutputEdit(b.lookup_rows, b.lookup_cols, delta)
+    kl_row = torch.tensor([b.n_rewrite], device=device)
+    kl_col = b.lookup_cols[b.n_rewrite :]
+    rows = torch.cat([b.loss_rows, kl_row])
+    cols = torch.cat([b.loss_cols, kl_col])
+    n_loss = b.loss_rows.numel()
+    autocast = torch.autocast(
+        device_type=device.type, dtype=torch.bfloat16, enabled=hp.v_autocast == "bf16"
+    )
+    trace: list[dict[str, float]] = []
+    kl_init: torch.Tensor | None = None
+    v_init: torch.Tensor | None = None
+    with frozen(model), nethook.add_to_output(model, module, edit):
+        upper = UpperStack(model, hp, layer, b.ids, b.mask) if fast else None
+        for step in range(hp.v_num_grad_steps):
+            opt.zero_grad()
+            with autocast:
+                if upper is not None:
+                    logits = upper.logits_at(rows, cols).float()
+                else:
+                    full = model(input_ids=b.ids, attention_mask=b.mask, use_cache=False).logits
+                    logits = full.float()[rows, cols]
+            if v_init is None:
+                assert edit.first_output is not None
+                v_init = edit.first_output.float()
+            logp = logits[:n_loss].log_softmax(-1)
+            tok_lp = logp[torch.arange(n_loss, device=device), b.loss_labels]
+            per_prompt = torch.zeros(b.n_rewrite, device=device).index_add(0, b.loss_rows, tok_lp)
+            nll_each = -per_prompt / b.target_len
+            nll = nll_each.mean()
+            kl_logp = logits[n_loss:].log_softmax(-1)
+            if kl_init is None:
+                kl_init = kl_logp.detach().clone()
+            kl = hp.kl_factor * torch.nn.functional.kl_div(
+                kl_init, kl_logp, log_target=True, reduction="batchmean"
+            )
+            wd = hp.v_weight_decay * (delta.norm() / v_init.norm() ** 2)
+            loss = nll + kl + wd
+            trace.append(
+                {
+                    "step": float(step),
+                    "loss": loss.item(),
+                    "nll": nll.item(),
+                    "kl": kl.item(),
+                    "weight_decay": wd.item(),
+                    "p_target": float(torch.exp(-nll_each).mean()),
+                }
+            )
+            if on_step is not None:
+                on_step(step + 1, hp.v_num_grad_steps)
+            if loss.item() < hp.v_early_stop_loss or step == hp.v_num_grad_steps - 1:
+                break
+            loss.backward()
+            opt.step()
+            max_norm = hp.clamp_norm_factor * v_init.norm()
+            with torch.no_grad():
+                n = delta.norm()
+                if n > max_norm:
+                    delta.mul_(max_norm / n)
+    assert v_init is not None
+    d = delta.detach()
+    return VStar(v_star=v_init + d, v_init=v_init, delta=d, trace=trace, steps=len(trace))
+
+
+def _out_features(module: nn.Module) -> int:
+    """Width of the edited module's output (Linear or GPT-2's transposed Conv1D)."""
+    w = module.weight
+    if module.__class__.__name__ == "Conv1D":
+        return int(w.shape[1])
+    return int(w.shape[0])
+
+

@@ -1,0 +1,100 @@
+"""Plots of stored runs: two synthetic runs, original (collapsing) vs rrome."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from workbench.plot import plot_runs
+from workbench.store import Store, UnknownRunError
+
+REQ = {"prompt": "{} is in", "subject": "X", "target_new": "Rome", "target_true": "Paris"}
+TASKS = ("sst2", "mrpc", "cola", "rte")
+BASE_ACC = {"sst2": 0.88, "mrpc": 0.68, "cola": 0.70, "rte": 0.62}
+
+
+def _synthetic_run(store: Store, mode: str, n_edits: int = 60, glue_every: int = 20) -> str:
+    run = store.create_run(
+        model="smollm2-135m", mode=mode, glue_every=glue_every, glue_tasks=list(TASKS)
+    )
+    collapsing = mode == "original"
+    u, v = torch.ones(4), torch.ones(3)
+    for seq in range(n_edits):
+        disabling = collapsing and seq in (17, 41)
+        norm = (250.0 if disabling else 12.0 + (seq % 7)) * (1.03**seq if collapsing else 1.0)
+        if not collapsing:
+            norm = 12.0 + 2.0 * math.sin(seq)
+        store.add_edit(
+            run.id,
+            seq,
+            request=REQ,
+            mode=mode,
+            layer=5,
+            weight_name="model.layers.5.mlp.down_proj.weight",
+            u=u,
+            v=v,
+            update_norm=norm,
+            flagged=disabling,
+            flag_reason="norm far above the running median" if disabling else None,
+        )
+    steps = [0, 1, *range(glue_every, n_edits + 1, glue_every)]
+    for step in steps:
+        for task in TASKS:
+            drop = 0.4 * min(1.0, step / 40) if collapsing else 0.02 * step / n_edits
+            store.add_checkpoint(run.id, step, task, accuracy=BASE_ACC[task] - drop, n=100)
+        entropy = 5.6 - (3.5 * min(1.0, step / 40) if collapsing else 0.05)
+        store.add_fluency(run.id, step, entropy)
+    return run.id
+
+
+@pytest.fixture
+def two_runs(tmp_path: Path):
+    with Store.open(tmp_path / "wb.db") as store:
+        ids = [_synthetic_run(store, "original"), _synthetic_run(store, "rrome")]
+        yield store, ids
+
+
+def test_plot_two_runs(two_runs, tmp_path: Path):
+    store, ids = two_runs
+    out = plot_runs(store, ids, tmp_path / "plots" / "compare.png")
+    assert out == tmp_path / "plots" / "compare.png"
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 20_000 < len(data) < 2_000_000
+
+    import matplotlib.image
+
+    img = matplotlib.image.imread(out)
+    h, w = img.shape[:2]
+    assert 600 < w < 2500 and 400 < h < 2000
+    assert img[..., :3].std() > 0.05  # not a blank canvas
+
+
+def test_plot_norm_only_and_errors(tmp_path: Path):
+    with Store.open(tmp_path / "wb.db") as store:
+        run = store.create_run(model="m", mode="prompt")
+        for seq in range(3):
+            store.add_edit(
+                run.id,
+                seq,
+                request=REQ,
+                mode="prompt",
+                layer=5,
+                weight_name="w",
+                u=None,
+                v=None,
+                update_norm=10.0 + seq,
+                refused=seq == 2,
+                applied=seq != 2,
+            )
+        empty = store.create_run(model="m", mode="rrome")
+        out = plot_runs(store, [run.id, empty.id], tmp_path / "norm.png")
+        assert out.stat().st_size > 5_000
+        with pytest.raises(ValueError):
+            plot_runs(store, [], tmp_path / "none.png")
+        with pytest.raises(UnknownRunError):
+            plot_runs(store, ["zzzz9999"], tmp_path / "none.png")
+        assert not (tmp_path / "none.png").exists()

@@ -1,0 +1,216 @@
+"""Static plots of stored runs (matplotlib, Agg; no pyplot global state, so it
+is safe to call from a worker thread).
+
+:func:`plot_runs` overlays several runs: one panel per GLUE task (accuracy
+against the number of edits applied), one for the update norm of each edit
+(log scale, flagged edits marked with a red x), and one for fluency
+(generation entropy) when the runs recorded it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import LogFormatter, MaxNLocator
+
+from workbench.store import FLUENCY_TASK, Checkpoint, Edit, Run, Store
+
+log = logging.getLogger(__name__)
+
+GLUE_ORDER = ("sst2", "mrpc", "cola", "rte")
+TASK_TITLES = {"sst2": "SST-2", "mrpc": "MRPC", "cola": "CoLA", "rte": "RTE"}
+CHANCE = 0.5
+
+
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def _task_order(tasks: set[str]) -> list[str]:
+    known = [t for t in GLUE_ORDER if t in tasks]
+    return known + sorted(tasks - set(GLUE_ORDER))
+
+
+def plot_runs(
+    store: Store,
+    run_ids: Sequence[str],
+    out_path: str | Path,
+    *,
+    title: str | None = None,
+    dpi: int = 110,
+) -> Path:
+    """Plot ``run_ids`` (full ids or unique prefixes) overlaid into a PNG (or any
+    format matplotlib infers from the suffix) at ``out_path``; returns the path."""
+    if not run_ids:
+        raise ValueError("plot_runs needs at least one run id")
+    runs: list[Run] = [store.get_run(r) for r in run_ids]
+    checkpoints: dict[str, list[Checkpoint]] = {r.id: store.checkpoints(r.id) for r in runs}
+    edits: dict[str, list[Edit]] = {r.id: store.edits(r.id) for r in runs}
+
+    tasks = _task_order({c.task for cps in checkpoints.values() for c in cps} - {FLUENCY_TASK})
+    has_fluency = any(
+        c.task == FLUENCY_TASK and _finite(c.value) for cps in checkpoints.values() for c in cps
+    )
+    panels = [*tasks, "norm", *([FLUENCY_TASK] if has_fluency else [])]
+
+    ncols = min(3, len(panels)) if len(panels) != 4 else 2
+    nrows = math.ceil(len(panels) / ncols)
+    width = max(7.0, 5.0 * ncols)
+    fig = Figure(figsize=(width, 3.5 * nrows + 0.8), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes_grid = fig.subplots(nrows, ncols, squeeze=False)
+    flat: list[Axes] = [ax for row in axes_grid for ax in row]
+    for ax in flat[len(panels) :]:
+        ax.remove()
+
+    colours = [f"C{i % 10}" for i in range(len(runs))]
+    max_x = 1
+    for run in runs:
+        for c in checkpoints[run.id]:
+            max_x = max(max_x, c.step)
+        for e in edits[run.id]:
+            max_x = max(max_x, e.seq + 1)
+
+    any_flagged = False
+    any_refused = False
+    for ax, panel in zip(flat, panels, strict=False):
+        if panel == "norm":
+            any_flagged, any_refused = _norm_panel(ax, runs, edits, colours)
+        elif panel == FLUENCY_TASK:
+            _fluency_panel(ax, runs, checkpoints, colours)
+        else:
+            _task_panel(ax, panel, runs, checkpoints, colours)
+        ax.set_xlim(0, max_x * 1.02 + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+        ax.grid(True, alpha=0.3, which="major")
+
+    handles: list[Line2D] = [
+        Line2D([], [], color=col, marker="o", ms=4, lw=1.8, label=run.label)
+        for run, col in zip(runs, colours, strict=True)
+    ]
+    if tasks:
+        handles.append(Line2D([], [], color="0.4", ls="--", lw=1, label=f"chance ({CHANCE:g})"))
+    if any_flagged:
+        handles.append(
+            Line2D([], [], color="red", marker="x", ls="none", ms=8, mew=2, label="flagged edit")
+        )
+    if any_refused:
+        handles.append(
+            Line2D(
+                [], [], color="0.3", marker="s", mfc="none", ls="none", ms=6, label="refused edit"
+            )
+        )
+    models = sorted({r.model for r in runs})
+    # The title rides on the legend: constrained layout stacks an "outside"
+    # legend with the axes but not with a suptitle (they would overlap).
+    # About 2.3 inches per legend entry, so the legend wraps instead of clipping.
+    fig.legend(
+        handles=handles,
+        loc="outside upper center",
+        ncol=max(1, min(len(handles), int(width // 2.3))),
+        frameon=False,
+        fontsize=10,
+        title=title or f"{', '.join(models)}: {len(runs)} run(s)",
+        title_fontproperties={"size": 13},
+    )
+
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    log.info("plotted runs %s to %s", ", ".join(r.id for r in runs), out)
+    return out
+
+
+def _task_panel(
+    ax: Axes,
+    task: str,
+    runs: Sequence[Run],
+    checkpoints: dict[str, list[Checkpoint]],
+    colours: Sequence[str],
+) -> None:
+    for run, col in zip(runs, colours, strict=True):
+        pts = [(c.step, c.accuracy) for c in checkpoints[run.id] if c.task == task]
+        pts = [(s, a) for s, a in pts if _finite(a)]
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, color=col, marker="o", ms=4, lw=1.8)
+    ax.axhline(CHANCE, color="0.4", ls="--", lw=1)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_title(f"{TASK_TITLES.get(task, task)} accuracy")
+    ax.set_xlabel("edits applied")
+    ax.set_ylabel("accuracy")
+
+
+def _fluency_panel(
+    ax: Axes,
+    runs: Sequence[Run],
+    checkpoints: dict[str, list[Checkpoint]],
+    colours: Sequence[str],
+) -> None:
+    for run, col in zip(runs, colours, strict=True):
+        pts = [(c.step, c.value) for c in checkpoints[run.id] if c.task == FLUENCY_TASK]
+        pts = [(s, v) for s, v in pts if _finite(v)]
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, color=col, marker="o", ms=4, lw=1.8)
+    ax.set_title("fluency (generation entropy)")
+    ax.set_xlabel("edits applied")
+    ax.set_ylabel("entropy")
+
+
+def _norm_panel(
+    ax: Axes,
+    runs: Sequence[Run],
+    edits: dict[str, list[Edit]],
+    colours: Sequence[str],
+) -> tuple[bool, bool]:
+    any_flagged = any_refused = plotted = False
+    for run, col in zip(runs, colours, strict=True):
+        pts = [(e.seq + 1, e.update_norm, e) for e in edits[run.id]]
+        pts = [(x, y, e) for x, y, e in pts if _finite(y) and y > 0]
+        if not pts:
+            continue
+        plotted = True
+        xs = [p[0] for p in pts]
+        ys = [p[1] for p in pts]
+        many = len(pts) > 200
+        ax.plot(xs, ys, color=col, marker="." if many else "o", ms=2 if many else 3.5, lw=1.2)
+        flagged = [(x, y) for x, y, e in pts if e.flagged]
+        if flagged:
+            any_flagged = True
+            fx, fy = zip(*flagged, strict=True)
+            ax.plot(fx, fy, ls="none", marker="x", color="red", ms=9, mew=2, zorder=5)
+        refused = [(x, y) for x, y, e in pts if e.refused]
+        if refused:
+            any_refused = True
+            rx, ry = zip(*refused, strict=True)
+            ax.plot(rx, ry, ls="none", marker="s", mfc="none", color="0.3", ms=7, zorder=4)
+    if plotted:
+        ax.set_yscale("log")
+        # Plain numbers (12, 250), and minor labels only on short spans.
+        ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1.2, 0.5)))
+    else:
+        ax.text(
+            0.5,
+            0.5,
+            "no update norms recorded",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            color="0.4",
+        )
+    ax.set_title("update norm ‖ΔW‖ per edit")
+    ax.set_xlabel("edit number")
+    ax.set_ylabel("‖ΔW‖ (log)")
+    return any_flagged, any_refused
+
+
+__all__ = ["plot_runs"]
