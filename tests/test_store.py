@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -235,6 +236,67 @@ def test_flag_and_update_edit(store: Store):
     assert store.get_run(run.id).n_flagged == 1
     e = store.update_edit(run.id, 0, metrics={"ES": 0.0})
     assert e.metrics == {"ES": 0.0} and e.flagged
+
+
+@dataclass
+class _FakeRequest:
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+@dataclass
+class _FakeResult:
+    """Shaped like rome.result.EditResult (duck-typed, so engine changes don't break this)."""
+
+    request: _FakeRequest
+    mode: str
+    layer: int
+    weight_name: str
+    u: torch.Tensor
+    v: torch.Tensor
+    update_norm: float
+    denominator: float
+    cos_kstar_ks: float
+    timings: dict
+
+    @property
+    def update_norm_ratio(self) -> float:
+        return self.update_norm / 100.0
+
+    def to_dict(self, factors: bool = True) -> dict:
+        out = {"request": self.request.to_dict(), "mode": self.mode, "p_new_after": 0.9}
+        if factors:
+            out["u"] = self.u.tolist()
+            out["v"] = self.v.tolist()
+        return out
+
+
+def test_add_edit_result(store: Store):
+    run = store.create_run(model="m", mode="original")
+    res = _FakeResult(
+        _FakeRequest(**REQ),
+        "original",
+        5,
+        "w.5",
+        torch.randn(8),
+        torch.randn(6),
+        254.0,
+        0.38,
+        0.15,
+        {"vstar_s": 2.0},
+    )
+    e = store.add_edit_result(run.id, 0, res, case_id=7, metrics={"ES": 1.0}, fingerprint="f")
+    assert e.request == REQ and e.mode == "original" and e.layer == 5 and e.case_id == 7
+    assert e.update_norm == 254.0 and e.update_norm_ratio == 2.54 and e.cos_kstar_ks == 0.15
+    assert e.record == {"request": REQ, "mode": "original", "p_new_after": 0.9}
+    assert e.timings == {"vstar_s": 2.0} and e.fingerprint == "f"
+    u, v = store.load_factors(e)
+    assert torch.equal(u, res.u) and torch.equal(v, res.v)
 
 
 def test_json_of_numpy_and_tensor_scalars(store: Store):

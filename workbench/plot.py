@@ -173,8 +173,11 @@ def _norm_panel(
 ) -> tuple[bool, bool]:
     any_flagged = any_refused = plotted = False
     for run, col in zip(runs, colours, strict=True):
-        pts = [(e.seq + 1, e.update_norm, e) for e in edits[run.id]]
-        pts = [(x, y, e) for x, y, e in pts if _finite(y) and y > 0]
+        pts = [
+            (e.seq + 1, float(e.update_norm), e)
+            for e in edits[run.id]
+            if e.update_norm is not None and math.isfinite(e.update_norm) and e.update_norm > 0
+        ]
         if not pts:
             continue
         plotted = True

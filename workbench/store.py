@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import inspect
 import io
 import json
 import logging
@@ -347,10 +348,15 @@ def _jsonable(obj: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, set, frozenset)):
         return [_jsonable(v) for v in obj]
+    if hasattr(obj, "to_dict") and callable(obj.to_dict):
+        # rome's EditResult.to_dict(factors=False) skips the factor lists.
+        try:
+            takes_factors = "factors" in inspect.signature(obj.to_dict).parameters
+        except (TypeError, ValueError):
+            takes_factors = False
+        return _jsonable(obj.to_dict(factors=False) if takes_factors else obj.to_dict())
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return _jsonable(dataclasses.asdict(obj))
-    if hasattr(obj, "to_dict") and callable(obj.to_dict):
-        return _jsonable(obj.to_dict())
     if isinstance(obj, Path):
         return str(obj)
     if hasattr(obj, "tolist") and hasattr(obj, "ndim"):  # numpy arrays / torch tensors
@@ -728,11 +734,13 @@ class Store:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
             # Reading the schema is what detects a file that is not a database.
             tables = set(db.table_names())
+            # Check before touching the file: a foreign or too-new database is
+            # left exactly as it was.
+            version = self._read_version(tables)
             if not self._memory:
                 db.enable_wal()
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
-            version = self._read_version(tables)
             if version < SCHEMA_VERSION:
                 self._migrate()
 
@@ -1009,7 +1017,9 @@ class Store:
         self._require_run(run_id)
         self._check_writable(run_id)
         with self._write() as db:
-            db.table("runs").update(run_id, {"status": status, "error": error, "updated_at": _now()})
+            db.table("runs").update(
+                run_id, {"status": status, "error": error, "updated_at": _now()}
+            )
         log.info("run %s is now %s%s", run_id, status, f": {error}" if error else "")
 
     _UPDATABLE_RUN_FIELDS = frozenset(
@@ -1144,7 +1154,7 @@ class Store:
         if isinstance(rec, dict):
             rec = {k: val for k, val in rec.items() if k not in _FACTOR_KEYS}
         blob = None
-        if u is not None:
+        if u is not None and v is not None:
             blob = _pack_factors(
                 u,
                 v,
@@ -1189,6 +1199,48 @@ class Store:
                 raise DuplicateEditError(run_id, seq, self.next_seq(run_id)) from exc
             db.table("runs").update(run_id, {"updated_at": row["created_at"]})
         return self.edit(run_id, seq)
+
+    def add_edit_result(
+        self,
+        run_id: str,
+        seq: int,
+        result: Any,
+        *,
+        case_id: int | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        flagged: bool = False,
+        flag_reason: str | None = None,
+        refused: bool = False,
+        applied: bool = True,
+        fingerprint: str | None = None,
+        timings: Mapping[str, Any] | None = None,
+    ) -> Edit:
+        """:meth:`add_edit` from an engine ``EditResult`` (duck-typed): request,
+        mode, layer, weight_name, u, v, the update figures, timings and the
+        record (``to_dict(factors=False)``) are taken from ``result``."""
+        return self.add_edit(
+            run_id,
+            seq,
+            request=result.request,
+            mode=result.mode,
+            layer=result.layer,
+            weight_name=result.weight_name,
+            u=result.u,
+            v=result.v,
+            case_id=case_id,
+            update_norm=getattr(result, "update_norm", None),
+            update_norm_ratio=getattr(result, "update_norm_ratio", None),
+            denominator=getattr(result, "denominator", None),
+            cos_kstar_ks=getattr(result, "cos_kstar_ks", None),
+            record=result,
+            metrics=metrics,
+            timings=timings if timings is not None else getattr(result, "timings", None),
+            flagged=flagged,
+            flag_reason=flag_reason,
+            refused=refused,
+            applied=applied,
+            fingerprint=fingerprint,
+        )
 
     _EDIT_COLUMNS = (
         "id, run_id, seq, case_id, request, mode, layer, weight_name, update_norm, "
@@ -1373,7 +1425,7 @@ class Store:
             try:
                 db.table("checkpoints").insert(row)
             except sqlite3.IntegrityError as exc:
-                raise DuplicateCheckpointError(run_id, row["step"], row["task"]) from exc
+                raise DuplicateCheckpointError(run_id, int(step), str(task)) from exc
             db.table("runs").update(run_id, {"updated_at": row["created_at"]})
         return self._checkpoint_from_row(row)
 
