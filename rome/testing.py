@@ -69,7 +69,7 @@ def tiny_model(arch: str = "gpt2", seed: int = 0) -> tuple[nn.Module, PreTrained
             model = GPT2LMHeadModel(
                 GPT2Config(
                     vocab_size=len(tok),
-                    n_positions=256,
+                    n_positions=2048,
                     n_embd=64,
                     n_layer=4,
                     n_head=4,
@@ -87,7 +87,7 @@ def tiny_model(arch: str = "gpt2", seed: int = 0) -> tuple[nn.Module, PreTrained
                     num_hidden_layers=4,
                     num_attention_heads=4,
                     num_key_value_heads=2,
-                    max_position_embeddings=256,
+                    max_position_embeddings=2048,
                     initializer_range=0.2,
                     bos_token_id=tok.bos_token_id,
                     eos_token_id=tok.eos_token_id,
