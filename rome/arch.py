@@ -43,5 +43,6 @@ def templates_for(model_type: str) -> ArchTemplates:
         known = ", ".join(sorted(ARCHITECTURES))
         raise UnsupportedArchitectureError(
             f"no module-name templates for architecture {model_type!r} (known: {known}); "
-            "pass a preset file with 'layers_module', 'mlp_out_module' and 'final_norm_module' (--hparams)"
+            "pass a preset file with 'layers_module', 'mlp_out_module' and "
+            "'final_norm_module' (--hparams)"
         ) from None

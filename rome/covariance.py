@@ -126,7 +126,7 @@ def sampled_texts(
     n: int,
     length: int,
     seed: int = 0,
-    batch: int = 32,
+    batch: int = 64,
 ) -> Iterator[str]:
     """Text sampled from the model itself (the offline corpus): seeded, top-k 50.
 
@@ -183,12 +183,48 @@ def file_texts(path: Path) -> Iterator[str]:
                 yield para.strip()
 
 
-def corpus_texts(
-    corpus: str, model: nn.Module, tok: PreTrainedTokenizerBase, n: int, max_len: int, seed: int
+def cached_sampled_texts(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    n: int,
+    length: int,
+    seed: int,
+    path: Path | None,
 ) -> Iterator[str]:
-    """The first ``n`` texts of a corpus: ``wikipedia``, ``wikitext``, ``sampled`` or a path."""
+    """Sampled texts, kept in ``path`` so every layer's statistics reuse one sample.
+
+    Yields as it samples (so progress moves), and writes the file at the end.
+    """
+    if path is not None and path.is_file():
+        texts = json.loads(path.read_text())
+        if len(texts) >= n:
+            yield from texts[:n]
+            return
+    made: list[str] = []
+    for text in sampled_texts(model, tok, n, length, seed):
+        made.append(text)
+        yield text
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(made))
+
+
+def corpus_texts(
+    corpus: str,
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    n: int,
+    max_len: int,
+    seed: int,
+    text_cache: Path | None = None,
+) -> Iterator[str]:
+    """The first ``n`` texts of a corpus: ``wikipedia``, ``wikitext``, ``sampled`` or a path.
+
+    Sampled text is kept under ``text_cache`` (when given) for reuse.
+    """
     if corpus == "sampled":
-        src: Iterable[str] = sampled_texts(model, tok, n, max_len, seed)
+        path = text_cache / f"sampled_{n}x{max_len}_seed{seed}.json" if text_cache else None
+        src: Iterable[str] = cached_sampled_texts(model, tok, n, max_len, seed, path)
     elif corpus in HUB_CORPORA:
         src = hub_texts(corpus)
     elif Path(corpus).exists():
@@ -206,7 +242,13 @@ def corpus_texts(
 def stats_path(root: Path, model_key: str, corpus: str, module: str, dtype: str, n: int) -> Path:
     """``stats/{model}/{corpus}_stats/{module}_{dtype}_mom2_{n}.safetensors`` (ROME's layout)."""
     corpus_key = Path(corpus).name if Path(corpus).exists() else corpus
-    return root / "stats" / model_key / f"{corpus_key}_stats" / f"{module}_{dtype}_mom2_{n}.safetensors"
+    return (
+        root
+        / "stats"
+        / model_key
+        / f"{corpus_key}_stats"
+        / f"{module}_{dtype}_mom2_{n}.safetensors"
+    )
 
 
 def save_stats(path: Path, stats: SecondMoment) -> None:
@@ -259,9 +301,10 @@ def compute_stats(
     dtype: str = "float32",
     seed: int = 0,
     progress: Progress | None = None,
+    text_cache: Path | None = None,
 ) -> SecondMoment:
     t0 = time.perf_counter()
-    texts = corpus_texts(corpus, model, tok, n_texts, max_len, seed)
+    texts = corpus_texts(corpus, model, tok, n_texts, max_len, seed, text_cache)
     matrix, n_tokens, seen = collect_second_moment(
         model, tok, module, texts, n_texts, max_len, progress=progress
     )
@@ -300,7 +343,9 @@ class CovFactor:
                 self._chol, self.ridge_used = chol, extra
                 break
         if self._chol is None:
-            raise BadRequestError("the covariance matrix is not positive definite, even with a ridge")
+            raise BadRequestError(
+                "the covariance matrix is not positive definite, even with a ridge"
+            )
         if self.ridge_used:
             log.warning("covariance needed a ridge of %.1e x mean(diag)", self.ridge_used)
 

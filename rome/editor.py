@@ -31,7 +31,7 @@ from .request import EditRequest
 from .result import EditResult
 from .scoring import score_targets
 from .templates import cached_templates, normalise_templates
-from .update import add_update, rank_one, restore, weight_out_in
+from .update import add_update, rank_one, restore, weight_of, weight_out_in
 from .vstar import compute_v_star
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,9 @@ class Editor:
             )
         return self._templates
 
-    def set_covariance(self, layer: int, matrix: torch.Tensor | None, description: str = "") -> None:
+    def set_covariance(
+        self, layer: int, matrix: torch.Tensor | None, description: str = ""
+    ) -> None:
         """Use this C (``None``: identity) for ``layer`` instead of collected statistics."""
         self._factors[layer] = cov.CovFactor(matrix, self.hp.mom2_ridge, description)
         self._stats_meta[layer] = None
@@ -149,6 +151,7 @@ class Editor:
             self.hp.mom2_dtype,
             self.hp.template_seed,
             prog,
+            self.cache / "stats" / self.model_key if isinstance(self.cache, Path) else None,
         )
         if path is not None:
             cov.save_stats(path, stats)
@@ -180,10 +183,15 @@ class Editor:
         mode: str | None = None,
         layer: int | None = None,
         progress: Progress | None = None,
+        fast: bool = True,
     ) -> EditResult:
-        """The update for one key mode. The model is unchanged afterwards."""
+        """The update for one key mode. The model is unchanged afterwards.
+
+        ``fast=False`` switches off the speed-ups (stop-at-layer keys, upper-layer
+        v* steps, logits only where read, frozen parameters): for benchmarks.
+        """
         mode = mode or self.hp.default_mode
-        return self._compute(req, [mode], layer, progress)[mode]
+        return self._compute(req, [mode], layer, progress, fast)[mode]
 
     def compare(
         self,
@@ -191,12 +199,18 @@ class Editor:
         layer: int | None = None,
         progress: Progress | None = None,
         modes: Sequence[str] = MODES,
+        fast: bool = True,
     ) -> dict[str, EditResult]:
         """The update in every key mode, sharing templates, keys and v*. Nothing applied."""
-        return self._compute(req, list(modes), layer, progress)
+        return self._compute(req, list(modes), layer, progress, fast)
 
     def _compute(
-        self, req: EditRequest, modes: list[str], layer: int | None, progress: Progress | None
+        self,
+        req: EditRequest,
+        modes: list[str],
+        layer: int | None,
+        progress: Progress | None,
+        fast: bool = True,
     ) -> dict[str, EditResult]:
         for m in modes:
             if m not in MODES:
@@ -217,16 +231,15 @@ class Editor:
         factor = self.factor(layer, progress)
         lap("covariance")
         name = self.hp.weight_module(layer)
-        keys = keys_at_subject(
-            self.model, self.tok, name, [t.format(req.prompt) for t in templates], req.subject
-        )
+        prompts = [t.format(req.prompt) for t in templates]
+        keys = keys_at_subject(self.model, self.tok, name, prompts, req.subject, stop=fast)
         k_s = keys[0]
         k_star = average_keys(keys, self.hp.key_averaging)
         lap("keys")
         before = self._probe(req, templates)
         lap("scoring")
         step_cb = (lambda d, t: progress("v*", d, t)) if progress else None
-        vs = compute_v_star(self.model, self.tok, self.hp, req, templates, layer, step_cb)
+        vs = compute_v_star(self.model, self.tok, self.hp, req, templates, layer, step_cb, fast)
         lap("v_star")
         module = self.module(layer)
         weight_norm = float(weight_out_in(module).float().norm())
@@ -328,7 +341,7 @@ class Editor:
             if reason:
                 raise UnsafeUpdateError(f"refused to apply: {reason}; nothing was changed")
         if layer not in self._base:
-            self._base[layer] = module.weight.detach().to("cpu", copy=True)
+            self._base[layer] = weight_of(module).detach().to("cpu", copy=True)
         saved = add_update(module, u, v)
         entry = AppliedEdit(
             layer=layer,
@@ -361,11 +374,11 @@ class Editor:
         return n
 
     def fingerprint(self, layers: Iterable[int] | None = None) -> str:
-        """SHA-256 over the editable weights of ``layers`` (default: the preset's and edited ones)."""
+        """SHA-256 of the editable weights of ``layers`` (default: the preset's and edited)."""
         chosen = sorted(set(layers) if layers is not None else {self.hp.layer, *self._base})
         h = hashlib.sha256()
         for layer in chosen:
-            w = self.module(layer).weight.detach().to("cpu").contiguous()
+            w = weight_of(self.module(layer)).detach().to("cpu").contiguous()
             h.update(f"{layer}:{w.dtype}:{tuple(w.shape)}".encode())
             h.update(w.view(torch.uint8).numpy().tobytes())
         return h.hexdigest()

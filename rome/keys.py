@@ -24,11 +24,15 @@ def keys_at_subject(
     module_name: str,
     templates: Sequence[str],
     subject: str,
+    stop: bool = True,
 ) -> torch.Tensor:
-    """One key per template (each with one ``{}`` for the subject), as rows, float32."""
+    """One key per template (each with one ``{}`` for the subject), as rows, float32.
+
+    ``stop=False`` runs the whole model (the published behaviour; for benchmarks).
+    """
     encs = [encode_with_subject(tok, t, subject) for t in templates]
     ids, mask = pad_right([e.ids for e in encs], pad_id_of(tok), model_device(model))
-    with nethook.capture(model, module_name, stop=True) as rec, nethook.stop_after():
+    with nethook.capture(model, module_name, stop=stop) as rec, nethook.stop_after():
         model(input_ids=ids, attention_mask=mask, use_cache=False)
     assert rec.input is not None
     rows = torch.arange(len(encs), device=ids.device)

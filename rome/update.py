@@ -20,9 +20,16 @@ def is_transposed(module: nn.Module) -> bool:
     return module.__class__.__name__ == "Conv1D"
 
 
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """The module's weight parameter, as stored."""
+    w = module.weight
+    assert isinstance(w, torch.Tensor)
+    return w
+
+
 def weight_out_in(module: nn.Module) -> torch.Tensor:
     """The weight as an (out, in) view, whatever the storage layout."""
-    w = module.weight
+    w = weight_of(module)
     return w.T if is_transposed(module) else w
 
 
@@ -60,7 +67,7 @@ def rank_one(
 
 def delta_weight(module: nn.Module, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """ΔW in the module's own storage layout and dtype."""
-    w = module.weight
+    w = weight_of(module)
     outer = torch.outer(u, v) if is_transposed(module) else torch.outer(v, u)
     return outer.to(device=w.device, dtype=w.dtype)
 
@@ -68,12 +75,13 @@ def delta_weight(module: nn.Module, u: torch.Tensor, v: torch.Tensor) -> torch.T
 @torch.no_grad()
 def add_update(module: nn.Module, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Add ``v uᵀ`` to the weight in place; returns a copy of the weight as it was."""
-    saved = module.weight.detach().clone()
-    module.weight.add_(delta_weight(module, u, v))
+    w = weight_of(module)
+    saved = w.detach().clone()
+    w.add_(delta_weight(module, u, v))
     return saved
 
 
 @torch.no_grad()
 def restore(module: nn.Module, saved: torch.Tensor) -> None:
     """Put back a saved weight, bit for bit."""
-    module.weight.copy_(saved)
+    weight_of(module).copy_(saved)

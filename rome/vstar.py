@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +22,7 @@ from .hparams import EditHparams
 from .request import EditRequest
 from .scoring import model_device, pad_id_of, pad_right, target_ids
 from .tokens import encode_with_subject
+from .update import weight_out_in
 
 StepCallback = Callable[[int, int], None]  # (step, total)
 KL_PROMPT = "{} is a"
@@ -69,17 +69,17 @@ def _build_batch(
     lookups.append(kl.subject_last)
     ids, mask = pad_right(seqs, pad_id_of(tok), device)
 
-    def t(x: list[int]) -> torch.Tensor:
+    def as_long(x: list[int]) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.long, device=device)
 
     return _Batch(
         ids=ids,
         mask=mask,
         lookup_rows=torch.arange(len(seqs), device=device),
-        lookup_cols=t(lookups),
-        loss_rows=t(loss_rows),
-        loss_cols=t(loss_cols),
-        loss_labels=t(labels),
+        lookup_cols=as_long(lookups),
+        loss_rows=as_long(loss_rows),
+        loss_cols=as_long(loss_cols),
+        loss_labels=as_long(labels),
         n_rewrite=len(templates),
         target_len=len(tgt),
     )
@@ -107,7 +107,9 @@ class UpperStack:
     convention.
     """
 
-    def __init__(self, model: nn.Module, hp: EditHparams, layer: int, ids: torch.Tensor, mask: torch.Tensor):
+    def __init__(
+        self, model: nn.Module, hp: EditHparams, layer: int, ids: torch.Tensor, mask: torch.Tensor
+    ):
         self.model = model
         blocks = nethook.get_module(model, hp.layers_module)
         self.blocks = list(blocks)[layer:]  # type: ignore[call-overload]
@@ -143,8 +145,9 @@ def compute_v_star(
 ) -> VStar:
     """Optimise ``δ`` as ROME's ``compute_v`` does (same loss, clamp and stopping rule).
 
-    ``fast=False`` runs the whole model at every step and takes logits at
-    every position, as the published code does (kept for the benchmark).
+    ``fast=False`` runs the whole model at every step, takes logits at every
+    position and leaves the parameters requiring grad, as the published code
+    does (kept for the benchmark and the equivalence test).
     """
     device = model_device(model)
     b = _build_batch(tok, req, templates, device)
@@ -165,7 +168,8 @@ def compute_v_star(
     trace: list[dict[str, float]] = []
     kl_init: torch.Tensor | None = None
     v_init: torch.Tensor | None = None
-    with frozen(model), nethook.add_to_output(model, module, edit):
+    freeze = frozen(model) if fast else contextlib.nullcontext()
+    with freeze, nethook.add_to_output(model, module, edit):
         upper = UpperStack(model, hp, layer, b.ids, b.mask) if fast else None
         for step in range(hp.v_num_grad_steps):
             opt.zero_grad()
@@ -198,7 +202,7 @@ def compute_v_star(
                     "nll": nll.item(),
                     "kl": kl.item(),
                     "weight_decay": wd.item(),
-                    "p_target": float(torch.exp(-nll_each).mean()),
+                    "p_target": torch.exp(-nll_each.detach()).mean().item(),
                 }
             )
             if on_step is not None:
@@ -219,9 +223,4 @@ def compute_v_star(
 
 def _out_features(module: nn.Module) -> int:
     """Width of the edited module's output (Linear or GPT-2's transposed Conv1D)."""
-    w = module.weight
-    if module.__class__.__name__ == "Conv1D":
-        return int(w.shape[1])
-    return int(w.shape[0])
-
-
+    return int(weight_out_in(module).shape[0])
