@@ -242,7 +242,7 @@ class Editor:
         vs = compute_v_star(self.model, self.tok, self.hp, req, templates, layer, step_cb, fast)
         lap("v_star")
         module = self.module(layer)
-        weight_norm = float(weight_out_in(module).float().norm())
+        weight_norm = float(weight_out_in(module).detach().float().norm())
         results: dict[str, EditResult] = {}
         for mode in modes:
             k_u, k_v = {"original": (k_star, k_s), "rrome": (k_star, k_star), "prompt": (k_s, k_s)}[
@@ -337,7 +337,7 @@ class Editor:
         """Add ``v uᵀ`` at ``layer`` (a stored update, e.g. when a replay resumes)."""
         module = self.module(self.check_layer(layer))
         if not force:
-            reason = self.unsafe_reason(u, v, float(weight_out_in(module).float().norm()))
+            reason = self.unsafe_reason(u, v, float(weight_out_in(module).detach().float().norm()))
             if reason:
                 raise UnsafeUpdateError(f"refused to apply: {reason}; nothing was changed")
         if layer not in self._base:

@@ -252,12 +252,14 @@ def edit(
 ) -> None:
     """Compute an edit in one mode (or all), show its record and text before and after."""
     from evals.metrics import generate
-    from rome import MODES, EditRequest, Editor
+    from rome import MODES, Editor, EditRequest
     from rome.templates import load_templates_file
 
     with handled():
         if mode not in (*MODES, "all"):
-            raise rome_errors.BadRequestError(f"unknown mode {mode!r}: rrome, original, prompt, all")
+            raise rome_errors.BadRequestError(
+                f"unknown mode {mode!r}: rrome, original, prompt, all"
+            )
         req = EditRequest(prompt, subject, target_new, target_true).validate()
         lm = _load(model, device, dtype, hparams, layer)
         tpl = load_templates_file(templates) if templates else None
@@ -286,6 +288,253 @@ def edit(
         out.print(f"[bold]before[/bold]  {req.text}[cyan]{before}[/cyan]", highlight=False)
         for m, text in after.items():
             out.print(f"[bold]{m:7s}[/bold] {req.text}[green]{text}[/green]", highlight=False)
+
+
+DbOpt = Annotated[Path | None, typer.Option("--db", help="history database ($ROME_WORKBENCH_DB)")]
+
+
+def _store(db: Path | None):
+    from workbench.store import Store
+
+    store = Store.open(db)
+    store.recover_stale_runs()
+    return store
+
+
+@app.command()
+def replay(
+    model: ModelOpt = "smollm2-135m",
+    dataset: Annotated[
+        str, typer.Option(help="'sample' (bundled) or a CounterFact JSON")
+    ] = "sample",
+    n_edits: Annotated[int, typer.Option("--n-edits", help="edits to apply in order")] = 100,
+    mode: Annotated[str, typer.Option(help="original, rrome or prompt")] = "rrome",
+    glue_every: Annotated[int, typer.Option("--glue-every", help="GLUE every K edits")] = 10,
+    glue_dir: Annotated[Path | None, typer.Option(help="JSON-lines GLUE folder")] = None,
+    glue_limit: Annotated[int, typer.Option(help="examples per task (0: all)")] = 50,
+    glue_tasks: Annotated[str, typer.Option(help="comma-separated tasks")] = "sst2,mrpc,cola,rte",
+    glue_scoring: Annotated[str, typer.Option(help="logprob or generate")] = "logprob",
+    guard: Annotated[bool, typer.Option(help="refuse edits flagged as disabling")] = False,
+    layer: LayerOpt = None,
+    db: DbOpt = None,
+    resume: Annotated[str | None, typer.Option(help="resume this interrupted run")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json-out", help="write the run as JSON")
+    ] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    hparams: HparamsOpt = None,
+) -> None:
+    """Apply N CounterFact edits in sequence, with GLUE and fluency checkpoints."""
+    import threading
+
+    from evals.replay import (
+        CheckpointDone,
+        EditDone,
+        ReplayConfig,
+        ReplayFinished,
+        ReplayStarted,
+        ReplayWarning,
+    )
+    from evals.replay import replay as run_replay
+
+    cancel = threading.Event()
+    with handled():
+        from rome import MODES
+
+        if mode not in MODES:
+            raise rome_errors.BadRequestError(f"unknown mode {mode!r}: {', '.join(MODES)}")
+        if glue_scoring not in ("logprob", "generate"):
+            raise rome_errors.BadRequestError("--glue-scoring must be logprob or generate")
+        if n_edits < 1 or glue_every < 1:
+            raise rome_errors.BadRequestError("--n-edits and --glue-every must be positive")
+        store = _store(db)
+        cfg = ReplayConfig(
+            dataset=dataset,
+            n_edits=n_edits,
+            mode=mode,
+            glue_every=glue_every,
+            glue_tasks=tuple(t.strip() for t in glue_tasks.split(",") if t.strip()),
+            glue_limit=glue_limit or None,
+            glue_dir=str(glue_dir) if glue_dir else None,
+            glue_scoring=glue_scoring,
+            guard=guard,
+            layer=layer,
+        )
+        lm = _load(model, device, dtype, hparams, layer)
+        finished: ReplayFinished | None = None
+        run_id = resume
+        with progress_bar() as bar:
+            task = bar.add_task("replay", total=n_edits)
+            try:
+                for ev in run_replay(
+                    lm, store, None if resume else cfg, cancel=cancel, resume=resume
+                ):
+                    if isinstance(ev, ReplayStarted):
+                        run_id = ev.run_id
+                        bar.update(task, total=ev.total, completed=ev.start_seq)
+                        err.print(f"run {ev.run_id}: {ev.total} edits, from edit {ev.start_seq}")
+                    elif isinstance(ev, EditDone):
+                        mark = " [red]FLAGGED[/red]" if ev.flagged else ""
+                        bar.update(
+                            task,
+                            completed=ev.seq + 1,
+                            description=f"{ev.subject[:24]} -> {ev.target_new[:12]} "
+                            f"|dW| {ev.update_norm:.1f}{mark}",
+                        )
+                    elif isinstance(ev, CheckpointDone):
+                        accs = " ".join(f"{t} {r['accuracy']:.2f}" for t, r in ev.glue.items())
+                        err.print(f"after {ev.step:4d} edits: {accs} fluency {ev.fluency:.2f}")
+                    elif isinstance(ev, ReplayWarning):
+                        err.print(f"[yellow]warning:[/yellow] {ev.message}", highlight=False)
+                    elif isinstance(ev, ReplayFinished):
+                        finished = ev
+            except KeyboardInterrupt:
+                err.print(
+                    f"[yellow]interrupted[/yellow]: finished edits are saved; "
+                    f"resume with --resume {run_id}"
+                )
+                raise typer.Exit(1) from None
+        assert finished is not None
+        _summary(store, finished.run_id, finished.status, finished.summary)
+        if json_out is not None:
+            store.export_run(finished.run_id, "json", json_out)
+            err.print(f"wrote {json_out}")
+
+
+def _summary(store: Any, run_id: str, status: str, summary: dict[str, Any]) -> None:
+    run = store.get_run(run_id)
+    t = Table(title=f"run {run.id} ({run.mode}, {status})")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    edits = store.edits(run.id)
+    norms = [e.update_norm for e in edits if e.update_norm is not None]
+    t.add_row("edits stored", str(len(edits)))
+    t.add_row("flagged", str(sum(e.flagged for e in edits)))
+    t.add_row("refused", str(sum(e.refused for e in edits)))
+    if norms:
+        t.add_row("median |dW|", f"{sorted(norms)[len(norms) // 2]:.2f}")
+        t.add_row("max |dW|", f"{max(norms):.2f}")
+    for key in ("es", "ps", "ns", "s", "survived"):
+        if summary.get(key) is not None:
+            t.add_row(f"final {key.upper()}", f"{summary[key]:.3f}")
+    cps = store.checkpoints(run.id)
+    steps = sorted({c.step for c in cps})
+    for task in sorted({c.task for c in cps}):
+        by = {c.step: c for c in cps if c.task == task}
+        first, last = by.get(steps[0]), by.get(steps[-1])
+        if first and last:
+            val = (lambda c: c.value) if task == "fluency" else (lambda c: c.accuracy)
+            t.add_row(f"{task} start -> end", f"{val(first):.3f} -> {val(last):.3f}")
+    out.print(t)
+
+
+@app.command()
+def runs(
+    db: DbOpt = None, model: Annotated[str | None, typer.Option(help="only this model")] = None
+) -> None:
+    """List the runs in the database."""
+    with handled():
+        store = _store(db)
+        t = Table(title=f"runs in {store.path}")
+        for col in ("id", "kind", "model", "mode", "status", "edits", "flagged", "created"):
+            t.add_column(col)
+        for r in store.list_runs(model):
+            t.add_row(
+                r.id,
+                r.kind,
+                r.model,
+                r.mode or "-",
+                r.status,
+                f"{r.n_edits}/{r.n_edits_planned or '-'}",
+                str(r.n_flagged),
+                r.created_at[:19],
+            )
+        out.print(t)
+
+
+@app.command()
+def history(
+    run: Annotated[str, typer.Argument(help="run id (or a unique prefix)")], db: DbOpt = None
+) -> None:
+    """The edits of one run, in order, with their figures."""
+    with handled():
+        store = _store(db)
+        r = store.get_run(run)
+        t = Table(title=f"run {r.id}: {r.model}, {r.mode}, {r.status}")
+        for col in (
+            "#",
+            "case",
+            "subject",
+            "target",
+            "|dW|",
+            "ratio",
+            "denom",
+            "cos",
+            "ES",
+            "PS",
+            "NS",
+            "flag",
+        ):
+            t.add_column(col)
+        for e in store.edits(r.id):
+            m = e.metrics or {}
+
+            def f(x: Any, fmt: str = "{:.2f}") -> str:
+                return "-" if x is None else fmt.format(x)
+
+            req = e.request
+            t.add_row(
+                str(e.seq),
+                str(e.case_id or "-"),
+                req.get("subject", "")[:22],
+                req.get("target_new", "")[:14],
+                f(e.update_norm),
+                f(e.update_norm_ratio, "{:.3f}"),
+                f(e.denominator, "{:.3g}"),
+                f(e.cos_kstar_ks),
+                f(m.get("es")),
+                f(m.get("ps")),
+                f(m.get("ns")),
+                ("refused " if e.refused else "") + (e.flag_reason or ""),
+            )
+        out.print(t)
+
+
+@app.command()
+def export(
+    run: Annotated[str, typer.Argument(help="run id")],
+    csv: Annotated[bool, typer.Option("--csv", help="one row per edit")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="the whole run (default)")] = False,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="file to write")] = None,
+    db: DbOpt = None,
+) -> None:
+    """Export a run as JSON (run, edits, checkpoints) or CSV (one row per edit)."""
+    with handled():
+        if csv and as_json:
+            raise rome_errors.BadRequestError("choose one of --csv and --json")
+        store = _store(db)
+        fmt = "csv" if csv else "json"
+        r = store.get_run(run)
+        path = output or Path(f"run-{r.id}.{fmt}")
+        store.export_run(r.id, fmt, path)
+        err.print(f"wrote {path}")
+
+
+@app.command()
+def plot(
+    run_ids: Annotated[list[str], typer.Argument(help="one or more run ids to overlay")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="PNG file")] = Path("runs.png"),
+    db: DbOpt = None,
+) -> None:
+    """Plot GLUE per task, update norms and fluency against the edit number."""
+    from workbench.plot import plot_runs
+
+    with handled():
+        store = _store(db)
+        ids = [store.get_run(r).id for r in run_ids]
+        path = plot_runs(store, ids, output)
+        err.print(f"wrote {path}")
 
 
 def main() -> None:
