@@ -66,8 +66,12 @@ def main() -> None:
     prompts = [rec.text for _, rec in usable]
     with torch.no_grad():
         new = score_targets(model, tok, prompts, [r.target_new for _, r in usable], args.batch_size)
-        true = score_targets(model, tok, prompts, [r.target_true for _, r in usable], args.batch_size)
-    known = [raw for (raw, _), n, t in zip(usable, new, true, strict=True) if t.mean_nll < n.mean_nll]
+        true = score_targets(
+            model, tok, prompts, [r.target_true for _, r in usable], args.batch_size
+        )
+    known = [
+        raw for (raw, _), n, t in zip(usable, new, true, strict=True) if t.mean_nll < n.mean_nll
+    ]
     print(
         f"{len(rows)} records, {len(usable)} loadable, {len(known)} known "
         f"(p_true > p_new) [{time.perf_counter() - t0:.1f} s scoring]"

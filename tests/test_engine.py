@@ -11,8 +11,8 @@ import torch
 
 from rome import (
     BadRequestError,
-    EditRequest,
     Editor,
+    EditRequest,
     LayerOutOfRangeError,
     NothingToUndoError,
     SubjectNotFoundError,

@@ -1,0 +1,107 @@
+"""The typer CLI through its runner, on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from workbench.cli import app
+
+runner = CliRunner()
+EDIT = [
+    "edit",
+    "--model",
+    "tiny-gpt2",
+    "--prompt",
+    "The city of {}",
+    "--subject",
+    "the Eiffel Tower",
+    "--target-new",
+    "Rome",
+    "--target-true",
+    "Paris",
+]
+
+
+def test_edit_json_record():
+    res = runner.invoke(app, [*EDIT, "--json", "--generate-tokens", "4"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads(res.stdout)
+    assert rec["mode"] == "rrome" and rec["layer"] == 1
+    assert rec["p_new_after"] > rec["p_new_before"]
+    assert len(rec["u"]) == 256 and len(rec["v"]) == 64 and "generation_after" in rec
+
+
+def test_edit_all_modes_table():
+    res = runner.invoke(app, [*EDIT, "--mode", "all", "--generate-tokens", "4"])
+    assert res.exit_code == 0, res.output
+    for word in ("original", "rrome", "prompt", "update_norm", "cos_kstar_ks"):
+        assert word in res.stdout
+
+
+def test_bad_input_exits_2_with_one_line():
+    res = runner.invoke(
+        app,
+        [
+            "edit",
+            "--model",
+            "tiny-gpt2",
+            "--prompt",
+            "The city of",
+            "--subject",
+            "x",
+            "--target-new",
+            "Rome",
+        ],
+    )
+    assert res.exit_code == 2
+    assert "exactly one '{}'" in res.stderr and "Traceback" not in res.output
+    res = runner.invoke(app, [*EDIT[:2], "no-such-model", *EDIT[3:]])
+    assert res.exit_code == 2 and "smollm2-135m" in res.stderr
+    res = runner.invoke(app, [*EDIT, "--layer", "9"])
+    assert res.exit_code == 2 and "out of range" in res.stderr
+    res = runner.invoke(app, [*EDIT, "--mode", "fancy"])
+    assert res.exit_code == 2
+
+
+def test_replay_runs_history_export_plot(tmp_path):
+    db = str(tmp_path / "w.db")
+    res = runner.invoke(
+        app,
+        [
+            "replay",
+            "--model",
+            "tiny-gpt2",
+            "--n-edits",
+            "2",
+            "--glue-every",
+            "1",
+            "--glue-limit",
+            "4",
+            "--glue-tasks",
+            "sst2",
+            "--db",
+            db,
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "edits stored" in res.stdout
+    res = runner.invoke(app, ["runs", "--db", db])
+    assert res.exit_code == 0 and "finished" in res.stdout
+    from workbench.store import Store
+
+    run_id = Store.open(db).list_runs()[0].id
+    res = runner.invoke(app, ["history", run_id, "--db", db])
+    assert res.exit_code == 0 and "|dW|" in res.stdout
+    out = tmp_path / "run.csv"
+    res = runner.invoke(app, ["export", run_id, "--csv", "-o", str(out), "--db", db])
+    assert res.exit_code == 0 and out.read_text().count("\n") == 3
+    png = tmp_path / "p.png"
+    res = runner.invoke(app, ["plot", run_id, "-o", str(png), "--db", db])
+    assert res.exit_code == 0 and png.stat().st_size > 10_000
+
+
+def test_unknown_run_exits_2(tmp_path):
+    res = runner.invoke(app, ["history", "zzzzzzzz", "--db", str(tmp_path / "w.db")])
+    assert res.exit_code == 2 and "zzzzzzzz" in res.stderr

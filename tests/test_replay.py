@@ -1,0 +1,148 @@
+"""Sequential replay on a tiny model: events, store, cancel, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from evals.replay import (
+    CheckpointDone,
+    EditDone,
+    ReplayConfig,
+    ReplayError,
+    ReplayFinished,
+    ReplayStarted,
+    replay,
+)
+from rome import Editor, load_model
+from workbench.store import Store, UnknownRunError
+
+CFG = ReplayConfig(n_edits=5, glue_every=2, glue_tasks=("sst2",), glue_limit=4, fluency_tokens=8)
+
+
+def final_fingerprint(lm) -> str:
+    return Editor(lm.model, lm.tokenizer, lm.hparams, keep_undo=False).fingerprint()
+
+
+def test_replay_writes_its_run(tmp_path):
+    lm = load_model("tiny-gpt2")
+    store = Store.open(tmp_path / "r.db")
+    events = list(replay(lm, store, CFG))
+    assert isinstance(events[0], ReplayStarted)
+    edits = [e for e in events if isinstance(e, EditDone)]
+    cps = [e for e in events if isinstance(e, CheckpointDone)]
+    fin = events[-1]
+    assert isinstance(fin, ReplayFinished) and fin.status == "finished"
+    assert [e.seq for e in edits] == [0, 1, 2, 3, 4]
+    assert [c.step for c in cps] == [0, 2, 4, 5]
+    assert all(e.update_norm > 0 and "es" in e.metrics for e in edits)
+    run = store.get_run(fin.run_id)
+    assert run.status == "finished" and run.mode == "rrome"
+    stored = store.edits(run.id)
+    assert [e.seq for e in stored] == [0, 1, 2, 3, 4]
+    assert stored[-1].fingerprint == final_fingerprint(lm)
+    assert {c.task for c in store.checkpoints(run.id)} == {"sst2", "fluency"}
+    assert len(store.rescores(run.id)) == 5
+    assert "survived" in fin.summary
+
+
+def test_cancel_keeps_finished_edits(tmp_path):
+    lm = load_model("tiny-gpt2")
+    store = Store.open(tmp_path / "r.db")
+    cancel = threading.Event()
+    seen = []
+    for ev in replay(lm, store, CFG, cancel=cancel):
+        if isinstance(ev, EditDone):
+            seen.append(ev.seq)
+            if len(seen) == 2:
+                cancel.set()
+        last = ev
+    assert isinstance(last, ReplayFinished) and last.status == "cancelled"
+    assert [e.seq for e in store.edits(last.run_id)] == [0, 1]
+    assert store.get_run(last.run_id).status == "cancelled"
+
+
+def test_unknown_run_fails_loudly(tmp_path):
+    lm = load_model("tiny-gpt2")
+    store = Store.open(tmp_path / "r.db")
+    with pytest.raises(UnknownRunError):
+        list(replay(lm, store, resume="nosuchrun"))
+
+
+def test_resume_refuses_an_already_edited_model(tmp_path):
+    lm = load_model("tiny-gpt2")
+    store = Store.open(tmp_path / "r.db")
+    cancel = threading.Event()
+    cancel.set()
+    fin = list(replay(lm, store, CFG, cancel=cancel))[-1]
+    with torch.no_grad():
+        Editor(lm.model, lm.tokenizer, lm.hparams).module(lm.hparams.layer).weight.add_(1.0)
+    with pytest.raises(ReplayError, match="base model"):
+        list(replay(lm, store, resume=fin.run_id))
+
+
+CHILD = """
+import sys
+from evals.replay import ReplayConfig, replay
+from rome import load_model
+from workbench.store import Store
+cfg = ReplayConfig(n_edits=8, glue_every=100, glue_tasks=("sst2",), glue_limit=4, fluency_tokens=8)
+for ev in replay(load_model("tiny-gpt2"), Store.open(sys.argv[1]), cfg):
+    pass
+"""
+
+
+def test_resume_after_sigkill_rebuilds_the_same_weights(tmp_path):
+    db = tmp_path / "kill.db"
+    env = dict(os.environ)
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(db)], env=env)
+    try:
+        deadline = time.time() + 300
+        run_id, n = None, 0
+        while time.time() < deadline and child.poll() is None:
+            time.sleep(0.2)
+            if not db.exists():
+                continue
+            with Store.open(db) as s:
+                runs = s.list_runs()
+                if runs:
+                    run_id, n = runs[0].id, len(s.edits(runs[0].id))
+            if n >= 2:
+                child.send_signal(signal.SIGKILL)
+                break
+        child.wait(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert run_id is not None and 2 <= n < 8, "the child should be killed mid-run"
+
+    store = Store.open(db)
+    assert store.integrity_ok()
+    done_before = len(store.edits(run_id))
+    lm = load_model("tiny-gpt2")
+    events = list(replay(lm, store, resume=run_id))
+    started = events[0]
+    assert isinstance(started, ReplayStarted) and started.start_seq == done_before
+    assert events[-1].status == "finished"
+    seqs = [e.seq for e in store.edits(run_id)]
+    assert seqs == list(range(8))  # each edit stored exactly once
+    assert store.integrity_ok()
+
+    fresh = load_model("tiny-gpt2")
+    ref_store = Store.open(tmp_path / "ref.db")
+    cfg = ReplayConfig(
+        n_edits=8, glue_every=100, glue_tasks=("sst2",), glue_limit=4, fluency_tokens=8
+    )
+    list(replay(fresh, ref_store, cfg))
+    assert final_fingerprint(lm) == final_fingerprint(fresh)
+    layer = lm.hparams.layer
+    a = Editor(lm.model, lm.tokenizer, lm.hparams).module(layer).weight
+    b = Editor(fresh.model, fresh.tokenizer, fresh.hparams).module(layer).weight
+    assert torch.equal(a, b)
