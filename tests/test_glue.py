@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_gpt2
 
 from evals.errors import EvalDataError
 from evals.glue import (
@@ -26,11 +25,12 @@ from evals.glue import (
     task_of,
 )
 from rome.scoring import prompt_ids
+from rome.testing import tiny_model
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return tiny_gpt2()
+    return tiny_model("gpt2")
 
 
 def test_bundled_subsets() -> None:

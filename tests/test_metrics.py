@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from tiny import tiny_gpt2
 
 from evals.counterfact import CounterFactRecord
 from evals.metrics import (
@@ -20,11 +19,12 @@ from evals.metrics import (
     text_entropy,
 )
 from rome.scoring import score_targets
+from rome.testing import tiny_model
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return tiny_gpt2()
+    return tiny_model("gpt2")
 
 
 def p(nll: float) -> float:
