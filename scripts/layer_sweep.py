@@ -71,12 +71,8 @@ def main() -> None:
         for variant in VARIANTS:
             cols = list(zip(*stats[variant], strict=True))
             means = [statistics.mean(c) for c in cols]
-            rows.append(
-                f"{layer:5d} {variant:18s}"
-                + "".join(
-                    f"{m:6.2f}" if i < 4 else f"{m:8.1f}" for i, m in enumerate(means)
-                ).replace("  ", " ", 0)
-            )
+            cells = "".join(f"{m:6.2f}" for m in means[:4]) + f"{means[4]:8.1f}"
+            rows.append(f"{layer:5d} {variant:18s}{cells}")
         print(header if len(rows) == len(VARIANTS) else "", flush=True)
         print(
             "\n".join(rows[-len(VARIANTS) :]), f"   ({time.perf_counter() - t0:.0f} s)", flush=True
