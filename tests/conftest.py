@@ -11,7 +11,7 @@ import pytest
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Keep test caches out of the user's cache, except the converted SmolLM2 (slow tests)."""
+    """Keep test caches (converted SmolLM2, statistics, templates) out of the user's cache."""
     old = os.environ.get("ROME_WORKBENCH_CACHE")
     path = tmp_path_factory.mktemp("cache")
     os.environ["ROME_WORKBENCH_CACHE"] = str(path)

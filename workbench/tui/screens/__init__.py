@@ -1,0 +1,1 @@
+"""The workbench's screens and tab panes, one per module."""

@@ -1,0 +1,76 @@
+"""The F1 help screen: keys, tabs and the workflow."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Markdown
+
+HELP = """\
+# rome-workbench
+
+Rank-one model editing (ROME) and the r-ROME correction, on a model you load.
+
+## Keys (anywhere)
+
+| key | action |
+|---|---|
+| F1 | this help (Esc closes it) |
+| F2 | load the model named in the Model tab |
+| F5 | compute the edit in the Edit tab (model unchanged) |
+| F6 | compare the three key modes side by side |
+| F7 | apply the edit (computes it first if needed) |
+| F8 | undo the last applied edit |
+| F9 | generate from the Generate tab's prompt |
+| Esc | cancel the running job (between two steps) |
+| 1 … 7 | switch tab (when no text field has focus) |
+| Ctrl+P | command palette: every action by name |
+| q | quit (asks first while a job runs) |
+
+Tab / Shift+Tab move between fields; Enter in a field computes the edit.
+
+## Tabs
+
+1. **Model**: choose a preset, hub id or local folder, device and dtype;
+   the covariance statistics are prepared once per layer and cached.
+2. **Edit**: prompt template with `{}` for the subject, targets, optional
+   paraphrase and neighbour probes, key mode and layer. Examples fill it.
+3. **Compare**: the update in the three key modes: ‖ΔW‖, its ratio to
+   ‖W‖, the denominator, cos(k*, k(s)) and the probes before → after.
+   A mode flagged DISABLING would likely damage the model.
+4. **Generate**: greedy continuations before / after the last applied
+   edit, changed words highlighted.
+5. **Weights**: log10 ‖ΔW‖ of this session's edits, and ‖W − W₀‖.
+6. **History**: every stored edit of this model; undo, revert to the
+   base weights, re-apply stored edits onto the loaded model.
+7. **Replay**: a CounterFact edit sequence with GLUE checkpoints and live
+   charts; cancel keeps finished edits; interrupted runs can be resumed;
+   finished runs can be opened and overlaid.
+
+## Key modes
+
+| mode | update direction | key in Λ |
+|---|---|---|
+| original | k* (templated mean) | k(s) (bare prompt) |
+| rrome | k* | k* |
+| prompt | k(s) | k(s) |
+
+When cos(k*, k(s)) is low, *original* divides by a small denominator and
+its update can be huge (a disabling edit). *rrome* keeps the norm small but
+the bare prompt may get less of the edit.
+"""
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [
+        Binding("escape,f1,q", "close", "Close help", id="help.close", tooltip="Close the help"),
+    ]
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="help-body"):
+            yield Markdown(HELP)
+
+    def action_close(self) -> None:
+        self.dismiss(None)
