@@ -220,10 +220,10 @@ class Editor:
         timings: dict[str, float] = {}
         clock = time.perf_counter()
 
-        def lap(name: str) -> None:
+        def lap(name: str, into: dict[str, float] = timings) -> None:
             nonlocal clock
             now = time.perf_counter()
-            timings[name] = timings.get(name, 0.0) + now - clock
+            into[name] = into.get(name, 0.0) + now - clock
             clock = now
 
         templates = self.templates()
@@ -248,8 +248,9 @@ class Editor:
             k_u, k_v = {"original": (k_star, k_s), "rrome": (k_star, k_star), "prompt": (k_s, k_s)}[
                 mode
             ]
+            own = dict(timings)  # shared phases, then this mode's own update and scoring
             r1 = rank_one(module, factor, k_u, k_v, vs.v_star)
-            lap("update")
+            lap("update", own)
             finite = bool(torch.isfinite(r1.u).all() and torch.isfinite(r1.v).all())
             if finite:
                 saved = add_update(module, r1.u, r1.v)
@@ -259,7 +260,7 @@ class Editor:
                     restore(module, saved)
             else:
                 after = _Probe(math.nan, math.nan, math.nan)
-            lap("scoring")
+            lap("scoring", own)
             res = EditResult(
                 request=req,
                 mode=mode,
@@ -285,7 +286,7 @@ class Editor:
                 key_averaging=self.hp.key_averaging,
                 covariance=factor.description,
                 n_templates=len(templates),
-                timings=dict(timings),
+                timings=own,
                 model=self.hp.name,
                 k_u=k_u.cpu(),
                 k_v=k_v.cpu(),
