@@ -183,9 +183,8 @@ def stats(
         path = ed.stats_file(hp.layer, corpus)
         assert path is not None
         if import_npz is not None:
+            # stored where edits read the preset's statistics; the metadata says "imported"
             st = cov.import_rome_npz(import_npz, ed.model_key, hp.layer, hp.weight_module())
-            path = ed.stats_file(hp.layer, st.meta.corpus)
-            assert path is not None
             cov.save_stats(path, st)
         elif path.is_file():
             err.print(f"already cached: {path}")
