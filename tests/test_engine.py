@@ -54,7 +54,8 @@ def test_edit_maps_kv_to_vstar_and_raises_p_new(tiny, mode):
     module = ed.module(res.layer)
     ed.apply(res)
     b = bias_of(module)
-    out = weight_out_in(module) @ res.k_v + (b if b is not None else 0)
+    with torch.no_grad():
+        out = weight_out_in(module) @ res.k_v + (b if b is not None else 0)
     rel = float((out - res.v_star).norm() / res.v_star.norm())
     assert rel < 1e-4
     assert res.p_new_after > 5 * res.p_new_before
