@@ -535,11 +535,18 @@ class WorkbenchApp(App[None]):
             self.notify("Fix the marked field(s) in the Edit tab.", severity="warning", timeout=4)
         return form
 
-    def action_compute(self) -> None:
+    def _job_form(self) -> EditForm | None:
+        """The form's values when a model job may start now (idle, loaded, valid form)."""
         if self._refuse_busy():
-            return
+            return None
         form = self._read_form()
         if form is None or not self._need_model():
+            return None
+        return form
+
+    def action_compute(self) -> None:
+        form = self._job_form()
+        if form is None:
             return
 
         def work(ctx: JobContext) -> None:
@@ -550,10 +557,8 @@ class WorkbenchApp(App[None]):
             self.edit_pane.show_computing(f"Computing the {form.mode} update")
 
     def action_compare(self) -> None:
-        if self._refuse_busy():
-            return
-        form = self._read_form()
-        if form is None or not self._need_model():
+        form = self._job_form()
+        if form is None:
             return
 
         def work(ctx: JobContext) -> None:
