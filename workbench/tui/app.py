@@ -583,10 +583,8 @@ class WorkbenchApp(App[None]):
         self.compare_pane.show(msg.outcomes)
 
     def action_apply(self) -> None:
-        if self._refuse_busy():
-            return
-        form = self._read_form()
-        if form is None or not self._need_model():
+        form = self._job_form()
+        if form is None:
             return
         pane = self.edit_pane
         o = pane.outcome
