@@ -200,13 +200,6 @@ class WorkbenchApp(App[None]):
         self.refresh_replay_runs()
         if self.autoload:
             self.action_load_model()
-        self.call_after_refresh(self._focus_prompt)
-
-    def _focus_prompt(self) -> None:
-        """Start with the cursor in the prompt field, so a newcomer can type at once."""
-        prompt = self.query("#f-prompt")
-        if prompt:
-            prompt.first().focus()
 
     def on_unmount(self) -> None:
         self.close_session()
