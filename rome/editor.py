@@ -8,11 +8,12 @@ share nothing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from . import anchor
 from . import covariance as cov
 from .errors import BadRequestError, LayerOutOfRangeError, NothingToUndoError, UnsafeUpdateError
 from .hparams import MODES, EditHparams
@@ -83,6 +85,7 @@ class Editor:
         self._factors: dict[int, cov.CovFactor] = {}
         self._stats_meta: dict[int, cov.StatsMeta | None] = {}
         self._base: dict[int, torch.Tensor] = {}
+        self._anchors: dict[int, float] = {}
         self.applied: list[AppliedEdit] = []
 
     # ----------------------------------------------------------- setup
@@ -241,6 +244,9 @@ class Editor:
         step_cb = (lambda d, t: progress("v*", d, t)) if progress else None
         vs = compute_v_star(self.model, self.tok, self.hp, req, templates, layer, step_cb, fast)
         lap("v_star")
+        rho = self.norm_anchor(layer, progress) if self.hp.v_norm_anchor else None
+        v_target = vs.v_star if rho is None else anchor.anchored(vs.v_star, rho)
+        lap("norm_anchor")
         module = self.module(layer)
         weight_norm = float(weight_out_in(module).detach().float().norm())
         results: dict[str, EditResult] = {}
@@ -249,7 +255,7 @@ class Editor:
                 mode
             ]
             own = dict(timings)  # shared phases, then this mode's own update and scoring
-            r1 = rank_one(module, factor, k_u, k_v, vs.v_star)
+            r1 = rank_one(module, factor, k_u, k_v, v_target)
             lap("update", own)
             finite = bool(torch.isfinite(r1.u).all() and torch.isfinite(r1.v).all())
             if finite:
@@ -276,7 +282,7 @@ class Editor:
                 cos_kstar_ks=float(torch.nn.functional.cosine_similarity(k_star, k_s, dim=0)),
                 v_star_trace=vs.trace,
                 v_init_norm=float(vs.v_init.norm()),
-                v_star_norm=float(vs.v_star.norm()),
+                v_star_norm=float(v_target.norm()),
                 p_new_before=before.p_new,
                 p_new_after=after.p_new,
                 p_true_before=before.p_true,
@@ -290,11 +296,70 @@ class Editor:
                 model=self.hp.name,
                 k_u=k_u.cpu(),
                 k_v=k_v.cpu(),
-                v_star=vs.v_star.cpu(),
+                v_star=v_target.cpu(),
+                v_stop=self.hp.v_stop,
+                v_autocast=self.hp.v_autocast,
+                norm_anchor=rho,
+                v_star_norm_raw=float(vs.v_star.norm()) if rho is not None else None,
             )
             res.unsafe_reason = self.unsafe_reason(res.u, res.v, weight_norm)
             results[mode] = res
         return results
+
+    # ----------------------------------------------------------- norm anchor, drift
+    def norm_anchor(self, layer: int, progress: Progress | None = None) -> float:
+        """ρ of norm-anchor scaling for ``layer``, solved on the unedited weights, cached."""
+        if layer not in self._anchors:
+            templates = self.templates()
+            hp = self.hp.replace(v_norm_anchor=False)
+            fields = {
+                k: v
+                for k, v in hp.to_dict().items()
+                if k.startswith("v_") or k in ("kl_factor", "clamp_norm_factor", "fact_token")
+            }
+            fields.update(
+                layer=layer,
+                templates=templates,
+                requests=[r.to_dict() for r in anchor.CALIBRATION_REQUESTS],
+            )
+            path = None
+            if isinstance(self.cache, Path):
+                name = f"{hp.weight_module(layer)}_{anchor.anchor_key(fields)}.json"
+                path = self.cache / "anchors" / self.model_key / name
+
+            def solve(req: EditRequest) -> torch.Tensor:
+                return compute_v_star(self.model, self.tok, hp, req, templates, layer).v_star
+
+            prog = (lambda d, t: progress("norm anchor", d, t)) if progress else None
+            with self._base_weights(layer):
+                self._anchors[layer] = anchor.reference_norm(
+                    solve, anchor.CALIBRATION_REQUESTS, path, prog
+                )
+        return self._anchors[layer]
+
+    @contextlib.contextmanager
+    def _base_weights(self, layer: int) -> Iterator[None]:
+        """Inside, ``layer`` holds its unedited weight; the edited one comes back after."""
+        if layer not in self._base:
+            yield
+            return
+        module = self.module(layer)
+        edited = weight_of(module).detach().clone()
+        restore(module, self._base[layer])
+        try:
+            yield
+        finally:
+            restore(module, edited)
+
+    def drift(self, layer: int) -> tuple[float, float]:
+        """(‖W_n − W_0‖_F, ‖W_n‖_F / ‖W_0‖_F) of ``layer``'s edited weight."""
+        w = weight_of(self.module(layer)).detach().float()
+        base = self._base.get(layer)
+        if base is None:
+            return 0.0, 1.0
+        w0 = base.to(w.device).float()
+        n0 = float(w0.norm())
+        return float((w - w0).norm()), float(w.norm()) / n0 if n0 else math.inf
 
     def _probe(self, req: EditRequest, templates: Sequence[str]) -> _Probe:
         """p(target_new), p(target_true) on the bare prompt; mean p(new) over prefixed ones."""

@@ -12,6 +12,8 @@ from typing import Any, Literal
 from .errors import BadRequestError, UnknownPresetError
 
 KeyAveraging = Literal["uniform", "grouped"]
+VStop = Literal["loss", "most_probable"]
+V_STOPS = ("loss", "most_probable")
 MODES = ("original", "rrome", "prompt")
 
 
@@ -33,6 +35,14 @@ class EditHparams:
     kl_factor: float = 0.0625
     v_early_stop_loss: float = 0.05
     v_autocast: str | None = None  # None (fp32, the reference) or "bf16"
+    # Stopping rule of the v* loop: "loss" (the reference: total loss < v_early_stop_loss)
+    # or "most_probable" (ENCORE's MPES: stop once every target token is the argmax at
+    # its position in every templated prompt; the loss rule still applies).
+    v_stop: VStop = "loss"
+    # Norm-anchor scaling (NAS): rescale each solved v* to a reference norm measured on
+    # the unedited model (see rome/anchor.py and presets/README.md).
+    v_norm_anchor: bool = False
+    v_norm_anchor_samples: int = 16
     fact_token: str = "subject_last"
     key_averaging: KeyAveraging = "uniform"
     context_template_length_params: list[list[int]] = field(
@@ -69,6 +79,14 @@ class EditHparams:
             raise BadRequestError(
                 f"covariance must be 'corpus' or 'identity', not {self.covariance!r}"
             )
+        if self.v_stop not in V_STOPS:
+            raise BadRequestError(
+                f"v_stop must be one of {', '.join(V_STOPS)}, not {self.v_stop!r}"
+            )
+        if self.v_autocast not in (None, "bf16"):
+            raise BadRequestError(f"v_autocast must be null or 'bf16', not {self.v_autocast!r}")
+        if self.v_norm_anchor_samples < 1:
+            raise BadRequestError("v_norm_anchor_samples must be at least 1")
         if self.default_mode not in MODES:
             raise BadRequestError(f"default_mode must be one of {MODES}")
         if "{}" not in self.mlp_out_module:

@@ -39,6 +39,11 @@ class EditResult:
     timings: dict[str, float]
     model: str = ""
     unsafe_reason: str | None = None
+    # v* settings recorded with the edit (preset fields; the defaults are the reference)
+    v_stop: str = "loss"
+    v_autocast: str | None = None
+    norm_anchor: float | None = None  # ρ when norm-anchor scaling rescaled v*, else None
+    v_star_norm_raw: float | None = None  # ‖v*‖ before the anchor rescaled it
     # tensors kept for checks and for callers; not serialised
     k_u: torch.Tensor | None = field(default=None, repr=False)
     k_v: torch.Tensor | None = field(default=None, repr=False)
@@ -81,6 +86,11 @@ class EditResult:
             "covariance": self.covariance,
             "n_templates": self.n_templates,
             "unsafe_reason": self.unsafe_reason,
+            "v_stop": self.v_stop,
+            "v_autocast": self.v_autocast,
+            "v_steps": len(self.v_star_trace),
+            "norm_anchor": self.norm_anchor,
+            "v_star_norm_raw": self.v_star_norm_raw,
             "v_star_trace": self.v_star_trace,
             "timings": self.timings,
         }

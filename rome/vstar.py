@@ -165,9 +165,10 @@ def compute_v_star(
     autocast = torch.autocast(
         device_type=device.type, dtype=torch.bfloat16, enabled=hp.v_autocast == "bf16"
     )
-    trace: list[dict[str, float]] = []
+    steps: list[torch.Tensor] = []  # per step on the device, read once at the end
     kl_init: torch.Tensor | None = None
     v_init: torch.Tensor | None = None
+    most_probable = hp.v_stop == "most_probable"
     freeze = frozen(model) if fast else contextlib.nullcontext()
     with freeze, nethook.add_to_output(model, module, edit):
         upper = UpperStack(model, hp, layer, b.ids, b.mask) if fast else None
@@ -195,30 +196,56 @@ def compute_v_star(
             )
             wd = hp.v_weight_decay * (delta.norm() / v_init.norm() ** 2)
             loss = nll + kl + wd
-            trace.append(
-                {
-                    "step": float(step),
-                    "loss": loss.item(),
-                    "nll": nll.item(),
-                    "kl": kl.item(),
-                    "weight_decay": wd.item(),
-                    "p_target": torch.exp(-nll_each.detach()).mean().item(),
-                }
-            )
+            argmax_all = (logits[:n_loss].detach().argmax(-1) == b.loss_labels).all()
+            with torch.no_grad():
+                steps.append(
+                    torch.stack(
+                        [
+                            loss.detach(),
+                            nll.detach(),
+                            kl.detach(),
+                            wd.detach(),
+                            torch.exp(-nll_each.detach()).mean(),
+                            argmax_all.float(),
+                        ]
+                    )
+                )
             if on_step is not None:
                 on_step(step + 1, hp.v_num_grad_steps)
-            if loss.item() < hp.v_early_stop_loss or step == hp.v_num_grad_steps - 1:
+            if step == hp.v_num_grad_steps - 1:
+                break
+            # The one host sync per step: the stopping rule needs it.
+            stop = loss.detach() < hp.v_early_stop_loss
+            if most_probable:
+                stop = stop | argmax_all
+            if bool(stop):
                 break
             loss.backward()
             opt.step()
-            max_norm = hp.clamp_norm_factor * v_init.norm()
             with torch.no_grad():
+                # Project onto the ball of radius clamp_norm_factor·‖v_init‖, no host sync:
+                # a factor of exactly 1 leaves δ bit for bit as it was.
+                max_norm = hp.clamp_norm_factor * v_init.norm()
                 n = delta.norm()
-                if n > max_norm:
-                    delta.mul_(max_norm / n)
+                delta.mul_(torch.where(n > max_norm, max_norm / n, torch.ones_like(n)))
+    trace = _trace_rows(steps)
     assert v_init is not None
     d = delta.detach()
     return VStar(v_star=v_init + d, v_init=v_init, delta=d, trace=trace, steps=len(trace))
+
+
+_TRACE_KEYS = ("loss", "nll", "kl", "weight_decay", "p_target", "argmax_all")
+
+
+def _trace_rows(steps: list[torch.Tensor]) -> list[dict[str, float]]:
+    """The per-step figures, copied to the host once."""
+    if not steps:
+        return []
+    table = torch.stack(steps).double().cpu().tolist()
+    return [
+        {"step": float(i), **dict(zip(_TRACE_KEYS, row, strict=True))}
+        for i, row in enumerate(table)
+    ]
 
 
 def _out_features(module: nn.Module) -> int:

@@ -1,0 +1,106 @@
+"""The v* stabilisers (preset fields, off by default) on tiny GPT-2 and Llama models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rome import Editor, EditRequest
+from rome.anchor import CALIBRATION_REQUESTS, anchored, trimmed_mean
+from rome.update import bias_of, weight_out_in
+from rome.vstar import compute_v_star
+
+REQ = EditRequest("The city of {}", "the Eiffel Tower", "Rome", "Paris")
+TEMPLATES = ["{}", "Once upon a time. {}", "In the news today. {}"]
+
+
+def test_defaults_are_the_reference_rule(tiny):
+    assert tiny.hparams.v_stop == "loss"
+    assert tiny.hparams.v_norm_anchor is False
+    assert tiny.hparams.v_autocast is None
+
+
+def test_most_probable_stops_no_later_and_target_is_argmax(tiny):
+    hp = tiny.hparams.replace(v_num_grad_steps=40)
+    ref = compute_v_star(tiny.model, tiny.tokenizer, hp, REQ, TEMPLATES, hp.layer)
+    mp = compute_v_star(
+        tiny.model, tiny.tokenizer, hp.replace(v_stop="most_probable"), REQ, TEMPLATES, hp.layer
+    )
+    assert mp.steps <= ref.steps
+    last = mp.trace[-1]
+    if mp.steps < hp.v_num_grad_steps and last["loss"] >= hp.v_early_stop_loss:
+        # stopped by the most-probable rule: every target token is the argmax
+        assert last["argmax_all"] == 1.0
+    # the steps before the stop did not satisfy the rule
+    assert all(row["argmax_all"] == 0.0 for row in mp.trace[:-1])
+    # until it stops, most_probable follows the reference trajectory exactly
+    for a, b in zip(mp.trace, ref.trace, strict=False):
+        assert a["loss"] == b["loss"]
+
+
+def test_most_probable_check_on_the_model_itself(tiny):
+    """When MPES stops early, the edited model does predict each target token."""
+    hp = tiny.hparams.replace(v_num_grad_steps=40, v_stop="most_probable")
+    ed = Editor(tiny.model, tiny.tokenizer, hp, templates=TEMPLATES)
+    res = ed.compute(REQ, mode="rrome")
+    assert res.v_stop == "most_probable"
+    assert res.to_dict(factors=False)["v_steps"] == len(res.v_star_trace)
+
+
+def test_norm_anchor_gives_the_reference_norm_and_keeps_the_identity(tiny):
+    hp = tiny.hparams.replace(v_norm_anchor=True, v_num_grad_steps=5)
+    ed = Editor(tiny.model, tiny.tokenizer, hp, templates=TEMPLATES)
+    rho = ed.norm_anchor(hp.layer)
+    # the anchor is the trimmed mean of the calibration v*'s on the unedited model
+    plain = hp.replace(v_norm_anchor=False)
+    lm, tok = tiny.model, tiny.tokenizer
+    norms = [
+        float(compute_v_star(lm, tok, plain, r, TEMPLATES, hp.layer).v_star.norm())
+        for r in CALIBRATION_REQUESTS
+    ]
+    assert rho == pytest.approx(trimmed_mean(norms), rel=1e-6)
+    for mode in ("original", "rrome", "prompt"):
+        res = ed.compute(REQ, mode=mode)
+        assert res.norm_anchor == pytest.approx(rho)
+        assert res.v_star is not None
+        assert float(res.v_star.norm()) == pytest.approx(rho, rel=1e-5)
+        assert res.v_star_norm_raw is not None and res.v_star_norm_raw != pytest.approx(rho)
+    res = ed.compute(REQ, mode="rrome")
+    module = ed.module(res.layer)
+    ed.apply(res)
+    b = bias_of(module)
+    with torch.no_grad():
+        out = weight_out_in(module) @ res.k_v + (b if b is not None else 0)
+    assert float((out - res.v_star).norm() / res.v_star.norm()) < 1e-4
+
+
+def test_norm_anchor_is_measured_on_the_unedited_weights(tiny):
+    hp = tiny.hparams.replace(v_norm_anchor=True, v_num_grad_steps=5)
+    first = Editor(tiny.model, tiny.tokenizer, hp, templates=TEMPLATES, cache_dir=None)
+    rho = first.norm_anchor(hp.layer)
+    first.apply(first.compute(REQ, mode="prompt"))
+    again = Editor(tiny.model, tiny.tokenizer, hp, templates=TEMPLATES, cache_dir=None)
+    again._base = first._base  # the same base weights, as a replay's resume has them
+    edited = weight_out_in(first.module(hp.layer)).detach().clone()
+    assert again.norm_anchor(hp.layer) == pytest.approx(rho, rel=1e-6)
+    assert torch.equal(weight_out_in(first.module(hp.layer)), edited)
+
+
+def test_anchored_keeps_the_direction():
+    v = torch.tensor([3.0, 4.0])
+    a = anchored(v, 10.0)
+    assert torch.allclose(a, torch.tensor([6.0, 8.0]))
+    assert trimmed_mean([1.0] * 19 + [100.0]) == 1.0
+
+
+def test_drift_tracks_cumulative_change(tiny):
+    ed = Editor(tiny.model, tiny.tokenizer, tiny.hparams, templates=TEMPLATES)
+    assert ed.drift(tiny.hparams.layer) == (0.0, 1.0)
+    res = ed.compute(REQ, mode="rrome")
+    ed.apply(res)
+    d, ratio = ed.drift(res.layer)
+    assert d == pytest.approx(res.update_norm, rel=1e-4)
+    assert ratio > 0
+    ed.apply(ed.compute(EditRequest("The home of {}", "the Louvre", "Berlin"), mode="rrome"))
+    d2, _ = ed.drift(res.layer)
+    assert d2 > 0 and d2 != pytest.approx(d)
