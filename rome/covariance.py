@@ -1,16 +1,25 @@
 """Second-moment statistics C = E[k kᵀ] of the edited weight's inputs.
 
-The collector stops each forward pass at the edited module. ``C⁻¹ x`` is
-applied through a Cholesky factor (float64, with a small ridge only if the
-matrix needs it), computed once per (model, layer) by whoever owns the
-:class:`CovFactor`.
+The collector stops each forward pass at the edited module. Batches are sized
+by tokens; the running sum of k kᵀ stays on the edited layer's device (float64
+by default). ``C⁻¹ x`` is applied through a Cholesky factor (float64, with a
+small ridge only if the matrix needs it), computed once per (model, layer) by
+whoever owns the :class:`CovFactor`.
+
+Cache files are checked (shape, finite, symmetric) before they are written,
+written to a unique temporary file and renamed, so a good cache file is never
+replaced by a bad or half-written one. A cache file that cannot be read raises
+:class:`CorruptStatsError` naming the file and how to rebuild it.
+:mod:`rome.distributed` shards the same collector over torch.distributed ranks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,18 +27,24 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from . import nethook
-from .errors import BadRequestError, WeightsUnavailableError
-from .scoring import model_device, pad_id_of, pad_right
+from .errors import BadRequestError, BadStatsError, CorruptStatsError, WeightsUnavailableError
+from .paths import atomic_write_text, temp_path_beside
+from .scoring import model_device, module_device, pad_id_of, pad_right
 from .templates import seed_token_id
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (done, total) in texts
+
+FORWARD_PRECISIONS = ("float32", "bf16", "tf32")
+ACCUMULATE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+SYMMETRY_RTOL = 1e-4
 
 HUB_CORPORA = {
     "wikipedia": ("wikimedia/wikipedia", "20231101.en"),
@@ -79,7 +94,115 @@ def _batches(
         yield batch, n_texts
 
 
+@dataclass
+class MomentSum:
+    """The unnormalised sum of k kᵀ over ``n_tokens`` tokens of ``n_texts`` texts."""
+
+    total: torch.Tensor  # (d, d), on the collecting device, float64 (or float32)
+    n_tokens: int
+    n_texts: int
+
+    def mean(self) -> torch.Tensor:
+        """``E[k kᵀ]`` as float32 on the CPU."""
+        if self.n_tokens == 0:
+            raise BadRequestError("the covariance corpus produced no tokens")
+        return (self.total.double() / self.n_tokens).float().cpu()
+
+
+@contextlib.contextmanager
+def _precision(device: torch.device, forward: str) -> Iterator[None]:
+    """bf16 autocast or TF32 matmuls for the forward pass, restored afterwards."""
+    if forward not in FORWARD_PRECISIONS:
+        raise BadRequestError(
+            f"unknown forward precision {forward!r}: use {', '.join(FORWARD_PRECISIONS)}"
+        )
+    if forward == "bf16":
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            yield
+        return
+    if forward == "tf32" and device.type == "cuda":
+        old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+        return
+    yield
+
+
 @torch.no_grad()
+def collect_moment_sum(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    module_name: str,
+    texts: Iterable[str],
+    n_texts: int,
+    max_len: int = 128,
+    batch_tokens: int = 4096,
+    progress: Progress | None = None,
+    stop_at_layer: bool = True,
+    forward: str = "float32",
+    accumulate: str = "float64",
+) -> MomentSum:
+    """Sum of k kᵀ over all non-pad tokens of ``texts``, on the edited module's device.
+
+    Batches hold about ``batch_tokens`` tokens (texts truncated to ``max_len``).
+    ``forward``: ``float32``, ``bf16`` (autocast) or ``tf32`` (TF32 matmuls on
+    CUDA); each batch's k kᵀ is a float32 product, added to a running sum in
+    ``accumulate`` (``float64`` default, ``float32`` halves its memory). A
+    corpus (or a rank's shard of one) with no tokens gives a zero sum.
+    ``stop_at_layer=False`` runs the whole model (the published collector; kept
+    for the benchmark).
+    """
+    if accumulate not in ACCUMULATE_DTYPES:
+        raise BadRequestError(
+            f"unknown accumulation dtype {accumulate!r}: use {', '.join(ACCUMULATE_DTYPES)}"
+        )
+    if forward not in FORWARD_PRECISIONS:
+        raise BadRequestError(
+            f"unknown forward precision {forward!r}: use {', '.join(FORWARD_PRECISIONS)}"
+        )
+    in_dev = model_device(model)
+    at = module_device(model, module_name)
+    acc: torch.Tensor | None = None
+    n_tokens = 0
+    seen_texts = 0
+    pad = pad_id_of(tok)
+    for batch, consumed in _batches(tok, texts, max_len, batch_tokens):
+        seen_texts += consumed
+        if batch:
+            ids, mask = pad_right(batch, pad, in_dev)
+            with nethook.capture(model, module_name, stop=stop_at_layer) as rec:
+                with nethook.stop_after(), _precision(at, forward):
+                    model(input_ids=ids, attention_mask=mask, use_cache=False)
+            assert rec.input is not None
+            keys = rec.input
+            k = keys[mask.to(keys.device).bool()].float()
+            part = (k.T @ k).to(ACCUMULATE_DTYPES[accumulate])  # a float32 product
+            acc = part if acc is None else acc.add_(part)
+            n_tokens += int(k.shape[0])
+        if progress is not None:
+            progress(min(seen_texts, n_texts), n_texts)
+    if acc is None:
+        d = _in_features(model, module_name)
+        acc = torch.zeros((d, d), dtype=ACCUMULATE_DTYPES[accumulate], device=at)
+    return MomentSum(acc, n_tokens, seen_texts)
+
+
+def _in_features(model: nn.Module, module_name: str) -> int:
+    """Width of the edited module's input (Linear, or GPT-2's transposed Conv1D)."""
+    module = nethook.get_module(model, module_name)
+    w = module.weight
+    assert isinstance(w, torch.Tensor)
+    return int(w.shape[0] if module.__class__.__name__ == "Conv1D" else w.shape[1])
+
+
+def expected_width(model: nn.Module, module_name: str) -> int:
+    """The size ``d`` a second moment for ``module_name`` must have (``d × d``)."""
+    return _in_features(model, module_name)
+
+
 def collect_second_moment(
     model: nn.Module,
     tok: PreTrainedTokenizerBase,
@@ -90,34 +213,28 @@ def collect_second_moment(
     batch_tokens: int = 4096,
     progress: Progress | None = None,
     stop_at_layer: bool = True,
+    forward: str = "float32",
+    accumulate: str = "float64",
 ) -> tuple[torch.Tensor, int, int]:
-    """Sum of k kᵀ over all non-pad tokens of ``texts``: (mean matrix, tokens, texts).
+    """``E[k kᵀ]`` over all non-pad tokens of ``texts``: (mean matrix, tokens, texts).
 
     ``stop_at_layer=False`` runs the whole model (the published collector;
     kept for the benchmark).
     """
-    device = model_device(model)
-    acc: torch.Tensor | None = None
-    total = torch.zeros((), dtype=torch.float64)
-    seen_texts = 0
-    pad = pad_id_of(tok)
-    for batch, consumed in _batches(tok, texts, max_len, batch_tokens):
-        seen_texts += consumed
-        if batch:
-            ids, mask = pad_right(batch, pad, device)
-            with nethook.capture(model, module_name, stop=stop_at_layer) as rec:
-                with nethook.stop_after():
-                    model(input_ids=ids, attention_mask=mask, use_cache=False)
-            assert rec.input is not None
-            k = rec.input[mask.bool()].float()
-            part = k.T @ k
-            acc = part.double() if acc is None else acc + part.double()
-            total += k.shape[0]
-        if progress is not None:
-            progress(min(seen_texts, n_texts), n_texts)
-    if acc is None or total == 0:
-        raise BadRequestError("the covariance corpus produced no tokens")
-    return (acc / total).float().cpu(), int(total), seen_texts
+    ms = collect_moment_sum(
+        model,
+        tok,
+        module_name,
+        texts,
+        n_texts,
+        max_len,
+        batch_tokens,
+        progress,
+        stop_at_layer,
+        forward,
+        accumulate,
+    )
+    return ms.mean(), ms.n_tokens, ms.n_texts
 
 
 def sampled_texts(
@@ -196,8 +313,8 @@ def cached_sampled_texts(
     Yields as it samples (so progress moves), and writes the file at the end.
     """
     if path is not None and path.is_file():
-        texts = json.loads(path.read_text())
-        if len(texts) >= n:
+        texts = _read_text_list(path)
+        if texts is not None and len(texts) >= n:
             yield from texts[:n]
             return
     made: list[str] = []
@@ -205,8 +322,19 @@ def cached_sampled_texts(
         made.append(text)
         yield text
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(made))
+        atomic_write_text(path, json.dumps(made))
+
+
+def _read_text_list(path: Path) -> list[str] | None:
+    """A cached list of texts, or ``None`` (with a warning) when the file is damaged."""
+    try:
+        texts = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        texts = None
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        log.warning("%s is damaged; sampling its texts again", path)
+        return None
+    return texts
 
 
 def corpus_texts(
@@ -251,42 +379,139 @@ def stats_path(root: Path, model_key: str, corpus: str, module: str, dtype: str,
     )
 
 
-def save_stats(path: Path, stats: SecondMoment) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"mom2": stats.matrix.contiguous()}, str(tmp))
-    tmp.replace(path)
-    path.with_suffix(".json").write_text(json.dumps(asdict(stats.meta), indent=1))
+def check_matrix(matrix: torch.Tensor, expected_dim: int | None = None, what: str = "") -> None:
+    """Refuse a second moment that is not ``d × d`` (``d = expected_dim`` when given),
+    has NaN or infinite entries, or is not symmetric (to ``SYMMETRY_RTOL`` of its
+    largest entry). Raises :class:`BadStatsError` with one line."""
+    name = f"{what}: " if what else ""
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise BadStatsError(f"{name}the second moment must be square, got {tuple(matrix.shape)}")
+    if expected_dim is not None and matrix.shape[0] != expected_dim:
+        raise BadStatsError(
+            f"{name}the second moment is {matrix.shape[0]}x{matrix.shape[1]} but the edited "
+            f"module's input has width {expected_dim} (statistics of another model or layer?)"
+        )
+    m = matrix.double()
+    if not bool(torch.isfinite(m).all()):
+        raise BadStatsError(f"{name}the second moment has NaN or infinite entries")
+    scale = float(m.abs().max()) if m.numel() else 0.0
+    asym = float((m - m.T).abs().max()) if m.numel() else 0.0
+    if asym > SYMMETRY_RTOL * max(scale, 1e-30):
+        raise BadStatsError(
+            f"{name}the second moment is not symmetric (max |C - Cᵀ| = {asym:.3g}, "
+            f"largest entry {scale:.3g})"
+        )
 
 
-def load_stats(path: Path) -> SecondMoment:
-    matrix = load_file(str(path))["mom2"]
-    meta = StatsMeta(**json.loads(path.with_suffix(".json").read_text()))
+def rebuild_hint(path: Path) -> str:
+    return f"rebuild it with `rome-workbench stats --force` (same model and layer) or delete {path}"
+
+
+def save_stats(path: Path, stats: SecondMoment, expected_dim: int | None = None) -> None:
+    """Check the matrix, then write matrix and metadata atomically (temp file, rename).
+
+    A bad matrix raises :class:`BadStatsError` and leaves any existing cache file
+    as it was. The metadata is renamed into place first, the matrix last: the
+    matrix file is what marks the statistics as cached.
+    """
+    check_matrix(stats.matrix, expected_dim, str(path.name))
+    tmp = temp_path_beside(path)
+    try:
+        save_file({"mom2": stats.matrix.detach().float().cpu().contiguous()}, str(tmp))
+        load_stats_matrix(tmp, path)  # read back what was written before it replaces anything
+        atomic_write_text(path.with_suffix(".json"), json.dumps(asdict(stats.meta), indent=1))
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_stats_matrix(path: Path, shown: Path | None = None) -> torch.Tensor:
+    """The ``mom2`` matrix of a cache file; :class:`CorruptStatsError` if it cannot be read."""
+    shown = shown or path
+    try:
+        matrix = load_file(str(path))["mom2"]
+    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+        why = "no mom2 tensor" if isinstance(exc, KeyError) else "truncated or not safetensors"
+        raise CorruptStatsError(
+            f"the cached statistics {shown} cannot be read ({why}); {rebuild_hint(shown)}"
+        ) from None
+    return matrix
+
+
+def load_stats(path: Path, expected_dim: int | None = None) -> SecondMoment:
+    """Read a cache file and its metadata. A damaged file (truncated, unreadable, wrong
+    shape when ``expected_dim`` is given, non-finite) raises :class:`CorruptStatsError`
+    naming the file and how to rebuild it."""
+    matrix = load_stats_matrix(path)
+    meta_path = path.with_suffix(".json")
+    try:
+        meta = StatsMeta(**json.loads(meta_path.read_text()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as exc:
+        why = "missing" if isinstance(exc, FileNotFoundError) else "damaged"
+        raise CorruptStatsError(
+            f"the metadata {meta_path} of the cached statistics is {why}; {rebuild_hint(path)}"
+        ) from None
+    try:
+        check_matrix(matrix, expected_dim)
+    except BadStatsError as exc:
+        raise CorruptStatsError(
+            f"the cached statistics {path} are unusable ({exc}); {rebuild_hint(path)}"
+        ) from None
     return SecondMoment(matrix, meta)
 
 
-def import_rome_npz(path: str | Path, model_key: str, layer: int, module: str) -> SecondMoment:
-    """Read a stats file written by ROME's ``layer_stats`` (keys ``mom2.mom2``, ``mom2.count``)."""
-    data = np.load(str(path), allow_pickle=True)
+def import_rome_npz(
+    path: str | Path, model_key: str, layer: int, module: str, expected_dim: int | None = None
+) -> SecondMoment:
+    """Read a stats file written by ROME's ``layer_stats`` (keys ``mom2.mom2``, ``mom2.count``).
+
+    Refuses (:class:`BadRequestError`, one line) a file that does not exist or is
+    not an npz, and (:class:`BadStatsError`) a matrix of the wrong shape, with
+    non-finite entries, not symmetric, or a count that is not positive.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise BadRequestError(f"{p}: no such file" if not p.exists() else f"{p} is not a file")
     try:
-        mom2 = torch.from_numpy(np.asarray(data["mom2.mom2"], dtype=np.float64))
-        count = float(np.asarray(data["mom2.count"]))
+        data = np.load(str(p), allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise BadRequestError(
+            f"{p} is not an .npz file ({exc.__class__.__name__}); pass the mom2 .npz that "
+            "ROME's layer_stats wrote"
+        ) from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise BadRequestError(f"{p} is a single .npy array, not ROME's .npz stats file")
+    try:
+        with data:
+            raw = np.asarray(data["mom2.mom2"])
+            count = float(np.asarray(data["mom2.count"]))
     except KeyError:
         raise BadRequestError(
-            f"{path} is not a ROME stats file (no mom2.mom2 / mom2.count keys)"
+            f"{p} is not a ROME stats file (no mom2.mom2 / mom2.count keys)"
         ) from None
+    except (ValueError, TypeError, zipfile.BadZipFile, OSError) as exc:
+        raise BadRequestError(f"{p}: cannot read its arrays ({exc})") from None
+    if raw.dtype.kind not in "fiu":
+        raise BadStatsError(f"{p.name}: mom2.mom2 holds {raw.dtype}, not numbers")
+    if not np.isfinite(count) or count <= 0:
+        raise BadStatsError(f"{p.name}: mom2.count is {count:g}; it must be a positive count")
+    mom2 = torch.from_numpy(raw.astype(np.float64))
+    matrix = (mom2 / count).float()
+    check_matrix(mom2, expected_dim, p.name)
+    check_matrix(matrix, expected_dim, p.name)  # finite after the float32 cast too
     meta = StatsMeta(
         model=model_key,
         layer=layer,
         module=module,
-        corpus=f"imported:{Path(path).name}",
+        corpus=f"imported:{p.name}",
         n_texts=-1,
         n_tokens=int(count),
         max_len=-1,
-        dtype=str(data["mom2.mom2"].dtype),
-        source=str(path),
+        dtype=str(raw.dtype),
+        source=str(p),
     )
-    return SecondMoment((mom2 / count).float(), meta)
+    return SecondMoment(matrix, meta)
 
 
 def compute_stats(
@@ -302,26 +527,57 @@ def compute_stats(
     seed: int = 0,
     progress: Progress | None = None,
     text_cache: Path | None = None,
+    batch_tokens: int = 4096,
+    forward: str = "float32",
+    accumulate: str = "float64",
 ) -> SecondMoment:
+    """Collect ``E[k kᵀ]`` for ``module`` over the first ``n_texts`` texts of ``corpus``."""
     t0 = time.perf_counter()
     texts = corpus_texts(corpus, model, tok, n_texts, max_len, seed, text_cache)
-    matrix, n_tokens, seen = collect_second_moment(
-        model, tok, module, texts, n_texts, max_len, progress=progress
+    ms = collect_moment_sum(
+        model,
+        tok,
+        module,
+        texts,
+        n_texts,
+        max_len,
+        batch_tokens,
+        progress=progress,
+        forward=forward,
+        accumulate=accumulate,
     )
-    meta = StatsMeta(
+    meta = stats_meta(
+        model_key, layer, module, corpus, ms, max_len, dtype, seed, time.perf_counter() - t0
+    )
+    if forward != "float32" or accumulate != "float64":
+        meta.extra.update(forward=forward, accumulate=accumulate)
+    log.info("covariance for %s over %d tokens of %s", module, ms.n_tokens, corpus)
+    return SecondMoment(ms.mean(), meta)
+
+
+def stats_meta(
+    model_key: str,
+    layer: int,
+    module: str,
+    corpus: str,
+    ms: MomentSum,
+    max_len: int,
+    dtype: str,
+    seed: int,
+    seconds: float,
+) -> StatsMeta:
+    return StatsMeta(
         model=model_key,
         layer=layer,
         module=module,
         corpus=corpus,
-        n_texts=seen,
-        n_tokens=n_tokens,
+        n_texts=ms.n_texts,
+        n_tokens=ms.n_tokens,
         max_len=max_len,
         dtype=dtype,
-        seconds=time.perf_counter() - t0,
+        seconds=seconds,
         extra={"seed": seed} if corpus == "sampled" else {},
     )
-    log.info("covariance for %s over %d tokens of %s", module, n_tokens, corpus)
-    return SecondMoment(matrix, meta)
 
 
 class CovFactor:

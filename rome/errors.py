@@ -40,3 +40,27 @@ class UnsupportedArchitectureError(RomeError):
 
 class NothingToUndoError(RomeError):
     """Undo was asked with no applied edit on the stack."""
+
+
+class InvalidDeviceError(BadRequestError):
+    """An unknown device, dtype or device-map strategy, or a device that is not there."""
+
+
+class DeviceMapError(BadRequestError):
+    """A device map that cannot be used for editing (the edited layer offloaded...)."""
+
+
+class CacheDirError(BadRequestError):
+    """The cache directory is a file or cannot be written."""
+
+
+class CorruptStatsError(RomeError):
+    """A cached statistics file that cannot be read; the message says how to rebuild it."""
+
+
+class BadStatsError(BadRequestError):
+    """Statistics of the wrong shape, non-finite or not symmetric: refused before writing."""
+
+
+class DistributedMismatchError(BadRequestError):
+    """The ranks of a distributed run disagree on the model, layer or corpus."""

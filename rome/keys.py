@@ -28,16 +28,19 @@ def keys_at_subject(
 ) -> torch.Tensor:
     """One key per template (each with one ``{}`` for the subject), as rows, float32.
 
-    ``stop=False`` runs the whole model (the published behaviour; for benchmarks).
+    The keys are on the edited module's device (under a device map, the edited
+    layer's GPU, not the embedding's). ``stop=False`` runs the whole model (the
+    published behaviour; for benchmarks).
     """
     encs = [encode_with_subject(tok, t, subject) for t in templates]
     ids, mask = pad_right([e.ids for e in encs], pad_id_of(tok), model_device(model))
     with nethook.capture(model, module_name, stop=stop) as rec, nethook.stop_after():
         model(input_ids=ids, attention_mask=mask, use_cache=False)
     assert rec.input is not None
-    rows = torch.arange(len(encs), device=ids.device)
-    cols = torch.tensor([e.subject_last for e in encs], device=ids.device)
-    return rec.input[rows, cols].float()
+    keys = rec.input
+    rows = torch.arange(len(encs), device=keys.device)
+    cols = torch.tensor([e.subject_last for e in encs], device=keys.device)
+    return keys[rows, cols].float()
 
 
 def average_keys(keys: torch.Tensor, averaging: str) -> torch.Tensor:

@@ -31,7 +31,21 @@ def target_ids(tok: PreTrainedTokenizerBase, target: str) -> list[int]:
 
 
 def model_device(model: nn.Module) -> torch.device:
+    """Where input ids go: the first parameter's device (the embedding's).
+
+    With an accelerate device map the model's hooks move activations on from
+    there; tensors that meet the edited layer (keys, δ, the update) belong on
+    :func:`module_device` instead.
+    """
     return next(model.parameters()).device
+
+
+def module_device(model: nn.Module, name: str) -> torch.device:
+    """The device of module ``name``'s weight (the edited layer under a device map)."""
+    module = model.get_submodule(name)
+    for p in module.parameters():
+        return p.device
+    return model_device(model)
 
 
 def trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -117,7 +131,8 @@ def score_targets(
                 cols.append(len(p) - 1 + j)
                 labels.append(tid)
         logits = head(hidden[rows, cols]).float()
-        logp = logits.log_softmax(-1)[torch.arange(len(labels)), torch.tensor(labels)]
+        picks = torch.arange(len(labels), device=logits.device)
+        logp = logits.log_softmax(-1)[picks, torch.tensor(labels, device=logits.device)]
         k = 0
         for t in t_ids:
             out.append(TargetScore(logp[k : k + len(t)].tolist()))
