@@ -45,6 +45,9 @@ TASKS = ("sst2", "mrpc", "cola", "rte")
 HUB_DATASET = "nyu-mll/glue"
 HUB_PER_CLASS, HUB_SEED = 100, 37
 SCORINGS = ("logprob", "generate")
+CALIBRATIONS = ("none", "contextual")
+# Zhao et al. 2021 ("Calibrate Before Use"): content-free inputs in place of every field
+CONTENT_FREE = ("N/A", "", "[MASK]")
 GEN_TOKENS = 3
 
 Progress = Callable[[str, int, int], None]  # (task, examples done, total)
@@ -404,6 +407,16 @@ def generated_answers(
     return out
 
 
+def content_free_logprior(
+    model: nn.Module, tok: PreTrainedTokenizerBase, task: GlueTask
+) -> list[float]:
+    """log of the mean label distribution (over the labels) on content-free inputs."""
+    frees = [GlueExample(-1, 0, {f: word for f in task.fields}) for word in CONTENT_FREE]
+    rows = label_logprobs(model, tok, task, frees)
+    probs = torch.tensor(rows, dtype=torch.float64).softmax(-1).mean(0)
+    return probs.log().tolist()
+
+
 def predict(
     model: nn.Module,
     tok: PreTrainedTokenizerBase,
@@ -412,11 +425,25 @@ def predict(
     scoring: str = "logprob",
     batch_size: int = 16,
     progress: Callable[[int], None] | None = None,
+    calibration: str = "none",
 ) -> list[int]:
-    """Predicted labels (-1: an invalid generated answer)."""
+    """Predicted labels (-1: an invalid generated answer).
+
+    ``calibration="contextual"`` (log-prob scoring only) divides each label's
+    probability by the one the same few-shot prompt gives it on content-free
+    inputs, so a model that prefers one label word whatever the input can
+    still rank the inputs.
+    """
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"calibration must be one of {CALIBRATIONS}, not {calibration!r}")
     if scoring == "logprob":
         scores = label_logprobs(model, tok, task, examples, batch_size, progress)
+        if calibration == "contextual":
+            prior = content_free_logprior(model, tok, task)
+            scores = [[x - p for x, p in zip(row, prior, strict=True)] for row in scores]
         return [task.labels[max(range(len(s)), key=s.__getitem__)] for s in scores]
+    if calibration != "none":
+        raise ValueError("contextual calibration needs log-prob scoring")
     if scoring == "generate":
         answers = generated_answers(model, tok, task, examples, batch_size, progress)
         return [match_label(a, task.label_words) for a in answers]
@@ -471,6 +498,7 @@ def evaluate_glue(
     batch_size: int = 16,
     progress: Progress | None = None,
     source: str | Path | None = None,
+    calibration: str = "none",
 ) -> dict[str, GlueResult]:
     """Score ``model`` on each task (``limit`` examples, label-balanced)."""
     if scoring not in SCORINGS:
@@ -480,7 +508,7 @@ def evaluate_glue(
         task = task_of(name)
         examples = load_glue(task.name, source, limit)
         report = None if progress is None else _per_task(progress, task.name, len(examples))
-        pred = predict(model, tok, task, examples, scoring, batch_size, report)
+        pred = predict(model, tok, task, examples, scoring, batch_size, report, calibration)
         results[task.name] = glue_result(task.name, [e.label for e in examples], pred, scoring)
         log.info("GLUE %s (%s): accuracy %.3f", task.name, scoring, results[task.name].accuracy)
     return results

@@ -4,15 +4,18 @@ Each prompt is scored by the mean per-token NLL of ``target_new`` and of
 ``target_true`` (with a leading space). Efficacy ES = mean[NLL_true > NLL_new]
 on the edit prompt, EM = mean[p_new - p_true] with p = exp(-NLL); PS / PM the
 same on the paraphrases; NS = mean[NLL_true < NLL_new] and NM = mean[p_true -
-p_new] on the neighbourhood prompts; S = harmonic mean of ES, PS, NS.
+p_new] on the neighbourhood prompts. The score S of a run is, as ROME's ``summarize.py``
+computes it, the harmonic mean of the run-level means of ES, PS and NS
+(:func:`aggregate`); ``s_record`` is the harmonic mean of one record's own
+ES, PS, NS, kept per edit but never averaged into a run's S.
 Generation entropy GE: the weighted mean (2/3, 4/3) of the bigram and trigram
-entropies of generated texts.
+entropies of generated texts, words split as NLTK's ``word_tokenize`` does.
 """
 
 from __future__ import annotations
 
 import math
-import re
+import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,7 +31,8 @@ from ._hf import cache_kwargs, output_cache
 from .counterfact import CounterFactRecord
 
 Pair = tuple[float, float]  # (NLL of target_new, NLL of target_true)
-_WORD = re.compile(r"\w+|[^\w\s]")
+GE_MAX_LEN = 100  # ROME's test_generation: generate_fast(..., max_out_len=100), in tokens
+GE_TOP_K = 5
 
 
 @dataclass
@@ -42,7 +46,7 @@ class RecordMetrics:
     pm: float | None
     ns: float | None
     nm: float | None
-    s: float
+    s_record: float  # harmonic mean of this record's ES, PS, NS (not the run's S)
     p_new: float  # on the edit prompt
     p_true: float
     ge: float | None = None
@@ -94,7 +98,7 @@ def metrics_from_nll(
         pm=_margin(paraphrase, True),
         ns=ns,
         nm=_margin(neighborhood, False),
-        s=harmonic_mean(parts),
+        s_record=harmonic_mean(parts),
         p_new=math.exp(-edit[0][0]),
         p_true=math.exp(-edit[0][1]),
         ge=ge,
@@ -107,11 +111,13 @@ def record_metrics(
     record: CounterFactRecord,
     *,
     generation: bool = False,
-    max_new_tokens: int = 50,
-    greedy: bool = False,
     seed: int = 0,
 ) -> RecordMetrics:
-    """Score all prompts of ``record`` in one batched call; GE when ``generation``."""
+    """Score all prompts of ``record`` in one batched call; GE when ``generation``.
+
+    GE follows ROME's evaluation: each generation prompt is continued by top-5
+    sampling to 100 tokens in all (prompt included), see :func:`generate_to_length`.
+    """
     groups = [[record.text], record.paraphrase_prompts, record.neighborhood_prompts]
     prompts = [p for g in groups for p in g]
     n = len(prompts)
@@ -126,33 +132,70 @@ def record_metrics(
     a, b = len(groups[0]), len(groups[0]) + len(groups[1])
     out = metrics_from_nll(record.case_id, pairs[:a], pairs[a:b], pairs[b:])
     if generation and record.generation_prompts:
-        conts = generate(
-            model, tok, record.generation_prompts, max_new_tokens, greedy=greedy, seed=seed
-        )
-        out.generations = [p + c for p, c in zip(record.generation_prompts, conts, strict=True)]
+        out.generations = generate_to_length(model, tok, record.generation_prompts, seed=seed)
         out.ge = generation_entropy(out.generations)
     return out
 
 
-def aggregate(items: Sequence[RecordMetrics]) -> dict[str, float | None]:
-    """Mean of each metric over records (``None`` values left out), plus ``n``."""
-    out: dict[str, float | None] = {"n": float(len(items))}
-    for key in ("es", "em", "ps", "pm", "ns", "nm", "s", "p_new", "p_true", "ge"):
-        out[key] = _mean([v for m in items if (v := getattr(m, key)) is not None])
+RUN_KEYS = ("es", "em", "ps", "pm", "ns", "nm", "p_new", "p_true", "ge", "s_record")
+
+
+def run_score(es: float | None, ps: float | None, ns: float | None) -> float | None:
+    """The published S: harmonic mean of the run-level means of ES, PS and NS."""
+    parts = [x for x in (es, ps, ns) if x is not None]
+    return harmonic_mean(parts) if parts else None
+
+
+def aggregate(items: Sequence[RecordMetrics | dict[str, Any]]) -> dict[str, float | None]:
+    """Run-level figures: the mean of each metric over records (``None`` left out), ``n``,
+    and ``s`` = :func:`run_score` of the means (ROME's ``summarize.py``).
+
+    Accepts stored metric dicts too; an old record's per-edit ``s`` is its ``s_record``.
+    """
+    rows = [m.as_dict() if isinstance(m, RecordMetrics) else _compat(m) for m in items]
+    out: dict[str, float | None] = {"n": float(len(rows))}
+    for key in RUN_KEYS:
+        out[key] = _mean([v for r in rows if (v := r.get(key)) is not None])
+    out["s"] = run_score(out["es"], out["ps"], out["ns"])
     return out
+
+
+def _compat(d: dict[str, Any]) -> dict[str, Any]:
+    """Stored metrics from before ``s_record`` had its name."""
+    if "s_record" not in d and "s" in d:
+        d = {**d, "s_record": d["s"]}
+    return d
 
 
 # --- generation entropy -------------------------------------------------------
 
 
+def word_tokens(text: str) -> list[str]:
+    """NLTK's ``word_tokenize`` without its downloadable data.
+
+    ``word_tokenize`` splits sentences with the pretrained English Punkt model
+    (``punkt_tab``, not installable offline), then words with NLTK's Treebank
+    tokenizer. Here the sentences come from an untrained Punkt splitter, which
+    has no list of abbreviations: "Mr. Smith" and "U.S. troops" are split as
+    if a sentence ended after the period (giving "Mr" "." where NLTK keeps
+    "Mr."). Contractions ("ca" "n't"), hyphenated words, decimals and "..."
+    are split exactly as NLTK splits them.
+    """
+    from nltk.tokenize import NLTKWordTokenizer
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
+
+    words = NLTKWordTokenizer()
+    return [w for sent in PunktSentenceTokenizer().tokenize(text) for w in words.tokenize(sent)]
+
+
 def ngram_entropy(text_or_tokens: str | Sequence[str], n: int) -> float:
     """Entropy in bits of the n-gram frequency distribution of a text's tokens.
 
-    A string is split into words and punctuation marks (close to NLTK's
-    ``word_tokenize``, which ROME uses); a sequence is taken as the tokens.
+    A string is split by :func:`word_tokens` (as ROME does with NLTK); a
+    sequence is taken as the tokens.
     """
     tokens = (
-        _WORD.findall(text_or_tokens) if isinstance(text_or_tokens, str) else list(text_or_tokens)
+        word_tokens(text_or_tokens) if isinstance(text_or_tokens, str) else list(text_or_tokens)
     )
     counts = Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
     total = sum(counts.values())
@@ -235,6 +278,45 @@ def generate_ids(
         step_ids = nxt.masked_fill(done, pad_id).unsqueeze(1)
         mask = torch.cat([mask, (~done).long().unsqueeze(1)], dim=1)
     return [[t for t in o if t != eos_id] for o in out]
+
+
+def generate_to_length(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_len: int = GE_MAX_LEN,
+    *,
+    seed: int = 0,
+    top_k: int = GE_TOP_K,
+) -> list[str]:
+    """Texts of ``max_len`` tokens in all, prompt included, as ROME's ``generate_fast``.
+
+    Top-k sampling (k = 5) from the renormalised top-k probabilities, no stop at
+    an end-of-text token, the decoded text NFKD-normalised with blank lines
+    turned into spaces and ``<|endoftext|>`` removed. Unlike ROME, sampling is
+    seeded (one generator per prompt), so a run can be repeated.
+    """
+    ids = [prompt_ids(tok, p) for p in prompts]
+    budget = [max(0, max_len - len(s)) for s in ids]
+    if not any(budget):
+        new: list[list[int]] = [[] for _ in ids]
+    else:
+        new = generate_ids(
+            model,
+            ids,
+            max(budget),
+            eos_id=None,
+            pad_id=pad_id_of(tok),
+            greedy=False,
+            seed=seed,
+            top_k=top_k,
+        )
+    texts = []
+    for s, extra, b in zip(ids, new, budget, strict=True):
+        text = str(tok.decode(list(s) + extra[:b]))
+        text = unicodedata.normalize("NFKD", text).replace("\n\n", " ")
+        texts.append(text.replace("<|endoftext|>", ""))
+    return texts
 
 
 def generate(

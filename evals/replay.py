@@ -1,43 +1,57 @@
 """Sequential replay: N CounterFact edits applied in order to one model, evaluated as it goes.
 
 ``replay`` is a generator of events (a CLI or a TUI consumes them). Every
-finished edit is committed to the store with its factors and the weight
-fingerprint after it, so a killed run loses nothing finished. Resuming
-rebuilds the weights from the base model plus the stored updates in order,
-checks the fingerprint, and goes on from the next edit.
+finished edit is committed to the store with its factors, the weight
+fingerprint after it, the CounterFact record it came from, its metrics before
+(``pre``) and after the edit, and the cumulative drift of the edited matrix,
+so a killed run loses nothing finished. Resuming rebuilds the weights from
+the base model plus the stored updates in order, checks the fingerprint and
+the data the run was started on, and goes on from the next edit.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import statistics
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from rome import Editor, LoadedModel, RomeError
 from rome.errors import BadRequestError
+from rome.hparams import EditHparams
 
 from .counterfact import CounterFactRecord, load_counterfact
-from .glue import TASKS, evaluate_glue
-from .metrics import aggregate, generate, generation_entropy, record_metrics
+from .glue import TASKS, evaluate_glue, load_glue
+from .metrics import aggregate, record_metrics
+from .probes import FLUENCY_PROMPTS, fluency, perplexity
 
 if TYPE_CHECKING:  # the store lives in workbench/, which depends on evals
     from workbench.store import Store
 
 log = logging.getLogger(__name__)
 
-FLUENCY_PROMPTS = (
-    "The history of the city began",
-    "My favourite book is about",
-    "Scientists have recently discovered that",
-    "The best way to learn a language is",
-    "Yesterday the weather was",
-    "The company announced that",
-)
+__all__ = [
+    "FLUENCY_PROMPTS",
+    "PERPLEXITY_TASK",
+    "CheckpointDone",
+    "EditDone",
+    "ReplayConfig",
+    "ReplayError",
+    "ReplayEvent",
+    "ReplayFinished",
+    "ReplayStarted",
+    "ReplayWarning",
+    "fluency",
+    "norm_flag",
+    "replay",
+]
+
+PERPLEXITY_TASK = "perplexity"
 
 
 class ReplayError(RomeError):
@@ -54,17 +68,32 @@ class ReplayConfig:
     glue_limit: int | None = 50
     glue_dir: str | None = None
     glue_scoring: str = "logprob"
+    glue_calibration: str = "none"  # or "contextual" (Zhao et al. 2021)
     guard: bool = False
     layer: int | None = None
     flag_norm_factor: float = 4.0  # flag when ‖ΔW‖ > factor × the running median
     flag_min_history: int = 3
     flag_entropy_ratio: float = 0.6  # flag when fluency < ratio × the start's
+    flag_ppl_ratio: float = 1.5  # flag when perplexity > ratio × the start's
     fluency_tokens: int = 40
+    perplexity: bool = True  # the held-out perplexity probe at every checkpoint
+    pre_metrics: bool = True  # score each record just before its edit too
     generation_metrics: bool = False  # GE per edit (costs a generation per edit)
     rescore: bool = True
+    # what the run was started on, checked when it resumes (set by replay())
+    dataset_fingerprint: str | None = None
+    glue_fingerprint: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ReplayConfig:
+        known = {f.name for f in fields(cls)}
+        cfg = {k: v for k, v in data.items() if k in known}
+        if "glue_tasks" in cfg:
+            cfg["glue_tasks"] = tuple(cfg["glue_tasks"])
+        return cls(**cfg)
 
 
 @dataclass
@@ -88,6 +117,10 @@ class EditDone:
     flag_reason: str | None
     refused: bool
     seconds: float
+    w_delta_norm: float = 0.0  # ‖W_n − W_0‖_F after this edit
+    w_norm_ratio: float = 1.0  # ‖W_n‖_F / ‖W_0‖_F after this edit
+    cos_kstar_ks: float | None = None
+    denominator: float | None = None
 
 
 @dataclass
@@ -95,6 +128,7 @@ class CheckpointDone:
     step: int
     glue: dict[str, dict[str, Any]]
     fluency: float | None
+    perplexity: float | None = None
 
 
 @dataclass
@@ -112,12 +146,6 @@ class ReplayFinished:
 ReplayEvent = ReplayStarted | EditDone | CheckpointDone | ReplayWarning | ReplayFinished
 
 
-def fluency(lm: LoadedModel, tokens: int) -> float:
-    """Generation entropy of greedy continuations of fixed prompts (a collapse probe)."""
-    conts = generate(lm.model, lm.tokenizer, list(FLUENCY_PROMPTS), tokens)
-    return generation_entropy([p + c for p, c in zip(FLUENCY_PROMPTS, conts, strict=True)])
-
-
 def norm_flag(norm: float, history: list[float], cfg: ReplayConfig) -> str | None:
     """Why an update norm looks disabling, measured against the run's running median."""
     if len(history) < cfg.flag_min_history:
@@ -128,26 +156,53 @@ def norm_flag(norm: float, history: list[float], cfg: ReplayConfig) -> str | Non
     return None
 
 
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def dataset_fingerprint(records: Sequence[CounterFactRecord]) -> str:
+    """A hash of the records a run edits (their content, in order)."""
+    return _digest([r.to_dict() for r in records])
+
+
+def glue_fingerprint(cfg: ReplayConfig) -> str:
+    """A hash of the GLUE examples a run scores."""
+    return _digest(
+        {
+            t: [(e.idx, e.label, e.text) for e in load_glue(t, cfg.glue_dir, cfg.glue_limit)]
+            for t in cfg.glue_tasks
+        }
+    )
+
+
+def _record_of(data: dict[str, Any]) -> CounterFactRecord:
+    return CounterFactRecord(**data)
+
+
 class _Run:
     """State of one replay while it runs (kept out of the generator for readability)."""
 
-    def __init__(self, lm: LoadedModel, store: Store, cfg: ReplayConfig, run_id: str):
+    def __init__(
+        self, lm: LoadedModel, store: Store, cfg: ReplayConfig, run_id: str, hp: EditHparams
+    ):
         self.lm, self.store, self.cfg, self.run_id = lm, store, cfg, run_id
-        hp = lm.hparams if cfg.layer is None else lm.hparams.replace(layer=cfg.layer)
+        hp = hp if cfg.layer is None else hp.replace(layer=cfg.layer)
         self.editor = Editor(lm.model, lm.tokenizer, hp, keep_undo=False)
         self.layer = hp.layer
         self.norms: list[float] = []
         self.base_fluency: float | None = None
+        self.base_ppl: float | None = None
 
     def checkpoint(self, step: int, last_seq: int | None) -> Iterator[ReplayEvent]:
-        cfg = self.cfg
+        cfg, model, tok = self.cfg, self.lm.model, self.lm.tokenizer
         glue = evaluate_glue(
-            self.lm.model,
-            self.lm.tokenizer,
+            model,
+            tok,
             cfg.glue_tasks,
             cfg.glue_limit,
             cfg.glue_scoring,
             source=cfg.glue_dir,
+            calibration=cfg.glue_calibration,
         )
         for task, r in glue.items():
             self.store.add_checkpoint(
@@ -159,38 +214,84 @@ class _Run:
                 mcc=r.mcc,
                 invalid=r.invalid,
                 n=r.n,
+                extra={"calibration": cfg.glue_calibration},
                 replace=True,
             )
-        ent = fluency(self.lm, cfg.fluency_tokens)
+        ent = fluency(model, tok, cfg.fluency_tokens)
         self.store.add_fluency(self.run_id, step, ent, replace=True)
+        reasons = []
         if step == 0:
             self.base_fluency = ent
         elif self.base_fluency and ent < cfg.flag_entropy_ratio * self.base_fluency:
-            reason = f"fluency entropy fell to {ent:.2f} from {self.base_fluency:.2f} at the start"
+            reasons.append(
+                f"fluency entropy fell to {ent:.2f} from {self.base_fluency:.2f} at the start"
+            )
+        ppl = None
+        if cfg.perplexity:
+            p = perplexity(model, tok)
+            ppl = p.perplexity
+            self.store.add_checkpoint(
+                self.run_id,
+                step,
+                PERPLEXITY_TASK,
+                value=p.nll,
+                n=p.n_tokens,
+                extra={"perplexity": ppl},
+                replace=True,
+            )
+            if step == 0:
+                self.base_ppl = ppl
+            elif self.base_ppl and ppl > cfg.flag_ppl_ratio * self.base_ppl:
+                reasons.append(
+                    f"perplexity rose to {ppl:.1f} from {self.base_ppl:.1f} at the start "
+                    f"(over {cfg.flag_ppl_ratio:g}x)"
+                )
+        for reason in reasons:
             if last_seq is not None:
                 self.store.flag_edit(self.run_id, last_seq, reason)
             yield ReplayWarning(f"after edit {step}: {reason}")
-        yield CheckpointDone(step, {t: _glue_row(r) for t, r in glue.items()}, ent)
+        yield CheckpointDone(step, {t: _glue_row(r) for t, r in glue.items()}, ent, ppl)
 
     def edit(self, seq: int, rec: CounterFactRecord, total: int) -> EditDone:
         t0 = time.perf_counter()
-        cfg = self.cfg
+        cfg, model, tok = self.cfg, self.lm.model, self.lm.tokenizer
+        pre = record_metrics(model, tok, rec) if cfg.pre_metrics else None
+        t_pre = time.perf_counter() - t0
         result = self.editor.compute(rec.to_request(), cfg.mode, self.layer)
         reason = norm_flag(result.update_norm, self.norms, cfg)
         refused_reason = result.unsafe_reason or (reason if cfg.guard and reason else None)
         if refused_reason is None:
             self.editor.apply(result)
             self.norms.append(result.update_norm)
-        metrics = record_metrics(
-            self.lm.model, self.lm.tokenizer, rec, generation=cfg.generation_metrics
-        ).as_dict()
+        t1 = time.perf_counter()
+        post = record_metrics(model, tok, rec, generation=cfg.generation_metrics)
+        w_delta, w_ratio = self.editor.drift(self.layer)
+        metrics = post.as_dict()
+        metrics.update(w_delta_norm=w_delta, w_norm_ratio=w_ratio)
+        if pre is not None:
+            metrics["pre"] = {k: v for k, v in pre.as_dict().items() if k != "generations"}
+        timings = dict(result.timings)
+        timings.update(pre_metrics=t_pre, post_metrics=time.perf_counter() - t1)
         flag = reason or result.unsafe_reason
-        self.store.add_edit_result(
+        record = result.to_dict(factors=False)
+        record["counterfact"] = rec.to_dict()
+        self.store.add_edit(
             self.run_id,
             seq,
-            result,
+            request=result.request,
+            mode=result.mode,
+            layer=result.layer,
+            weight_name=result.weight_name,
+            u=result.u,
+            v=result.v,
             case_id=rec.case_id,
+            update_norm=result.update_norm,
+            update_norm_ratio=result.update_norm_ratio,
+            denominator=result.denominator,
+            cos_kstar_ks=result.cos_kstar_ks,
+            record=record,
             metrics=metrics,
+            timings=timings,
             flagged=flag is not None,
             flag_reason=flag,
             refused=refused_reason is not None,
@@ -210,33 +311,103 @@ class _Run:
             flag_reason=flag,
             refused=refused_reason is not None,
             seconds=time.perf_counter() - t0,
+            w_delta_norm=w_delta,
+            w_norm_ratio=w_ratio,
+            cos_kstar_ks=result.cos_kstar_ks,
+            denominator=result.denominator,
         )
 
-    def rescore(self, records: list[CounterFactRecord], n_done: int) -> dict[str, Any]:
-        done = {e.seq for e in self.store.edits(self.run_id, applied_only=True)}
+    def stored_records(self, records: list[CounterFactRecord]) -> Iterator[tuple[int, Any]]:
+        """(seq, record) of every applied edit, from the record stored with it.
+
+        Runs from before records were stored fall back to the dataset, only
+        where the case id still matches.
+        """
+        for e in self.store.edits(self.run_id, applied_only=True):
+            stored = (e.record or {}).get("counterfact")
+            if stored:
+                yield e.seq, _record_of(stored)
+            elif e.seq < len(records) and records[e.seq].case_id == e.case_id:
+                yield e.seq, records[e.seq]
+            else:
+                log.warning("edit %d: no stored record and the dataset differs; skipped", e.seq)
+
+    def rescore(self, records: list[CounterFactRecord]) -> dict[str, Any]:
         scored = []
-        for seq, rec in enumerate(records[:n_done]):
-            if seq not in done:
-                continue
+        for seq, rec in self.stored_records(records):
             m = record_metrics(self.lm.model, self.lm.tokenizer, rec)
             self.store.add_rescore(self.run_id, seq, m.as_dict())
             scored.append(m)
-        agg = aggregate(scored)
+        agg: dict[str, Any] = {"final": aggregate(scored)}
         agg["survived"] = float(sum(1 for m in scored if m.es >= 1.0))
         return agg
+
+
+def run_summary(store: Store, run_id: str) -> dict[str, Any]:
+    """Run-level figures from what is stored: pre → post means at edit time, the
+    final re-scoring, S as the published harmonic mean of the run-level means."""
+    edits = store.edits(run_id)
+    post = [e.metrics for e in edits if e.applied and e.metrics]
+    pre = [e.metrics["pre"] for e in edits if e.applied and (e.metrics or {}).get("pre")]
+    out: dict[str, Any] = {"edits_done": len(edits), "post": aggregate(post)}
+    if pre:
+        out["pre"] = aggregate(pre)
+    rescored = [r.metrics for r in store.rescores(run_id)]
+    if rescored:
+        out["final"] = aggregate(rescored)
+        out["survived"] = float(sum(1 for m in rescored if (m.get("es") or 0) >= 1.0))
+    # the headline figures: after the final re-scoring when there was one
+    head = out.get("final") or out["post"]
+    out.update({k: head.get(k) for k in ("es", "ps", "ns", "s")})
+    last = edits[-1] if edits else None
+    if last is not None and last.metrics and "w_delta_norm" in last.metrics:
+        out["w_delta_norm"] = last.metrics["w_delta_norm"]
+        out["w_norm_ratio"] = last.metrics["w_norm_ratio"]
+    return out
 
 
 def _glue_row(r: Any) -> dict[str, Any]:
     return {"accuracy": r.accuracy, "f1": r.f1, "mcc": r.mcc, "invalid": r.invalid, "n": r.n}
 
 
-def _config_of(run: Any) -> ReplayConfig:
+def _stored(run: Any) -> dict[str, Any]:
     data = json.loads(run.hparams) if isinstance(run.hparams, str) else (run.hparams or {})
-    cfg = data.get("replay") if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else {}
+
+
+def _config_of(run: Any) -> ReplayConfig:
+    cfg = _stored(run).get("replay")
     if not cfg:
         raise ReplayError(f"run {run.id} has no replay configuration; it cannot be resumed")
-    cfg["glue_tasks"] = tuple(cfg["glue_tasks"])
-    return ReplayConfig(**cfg)
+    return ReplayConfig.from_dict(cfg)
+
+
+def _hparams_of(run: Any, lm: LoadedModel) -> EditHparams:
+    """The preset the run was started with (so a resume edits exactly as before)."""
+    stored = _stored(run).get("hparams")
+    return EditHparams.from_dict(stored) if stored else lm.hparams
+
+
+def _check_same_data(cfg: ReplayConfig, records: list[CounterFactRecord]) -> list[str]:
+    """Refuse a resume onto changed data; returns warnings for runs without fingerprints."""
+    notes = []
+    now = dataset_fingerprint(records)
+    if cfg.dataset_fingerprint is None:
+        notes.append("this run stored no dataset fingerprint; the records were not checked")
+    elif now != cfg.dataset_fingerprint:
+        raise ReplayError(
+            f"the CounterFact records in {cfg.dataset!r} changed since the run started "
+            f"(fingerprint {cfg.dataset_fingerprint} -> {now}); resume needs the same data"
+        )
+    if cfg.glue_fingerprint is not None:
+        glue_now = glue_fingerprint(cfg)
+        if glue_now != cfg.glue_fingerprint:
+            where = cfg.glue_dir or "the bundled subsets"
+            raise ReplayError(
+                f"the GLUE examples in {where} changed since the run started "
+                f"(fingerprint {cfg.glue_fingerprint} -> {glue_now}); resume needs the same data"
+            )
+    return notes
 
 
 def replay(
@@ -246,30 +417,49 @@ def replay(
     *,
     cancel: threading.Event | None = None,
     resume: str | None = None,
+    hparams: EditHparams | None = None,
+    rescore_finished: bool = False,
 ) -> Iterator[ReplayEvent]:
-    """Run (or resume) a replay; yields events. ``lm`` must hold the base weights."""
+    """Run (or resume) a replay; yields events. ``lm`` must hold the base weights.
+
+    ``hparams`` (default ``lm.hparams``) is the preset a new run edits with;
+    a resumed run always edits with the preset stored with it. Resuming a
+    finished run does nothing unless ``rescore_finished``.
+    """
     cancel = cancel or threading.Event()
+    notes: list[str] = []
     if resume is not None:
         run = store.get_run(resume)
         if run.model != lm.name:
             raise ReplayError(f"run {run.id} was made with {run.model}, not {lm.name}")
         cfg = _config_of(run)
+        hp = _hparams_of(run, lm)
+        if run.status == "finished" and not rescore_finished:
+            yield ReplayWarning(f"run {run.id} is already finished; nothing to do")
+            yield ReplayFinished(run.id, "finished", run_summary(store, run.id))
+            return
     elif cfg is None:
         raise BadRequestError("replay needs a ReplayConfig or a run id to resume")
+    else:
+        hp = hparams or lm.hparams
     loaded = load_counterfact(cfg.dataset, limit=cfg.n_edits)
     records = loaded.records
     total = len(records)
     if total == 0:
         raise BadRequestError(f"no usable CounterFact records in {cfg.dataset!r}")
-    if resume is None:
-        probe = Editor(lm.model, lm.tokenizer, lm.hparams, keep_undo=False)
-        layer = cfg.layer if cfg.layer is not None else lm.hparams.layer
+    if resume is not None:
+        notes = _check_same_data(cfg, records)
+    else:
+        cfg.dataset_fingerprint = dataset_fingerprint(records)
+        cfg.glue_fingerprint = glue_fingerprint(cfg)
+        probe = Editor(lm.model, lm.tokenizer, hp, keep_undo=False)
+        layer = cfg.layer if cfg.layer is not None else hp.layer
         run = store.create_run(
             model=lm.name,
             kind="replay",
             mode=cfg.mode,
-            preset=lm.hparams.name,
-            hparams={"hparams": lm.hparams.to_dict(), "replay": cfg.to_dict()},
+            preset=hp.name,
+            hparams={"hparams": hp.to_dict(), "replay": cfg.to_dict()},
             data_source=cfg.dataset,
             n_edits_planned=total,
             glue_every=cfg.glue_every,
@@ -278,9 +468,11 @@ def replay(
             guard=cfg.guard,
             base_fingerprint=probe.fingerprint([layer]),
         )
-    state = _Run(lm, store, cfg, run.id)
+    state = _Run(lm, store, cfg, run.id, hp)
     with store.acquire_writer(run.id):
         try:
+            for note in notes:
+                yield ReplayWarning(note)
             yield from _drive(state, records, total, resume is not None, cancel, loaded.skipped)
         except BaseException as exc:
             store.set_status(
@@ -289,6 +481,30 @@ def replay(
                 error=str(exc)[:500],
             )
             raise
+
+
+def _rebuild(st: _Run) -> int:
+    """Apply the stored updates in order onto the base weights; the next seq to run."""
+    store, run_id = st.store, st.run_id
+    run = store.get_run(run_id)
+    if st.editor.fingerprint([st.layer]) != run.base_fingerprint:
+        raise ReplayError("the loaded model is not the base model this run started from")
+    for e, u, v in store.iter_factors(run_id):
+        st.editor.apply_factors(e.layer, u, v, force=True)
+        st.norms.append(float(e.update_norm or 0.0))
+    last = store.last_edit(run_id)
+    if last is not None and last.fingerprint != st.editor.fingerprint([st.layer]):
+        raise ReplayError(
+            "rebuilt weights do not match the stored fingerprint of edit "
+            f"{last.seq}; the run cannot be resumed onto the same weights"
+        )
+    for c in store.checkpoints(run_id):
+        if c.step == 0 and c.task == "fluency":
+            st.base_fluency = c.value
+        if c.step == 0 and c.task == PERPLEXITY_TASK:
+            st.base_ppl = (c.extra or {}).get("perplexity")
+    store.set_status(run_id, "running")
+    return store.next_seq(run_id)
 
 
 def _drive(
@@ -302,24 +518,7 @@ def _drive(
     store, cfg, run_id = st.store, st.cfg, st.run_id
     for case_id, why in skipped:
         yield ReplayWarning(f"skipped CounterFact record {case_id}: {why}")
-    start = 0
-    if resuming:
-        run = store.get_run(run_id)
-        if st.editor.fingerprint([st.layer]) != run.base_fingerprint:
-            raise ReplayError("the loaded model is not the base model this run started from")
-        for e, u, v in store.iter_factors(run_id):
-            st.editor.apply_factors(e.layer, u, v, force=True)
-            st.norms.append(float(e.update_norm or 0.0))
-        last = store.last_edit(run_id)
-        if last is not None and last.fingerprint != st.editor.fingerprint([st.layer]):
-            raise ReplayError(
-                "rebuilt weights do not match the stored fingerprint of edit "
-                f"{last.seq}; the run cannot be resumed onto the same weights"
-            )
-        start = store.next_seq(run_id)
-        base = [c for c in store.checkpoints(run_id, task="fluency") if c.step == 0]
-        st.base_fluency = base[0].value if base else None
-        store.set_status(run_id, "running")
+    start = _rebuild(st) if resuming else 0
     yield ReplayStarted(run_id, total, start)
     steps_done = {c.step for c in store.checkpoints(run_id)}
     if 0 not in steps_done:
@@ -338,7 +537,7 @@ def _drive(
         step = seq + 1
         if step % cfg.glue_every == 0 or step == total:
             yield from st.checkpoint(step, seq)
-    summary = st.rescore(records, total) if cfg.rescore else {}
-    summary["edits_done"] = total
+    if cfg.rescore:
+        st.rescore(records)
     store.set_status(run_id, "finished")
-    yield ReplayFinished(run_id, "finished", summary)
+    yield ReplayFinished(run_id, "finished", run_summary(store, run_id))

@@ -59,6 +59,7 @@ class EditHparams:
     max_update_ratio: float = 10.0
     default_mode: str = "rrome"
     aliases: list[str] = field(default_factory=list)
+    extends: str | None = None  # a variant: the preset whose fields it starts from
     notes: str = ""
 
     def replace(self, **changes: Any) -> EditHparams:
@@ -110,19 +111,43 @@ def _preset_files() -> list[Any]:
     return sorted((p for p in root.iterdir() if p.name.endswith(".json")), key=lambda p: p.name)
 
 
+def _resolve_extends(data: dict[str, Any], raw: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A variant preset's fields over those of the preset it ``extends``."""
+    base_name = data.get("extends")
+    if base_name is None:
+        return data
+    base = raw.get(base_name)
+    if base is None or base_name == data.get("name"):
+        raise UnknownPresetError(f"preset {data.get('name')!r} extends unknown {base_name!r}")
+    merged = {k: v for k, v in _resolve_extends(base, raw).items() if k != "aliases"}
+    merged.update(data)
+    return merged
+
+
+def _raw_presets() -> dict[str, dict[str, Any]]:
+    raw = {}
+    for p in _preset_files():
+        data = json.loads(p.read_text())
+        raw[data["name"]] = data
+    return raw
+
+
 def list_presets() -> dict[str, EditHparams]:
     """All shipped presets by name."""
-    out = {}
-    for p in _preset_files():
-        hp = EditHparams.from_dict(json.loads(p.read_text()))
-        out[hp.name] = hp
-    return out
+    raw = _raw_presets()
+    return {name: EditHparams.from_dict(_resolve_extends(d, raw)) for name, d in raw.items()}
 
 
 def find_preset(name: str) -> EditHparams | None:
-    """The shipped preset whose name, model id or alias is ``name``, if any."""
-    for hp in list_presets().values():
-        if name in (hp.name, hp.model, *hp.aliases):
+    """The shipped preset whose name, model id or alias is ``name``, if any.
+
+    A model id or alias picks the base preset, never a variant (``extends``).
+    """
+    presets = list_presets()
+    if name in presets:
+        return presets[name]
+    for hp in presets.values():
+        if hp.extends is None and name in (hp.model, *hp.aliases):
             return hp
     return None
 
@@ -134,7 +159,8 @@ def load_preset(name_or_path: str | Path) -> EditHparams:
         if not path.is_file():
             raise UnknownPresetError(f"no preset file at {path}")
         try:
-            return EditHparams.from_dict(json.loads(path.read_text()))
+            data = json.loads(path.read_text())
+            return EditHparams.from_dict(_resolve_extends(data, _raw_presets()))
         except json.JSONDecodeError as exc:
             raise BadRequestError(f"preset file {path} is not valid JSON: {exc}") from None
     hp = find_preset(str(name_or_path))

@@ -313,10 +313,27 @@ def replay(
     glue_limit: Annotated[int, typer.Option(help="examples per task (0: all)")] = 50,
     glue_tasks: Annotated[str, typer.Option(help="comma-separated tasks")] = "sst2,mrpc,cola,rte",
     glue_scoring: Annotated[str, typer.Option(help="logprob or generate")] = "logprob",
+    glue_calibration: Annotated[
+        str, typer.Option(help="none, or contextual (Calibrate Before Use; log-prob scoring)")
+    ] = "none",
     guard: Annotated[bool, typer.Option(help="refuse edits flagged as disabling")] = False,
+    v_stop: Annotated[
+        str | None,
+        typer.Option(help="v* stopping rule: loss (reference) or most_probable (ENCORE)"),
+    ] = None,
+    norm_anchor: Annotated[
+        bool | None,
+        typer.Option("--norm-anchor/--no-norm-anchor", help="norm-anchor scaling of v* (NAS)"),
+    ] = None,
+    perplexity: Annotated[
+        bool, typer.Option(help="the held-out perplexity probe at every checkpoint")
+    ] = True,
     layer: LayerOpt = None,
     db: DbOpt = None,
     resume: Annotated[str | None, typer.Option(help="resume this interrupted run")] = None,
+    rescore: Annotated[
+        bool, typer.Option("--rescore", help="with --resume of a finished run: re-score it")
+    ] = False,
     json_out: Annotated[
         Path | None, typer.Option("--json-out", help="write the run as JSON")
     ] = None,
@@ -357,17 +374,40 @@ def replay(
             glue_limit=glue_limit or None,
             glue_dir=str(glue_dir) if glue_dir else None,
             glue_scoring=glue_scoring,
+            glue_calibration=glue_calibration,
             guard=guard,
             layer=layer,
+            perplexity=perplexity,
         )
+        if glue_calibration not in ("none", "contextual"):
+            raise rome_errors.BadRequestError("--glue-calibration must be none or contextual")
+        if glue_calibration == "contextual" and glue_scoring != "logprob":
+            raise rome_errors.BadRequestError("--glue-calibration contextual needs logprob scoring")
         lm = _load(model, device, dtype, hparams, layer)
+        changes: dict[str, Any] = {}
+        if v_stop is not None:
+            changes["v_stop"] = v_stop
+        if norm_anchor is not None:
+            changes["v_norm_anchor"] = norm_anchor
+        edit_hp = lm.hparams.replace(**changes).validate() if changes else lm.hparams
+        if resume and changes:
+            err.print(
+                "note: a resumed run edits with the preset stored with it; ignoring "
+                "--v-stop / --norm-anchor"
+            )
         finished: ReplayFinished | None = None
         run_id = resume
         with progress_bar() as bar:
             task = bar.add_task("replay", total=n_edits)
             try:
                 for ev in run_replay(
-                    lm, store, None if resume else cfg, cancel=cancel, resume=resume
+                    lm,
+                    store,
+                    None if resume else cfg,
+                    cancel=cancel,
+                    resume=resume,
+                    hparams=edit_hp,
+                    rescore_finished=rescore,
                 ):
                     if isinstance(ev, ReplayStarted):
                         run_id = ev.run_id
@@ -383,7 +423,8 @@ def replay(
                         )
                     elif isinstance(ev, CheckpointDone):
                         accs = " ".join(f"{t} {r['accuracy']:.2f}" for t, r in ev.glue.items())
-                        err.print(f"after {ev.step:4d} edits: {accs} fluency {ev.fluency:.2f}")
+                        ppl = f" perplexity {ev.perplexity:.2f}" if ev.perplexity else ""
+                        err.print(f"after {ev.step:4d} edits: {accs} fluency {ev.fluency:.2f}{ppl}")
                     elif isinstance(ev, ReplayWarning):
                         err.print(f"[yellow]warning:[/yellow] {ev.message}", highlight=False)
                     elif isinstance(ev, ReplayFinished):
@@ -402,7 +443,10 @@ def replay(
 
 
 def _summary(store: Any, run_id: str, status: str, summary: dict[str, Any]) -> None:
+    from evals.replay import run_summary
+
     run = store.get_run(run_id)
+    summary = {**run_summary(store, run_id), **summary}
     t = Table(title=f"run {run.id} ({run.mode}, {status})")
     t.add_column("figure")
     t.add_column("value", justify="right")
@@ -414,17 +458,39 @@ def _summary(store: Any, run_id: str, status: str, summary: dict[str, Any]) -> N
     if norms:
         t.add_row("median |dW|", f"{sorted(norms)[len(norms) // 2]:.2f}")
         t.add_row("max |dW|", f"{max(norms):.2f}")
-    for key in ("es", "ps", "ns", "s", "survived"):
-        if summary.get(key) is not None:
-            t.add_row(f"final {key.upper()}", f"{summary[key]:.3f}")
+    if summary.get("w_delta_norm") is not None:
+        t.add_row("|W_n - W_0|", f"{summary['w_delta_norm']:.2f}")
+        t.add_row("|W_n| / |W_0|", f"{summary['w_norm_ratio']:.3f}")
+    pre, post = summary.get("pre") or {}, summary.get("post") or {}
+    for key in ("es", "ps", "ns", "s"):
+        if post.get(key) is not None:
+            before = f"{pre[key]:.3f} -> " if pre.get(key) is not None else ""
+            t.add_row(f"{key.upper()} pre -> post (at edit time)", f"{before}{post[key]:.3f}")
+    final = summary.get("final") or {}
+    for key in ("es", "ps", "ns", "s"):
+        if final.get(key) is not None:
+            t.add_row(f"final {key.upper()} (re-scored at the end)", f"{final[key]:.3f}")
+    if summary.get("survived") is not None:
+        t.add_row("survived (ES = 1 at the end)", f"{summary['survived']:.0f}")
     cps = store.checkpoints(run.id)
     steps = sorted({c.step for c in cps})
     for task in sorted({c.task for c in cps}):
         by = {c.step: c for c in cps if c.task == task}
         first, last = by.get(steps[0]), by.get(steps[-1])
         if first and last:
-            val = (lambda c: c.value) if task == "fluency" else (lambda c: c.accuracy)
-            t.add_row(f"{task} start -> end", f"{val(first):.3f} -> {val(last):.3f}")
+            if task == "perplexity":
+                a, b = first.extra.get("perplexity"), last.extra.get("perplexity")
+            else:
+                a, b = (
+                    (first.value, last.value)
+                    if task == "fluency"
+                    else (
+                        first.accuracy,
+                        last.accuracy,
+                    )
+                )
+            if a is not None and b is not None:
+                t.add_row(f"{task} start -> end", f"{a:.3f} -> {b:.3f}")
     out.print(t)
 
 
