@@ -21,7 +21,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from rome import errors as rome_errors
-from rome.paths import CACHE_ENV, cache_dir
+from rome.paths import CACHE_ENV, cache_dir, cache_root
 
 out = Console()
 err = Console(stderr=True)
@@ -31,7 +31,7 @@ HELP = f"""A workbench for rank-one model editing (ROME and r-ROME).
 Run with no command to open the terminal app on the embedded SmolLM2.
 
 Caches (converted models, covariance statistics, templates) live under
-{cache_dir()} (set ${CACHE_ENV} to move them); the edit history database is
+{cache_root()} (set ${CACHE_ENV} to move them); the edit history database is
 given by --db or $ROME_WORKBENCH_DB.
 """
 
@@ -106,13 +106,30 @@ DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")]
 DtypeOpt = Annotated[str | None, typer.Option(help="float32 (default), bfloat16, float16")]
 LayerOpt = Annotated[int | None, typer.Option(help="edit this layer instead of the preset's")]
 HparamsOpt = Annotated[Path | None, typer.Option("--hparams", help="a preset JSON file")]
+DeviceMapOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device-map",
+        help="auto, balanced, balanced_low_0 or sequential: spread a model larger than one "
+        "GPU over the devices (accelerate); --device is then not used",
+    ),
+]
 
 
-def _load(model: str, device: str, dtype: str | None, hparams: Path | None, layer: int | None):
+def _load(
+    model: str,
+    device: str,
+    dtype: str | None,
+    hparams: Path | None,
+    layer: int | None,
+    device_map: str | None = None,
+):
     from rome import load_model
 
     with err.status(f"loading {model}..."):
-        return load_model(model, device=device, dtype=dtype, hparams=hparams, layer=layer)
+        return load_model(
+            model, device=device, dtype=dtype, hparams=hparams, layer=layer, device_map=device_map
+        )
 
 
 @app.callback(invoke_without_command=True)
@@ -120,19 +137,44 @@ def main_callback(
     ctx: typer.Context,
     model: ModelOpt = "smollm2-135m",
     device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    device_map: DeviceMapOpt = None,
     db: Annotated[Path | None, typer.Option(help="history database")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log to stderr")] = False,
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr)
     if ctx.invoked_subcommand is None:
+        import inspect
+
+        from rome.models import resolve_device_map, resolve_dtype
         from workbench.tui.app import run_app
 
-        run_app(model=model, db_path=db, device=device)
+        extra: dict[str, Any] = {}
+        with handled():
+            resolve_dtype(dtype)
+            if resolve_device_map(device_map) is not None:
+                if "device_map" not in inspect.signature(run_app).parameters:
+                    raise rome_errors.BadRequestError(
+                        "the app does not take --device-map yet; use it with edit, stats or replay"
+                    )
+                extra["device_map"] = device_map
+        run_app(model=model, db_path=db, device=device, dtype=dtype, **extra)
 
 
 @app.command()
-def info() -> None:
-    """Versions, device, cache and data paths, presets."""
+def info(
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="also load this model: where its edited layer lives"),
+    ] = None,
+    layer: LayerOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    device_map: DeviceMapOpt = None,
+    hparams: HparamsOpt = None,
+) -> None:
+    """Versions, devices, cache and data paths, presets; with --model, the edited layer's
+    device and the memory per device."""
     import platform
 
     import textual
@@ -147,13 +189,43 @@ def info() -> None:
     t.add_row("torch", torch.__version__)
     t.add_row("transformers", transformers.__version__)
     t.add_row("textual", textual.__version__)
-    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU visible"
-    t.add_row("device", cuda)
-    t.add_row("cache", f"{cache_dir()} (${CACHE_ENV})")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(i)
+            t.add_row(
+                f"device cuda:{i}",
+                f"{torch.cuda.get_device_name(i)}, {free / 2**30:.1f} of "
+                f"{total / 2**30:.1f} GiB free",
+            )
+    else:
+        t.add_row("device", "cpu (no GPU visible)")
+    try:
+        t.add_row("cache", f"{cache_dir()} (${CACHE_ENV})")
+    except rome_errors.CacheDirError as exc:
+        t.add_row("cache", f"unusable: {exc}")
     t.add_row("database", f"{default_db_path()} ($ROME_WORKBENCH_DB)")
     t.add_row("bundled data", str(Path(__file__).resolve().parent.parent / "evals" / "data"))
     for name, hp in sorted(list_presets().items()):
         t.add_row(f"preset {name}", f"{hp.model}, layer {hp.layer}, {hp.mlp_out_module}")
+    if model is not None:
+        with handled():
+            lm = _load(model, device, dtype, hparams, layer, device_map)
+        hp = lm.hparams
+        t.add_row("model", f"{lm.name} ({lm.source}), {lm.dtype}, {lm.n_layers} layers")
+        t.add_row(
+            "edited layer",
+            f"{hp.layer}: {hp.weight_module(hp.layer)} on {lm.edited_layer_device()}",
+        )
+        if lm.device_map is not None:
+            where: dict[str, int] = {}
+            for value in lm.device_map.values():
+                key = f"cuda:{value}" if isinstance(value, int) else str(value)
+                where[key] = where.get(key, 0) + 1
+            t.add_row(
+                "device map", ", ".join(f"{n} module(s) on {d}" for d, n in sorted(where.items()))
+            )
+        for dev, size in lm.memory_per_device().items():
+            t.add_row(f"memory {dev}", f"{size / 2**30:.3f} GiB of weights")
     out.print(t)
 
 
@@ -168,35 +240,86 @@ def stats(
     import_npz: Annotated[
         Path | None, typer.Option("--import-npz", help="import a ROME stats .npz instead")
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="collect again even if cached (replaces the file once checked)"
+        ),
+    ] = False,
+    batch_tokens: Annotated[int, typer.Option(help="tokens per forward batch")] = 4096,
+    precision: Annotated[
+        str, typer.Option(help="forward precision: float32, bf16 (autocast) or tf32 (GPU)")
+    ] = "float32",
+    accumulate: Annotated[
+        str, typer.Option(help="dtype of the running sum on the device: float64 or float32")
+    ] = "float64",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
+    device_map: DeviceMapOpt = None,
     hparams: HparamsOpt = None,
 ) -> None:
-    """Compute (or import) and cache the covariance statistics of the edited layer."""
-    from rome import Editor
+    """Compute (or import) and cache the covariance statistics of the edited layer.
+
+    Under torchrun (torchrun --nproc-per-node N -m workbench.cli stats ...) the
+    corpus is sharded over the ranks (NCCL on GPUs, gloo on CPUs) and rank 0
+    writes the cache.
+    """
+    import contextlib
+
+    from rome import Editor, distributed
     from rome import covariance as cov
 
     with handled():
-        lm = _load(model, device, dtype, hparams, layer)
-        hp = lm.hparams.replace(mom2_n_samples=n_texts) if n_texts else lm.hparams
-        ed = Editor(lm.model, lm.tokenizer, hp)
-        path = ed.stats_file(hp.layer, corpus)
-        assert path is not None
-        if import_npz is not None:
-            # stored where edits read the preset's statistics; the metadata says "imported"
-            st = cov.import_rome_npz(import_npz, ed.model_key, hp.layer, hp.weight_module())
-            cov.save_stats(path, st)
-        elif path.is_file():
-            err.print(f"already cached: {path}")
-            st = cov.load_stats(path)
-        else:
-            with progress_bar() as bar:
-                st = ed.stats(hp.layer, phase_progress(bar), corpus)
-        m = st.meta
-        out.print(
-            f"{m.module}: {m.n_texts} texts, {m.n_tokens} tokens of {m.corpus!r} "
-            f"({m.dtype}) -> {path}"
-        )
+        info = distributed.init(device=device) if distributed.launched() else distributed.DistInfo()
+        try:
+            if info.active:
+                if import_npz is not None or device_map:
+                    raise rome_errors.BadRequestError(
+                        "under torchrun, stats collects with one model per rank: run "
+                        "--import-npz or --device-map in one plain process"
+                    )
+                device = distributed.rank_device(info.backend, info.local_rank)
+            lm = _load(model, device, dtype, hparams, layer, device_map)
+            hp = lm.hparams.replace(mom2_n_samples=n_texts) if n_texts else lm.hparams
+            ed = Editor(lm.model, lm.tokenizer, hp)
+            path = ed.stats_file(hp.layer, corpus)
+            assert path is not None
+            width = cov.expected_width(lm.model, hp.weight_module(hp.layer))
+            if import_npz is not None:
+                # stored where edits read the preset's statistics; the metadata says "imported"
+                st = cov.import_rome_npz(
+                    import_npz, ed.model_key, hp.layer, hp.weight_module(), width
+                )
+                cov.save_stats(path, st, width)
+            else:
+                bar = progress_bar() if info.is_main else contextlib.nullcontext()
+                with bar as b:
+                    cb = phase_progress(b) if b is not None else None
+                    outcome = distributed.run_stats(
+                        lm,
+                        corpus=corpus,
+                        n_texts=n_texts,
+                        force=force,
+                        progress=(lambda d, t: cb("covariance", d, t)) if cb else None,
+                        batch_tokens=batch_tokens,
+                        forward=precision,
+                        accumulate=accumulate,
+                        info=info,
+                        path=path,
+                    )
+                st = outcome.stats
+                if outcome.cached and info.is_main:
+                    err.print(f"already cached: {path} (--force collects again)")
+        finally:
+            distributed.shutdown(info)
+        if info.is_main:
+            m = st.meta
+            ranks = m.extra.get("world_size", 1)
+            on = f", {ranks} ranks" if ranks > 1 else ""
+            out.print(
+                f"{m.module}: {m.n_texts} texts, {m.n_tokens} tokens of {m.corpus!r} "
+                f"({m.dtype}{on}) -> {path}"
+            )
 
 
 def _record_table(results: dict[str, Any]) -> Table:
@@ -246,6 +369,7 @@ def edit(
     ] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
+    device_map: DeviceMapOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the record(s) as JSON")] = False,
     generate_tokens: Annotated[int, typer.Option(help="tokens of greedy text")] = 20,
 ) -> None:
@@ -260,7 +384,7 @@ def edit(
                 f"unknown mode {mode!r}: rrome, original, prompt, all"
             )
         req = EditRequest(prompt, subject, target_new, target_true).validate()
-        lm = _load(model, device, dtype, hparams, layer)
+        lm = _load(model, device, dtype, hparams, layer, device_map)
         tpl = load_templates_file(templates) if templates else None
         ed = Editor(lm.model, lm.tokenizer, lm.hparams, templates=tpl)
         ed.check_layer(lm.hparams.layer)
@@ -339,6 +463,7 @@ def replay(
     ] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
+    device_map: DeviceMapOpt = None,
     hparams: HparamsOpt = None,
 ) -> None:
     """Apply N CounterFact edits in sequence, with GLUE and fluency checkpoints."""
@@ -383,7 +508,7 @@ def replay(
             raise rome_errors.BadRequestError("--glue-calibration must be none or contextual")
         if glue_calibration == "contextual" and glue_scoring != "logprob":
             raise rome_errors.BadRequestError("--glue-calibration contextual needs logprob scoring")
-        lm = _load(model, device, dtype, hparams, layer)
+        lm = _load(model, device, dtype, hparams, layer, device_map)
         changes: dict[str, Any] = {}
         if v_stop is not None:
             changes["v_stop"] = v_stop
