@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SAMPLE_PATH = Path(__file__).parent / "data" / "counterfact" / "sample.json"
+# The whole validation split, unfiltered, in file order (for long replays)
+VAL_PATH = Path(__file__).parent / "data" / "counterfact" / "counterfact-val.json"
+NAMED_SOURCES = {"sample": SAMPLE_PATH, "val": VAL_PATH}
 HUB_DATASET = "azhx/counterfact"  # ROME's counterfact.json as a hub data set
 ROME_URL = "https://rome.baulab.info/data/dsets/counterfact.json"
 
@@ -226,14 +229,15 @@ def _hub_rows() -> list[Any]:
 
 
 def load_counterfact(source: str | Path = "sample", limit: int | None = None) -> LoadResult:
-    """Load CounterFact from a file, ``"sample"`` (bundled) or ``"hub"`` (online).
+    """Load CounterFact from a file, ``"sample"`` or ``"val"`` (bundled) or ``"hub"`` (online).
 
     ``limit`` caps the number of records returned (the first that load).
     """
     if isinstance(source, str) and source == "hub":
         rows = _hub_rows()
     else:
-        path = SAMPLE_PATH if isinstance(source, str) and source == "sample" else Path(source)
+        named = NAMED_SOURCES.get(source) if isinstance(source, str) else None
+        path = named if named is not None else Path(source)
         rows = _read_rows(path)
     result = records_from(rows, limit)
     log.info("CounterFact: %d records loaded, %d skipped", len(result), len(result.skipped))

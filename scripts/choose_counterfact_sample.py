@@ -9,6 +9,10 @@ unchanged and in file order, in the input's own format.
     python scripts/choose_counterfact_sample.py \\
         --source ../shared/data/counterfact/counterfact-val.json \\
         --out evals/data/counterfact/sample.json --n 200 --seed 0
+
+``--keep FILE`` keeps the records of an earlier sample first, in its order
+(so runs made on it replay the same sequence), and adds a seeded choice of
+the other qualified records after them, in file order.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model-path", default=None, help="local model dir (default: smollm2-135m)")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--keep", default=None, help="an earlier sample to keep first")
     args = ap.parse_args()
 
     rows = json.loads(Path(args.source).read_text(encoding="utf-8"))
@@ -78,8 +83,17 @@ def main() -> None:
     )
     if len(known) < args.n:
         sys.exit(f"only {len(known)} qualified records, fewer than --n {args.n}")
-    chosen_ids = {id(r) for r in random.Random(args.seed).sample(known, args.n)}
-    chosen = [r for r in rows if id(r) in chosen_ids]  # file order, records unchanged
+    kept: list = []
+    if args.keep:
+        kept = json.loads(Path(args.keep).read_text(encoding="utf-8"))
+        known_ids = {r["case_id"] for r in known}
+        missing = [r["case_id"] for r in kept if r["case_id"] not in known_ids]
+        if missing:
+            sys.exit(f"kept records no longer qualify: {missing[:10]}")
+    kept_ids = {r["case_id"] for r in kept}
+    rest = [r for r in known if r["case_id"] not in kept_ids]
+    chosen_ids = {id(r) for r in random.Random(args.seed).sample(rest, args.n - len(kept))}
+    chosen = kept + [r for r in rows if id(r) in chosen_ids]  # file order, records unchanged
     Path(args.out).write_text(json.dumps(chosen, indent=4, ensure_ascii=True) + "\n")
     print(f"wrote {len(chosen)} records to {args.out}")
 

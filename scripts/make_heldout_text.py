@@ -9,11 +9,10 @@ the Python that wrote the bundled file (3.11.7) to reproduce it byte for byte:
 
 from __future__ import annotations
 
+import pydoc_data.topics
 import re
 import sys
 from pathlib import Path
-
-import pydoc_data.topics
 
 TOPICS = ("objects", "execmodel", "exceptions", "truth")
 

@@ -3,8 +3,9 @@ is safe to call from a worker thread).
 
 :func:`plot_runs` overlays several runs: one panel per GLUE task (accuracy
 against the number of edits applied), one for the update norm of each edit
-(log scale, flagged edits marked with a red x), and one for fluency
-(generation entropy) when the runs recorded it.
+(log scale, flagged edits marked with a red x), one for the cumulative change
+‖W_n − W_0‖ of the edited matrix, one for the held-out perplexity and one for
+fluency (generation entropy), each when the runs recorded it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 GLUE_ORDER = ("sst2", "mrpc", "cola", "rte")
 TASK_TITLES = {"sst2": "SST-2", "mrpc": "MRPC", "cola": "CoLA", "rte": "RTE"}
 CHANCE = 0.5
+PERPLEXITY_TASK = "perplexity"  # evals.replay.PERPLEXITY_TASK (no evals import here)
 
 
 def _finite(x: float | None) -> bool:
@@ -54,11 +56,20 @@ def plot_runs(
     checkpoints: dict[str, list[Checkpoint]] = {r.id: store.checkpoints(r.id) for r in runs}
     edits: dict[str, list[Edit]] = {r.id: store.edits(r.id) for r in runs}
 
-    tasks = _task_order({c.task for cps in checkpoints.values() for c in cps} - {FLUENCY_TASK})
-    has_fluency = any(
-        c.task == FLUENCY_TASK and _finite(c.value) for cps in checkpoints.values() for c in cps
-    )
-    panels = [*tasks, "norm", *([FLUENCY_TASK] if has_fluency else [])]
+    probes = {FLUENCY_TASK, PERPLEXITY_TASK}
+    tasks = _task_order({c.task for cps in checkpoints.values() for c in cps} - probes)
+    has = {
+        t: any(c.task == t and _finite(c.value) for cps in checkpoints.values() for c in cps)
+        for t in probes
+    }
+    has_drift = any("w_delta_norm" in (e.metrics or {}) for es in edits.values() for e in es)
+    panels = [
+        *tasks,
+        "norm",
+        *(["drift"] if has_drift else []),
+        *([PERPLEXITY_TASK] if has[PERPLEXITY_TASK] else []),
+        *([FLUENCY_TASK] if has[FLUENCY_TASK] else []),
+    ]
 
     ncols = min(3, len(panels)) if len(panels) != 4 else 2
     nrows = math.ceil(len(panels) / ncols)
@@ -83,6 +94,10 @@ def plot_runs(
     for ax, panel in zip(flat, panels, strict=False):
         if panel == "norm":
             any_flagged, any_refused = _norm_panel(ax, runs, edits, colours)
+        elif panel == "drift":
+            _drift_panel(ax, runs, edits, colours)
+        elif panel == PERPLEXITY_TASK:
+            _perplexity_panel(ax, runs, checkpoints, colours)
         elif panel == FLUENCY_TASK:
             _fluency_panel(ax, runs, checkpoints, colours)
         else:
@@ -163,6 +178,49 @@ def _fluency_panel(
     ax.set_title("fluency (generation entropy)")
     ax.set_xlabel("edits applied")
     ax.set_ylabel("entropy")
+
+
+def _perplexity_panel(
+    ax: Axes,
+    runs: Sequence[Run],
+    checkpoints: dict[str, list[Checkpoint]],
+    colours: Sequence[str],
+) -> None:
+    for run, col in zip(runs, colours, strict=True):
+        pts = [
+            (c.step, (c.extra or {}).get("perplexity"))
+            for c in checkpoints[run.id]
+            if c.task == PERPLEXITY_TASK
+        ]
+        pts = [(s, v) for s, v in pts if _finite(v)]
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, color=col, marker="o", ms=4, lw=1.8)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1.2, 0.5)))
+    ax.set_title("held-out perplexity (Python docs prose)")
+    ax.set_xlabel("edits applied")
+    ax.set_ylabel("perplexity (log)")
+
+
+def _drift_panel(
+    ax: Axes,
+    runs: Sequence[Run],
+    edits: dict[str, list[Edit]],
+    colours: Sequence[str],
+) -> None:
+    for run, col in zip(runs, colours, strict=True):
+        pts = [
+            (e.seq + 1, (e.metrics or {}).get("w_delta_norm")) for e in edits[run.id] if e.applied
+        ]
+        pts = [(x, y) for x, y in pts if _finite(y)]
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, color=col, lw=1.8)
+    ax.set_title("cumulative change ‖W_n − W_0‖")
+    ax.set_xlabel("edit number")
+    ax.set_ylabel("‖W_n − W_0‖_F")
 
 
 def _norm_panel(

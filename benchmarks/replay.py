@@ -1,0 +1,112 @@
+"""Replay throughput on smollm2-135m: the reference settings against the speed-ups, one run.
+
+The same bundled CounterFact records are replayed (GLUE every 10 edits,
+limit 20 per task, the perplexity probe and the pre-edit metrics on) with:
+
+  reference:     fp32 v*, the reference stopping rule (loss < 0.05);
+  bf16:          bf16 autocast in the v* loop;
+  most_probable: ENCORE's most-probable early stopping;
+  fast:          both (the ``smollm2-135m-fast`` preset).
+
+Each setting starts from the base weights (the model is loaded afresh) and
+writes to a throwaway database. Printed per setting: edits per hour
+(checkpoints included), the share of each phase in the time, the mean v*
+steps, mean ES / PS / NS at edit time, and the ratio of edits per hour to
+the reference settings'.
+
+    python benchmarks/replay.py [--n 20] [--mode rrome] [--glue-every 10] [--glue-limit 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from evals.replay import CheckpointDone, EditDone, ReplayConfig, replay
+from rome import Editor, load_model
+from workbench.store import Store
+
+SETTINGS = {
+    "reference": {},
+    "bf16": {"v_autocast": "bf16"},
+    "most_probable": {"v_stop": "most_probable"},
+    "fast": {"v_autocast": "bf16", "v_stop": "most_probable"},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--n", type=int, default=20)
+    ap.add_argument("--mode", default="rrome")
+    ap.add_argument("--glue-every", type=int, default=10)
+    ap.add_argument("--glue-limit", type=int, default=20)
+    ap.add_argument("--settings", default=",".join(SETTINGS))
+    args = ap.parse_args()
+
+    lm = load_model(args.model, device="cpu")
+    Editor(lm.model, lm.tokenizer, lm.hparams).prepare()  # templates and covariance cached
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store.open(Path(tmp) / "bench.db")
+        for name in args.settings.split(","):
+            hp = lm.hparams.replace(**SETTINGS[name])
+            cfg = ReplayConfig(
+                n_edits=args.n,
+                mode=args.mode,
+                glue_every=args.glue_every,
+                glue_limit=args.glue_limit,
+                rescore=False,
+            )
+            lm = load_model(args.model, device="cpu")
+            t0 = time.perf_counter()
+            edits: list[EditDone] = []
+            checkpoint_s = 0.0
+            last = time.perf_counter()
+            for ev in replay(lm, store, cfg, hparams=hp):
+                now = time.perf_counter()
+                if isinstance(ev, EditDone):
+                    edits.append(ev)
+                elif isinstance(ev, CheckpointDone):
+                    checkpoint_s += now - last
+                last = now
+            total = time.perf_counter() - t0
+            run_edits = store.edits(store.list_runs()[0].id)
+            phases: dict[str, float] = {}
+            for e in run_edits:
+                for k, v in e.timings.items():
+                    phases[k] = phases.get(k, 0.0) + float(v)
+            phases["checkpoints"] = checkpoint_s
+            steps = [len(e.record.get("v_star_trace", [])) for e in run_edits]
+            rows[name] = {
+                "per_hour": len(edits) / total * 3600,
+                "shares": {k: v / total for k, v in phases.items()},
+                "steps": statistics.mean(steps) if steps else 0.0,
+                **{k: _mean(ev.metrics.get(k) for ev in edits) for k in ("es", "ps", "ns")},
+            }
+            store.delete_run(store.list_runs()[0].id)
+    ref = rows.get("reference", next(iter(rows.values())))["per_hour"]
+    print(f"\nmodel {lm.name}, layer {lm.hparams.layer}, {args.n} edits, mode {args.mode}")
+    print(f"{'setting':14s}{'edits/h':>9s}{'ratio':>7s}{'steps':>7s}{'ES':>6s}{'PS':>6s}{'NS':>6s}")
+    for name, r in rows.items():
+        print(
+            f"{name:14s}{r['per_hour']:9.1f}{r['per_hour'] / ref:6.2f}x{r['steps']:7.1f}"
+            f"{r['es']:6.2f}{r['ps']:6.2f}{r['ns']:6.2f}"
+        )
+    print("\nshare of the time per phase")
+    keys = ["v_star", "keys", "scoring", "pre_metrics", "post_metrics", "checkpoints"]
+    print(f"{'setting':14s}" + "".join(f"{k:>13s}" for k in keys))
+    for name, r in rows.items():
+        print(f"{name:14s}" + "".join(f"{r['shares'].get(k, 0.0):13.1%}" for k in keys))
+
+
+def _mean(xs) -> float:
+    vals = [x for x in xs if x is not None]
+    return statistics.mean(vals) if vals else float("nan")
+
+
+if __name__ == "__main__":
+    main()
