@@ -1,0 +1,133 @@
+"""What the session hands the panes: computed and applied edits, model facts, history rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from rome import EditResult
+
+from .forms import EditForm
+from .generation import GenerationPair
+from .verdict import Probe, Verdict
+
+
+@dataclass
+class EditOutcome:
+    """A computed (not yet applied) edit with its probes before and after."""
+
+    form: EditForm
+    result: EditResult
+    before: list[Probe]
+    after: list[Probe] | None
+    verdict: Verdict
+    seconds: float = 0.0
+    version: int = 0  # Session.version when computed: the weights it was computed on
+
+    @property
+    def mode(self) -> str:
+        return self.result.mode
+
+    def probe(self, name: str, after: bool) -> Probe | None:
+        for p in (self.after or []) if after else self.before:
+            if p.name == name:
+                return p
+        return None
+
+    def metrics(self) -> dict[str, Any]:
+        """What the store keeps besides the engine's record."""
+        out: dict[str, Any] = {
+            "source": "session",
+            "verdict": self.verdict.level,
+            "verdict_reasons": list(self.verdict.reasons),
+        }
+        for when, probes in (("before", self.before), ("after", self.after or [])):
+            for p in probes:
+                out[f"{p.name}_p_new_{when}"] = p.p_new
+                if p.p_true is not None:
+                    out[f"{p.name}_p_true_{when}"] = p.p_true
+        for name, text in self.form.probes():
+            out[f"{name}_text"] = text
+        return out
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    source: str
+    device: str
+    dtype: str
+    n_layers: int
+    layer: int
+    weight_module: str
+    memory_bytes: int
+    gpu_memory_bytes: int | None
+    default_mode: str
+    covariance: str
+    covariance_ready: bool
+    notes: str
+    seconds: float
+
+
+@dataclass
+class AppliedInfo:
+    number: int  # this session's edit number (1-based)
+    outcome: EditOutcome
+    generations: list[GenerationPair]
+    fingerprint: str
+    run_id: str | None
+    seq: int | None
+    store_error: str | None = None
+
+
+@dataclass
+class NormPoint:
+    """One edit on the Weights chart."""
+
+    number: int
+    label: str
+    mode: str
+    layer: int
+    norm: float
+    ratio: float
+    cumulative: float
+    flagged: bool
+    active: bool = True
+    reason: str = ""
+
+
+@dataclass
+class HistoryRow:
+    run_id: str
+    run_kind: str
+    run_status: str
+    seq: int
+    created_at: str
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None
+    mode: str
+    layer: int
+    norm: float | None
+    ratio: float | None
+    denominator: float | None
+    cos: float | None
+    flagged: bool
+    flag_reason: str | None
+    refused: bool
+    applied: bool
+    has_factors: bool
+    in_session: bool
+    metrics: dict[str, Any] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.run_id}:{self.seq}"
+
+    @property
+    def state(self) -> str:
+        if self.refused:
+            return "refused"
+        return "applied" if self.applied else "undone"

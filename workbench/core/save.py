@@ -1,0 +1,185 @@
+"""Rebuilding a run's edited model from the store, and saving it as a Hugging Face folder.
+
+The rebuild is the replay's resume path: load the base model, check its
+fingerprint against the run's, add each applied edit's stored factors in
+order, then check the rebuilt weights against the fingerprints the edits
+recorded. :func:`save_run` then writes ``save_pretrained``'s folder
+(safetensors, config, tokenizer) with a ``README.md`` model card that lists
+the edits.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rome import BadRequestError, Editor, LoadedModel, RomeError, load_model
+from workbench.store import Edit, Run, Store
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+
+
+class RebuildError(RomeError):
+    """The stored edits cannot be put back onto this base model (fingerprint mismatch)."""
+
+
+@dataclass
+class Rebuilt:
+    """A base model with a run's applied edits added back, checked."""
+
+    lm: LoadedModel
+    editor: Editor
+    run: Run
+    edits: list[Edit] = field(default_factory=list)
+
+
+def stored_layer(run: Run) -> int | None:
+    """The layer the run's base fingerprint was taken of, as the run stored it."""
+    data: Mapping[str, Any] = run.hparams or {}
+    replay_cfg = data.get("replay") or {}
+    if replay_cfg.get("layer") is not None:
+        return int(replay_cfg["layer"])
+    hp = data.get("hparams") or {}
+    return int(hp["layer"]) if hp.get("layer") is not None else None
+
+
+def base_layer(run: Run, lm: LoadedModel) -> int:
+    """:func:`stored_layer`, else the preset's layer of ``lm``."""
+    layer = stored_layer(run)
+    return lm.hparams.layer if layer is None else layer
+
+
+def _check_final(editor: Editor, edits: list[Edit]) -> None:
+    """Each edited layer's weights against the last applied edit on it that stored a fingerprint."""
+    last: dict[int, Edit] = {}
+    for e in edits:
+        if e.fingerprint is not None:
+            last[e.layer] = e
+    for layer, e in sorted(last.items()):
+        if editor.fingerprint([layer]) != e.fingerprint:
+            raise RebuildError(
+                f"the rebuilt weights of layer {layer} do not match the fingerprint stored "
+                f"with edit {e.seq} of run {e.run_id}; the run cannot be rebuilt exactly"
+            )
+
+
+def rebuild(
+    store: Store, run_id: str, lm: LoadedModel, progress: Progress | None = None
+) -> Rebuilt:
+    """Add run ``run_id``'s applied edits (in seq order) to ``lm``, which must hold
+    the base weights; fingerprints checked before and after. Changes ``lm``."""
+    run = store.get_run(run_id)
+    editor = Editor(lm.model, lm.tokenizer, lm.hparams, keep_undo=False)
+    layer = editor.check_layer(base_layer(run, lm))
+    if run.base_fingerprint is not None and editor.fingerprint([layer]) != run.base_fingerprint:
+        raise RebuildError(
+            f"the loaded {lm.name} is not the base model run {run.id} started from "
+            "(its weights differ: another dtype, another checkpoint?)"
+        )
+    edits = store.edits(run.id, applied_only=True)
+    for i, (e, u, v) in enumerate(store.iter_factors(run.id, device=lm.device)):
+        if progress:
+            progress("applying edits", i, len(edits))
+        editor.apply_factors(e.layer, u, v, force=True)
+    _check_final(editor, edits)
+    return Rebuilt(lm, editor, run, edits)
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def model_card(rebuilt: Rebuilt) -> str:
+    """A README.md for the saved folder: the base model and each edit, in order."""
+    run, lm = rebuilt.run, rebuilt.lm
+    lines = [
+        "---",
+        "tags:",
+        "- rome",
+        "- model-editing",
+        "---",
+        "",
+        f"# {lm.name}, edited (rome-workbench run {run.id})",
+        "",
+        f"Base model: `{lm.name}` (loaded from `{lm.source}`). "
+        f"This folder holds it with the {len(rebuilt.edits)} applied rank-one edit(s) of "
+        f"rome-workbench {run.kind} run `{run.id}`, added in this order:",
+        "",
+        "| # | prompt | subject | new target | true target | mode | layer | ‖ΔW‖ |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for e in rebuilt.edits:
+        r = e.request
+        norm = "-" if e.update_norm is None else f"{e.update_norm:.4g}"
+        cells = [e.seq, r.get("prompt"), r.get("subject"), r.get("target_new")]
+        cells += [r.get("target_true") or "-", e.mode, e.layer, norm]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    lines += [
+        "",
+        f"Edited weight(s): {', '.join(sorted({e.weight_name for e in rebuilt.edits})) or '-'}. "
+        "The weights were rebuilt from the base model and the stored factors, and checked "
+        "against the fingerprints recorded with the edits.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _check_output(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a file, or a non-empty folder unless ``overwrite``; nothing is touched."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BadRequestError(f"{out_dir} is a file, not a folder; give a folder to save into")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise BadRequestError(
+            f"{out_dir} is not empty; choose a new folder (or overwrite it on purpose)"
+        )
+
+
+def write_folder(rebuilt: Rebuilt, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """``save_pretrained`` (safetensors) of the rebuilt model and tokenizer, plus the card.
+
+    Written into a hidden sibling folder first, which replaces ``out_dir`` at the end.
+    """
+    out = Path(out_dir).expanduser()
+    _check_output(out, overwrite)
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        rebuilt.lm.model.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]
+        rebuilt.lm.tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(rebuilt), encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved run %s's model to %s", rebuilt.run.id, out)
+    return out
+
+
+def save_run(
+    store: Store,
+    run_id: str,
+    out_dir: str | Path,
+    *,
+    device: str = "auto",
+    dtype: str | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    lm: LoadedModel | None = None,
+) -> Path:
+    """Load the run's base model (or use ``lm``, which must hold the base weights),
+    rebuild its edits, and write the folder; returns its path."""
+    run = store.get_run(run_id)
+    _check_output(Path(out_dir).expanduser(), overwrite)  # refuse before a long load
+    if lm is None:
+        lm = load_model(run.model, device=device, dtype=dtype, layer=stored_layer(run))
+    rebuilt = rebuild(store, run.id, lm, progress)
+    return write_folder(rebuilt, out_dir, overwrite=overwrite)

@@ -1,0 +1,537 @@
+"""The interactive editing session: one loaded model, compute, compare, apply,
+record, undo, revert, re-apply, and a replay that gives the weights back.
+
+No Textual and no rich here: the app calls these methods from thread workers,
+and tests can call them directly. The engine and the store are reached only
+through their public functions. Methods that change the weights hold the
+session's lock and bump :attr:`Session.version`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from evals.replay import ReplayConfig, ReplayFinished
+from rome import Editor, EditResult, LoadedModel, RomeError, load_model
+from rome.scoring import score_targets
+from rome.update import restore, weight_of
+
+from .forms import EditForm
+from .generation import GenerationPair, greedy
+from .history import history_rows
+from .records import AppliedInfo, EditOutcome, HistoryRow, ModelInfo, NormPoint
+from .replay import ReplayHandler, replay_layer, run_replay
+from .verdict import DISABLING_FRACTION, Probe, judge
+
+if TYPE_CHECKING:
+    from workbench.store import Edit, Run, Store
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+
+
+class NoModelError(RomeError):
+    """An action that needs a model, before one is loaded."""
+
+
+class ReplayNeedsBaseError(RomeError):
+    """A replay asked while the session has edits on the model."""
+
+
+class Session:
+    """One loaded model, its editor, the applied edits and their store records."""
+
+    def __init__(self, store: Store | None = None, store_error: str | None = None):
+        self.store = store
+        self.store_error = store_error
+        self.lm: LoadedModel | None = None
+        self.editor: Editor | None = None
+        self.refs: list[tuple[str, int] | None] = []  # parallel to editor.applied
+        self.timeline: list[NormPoint] = []
+        self.run_id: str | None = None
+        self._lease: Any = None
+        self._lock = threading.RLock()
+        self.version = 0  # bumped whenever the weights change
+
+    # ----------------------------------------------------------- model
+    @property
+    def loaded(self) -> bool:
+        return self.lm is not None
+
+    def require(self) -> tuple[LoadedModel, Editor]:
+        if self.lm is None or self.editor is None:
+            raise NoModelError("load a model first (F2, or the Model tab)")
+        return self.lm, self.editor
+
+    @property
+    def n_applied(self) -> int:
+        return len(self.editor.applied) if self.editor is not None else 0
+
+    def load(self, name: str, device: str = "auto", dtype: str | None = None) -> ModelInfo:
+        """Load ``name``; the previous model (if any) and its session end."""
+        lm = load_model(name, device=device, dtype=dtype)
+        with self._lock:
+            self.finish()
+            self.lm = lm
+            self.editor = Editor(lm.model, lm.tokenizer, lm.hparams)
+            self.refs = []
+            self.timeline = []
+            self.version += 1
+        return self.info()
+
+    def info(self) -> ModelInfo:
+        lm, _ = self.require()
+        gpu = None
+        if lm.device.type == "cuda":
+            gpu = int(torch.cuda.memory_allocated(lm.device))
+        cov, ready = self.covariance_status(lm.hparams.layer)
+        return ModelInfo(
+            name=lm.name,
+            source=lm.source,
+            device=str(lm.device),
+            dtype=str(lm.dtype).replace("torch.", ""),
+            n_layers=lm.n_layers,
+            layer=lm.hparams.layer,
+            weight_module=lm.hparams.weight_module(),
+            memory_bytes=lm.memory_bytes(),
+            gpu_memory_bytes=gpu,
+            default_mode=lm.hparams.default_mode,
+            covariance=cov,
+            covariance_ready=ready,
+            notes=lm.hparams.notes,
+            seconds=lm.seconds,
+        )
+
+    def covariance_status(self, layer: int) -> tuple[str, bool]:
+        """A description of layer's covariance and whether it is ready (in memory or cached)."""
+        lm, ed = self.require()
+        hp = lm.hparams
+        if hp.covariance == "identity":
+            return "identity (no covariance)", True
+        meta = ed.stats_meta(layer)
+        if meta is not None:
+            return f"{meta.corpus}: {meta.n_texts} texts, {meta.n_tokens} tokens", True
+        corpus = corpus_words(hp.mom2_dataset)
+        path = ed.stats_file(layer)
+        if path is not None and path.is_file():
+            return f"{corpus}, {hp.mom2_n_samples} texts (cached on disk)", True
+        return f"{corpus}, {hp.mom2_n_samples} texts (not computed yet)", False
+
+    def prepare(self, layer: int | None = None, progress: Progress | None = None) -> str:
+        """Templates and the covariance factor for ``layer``; returns the corpus description."""
+        lm, ed = self.require()
+        layer = lm.hparams.layer if layer is None else layer
+        ed.prepare(layer, progress)
+        return ed.factor(layer).description
+
+    # ----------------------------------------------------------- compute
+    def score_probes(self, form: EditForm) -> list[Probe]:
+        lm, _ = self.require()
+        probes = form.probes()
+        prompts: list[str] = []
+        targets: list[str] = []
+        for _, text in probes:
+            prompts.append(text)
+            targets.append(form.target_new)
+            if form.target_true:
+                prompts.append(text)
+                targets.append(form.target_true)
+        scores = iter(score_targets(lm.model, lm.tokenizer, prompts, targets))
+        out = []
+        for name, text in probes:
+            p_new = next(scores).prob
+            p_true = next(scores).prob if form.target_true else None
+            out.append(Probe(name, text, p_new, p_true))
+        return out
+
+    def _after(self, result: EditResult, form: EditForm) -> list[Probe] | None:
+        """Probes with the update applied for a moment (then undone, bit for bit)."""
+        _, ed = self.require()
+        if not (torch.isfinite(result.u).all() and torch.isfinite(result.v).all()):
+            return None
+        ed.apply(result, force=True)
+        try:
+            return self.score_probes(form)
+        finally:
+            ed.undo()
+
+    @property
+    def disabling_ratio(self) -> float:
+        lm, _ = self.require()
+        return DISABLING_FRACTION * lm.hparams.max_update_ratio
+
+    def history_norms(self, layer: int) -> list[float]:
+        return [p.norm for p in self.timeline if p.active and p.layer == layer]
+
+    def compute(self, form: EditForm, progress: Progress | None = None) -> EditOutcome:
+        """The update for the form's mode, with probes before and after. Nothing applied."""
+        with self._lock:
+            _, ed = self.require()
+            t0 = time.perf_counter()
+            before = self.score_probes(form)
+            res = ed.compute(form.request(), mode=form.mode, layer=form.layer, progress=progress)
+            return self._outcome(form, res, before, [res], t0)
+
+    def compare(self, form: EditForm, progress: Progress | None = None) -> dict[str, EditOutcome]:
+        """The update in every key mode (one v* shared), each probed. Nothing applied."""
+        with self._lock:
+            _, ed = self.require()
+            t0 = time.perf_counter()
+            before = self.score_probes(form)
+            results = ed.compare(form.request(), layer=form.layer, progress=progress)
+            return {
+                mode: self._outcome(form.with_mode(mode), res, before, results.values(), t0)
+                for mode, res in results.items()
+            }
+
+    def _outcome(
+        self,
+        form: EditForm,
+        res: EditResult,
+        before: list[Probe],
+        results: Iterable[EditResult],
+        t0: float,
+    ) -> EditOutcome:
+        after = self._after(res, form)
+        others = [r for r in results if r is not res]
+        verdict = judge(
+            res,
+            before,
+            after,
+            others=others,
+            history_norms=self.history_norms(res.layer),
+            disabling_ratio=self.disabling_ratio,
+        )
+        secs = time.perf_counter() - t0
+        return EditOutcome(form, res, before, after, verdict, secs, self.version)
+
+    # ----------------------------------------------------------- apply / undo
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 24) -> list[str]:
+        lm, _ = self.require()
+        return greedy(lm.model, lm.tokenizer, prompts, max_new_tokens)
+
+    def cumulative_norm(self, layer: int) -> float:
+        """‖W − W₀‖ at ``layer``, as the engine measures it."""
+        _, ed = self.require()
+        return ed.drift(layer)[0]
+
+    def apply(
+        self,
+        outcome: EditOutcome,
+        progress: Progress | None = None,
+        generate: bool = True,
+    ) -> AppliedInfo:
+        """Apply a computed edit: generations before/after, store record, undo entry.
+
+        ``progress`` may raise to cancel only before the weights change.
+        """
+        with self._lock:
+            _, ed = self.require()
+            res = outcome.result
+            prompts = outcome.form.generation_texts() if generate else []
+            if progress:
+                progress("generating before", 0, 2)
+            before = self.generate(prompts) if prompts else []
+            if progress:
+                progress("applying", 1, 2)
+            ed.apply(res)  # raises UnsafeUpdateError for a refused update, weights unchanged
+            self.version += 1
+            try:
+                after = self.generate(prompts) if prompts else []
+                if outcome.after is None:
+                    outcome.after = self.score_probes(outcome.form)
+            except BaseException:
+                ed.undo()
+                self.version += 1
+                raise
+            fp = ed.fingerprint([res.layer])
+            pairs = [
+                GenerationPair(p, b, a) for p, b, a in zip(prompts, before, after, strict=True)
+            ]
+            run_id, seq, err = self._store_result(outcome, fp, pairs)
+            self.refs.append((run_id, seq) if run_id is not None and seq is not None else None)
+            self._add_point(
+                f"{res.request.subject} → {res.request.target_new}",
+                res.mode,
+                res.layer,
+                res.update_norm,
+                res.update_norm_ratio,
+                outcome.verdict.disabling,
+                outcome.verdict.summary,
+            )
+            return AppliedInfo(len(self.timeline), outcome, pairs, fp, run_id, seq, err)
+
+    def _add_point(
+        self,
+        label: str,
+        mode: str,
+        layer: int,
+        norm: float,
+        ratio: float,
+        flagged: bool,
+        reason: str,
+    ) -> None:
+        self.timeline.append(
+            NormPoint(
+                number=len(self.timeline) + 1,
+                label=label,
+                mode=mode,
+                layer=layer,
+                norm=norm,
+                ratio=ratio,
+                cumulative=self.cumulative_norm(layer),
+                flagged=flagged,
+                reason=reason,
+            )
+        )
+
+    def _ensure_run(self) -> str:
+        lm, ed = self.require()
+        assert self.store is not None
+        if self.run_id is None:
+            hp = lm.hparams
+            run = self.store.create_run(
+                model=lm.name,
+                kind="session",
+                preset=hp.name,
+                hparams={"hparams": hp.to_dict()},
+                base_fingerprint=ed.fingerprint([hp.layer]),
+                notes="interactive session (rome-workbench TUI)",
+            )
+            self._lease = self.store.acquire_writer(run.id)
+            self.run_id = run.id
+        return self.run_id
+
+    def _store_result(
+        self, outcome: EditOutcome, fp: str, pairs: list[GenerationPair]
+    ) -> tuple[str | None, int | None, str | None]:
+        if self.store is None:
+            return None, None, self.store_error or "no database open"
+        from workbench.store import StoreError
+
+        try:
+            run_id = self._ensure_run()
+            seq = self.store.next_seq(run_id)
+            self.store.add_edit_result(
+                run_id,
+                seq,
+                outcome.result,
+                metrics=outcome.metrics(),
+                flagged=outcome.verdict.disabling,
+                flag_reason=outcome.verdict.summary or None,
+                fingerprint=fp,
+            )
+            for g in pairs:
+                self.store.add_generation(run_id, seq, g.prompt, g.before, g.after)
+            return run_id, seq, None
+        except StoreError as exc:
+            log.warning("could not store the edit: %s", exc)
+            return None, None, str(exc)
+
+    def undo(self) -> str:
+        """Undo the last applied edit (weights restored bit for bit); returns a description."""
+        with self._lock:
+            _, ed = self.require()
+            entry = ed.undo()
+            self.version += 1
+            ref = self.refs.pop() if self.refs else None
+            for p in reversed(self.timeline):
+                if p.active:
+                    p.active = False
+                    break
+            self._mark_undone([ref])
+            req = entry.result.request if entry.result is not None else None
+            what = f"{req.subject} → {req.target_new}" if req else f"layer {entry.layer}"
+            return f"undid {what}"
+
+    def revert_all(self) -> int:
+        """Put the model back to its base weights; returns how many edits were undone."""
+        with self._lock:
+            _, ed = self.require()
+            n = ed.revert_all()
+            self.version += 1
+            self._mark_undone(self.refs)
+            self.refs = []
+            for p in self.timeline:
+                p.active = False
+            return n
+
+    def _mark_undone(self, refs: Iterable[tuple[str, int] | None]) -> None:
+        if self.store is None:
+            return
+        from workbench.store import StoreError
+
+        for ref in refs:
+            if ref is None:
+                continue
+            try:
+                self.store.mark_undone(*ref)
+            except StoreError as exc:
+                log.warning("could not mark %s:%s undone: %s", *ref, exc)
+
+    def reapply(self, keys: Sequence[tuple[str, int]], progress: Progress | None = None) -> int:
+        """Apply stored edits (``(run_id, seq)``, in order) onto the model; returns how many.
+
+        ``progress`` is called before each edit and may raise to stop there.
+        """
+        with self._lock:
+            lm, ed = self.require()
+            if self.store is None:
+                raise NoModelError("no database is open: nothing to re-apply from")
+            done = 0
+            for i, (run_id, seq) in enumerate(keys):
+                if progress:
+                    progress("re-applying", i, len(keys))
+                edit = self.store.edit(run_id, seq)
+                u, v = self.store.load_factors(edit, device=lm.device)
+                ed.apply_factors(edit.layer, u, v)
+                self.version += 1
+                self.refs.append(self._record_reapplied(edit, u, v))
+                req = edit.request
+                self._add_point(
+                    f"{req.get('subject')} → {req.get('target_new')}",
+                    edit.mode,
+                    edit.layer,
+                    float(edit.update_norm or 0.0),
+                    float(edit.update_norm_ratio or 0.0),
+                    edit.flagged,
+                    edit.flag_reason or "",
+                )
+                done += 1
+            return done
+
+    def _record_reapplied(
+        self, edit: Edit, u: torch.Tensor, v: torch.Tensor
+    ) -> tuple[str, int] | None:
+        """Store a re-applied edit in this session's run; its ``(run_id, seq)``, or None."""
+        _, ed = self.require()
+        assert self.store is not None
+        from workbench.store import StoreError
+
+        try:
+            run_id = self._ensure_run()
+            seq = self.store.next_seq(run_id)
+            self.store.add_edit(
+                run_id,
+                seq,
+                request=edit.request,
+                mode=edit.mode,
+                layer=edit.layer,
+                weight_name=edit.weight_name,
+                u=u,
+                v=v,
+                case_id=edit.case_id,
+                update_norm=edit.update_norm,
+                update_norm_ratio=edit.update_norm_ratio,
+                denominator=edit.denominator,
+                cos_kstar_ks=edit.cos_kstar_ks,
+                record=edit.record,
+                metrics={"source": "reapplied", "from": f"{edit.run_id}:{edit.seq}"},
+                fingerprint=ed.fingerprint([edit.layer]),
+            )
+            return run_id, seq
+        except StoreError as exc:
+            log.warning("could not store the re-applied edit: %s", exc)
+            return None
+
+    # ----------------------------------------------------------- store reads
+    def history(self, model: str | None = None) -> list[HistoryRow]:
+        """Every edit in the store for this model (all models before one is loaded)."""
+        if self.store is None:
+            return []
+        if model is None and self.lm is not None:
+            model = self.lm.name
+        return history_rows(self.store, model, self.run_id)
+
+    def replay_runs(self) -> list[Run]:
+        if self.store is None:
+            return []
+        model = self.lm.name if self.lm is not None else None
+        return self.store.list_runs(model=model, kind="replay")
+
+    # ----------------------------------------------------------- replay
+    def replay_layer(self, cfg: ReplayConfig | None = None, resume: str | None = None) -> int:
+        """The layer the replay ``cfg`` (or the resumed run ``resume``) edits."""
+        lm, _ = self.require()
+        hparams = None
+        if resume is not None and self.store is not None:
+            hparams = self.store.get_run(resume).hparams or {}
+        return replay_layer(lm, cfg, hparams)
+
+    def run_replay(
+        self,
+        cfg: ReplayConfig | None,
+        cancel: threading.Event,
+        on_event: Callable[[object], None] | ReplayHandler,
+        resume: str | None = None,
+    ) -> ReplayFinished | None:
+        """Run ``evals.replay.replay`` on the loaded model, then put its weights back.
+
+        ``on_event`` is a :class:`ReplayHandler` (called by event type) or a
+        function given every event (the app posts them to its UI thread). The
+        replay edits the model in place from its base weights; afterwards the
+        edited layer is restored bit for bit, so the session goes on as before.
+        """
+        with self._lock:
+            lm, ed = self.require()
+            if self.store is None:
+                raise NoModelError("no database is open: a replay needs one to record its edits")
+            if ed.applied:
+                raise ReplayNeedsBaseError(
+                    f"the model has {len(ed.applied)} applied edit(s) and a replay starts from "
+                    "the base weights: revert them first (History → Revert all)"
+                )
+            layer = ed.check_layer(self.replay_layer(cfg, resume))
+            with self._weights_kept(layer):
+                return run_replay(
+                    lm, self.store, on_event, cfg if resume is None else None, resume=resume,
+                    cancel=cancel,
+                )  # fmt: skip
+
+    @contextlib.contextmanager
+    def _weights_kept(self, layer: int) -> Iterator[None]:
+        """``layer``'s weight comes back bit for bit after the block (the engine's restore)."""
+        _, ed = self.require()
+        module = ed.module(layer)
+        saved = weight_of(module).detach().to("cpu", copy=True)
+        fp = ed.fingerprint([layer])
+        try:
+            yield
+        finally:
+            self.version += 1
+            restore(module, saved)
+            if ed.fingerprint([layer]) != fp:  # pragma: no cover - defensive
+                log.error("the weights of layer %d differ after the replay's restore", layer)
+
+    # ----------------------------------------------------------- end
+    def finish(self) -> None:
+        """Close this model's session run in the store (status finished, lock released)."""
+        if self.store is None or self.run_id is None:
+            return
+        from workbench.store import StoreError
+
+        try:
+            self.store.set_status(self.run_id, "finished")
+        except StoreError as exc:
+            log.warning("could not close session run %s: %s", self.run_id, exc)
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
+        self.run_id = None
+
+
+def corpus_words(dataset: str) -> str:
+    """The covariance corpus in words."""
+    return {
+        "sampled": "text sampled from the model",
+        "wikipedia": "Wikipedia",
+        "wikitext": "WikiText-103",
+    }.get(dataset, dataset)
