@@ -250,14 +250,16 @@ def run_stats(
     accumulate: str = "float64",
     info: DistInfo | None = None,
     cache: Path | None = None,
+    path: Path | None = None,
 ) -> StatsOutcome:
     """The covariance statistics of ``lm``'s edited layer, from the cache or collected.
 
     On one process this is the plain collector; under torchrun (``info`` from
     :func:`init`) the corpus is sharded and the sums all-reduced, and only rank
     0 writes. ``force`` collects again even when the cache has the file (and
-    replaces it only once the new matrix has passed its checks). Every rank
-    returns the same statistics.
+    replaces it only once the new matrix has passed its checks). ``path`` is the
+    cache file (default: where :meth:`rome.Editor.stats_file` puts it). Every
+    rank returns the same statistics.
     """
     info = info or DistInfo()
     hp = lm.hparams.replace(mom2_n_samples=n_texts) if n_texts else lm.hparams
@@ -266,7 +268,8 @@ def run_stats(
     width = cov.expected_width(lm.model, module)
     root = cache if cache is not None else cache_dir()
     model_key = slug(hp.model)
-    path = cov.stats_path(root, model_key, corpus, module, hp.mom2_dtype, hp.mom2_n_samples)
+    if path is None:
+        path = cov.stats_path(root, model_key, corpus, module, hp.mom2_dtype, hp.mom2_n_samples)
     check_agreement(descriptor(lm, hp, corpus, forward, accumulate, batch_tokens), info)
     if _broadcast_decision(path.is_file() and not force, info):
         return StatsOutcome(cov.load_stats(path, width), path, True, info.world_size)

@@ -42,10 +42,13 @@ def cache_dir() -> Path:
             f"cannot create {where} {path} ({exc.strerror or exc}): "
             f"point ${CACHE_ENV} at a writable folder"
         ) from None
-    if not os.access(path, os.W_OK | os.X_OK):
+    try:  # a real write: os.access says yes to root even on a read-only mount
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as exc:
         raise CacheDirError(
-            f"{where} {path} is not writable: point ${CACHE_ENV} at a writable folder"
-        )
+            f"{where} {path} is not writable ({exc.strerror or exc}): "
+            f"point ${CACHE_ENV} at a writable folder"
+        ) from None
     return path
 
 

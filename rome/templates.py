@@ -17,6 +17,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .errors import BadRequestError
+from .paths import atomic_write_text
 from .scoring import model_device
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,7 @@ def cached_templates(
     if path is not None and path.is_file():
         return normalise_templates(json.loads(path.read_text()))
     templates = sample_templates(model, tok, length_params, seed)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(templates, indent=1))
+    if path is not None:  # atomic: a concurrent process never reads half a file
+        atomic_write_text(path, json.dumps(templates, indent=1))
         log.info("sampled %d context templates, cached at %s", len(templates), path)
     return templates
