@@ -1,8 +1,11 @@
-"""The ``rome-workbench`` command line (typer).
+"""The ``rome-workbench`` command line (typer): a thin face over ``workbench.core``.
 
-Exit codes: 0 ok, 1 runtime error (weights unavailable, unsafe update, store
-failure), 2 usage or bad input (bad request, unknown preset / model / run,
-layer out of range). Results go to stdout; messages to stderr.
+Each command parses its options, calls core, and renders the result with rich.
+Exit codes come from one table (``workbench.core.errors``): 0 ok, 1 runtime
+error (weights unavailable, unsafe update, store failure, memory, system),
+2 usage or bad input (bad request, unknown preset / model / run, layer out of
+range, bad replay settings, bad data file). Results go to stdout; messages
+to stderr.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -22,6 +26,11 @@ from rich.table import Table
 
 from rome import errors as rome_errors
 from rome.paths import CACHE_ENV, cache_dir, cache_root
+from workbench.core.replay import ReplayHandler
+
+if TYPE_CHECKING:
+    from evals.replay import CheckpointDone, EditDone, ReplayStarted, ReplayWarning
+    from workbench.store import Store
 
 out = Console()
 err = Console(stderr=True)
@@ -37,44 +46,26 @@ given by --db or $ROME_WORKBENCH_DB.
 
 app = typer.Typer(help=HELP, no_args_is_help=False, add_completion=False, rich_markup_mode=None)
 
-BAD_INPUT: tuple[type[BaseException], ...] = (
-    rome_errors.BadRequestError,
-    rome_errors.UnknownPresetError,
-    rome_errors.LayerOutOfRangeError,
-    rome_errors.UnsupportedArchitectureError,
-)
-
-
-def _store_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
-    from workbench import store
-
-    return (store.UnknownRunError, store.InvalidFieldError), (store.StoreError,)
-
 
 @contextmanager
 def handled() -> Iterator[None]:
-    """Turn the engine's and the store's named errors into one line and an exit code.
+    """Turn the errors of ``workbench.core.errors``' table into one line and its exit code.
 
-    Only named errors are caught: ``typer.Exit`` (a RuntimeError) passes through.
+    Click's own exceptions (``typer.Exit``, a RuntimeError, and ``Abort``) pass
+    through; an exception the table does not know is a bug and keeps its traceback.
     """
-    bad_store, any_store = _store_errors()
+    from workbench.core.errors import describe
+
     try:
         yield
-    except BAD_INPUT + bad_store as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(2) from None
-    except (rome_errors.RomeError, *any_store) as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(1) from None
-    except _eval_errors() as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(2) from None
-
-
-def _eval_errors() -> tuple[type[BaseException], ...]:
-    from evals.errors import DataUnavailableError, EvalDataError
-
-    return (EvalDataError, DataUnavailableError)
+    except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        raise
+    except Exception as exc:
+        info = describe(exc)
+        if not info.expected:
+            raise
+        err.print(f"[red]error:[/red] {info.message}", highlight=False)
+        raise typer.Exit(info.exit_code) from None
 
 
 def progress_bar() -> Progress:
@@ -374,54 +365,33 @@ def edit(
     generate_tokens: Annotated[int, typer.Option(help="tokens of greedy text")] = 20,
 ) -> None:
     """Compute an edit in one mode (or all), show its record and text before and after."""
-    from evals.metrics import generate
-    from rome import MODES, Editor, EditRequest
-    from rome.templates import load_templates_file
+    from rome import EditRequest
+    from workbench.core.edits import make_editor, modes_for, preview_edit
 
     with handled():
-        if mode not in (*MODES, "all"):
-            raise rome_errors.BadRequestError(
-                f"unknown mode {mode!r}: rrome, original, prompt, all"
-            )
+        modes = modes_for(mode)
         req = EditRequest(prompt, subject, target_new, target_true).validate()
         lm = _load(model, device, dtype, hparams, layer, device_map)
-        tpl = load_templates_file(templates) if templates else None
-        ed = Editor(lm.model, lm.tokenizer, lm.hparams, templates=tpl)
-        ed.check_layer(lm.hparams.layer)
-        modes = list(MODES) if mode == "all" else [mode]
+        ed = make_editor(lm, templates)
         with progress_bar() as bar:
-            results = ed.compare(req, progress=phase_progress(bar), modes=modes)
-        before = generate(lm.model, lm.tokenizer, [req.text], generate_tokens)[0]
-        after: dict[str, str] = {}
-        for m, r in results.items():
-            if r.unsafe_reason:
-                after[m] = f"(not applied: {r.unsafe_reason})"
-                continue
-            ed.apply(r)
-            after[m] = generate(lm.model, lm.tokenizer, [req.text], generate_tokens)[0]
-            ed.undo()
+            pv = preview_edit(lm, ed, req, modes, generate_tokens, phase_progress(bar))
         if as_json:
-            payload = [
-                {**r.to_dict(), "generation_before": before, "generation_after": after[m]}
-                for m, r in results.items()
-            ]
+            payload = pv.records()
             out.print_json(json.dumps(payload if len(payload) > 1 else payload[0]))
             return
-        out.print(_record_table(results))
-        out.print(f"[bold]before[/bold]  {req.text}[cyan]{before}[/cyan]", highlight=False)
-        for m, text in after.items():
+        out.print(_record_table(pv.results))
+        out.print(f"[bold]before[/bold]  {req.text}[cyan]{pv.before}[/cyan]", highlight=False)
+        for m, text in pv.after.items():
             out.print(f"[bold]{m:7s}[/bold] {req.text}[green]{text}[/green]", highlight=False)
 
 
 DbOpt = Annotated[Path | None, typer.Option("--db", help="history database ($ROME_WORKBENCH_DB)")]
 
 
-def _store(db: Path | None):
-    from workbench.store import Store
+def _store(db: Path | None) -> Store:
+    from workbench.core.stores import open_and_recover
 
-    store = Store.open(db)
-    store.recover_stale_runs()
-    return store
+    return open_and_recover(db)
 
 
 @app.command()
@@ -469,95 +439,51 @@ def replay(
     """Apply N CounterFact edits in sequence, with GLUE and fluency checkpoints."""
     import threading
 
-    from evals.replay import (
-        CheckpointDone,
-        EditDone,
-        ReplayConfig,
-        ReplayFinished,
-        ReplayStarted,
-        ReplayWarning,
-    )
-    from evals.replay import replay as run_replay
+    from workbench.core.replay import edit_hparams, make_config, run_replay
 
     cancel = threading.Event()
     with handled():
-        from rome import MODES
-
-        if mode not in MODES:
-            raise rome_errors.BadRequestError(f"unknown mode {mode!r}: {', '.join(MODES)}")
-        if glue_scoring not in ("logprob", "generate"):
-            raise rome_errors.BadRequestError("--glue-scoring must be logprob or generate")
-        if n_edits < 1 or glue_every < 1:
-            raise rome_errors.BadRequestError("--n-edits and --glue-every must be positive")
-        store = _store(db)
-        cfg = ReplayConfig(
-            dataset=dataset,
-            n_edits=n_edits,
-            mode=mode,
-            glue_every=glue_every,
-            glue_tasks=tuple(t.strip() for t in glue_tasks.split(",") if t.strip()),
-            glue_limit=glue_limit or None,
-            glue_dir=str(glue_dir) if glue_dir else None,
-            glue_scoring=glue_scoring,
-            glue_calibration=glue_calibration,
-            guard=guard,
-            layer=layer,
-            perplexity=perplexity,
+        cfg = make_config(
+            {
+                "dataset": dataset,
+                "n_edits": n_edits,
+                "mode": mode,
+                "glue_every": glue_every,
+                "glue_tasks": glue_tasks,
+                "glue_limit": glue_limit,
+                "glue_dir": str(glue_dir) if glue_dir else None,
+                "glue_scoring": glue_scoring,
+                "glue_calibration": glue_calibration,
+                "guard": guard,
+                "layer": layer,
+                "perplexity": perplexity,
+            }
         )
-        if glue_calibration not in ("none", "contextual"):
-            raise rome_errors.BadRequestError("--glue-calibration must be none or contextual")
-        if glue_calibration == "contextual" and glue_scoring != "logprob":
-            raise rome_errors.BadRequestError("--glue-calibration contextual needs logprob scoring")
+        store = _store(db)
         lm = _load(model, device, dtype, hparams, layer, device_map)
-        changes: dict[str, Any] = {}
-        if v_stop is not None:
-            changes["v_stop"] = v_stop
-        if norm_anchor is not None:
-            changes["v_norm_anchor"] = norm_anchor
-        edit_hp = lm.hparams.replace(**changes).validate() if changes else lm.hparams
-        if resume and changes:
+        edit_hp = edit_hparams(lm, v_stop, norm_anchor)
+        if resume and edit_hp is not lm.hparams:
             err.print(
                 "note: a resumed run edits with the preset stored with it; ignoring "
                 "--v-stop / --norm-anchor"
             )
-        finished: ReplayFinished | None = None
-        run_id = resume
         with progress_bar() as bar:
-            task = bar.add_task("replay", total=n_edits)
+            shown = _ReplayProgress(bar, n_edits, resume)
             try:
-                for ev in run_replay(
+                finished = run_replay(
                     lm,
                     store,
-                    None if resume else cfg,
-                    cancel=cancel,
+                    shown,
+                    cfg,
                     resume=resume,
+                    cancel=cancel,
                     hparams=edit_hp,
                     rescore_finished=rescore,
-                ):
-                    if isinstance(ev, ReplayStarted):
-                        run_id = ev.run_id
-                        bar.update(task, total=ev.total, completed=ev.start_seq)
-                        err.print(f"run {ev.run_id}: {ev.total} edits, from edit {ev.start_seq}")
-                    elif isinstance(ev, EditDone):
-                        mark = " [red]FLAGGED[/red]" if ev.flagged else ""
-                        bar.update(
-                            task,
-                            completed=ev.seq + 1,
-                            description=f"{ev.subject[:24]} -> {ev.target_new[:12]} "
-                            f"|dW| {ev.update_norm:.1f}{mark}",
-                        )
-                    elif isinstance(ev, CheckpointDone):
-                        accs = " ".join(f"{t} {r['accuracy']:.2f}" for t, r in ev.glue.items())
-                        ppl = f" perplexity {ev.perplexity:.2f}" if ev.perplexity else ""
-                        err.print(f"after {ev.step:4d} edits: {accs} fluency {ev.fluency:.2f}{ppl}")
-                    elif isinstance(ev, ReplayWarning):
-                        err.print(f"[yellow]warning:[/yellow] {ev.message}", highlight=False)
-                    elif isinstance(ev, ReplayFinished):
-                        finished = ev
+                )
             except KeyboardInterrupt:
                 err.print(
                     f"[yellow]interrupted[/yellow]: finished edits are saved; "
-                    f"resume with --resume {run_id}"
+                    f"resume with --resume {shown.run_id}"
                 )
                 raise typer.Exit(1) from None
         assert finished is not None
@@ -567,55 +493,47 @@ def replay(
             err.print(f"wrote {json_out}")
 
 
-def _summary(store: Any, run_id: str, status: str, summary: dict[str, Any]) -> None:
-    from evals.replay import run_summary
+class _ReplayProgress(ReplayHandler):
+    """A replay on the terminal: a progress bar, and a line on stderr per checkpoint."""
 
-    run = store.get_run(run_id)
-    summary = {**run_summary(store, run_id), **summary}
-    t = Table(title=f"run {run.id} ({run.mode}, {status})")
+    def __init__(self, bar: Progress, total: int, run_id: str | None) -> None:
+        self.bar = bar
+        self.task = bar.add_task("replay", total=total)
+        self.run_id = run_id
+
+    def started(self, ev: ReplayStarted) -> None:
+        self.run_id = ev.run_id
+        self.bar.update(self.task, total=ev.total, completed=ev.start_seq)
+        err.print(f"run {ev.run_id}: {ev.total} edits, from edit {ev.start_seq}")
+
+    def edit_done(self, ev: EditDone) -> None:
+        mark = " [red]FLAGGED[/red]" if ev.flagged else ""
+        self.bar.update(
+            self.task,
+            completed=ev.seq + 1,
+            description=f"{ev.subject[:24]} -> {ev.target_new[:12]} "
+            f"|dW| {ev.update_norm:.1f}{mark}",
+        )
+
+    def checkpoint(self, ev: CheckpointDone) -> None:
+        accs = " ".join(f"{t} {r['accuracy']:.2f}" for t, r in ev.glue.items())
+        ppl = f" perplexity {ev.perplexity:.2f}" if ev.perplexity else ""
+        flu = f" fluency {ev.fluency:.2f}" if ev.fluency is not None else ""
+        err.print(f"after {ev.step:4d} edits: {accs}{flu}{ppl}")
+
+    def warning(self, ev: ReplayWarning) -> None:
+        err.print(f"[yellow]warning:[/yellow] {ev.message}", highlight=False)
+
+
+def _summary(store: Store, run_id: str, status: str, summary: dict[str, Any]) -> None:
+    from workbench.core.summary import run_summary
+
+    rs = run_summary(store, run_id, status, summary)
+    t = Table(title=rs.title)
     t.add_column("figure")
     t.add_column("value", justify="right")
-    edits = store.edits(run.id)
-    norms = [e.update_norm for e in edits if e.update_norm is not None]
-    t.add_row("edits stored", str(len(edits)))
-    t.add_row("flagged", str(sum(e.flagged for e in edits)))
-    t.add_row("refused", str(sum(e.refused for e in edits)))
-    if norms:
-        t.add_row("median |dW|", f"{sorted(norms)[len(norms) // 2]:.2f}")
-        t.add_row("max |dW|", f"{max(norms):.2f}")
-    if summary.get("w_delta_norm") is not None:
-        t.add_row("|W_n - W_0|", f"{summary['w_delta_norm']:.2f}")
-        t.add_row("|W_n| / |W_0|", f"{summary['w_norm_ratio']:.3f}")
-    pre, post = summary.get("pre") or {}, summary.get("post") or {}
-    for key in ("es", "ps", "ns", "s"):
-        if post.get(key) is not None:
-            before = f"{pre[key]:.3f} -> " if pre.get(key) is not None else ""
-            t.add_row(f"{key.upper()} pre -> post (at edit time)", f"{before}{post[key]:.3f}")
-    final = summary.get("final") or {}
-    for key in ("es", "ps", "ns", "s"):
-        if final.get(key) is not None:
-            t.add_row(f"final {key.upper()} (re-scored at the end)", f"{final[key]:.3f}")
-    if summary.get("survived") is not None:
-        t.add_row("survived (ES = 1 at the end)", f"{summary['survived']:.0f}")
-    cps = store.checkpoints(run.id)
-    steps = sorted({c.step for c in cps})
-    for task in sorted({c.task for c in cps}):
-        by = {c.step: c for c in cps if c.task == task}
-        first, last = by.get(steps[0]), by.get(steps[-1])
-        if first and last:
-            if task == "perplexity":
-                a, b = first.extra.get("perplexity"), last.extra.get("perplexity")
-            else:
-                a, b = (
-                    (first.value, last.value)
-                    if task == "fluency"
-                    else (
-                        first.accuracy,
-                        last.accuracy,
-                    )
-                )
-            if a is not None and b is not None:
-                t.add_row(f"{task} start -> end", f"{a:.3f} -> {b:.3f}")
+    for label, value in rs.rows:
+        t.add_row(label, value)
     out.print(t)
 
 
@@ -725,6 +643,40 @@ def plot(
         ids = [store.get_run(r).id for r in run_ids]
         path = plot_runs(store, ids, output)
         err.print(f"wrote {path}")
+
+
+@app.command()
+def save(
+    run: Annotated[str, typer.Argument(help="run id (or a unique prefix)")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="folder to write (new or empty)")],
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="replace a folder that is not empty")
+    ] = False,
+    db: DbOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+) -> None:
+    """Save a run's edited model as a Hugging Face folder (safetensors, config,
+    tokenizer, a README.md listing the edits): the base model plus the run's
+    applied edits in order, fingerprints checked as on resume."""
+    from workbench.core.save import save_run
+
+    with handled():
+        store = _store(db)
+        r = store.get_run(run)
+        err.print(f"rebuilding run {r.id} on {r.model}...")
+        with progress_bar() as bar:
+            path = save_run(
+                store,
+                r.id,
+                output,
+                device=device,
+                dtype=dtype,
+                overwrite=overwrite,
+                progress=phase_progress(bar),
+            )
+        n = len(store.edits(r.id, applied_only=True))
+        err.print(f"wrote {path} ({r.model} with {n} edit(s) of run {r.id})")
 
 
 def main() -> None:

@@ -69,6 +69,19 @@ def _check_final(editor: Editor, edits: list[Edit]) -> None:
             )
 
 
+def _base_matches(run: Run, edits: list[Edit], loaded: str) -> bool:
+    """Whether the loaded weights are the run's base.
+
+    Session runs written before the base was fingerprinted at load time stored
+    the fingerprint after their first edit: accepted when it is exactly that
+    edit's (the final check then vouches for the rebuilt weights).
+    """
+    if run.base_fingerprint is None or run.base_fingerprint == loaded:
+        return True
+    first = next((e for e in edits if e.fingerprint is not None), None)
+    return run.kind == "session" and first is not None and run.base_fingerprint == first.fingerprint
+
+
 def rebuild(
     store: Store, run_id: str, lm: LoadedModel, progress: Progress | None = None
 ) -> Rebuilt:
@@ -77,12 +90,12 @@ def rebuild(
     run = store.get_run(run_id)
     editor = Editor(lm.model, lm.tokenizer, lm.hparams, keep_undo=False)
     layer = editor.check_layer(base_layer(run, lm))
-    if run.base_fingerprint is not None and editor.fingerprint([layer]) != run.base_fingerprint:
+    edits = store.edits(run.id, applied_only=True)
+    if not _base_matches(run, edits, editor.fingerprint([layer])):
         raise RebuildError(
             f"the loaded {lm.name} is not the base model run {run.id} started from "
             "(its weights differ: another dtype, another checkpoint?)"
         )
-    edits = store.edits(run.id, applied_only=True)
     for i, (e, u, v) in enumerate(store.iter_factors(run.id, device=lm.device)):
         if progress:
             progress("applying edits", i, len(edits))

@@ -60,6 +60,7 @@ class Session:
         self._lease: Any = None
         self._lock = threading.RLock()
         self.version = 0  # bumped whenever the weights change
+        self.base_fingerprint: str | None = None  # of the preset's layer, as loaded
 
     # ----------------------------------------------------------- model
     @property
@@ -82,6 +83,7 @@ class Session:
             self.finish()
             self.lm = lm
             self.editor = Editor(lm.model, lm.tokenizer, lm.hparams)
+            self.base_fingerprint = self.editor.fingerprint([lm.hparams.layer])
             self.refs = []
             self.timeline = []
             self.version += 1
@@ -303,7 +305,9 @@ class Session:
                 kind="session",
                 preset=hp.name,
                 hparams={"hparams": hp.to_dict()},
-                base_fingerprint=ed.fingerprint([hp.layer]),
+                # the weights as loaded: the run starts when its first edit is
+                # stored, after that edit was applied
+                base_fingerprint=self.base_fingerprint or ed.fingerprint([hp.layer]),
                 notes="interactive session (rome-workbench TUI)",
             )
             self._lease = self.store.acquire_writer(run.id)
