@@ -104,6 +104,14 @@ ERROR_TABLE: tuple[ErrorKind, ...] = (
         (rerr.CorruptStatsError,), 1, "statistics file",
         "Rebuild it with rome-workbench stats --force, or delete the file.",
     ),
+    ErrorKind(
+        (rerr.BadStatsError,), 2, "statistics refused",
+        "Import the .npz written for this model and layer; the cached statistics are unchanged.",
+    ),
+    ErrorKind(
+        (rerr.DistributedMismatchError,), 2, "ranks disagree",
+        "Launch every rank with the same model, layer and corpus.",
+    ),
     ErrorKind((rerr.BadRequestError,), 2, "", "Correct the field in the Edit tab and try again."),
     ErrorKind(
         (rerr.LayerOutOfRangeError,), 2, "",
