@@ -1,0 +1,5 @@
+"""``python -m workbench.cli`` (torchrun uses it too)."""
+
+from workbench.cli import main
+
+main()

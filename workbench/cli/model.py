@@ -1,0 +1,262 @@
+"""The engine's commands: ``info``, ``stats`` (covariance statistics) and ``edit``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from rome import errors as rome_errors
+from rome.paths import CACHE_ENV, cache_dir
+
+from .common import (
+    DeviceMapOpt,
+    DeviceOpt,
+    DtypeOpt,
+    HparamsOpt,
+    LayerOpt,
+    ModelOpt,
+    app,
+    err,
+    handled,
+    load,
+    out,
+    phase_progress,
+    progress_bar,
+)
+
+
+@app.command()
+def info(
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="also load this model: where its edited layer lives"),
+    ] = None,
+    layer: LayerOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    device_map: DeviceMapOpt = None,
+    hparams: HparamsOpt = None,
+) -> None:
+    """Versions, devices, cache and data paths, presets; with --model, the edited layer's
+    device and the memory per device."""
+    import platform
+
+    import textual
+    import torch
+    import transformers
+
+    from rome import list_presets
+    from workbench.store import default_db_path
+
+    t = Table(title="rome-workbench", show_header=False)
+    t.add_row("python", platform.python_version())
+    t.add_row("torch", torch.__version__)
+    t.add_row("transformers", transformers.__version__)
+    t.add_row("textual", textual.__version__)
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(i)
+            t.add_row(
+                f"device cuda:{i}",
+                f"{torch.cuda.get_device_name(i)}, {free / 2**30:.1f} of "
+                f"{total / 2**30:.1f} GiB free",
+            )
+    else:
+        t.add_row("device", "cpu (no GPU visible)")
+    try:
+        t.add_row("cache", f"{cache_dir()} (${CACHE_ENV})")
+    except rome_errors.CacheDirError as exc:
+        t.add_row("cache", f"unusable: {exc}")
+    t.add_row("database", f"{default_db_path()} ($ROME_WORKBENCH_DB)")
+    t.add_row("bundled data", str(Path(__file__).resolve().parent.parent / "evals" / "data"))
+    for name, hp in sorted(list_presets().items()):
+        t.add_row(f"preset {name}", f"{hp.model}, layer {hp.layer}, {hp.mlp_out_module}")
+    if model is not None:
+        with handled():
+            lm = load(model, device, dtype, hparams, layer, device_map)
+        hp = lm.hparams
+        t.add_row("model", f"{lm.name} ({lm.source}), {lm.dtype}, {lm.n_layers} layers")
+        t.add_row(
+            "edited layer",
+            f"{hp.layer}: {hp.weight_module(hp.layer)} on {lm.edited_layer_device()}",
+        )
+        if lm.device_map is not None:
+            where: dict[str, int] = {}
+            for value in lm.device_map.values():
+                key = f"cuda:{value}" if isinstance(value, int) else str(value)
+                where[key] = where.get(key, 0) + 1
+            t.add_row(
+                "device map", ", ".join(f"{n} module(s) on {d}" for d, n in sorted(where.items()))
+            )
+        for dev, size in lm.memory_per_device().items():
+            t.add_row(f"memory {dev}", f"{size / 2**30:.3f} GiB of weights")
+    out.print(t)
+
+
+@app.command()
+def stats(
+    model: ModelOpt = "smollm2-135m",
+    layer: LayerOpt = None,
+    corpus: Annotated[
+        str | None, typer.Option(help="wikipedia, wikitext, sampled, or a folder of .txt files")
+    ] = None,
+    n_texts: Annotated[int | None, typer.Option(help="texts to read (preset default)")] = None,
+    import_npz: Annotated[
+        Path | None, typer.Option("--import-npz", help="import a ROME stats .npz instead")
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="collect again even if cached (replaces the file once checked)"
+        ),
+    ] = False,
+    batch_tokens: Annotated[int, typer.Option(help="tokens per forward batch")] = 4096,
+    precision: Annotated[
+        str, typer.Option(help="forward precision: float32, bf16 (autocast) or tf32 (GPU)")
+    ] = "float32",
+    accumulate: Annotated[
+        str, typer.Option(help="dtype of the running sum on the device: float64 or float32")
+    ] = "float64",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    device_map: DeviceMapOpt = None,
+    hparams: HparamsOpt = None,
+) -> None:
+    """Compute (or import) and cache the covariance statistics of the edited layer.
+
+    Under torchrun (torchrun --nproc-per-node N -m workbench.cli stats ...) the
+    corpus is sharded over the ranks (NCCL on GPUs, gloo on CPUs) and rank 0
+    writes the cache.
+    """
+    import contextlib
+
+    from rome import Editor, distributed
+    from rome import covariance as cov
+
+    with handled():
+        info = distributed.init(device=device) if distributed.launched() else distributed.DistInfo()
+        try:
+            if info.active:
+                if import_npz is not None or device_map:
+                    raise rome_errors.BadRequestError(
+                        "under torchrun, stats collects with one model per rank: run "
+                        "--import-npz or --device-map in one plain process"
+                    )
+                device = distributed.rank_device(info.backend, info.local_rank)
+            lm = load(model, device, dtype, hparams, layer, device_map)
+            hp = lm.hparams.replace(mom2_n_samples=n_texts) if n_texts else lm.hparams
+            ed = Editor(lm.model, lm.tokenizer, hp)
+            path = ed.stats_file(hp.layer, corpus)
+            assert path is not None
+            width = cov.expected_width(lm.model, hp.weight_module(hp.layer))
+            if import_npz is not None:
+                # stored where edits read the preset's statistics; the metadata says "imported"
+                st = cov.import_rome_npz(
+                    import_npz, ed.model_key, hp.layer, hp.weight_module(), width
+                )
+                cov.save_stats(path, st, width)
+            else:
+                bar = progress_bar() if info.is_main else contextlib.nullcontext()
+                with bar as b:
+                    cb = phase_progress(b) if b is not None else None
+                    outcome = distributed.run_stats(
+                        lm,
+                        corpus=corpus,
+                        n_texts=n_texts,
+                        force=force,
+                        progress=(lambda d, t: cb("covariance", d, t)) if cb else None,
+                        batch_tokens=batch_tokens,
+                        forward=precision,
+                        accumulate=accumulate,
+                        info=info,
+                        path=path,
+                    )
+                st = outcome.stats
+                if outcome.cached and info.is_main:
+                    err.print(f"already cached: {path} (--force collects again)")
+        finally:
+            distributed.shutdown(info)
+        if info.is_main:
+            m = st.meta
+            ranks = m.extra.get("world_size", 1)
+            on = f", {ranks} ranks" if ranks > 1 else ""
+            out.print(
+                f"{m.module}: {m.n_texts} texts, {m.n_tokens} tokens of {m.corpus!r} "
+                f"({m.dtype}{on}) -> {path}"
+            )
+
+
+def _record_table(results: dict[str, Any]) -> Table:
+    t = Table(title="edit")
+    t.add_column("field")
+    for mode in results:
+        t.add_column(mode, justify="right")
+    rows = [
+        ("update_norm", "{:.3f}"),
+        ("update_norm_ratio", "{:.3f}"),
+        ("denominator", "{:.4g}"),
+        ("cos_kstar_ks", "{:.3f}"),
+        ("k_star_norm", "{:.2f}"),
+        ("k_s_norm", "{:.2f}"),
+        ("p_new_before", "{:.4f}"),
+        ("p_new_after", "{:.4f}"),
+        ("p_true_before", "{:.4f}"),
+        ("p_true_after", "{:.4f}"),
+        ("p_new_before_templated", "{:.4f}"),
+        ("p_new_after_templated", "{:.4f}"),
+    ]
+    dicts = {m: r.to_dict(factors=False) for m, r in results.items()}
+    for key, fmt in rows:
+        cells = []
+        for d in dicts.values():
+            v = d[key]
+            cells.append("-" if v is None else fmt.format(v))
+        t.add_row(key, *cells)
+    t.add_row("v* steps", *[str(len(d["v_star_trace"])) for d in dicts.values()])
+    t.add_row("seconds", *[f"{sum(d['timings'].values()):.1f}" for d in dicts.values()])
+    t.add_row("warning", *[d["unsafe_reason"] or "" for d in dicts.values()])
+    return t
+
+
+@app.command()
+def edit(
+    prompt: Annotated[str, typer.Option(help='template with "{}" for the subject')],
+    subject: Annotated[str, typer.Option()],
+    target_new: Annotated[str, typer.Option("--target-new")],
+    target_true: Annotated[str | None, typer.Option("--target-true")] = None,
+    model: ModelOpt = "smollm2-135m",
+    mode: Annotated[str, typer.Option(help="rrome, original, prompt or all")] = "rrome",
+    layer: LayerOpt = None,
+    hparams: HparamsOpt = None,
+    templates: Annotated[
+        Path | None, typer.Option(help="JSON list of context templates to use")
+    ] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    device_map: DeviceMapOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the record(s) as JSON")] = False,
+    generate_tokens: Annotated[int, typer.Option(help="tokens of greedy text")] = 20,
+) -> None:
+    """Compute an edit in one mode (or all), show its record and text before and after."""
+    from rome import EditRequest
+    from workbench.core.edits import make_editor, modes_for, preview_edit
+
+    with handled():
+        modes = modes_for(mode)
+        req = EditRequest(prompt, subject, target_new, target_true).validate()
+        lm = load(model, device, dtype, hparams, layer, device_map)
+        ed = make_editor(lm, templates)
+        with progress_bar() as bar:
+            pv = preview_edit(lm, ed, req, modes, generate_tokens, phase_progress(bar))
+        if as_json:
+            payload = pv.records()
+            out.print_json(json.dumps(payload if len(payload) > 1 else payload[0]))
+            return
+        out.print(_record_table(pv.results))
+        out.print(f"[bold]before[/bold]  {req.text}[cyan]{pv.before}[/cyan]", highlight=False)
+        for m, text in pv.after.items():
+            out.print(f"[bold]{m:7s}[/bold] {req.text}[green]{text}[/green]", highlight=False)

@@ -1,0 +1,177 @@
+"""``rome-workbench replay``: a CounterFact sequence with GLUE checkpoints, drawn on
+the terminal from ``workbench.core.replay``'s events."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.progress import Progress
+from rich.table import Table
+
+from workbench.core.replay import ReplayHandler
+
+from .common import (
+    DbOpt,
+    DeviceMapOpt,
+    DeviceOpt,
+    DtypeOpt,
+    HparamsOpt,
+    LayerOpt,
+    ModelOpt,
+    app,
+    err,
+    handled,
+    load,
+    open_db,
+    out,
+    progress_bar,
+)
+
+if TYPE_CHECKING:
+    from evals.replay import CheckpointDone, EditDone, ReplayStarted, ReplayWarning
+    from workbench.store import Store
+
+
+@app.command()
+def replay(
+    model: ModelOpt = "smollm2-135m",
+    dataset: Annotated[
+        str, typer.Option(help="'sample' (bundled) or a CounterFact JSON")
+    ] = "sample",
+    n_edits: Annotated[int, typer.Option("--n-edits", help="edits to apply in order")] = 100,
+    mode: Annotated[str, typer.Option(help="original, rrome or prompt")] = "rrome",
+    glue_every: Annotated[int, typer.Option("--glue-every", help="GLUE every K edits")] = 10,
+    glue_dir: Annotated[Path | None, typer.Option(help="JSON-lines GLUE folder")] = None,
+    glue_limit: Annotated[int, typer.Option(help="examples per task (0: all)")] = 50,
+    glue_tasks: Annotated[str, typer.Option(help="comma-separated tasks")] = "sst2,mrpc,cola,rte",
+    glue_scoring: Annotated[str, typer.Option(help="logprob or generate")] = "logprob",
+    glue_calibration: Annotated[
+        str, typer.Option(help="none, or contextual (Calibrate Before Use; log-prob scoring)")
+    ] = "none",
+    guard: Annotated[bool, typer.Option(help="refuse edits flagged as disabling")] = False,
+    v_stop: Annotated[
+        str | None,
+        typer.Option(help="v* stopping rule: loss (reference) or most_probable (ENCORE)"),
+    ] = None,
+    norm_anchor: Annotated[
+        bool | None,
+        typer.Option("--norm-anchor/--no-norm-anchor", help="norm-anchor scaling of v* (NAS)"),
+    ] = None,
+    perplexity: Annotated[
+        bool, typer.Option(help="the held-out perplexity probe at every checkpoint")
+    ] = True,
+    layer: LayerOpt = None,
+    db: DbOpt = None,
+    resume: Annotated[str | None, typer.Option(help="resume this interrupted run")] = None,
+    rescore: Annotated[
+        bool, typer.Option("--rescore", help="with --resume of a finished run: re-score it")
+    ] = False,
+    json_out: Annotated[
+        Path | None, typer.Option("--json-out", help="write the run as JSON")
+    ] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    device_map: DeviceMapOpt = None,
+    hparams: HparamsOpt = None,
+) -> None:
+    """Apply N CounterFact edits in sequence, with GLUE and fluency checkpoints."""
+    import threading
+
+    from workbench.core.replay import edit_hparams, make_config, run_replay
+
+    cancel = threading.Event()
+    with handled():
+        cfg = make_config(
+            {
+                "dataset": dataset,
+                "n_edits": n_edits,
+                "mode": mode,
+                "glue_every": glue_every,
+                "glue_tasks": glue_tasks,
+                "glue_limit": glue_limit,
+                "glue_dir": str(glue_dir) if glue_dir else None,
+                "glue_scoring": glue_scoring,
+                "glue_calibration": glue_calibration,
+                "guard": guard,
+                "layer": layer,
+                "perplexity": perplexity,
+            }
+        )
+        store = open_db(db)
+        lm = load(model, device, dtype, hparams, layer, device_map)
+        edit_hp = edit_hparams(lm, v_stop, norm_anchor)
+        if resume and edit_hp is not lm.hparams:
+            err.print(
+                "note: a resumed run edits with the preset stored with it; ignoring "
+                "--v-stop / --norm-anchor"
+            )
+        with progress_bar() as bar:
+            shown = _ReplayProgress(bar, n_edits, resume)
+            try:
+                finished = run_replay(
+                    lm,
+                    store,
+                    shown,
+                    cfg,
+                    resume=resume,
+                    cancel=cancel,
+                    hparams=edit_hp,
+                    rescore_finished=rescore,
+                )
+            except KeyboardInterrupt:
+                err.print(
+                    f"[yellow]interrupted[/yellow]: finished edits are saved; "
+                    f"resume with --resume {shown.run_id}"
+                )
+                raise typer.Exit(1) from None
+        assert finished is not None
+        _summary(store, finished.run_id, finished.status, finished.summary)
+        if json_out is not None:
+            store.export_run(finished.run_id, "json", json_out)
+            err.print(f"wrote {json_out}")
+
+
+class _ReplayProgress(ReplayHandler):
+    """A replay on the terminal: a progress bar, and a line on stderr per checkpoint."""
+
+    def __init__(self, bar: Progress, total: int, run_id: str | None) -> None:
+        self.bar = bar
+        self.task = bar.add_task("replay", total=total)
+        self.run_id = run_id
+
+    def started(self, ev: ReplayStarted) -> None:
+        self.run_id = ev.run_id
+        self.bar.update(self.task, total=ev.total, completed=ev.start_seq)
+        err.print(f"run {ev.run_id}: {ev.total} edits, from edit {ev.start_seq}")
+
+    def edit_done(self, ev: EditDone) -> None:
+        mark = " [red]FLAGGED[/red]" if ev.flagged else ""
+        self.bar.update(
+            self.task,
+            completed=ev.seq + 1,
+            description=f"{ev.subject[:24]} -> {ev.target_new[:12]} "
+            f"|dW| {ev.update_norm:.1f}{mark}",
+        )
+
+    def checkpoint(self, ev: CheckpointDone) -> None:
+        accs = " ".join(f"{t} {r['accuracy']:.2f}" for t, r in ev.glue.items())
+        ppl = f" perplexity {ev.perplexity:.2f}" if ev.perplexity else ""
+        flu = f" fluency {ev.fluency:.2f}" if ev.fluency is not None else ""
+        err.print(f"after {ev.step:4d} edits: {accs}{flu}{ppl}")
+
+    def warning(self, ev: ReplayWarning) -> None:
+        err.print(f"[yellow]warning:[/yellow] {ev.message}", highlight=False)
+
+
+def _summary(store: Store, run_id: str, status: str, summary: dict[str, Any]) -> None:
+    from workbench.core.summary import run_summary
+
+    rs = run_summary(store, run_id, status, summary)
+    t = Table(title=rs.title)
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    for label, value in rs.rows:
+        t.add_row(label, value)
+    out.print(t)

@@ -1,0 +1,166 @@
+"""The history's commands: ``runs``, ``history``, ``export``, ``plot`` and ``save``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from rome import errors as rome_errors
+
+from .common import (
+    DbOpt,
+    DeviceOpt,
+    DtypeOpt,
+    app,
+    err,
+    handled,
+    open_db,
+    out,
+    phase_progress,
+    progress_bar,
+)
+
+
+@app.command()
+def runs(
+    db: DbOpt = None, model: Annotated[str | None, typer.Option(help="only this model")] = None
+) -> None:
+    """List the runs in the database."""
+    with handled():
+        store = open_db(db)
+        t = Table(title=f"runs in {store.path}")
+        for col in ("id", "kind", "model", "mode", "status", "edits", "flagged", "created"):
+            t.add_column(col)
+        for r in store.list_runs(model):
+            t.add_row(
+                r.id,
+                r.kind,
+                r.model,
+                r.mode or "-",
+                r.status,
+                f"{r.n_edits}/{r.n_edits_planned or '-'}",
+                str(r.n_flagged),
+                r.created_at[:19],
+            )
+        out.print(t)
+
+
+@app.command()
+def history(
+    run: Annotated[str, typer.Argument(help="run id (or a unique prefix)")], db: DbOpt = None
+) -> None:
+    """The edits of one run, in order, with their figures."""
+    with handled():
+        store = open_db(db)
+        r = store.get_run(run)
+        t = Table(title=f"run {r.id}: {r.model}, {r.mode}, {r.status}")
+        for col in (
+            "#",
+            "case",
+            "subject",
+            "target",
+            "|dW|",
+            "ratio",
+            "denom",
+            "cos",
+            "ES",
+            "PS",
+            "NS",
+            "flag",
+        ):
+            t.add_column(col)
+        for e in store.edits(r.id):
+            m = e.metrics or {}
+
+            def f(x: Any, fmt: str = "{:.2f}") -> str:
+                return "-" if x is None else fmt.format(x)
+
+            req = e.request
+            t.add_row(
+                str(e.seq),
+                str(e.case_id or "-"),
+                req.get("subject", "")[:22],
+                req.get("target_new", "")[:14],
+                f(e.update_norm),
+                f(e.update_norm_ratio, "{:.3f}"),
+                f(e.denominator, "{:.3g}"),
+                f(e.cos_kstar_ks),
+                f(m.get("es")),
+                f(m.get("ps")),
+                f(m.get("ns")),
+                ("refused " if e.refused else "") + (e.flag_reason or ""),
+            )
+        out.print(t)
+
+
+@app.command()
+def export(
+    run: Annotated[str, typer.Argument(help="run id")],
+    csv: Annotated[bool, typer.Option("--csv", help="one row per edit")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="the whole run (default)")] = False,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="file to write")] = None,
+    db: DbOpt = None,
+) -> None:
+    """Export a run as JSON (run, edits, checkpoints) or CSV (one row per edit)."""
+    with handled():
+        if csv and as_json:
+            raise rome_errors.BadRequestError("choose one of --csv and --json")
+        store = open_db(db)
+        fmt = "csv" if csv else "json"
+        r = store.get_run(run)
+        path = output or Path(f"run-{r.id}.{fmt}")
+        store.export_run(r.id, fmt, path)
+        err.print(f"wrote {path}")
+
+
+@app.command()
+def plot(
+    run_ids: Annotated[list[str], typer.Argument(help="one or more run ids to overlay")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="PNG file")] = Path("runs.png"),
+    db: DbOpt = None,
+) -> None:
+    """Plot GLUE per task, update norms and fluency against the edit number."""
+    from workbench.plot import plot_runs
+
+    with handled():
+        store = open_db(db)
+        ids = [store.get_run(r).id for r in run_ids]
+        path = plot_runs(store, ids, output)
+        err.print(f"wrote {path}")
+
+
+@app.command()
+def save(
+    run: Annotated[str, typer.Argument(help="run id (or a unique prefix)")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="folder to write (new or empty)")],
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="replace a folder that is not empty")
+    ] = False,
+    db: DbOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+) -> None:
+    """Save a run's edited model as a Hugging Face folder (safetensors, config,
+    tokenizer, a README.md listing the edits): the base model plus the run's
+    applied edits in order, fingerprints checked as on resume."""
+    from workbench.core.save import save_run
+
+    with handled():
+        store = open_db(db)
+        r = store.get_run(run)
+        err.print(f"rebuilding run {r.id} on {r.model}...")
+        with progress_bar() as bar:
+            path = save_run(
+                store,
+                r.id,
+                output,
+                device=device,
+                dtype=dtype,
+                overwrite=overwrite,
+                progress=phase_progress(bar),
+            )
+        n = len(store.edits(r.id, applied_only=True))
+        err.print(f"wrote {path} ({r.model} with {n} edit(s) of run {r.id})")
