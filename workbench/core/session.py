@@ -5,6 +5,10 @@ No Textual and no rich here: the app calls these methods from thread workers,
 and tests can call them directly. The engine and the store are reached only
 through their public functions. Methods that change the weights hold the
 session's lock and bump :attr:`Session.version`.
+
+Over 500 lines on purpose: one class whose methods share that lock, the
+version counter and the session run's writer lease; its records, verdicts,
+history rows and the replay driver live in their own modules.
 """
 
 from __future__ import annotations
@@ -36,6 +40,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]
+
+
+#: what a re-applied edit takes over from the stored one
+_COPIED_EDIT_FIELDS = (
+    "request",
+    "mode",
+    "layer",
+    "weight_name",
+    "case_id",
+    "update_norm",
+    "update_norm_ratio",
+    "denominator",
+    "cos_kstar_ks",
+    "record",
+)
 
 
 class NoModelError(RomeError):
@@ -423,23 +442,15 @@ class Session:
         try:
             run_id = self._ensure_run()
             seq = self.store.next_seq(run_id)
+            copied = {k: getattr(edit, k) for k in _COPIED_EDIT_FIELDS}
             self.store.add_edit(
                 run_id,
                 seq,
-                request=edit.request,
-                mode=edit.mode,
-                layer=edit.layer,
-                weight_name=edit.weight_name,
                 u=u,
                 v=v,
-                case_id=edit.case_id,
-                update_norm=edit.update_norm,
-                update_norm_ratio=edit.update_norm_ratio,
-                denominator=edit.denominator,
-                cos_kstar_ks=edit.cos_kstar_ks,
-                record=edit.record,
                 metrics={"source": "reapplied", "from": f"{edit.run_id}:{edit.seq}"},
                 fingerprint=ed.fingerprint([edit.layer]),
+                **copied,
             )
             return run_id, seq
         except StoreError as exc:

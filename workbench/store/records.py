@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from .codec import loads
 
@@ -19,6 +21,8 @@ RUN_STATUSES = ("running", "finished", "cancelled", "failed", "interrupted")
 #: statuses of a run that stopped before its last edit and may be resumed
 RESUMABLE_STATUSES = ("interrupted", "cancelled", "failed")
 FLUENCY_TASK = "fluency"
+
+_R = TypeVar("_R")
 
 RunKind = Literal["replay", "session"]
 RunStatus = Literal["running", "finished", "cancelled", "failed", "interrupted"]
@@ -55,28 +59,8 @@ class Run:
     @classmethod
     def from_row(cls, r: Mapping[str, Any]) -> Run:
         """A run from a ``runs`` row joined with its edit counts."""
-        return cls(
-            id=r["id"],
-            kind=r["kind"],
-            model=r["model"],
-            preset=r["preset"],
-            mode=r["mode"],
-            hparams=loads(r["hparams"], {}),
-            data_source=r["data_source"],
-            n_edits_planned=r["n_edits_planned"],
-            glue_every=r["glue_every"],
-            glue_tasks=loads(r["glue_tasks"], []),
-            glue_limit=r["glue_limit"],
-            guard=bool(r["guard"]),
-            status=r["status"],
-            created_at=r["created_at"],
-            updated_at=r["updated_at"],
-            base_fingerprint=r["base_fingerprint"],
-            notes=r["notes"],
-            error=r["error"],
-            n_edits=int(r.get("n_edits") or 0),
-            n_flagged=int(r.get("n_flagged") or 0),
-        )
+        json: dict[str, Any] = {"hparams": {}, "glue_tasks": []}
+        return from_row(cls, r, json=json, flags=("guard",), counts=("n_edits", "n_flagged"))
 
 
 @dataclass(frozen=True)
@@ -107,30 +91,8 @@ class Edit:
     @classmethod
     def from_row(cls, r: Mapping[str, Any]) -> Edit:
         """An edit from an ``edits`` row selected with ``has_factors``."""
-        return cls(
-            id=r["id"],
-            run_id=r["run_id"],
-            seq=r["seq"],
-            case_id=r["case_id"],
-            request=loads(r["request"], {}),
-            mode=r["mode"],
-            layer=r["layer"],
-            weight_name=r["weight_name"],
-            update_norm=r["update_norm"],
-            update_norm_ratio=r["update_norm_ratio"],
-            denominator=r["denominator"],
-            cos_kstar_ks=r["cos_kstar_ks"],
-            record=loads(r["record"], {}),
-            metrics=loads(r["metrics"], {}),
-            timings=loads(r["timings"], {}),
-            flagged=bool(r["flagged"]),
-            flag_reason=r["flag_reason"],
-            refused=bool(r["refused"]),
-            applied=bool(r["applied"]),
-            fingerprint=r["fingerprint"],
-            created_at=r["created_at"],
-            has_factors=bool(r["has_factors"]),
-        )
+        json: dict[str, Any] = dict.fromkeys(("request", "record", "metrics", "timings"), {})
+        return from_row(cls, r, json=json, flags=("flagged", "refused", "applied", "has_factors"))
 
 
 @dataclass(frozen=True)
@@ -150,19 +112,7 @@ class Checkpoint:
     @classmethod
     def from_row(cls, r: Mapping[str, Any]) -> Checkpoint:
         """A checkpoint from a ``checkpoints`` row (``extra`` still JSON text)."""
-        return cls(
-            run_id=r["run_id"],
-            step=r["step"],
-            task=r["task"],
-            accuracy=r["accuracy"],
-            f1=r["f1"],
-            mcc=r["mcc"],
-            invalid=r["invalid"],
-            n=r["n"],
-            value=r["value"],
-            extra=loads(r["extra"], {}),
-            created_at=r["created_at"],
-        )
+        return from_row(cls, r, json={"extra": {}})
 
 
 @dataclass(frozen=True)
@@ -186,7 +136,7 @@ class Rescore:
     @classmethod
     def from_row(cls, r: Mapping[str, Any]) -> Rescore:
         """A re-scoring from a ``rescore`` row."""
-        return cls(r["run_id"], r["seq"], loads(r["metrics"], {}), r["created_at"])
+        return from_row(cls, r, json={"metrics": {}})
 
 
 @dataclass(frozen=True)
@@ -207,3 +157,28 @@ def default_db_path() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_data_dir(APP_NAME)) / "workbench.db"
+
+
+def from_row(
+    cls: type[_R],
+    r: Mapping[str, Any],
+    *,
+    json: Mapping[str, Any] | None = None,
+    flags: tuple[str, ...] = (),
+    counts: tuple[str, ...] = (),
+) -> _R:
+    """A record dataclass from a row: ``json`` columns decoded (NULL -> a copy of
+    the default given), ``flags`` as bools, ``counts`` as ints (missing -> 0)."""
+    json = json or {}
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        name = f.name
+        if name in json:
+            values[name] = loads(r[name], copy.copy(json[name]))
+        elif name in flags:
+            values[name] = bool(r[name])
+        elif name in counts:
+            values[name] = int(r.get(name) or 0)
+        else:
+            values[name] = r[name]
+    return cls(**values)
