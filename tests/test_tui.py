@@ -13,15 +13,15 @@ from rich.console import Console
 pytest.importorskip("textual")
 pytest.importorskip("textual_plotext")
 
-from textual.widgets import Button, DataTable, Input  # noqa: E402
+from textual.widgets import Button, DataTable, Input, Tabs  # noqa: E402
 
+from workbench.core.forms import field_errors  # noqa: E402
+from workbench.core.generation import word_diff  # noqa: E402
+from workbench.core.verdict import judge  # noqa: E402
 from workbench.store import Store  # noqa: E402
 from workbench.tui.app import WorkbenchApp  # noqa: E402
-from workbench.tui.forms import field_errors  # noqa: E402
-from workbench.tui.generation import word_diff  # noqa: E402
 from workbench.tui.screens.dialogs import ConfirmDialog, ErrorDialog  # noqa: E402
 from workbench.tui.screens.help import HelpScreen  # noqa: E402
-from workbench.tui.session import judge  # noqa: E402
 from workbench.tui.widgets.form_field import FormField  # noqa: E402
 from workbench.tui.widgets.norm_chart import NormChart  # noqa: E402
 
@@ -298,6 +298,11 @@ async def test_replay_updates_charts_and_writes_run(app_factory) -> None:
         s = series[0]
         assert [n for n, _ in s.norms] == [1, 2, 3]
         assert "sst2" in s.glue and [step for step, _ in s.glue["sst2"]] == [0, 2, 3]
+        # the collapse probes and the drift of the edited matrix are charted too
+        assert [step for step, _ in s.perplexity] == [0, 2, 3]
+        assert [step for step, _ in s.fluency] == [0, 2, 3]
+        assert [n for n, _ in s.drift] == [1, 2, 3]
+        assert any("‖W−W₀‖" in n.label for n in pane.query_one(NormChart).series)
         assert pane.query_one(NormChart).series
         assert "finished" in text_of(pane.query_one("#replay-status"))
         assert torch.equal(base, weight(app)), "the replay's edits are taken off the model"
@@ -308,7 +313,8 @@ async def test_replay_updates_charts_and_writes_run(app_factory) -> None:
     with Store.open(app_factory.db) as store:
         (run,) = store.list_runs(kind="replay")
         assert run.status == "finished" and run.n_edits == 3
-        assert {c.task for c in store.checkpoints(run.id)} == {"sst2", "fluency"}
+        tasks = {c.task for c in store.checkpoints(run.id)}
+        assert tasks == {"sst2", "fluency", "perplexity"}
 
 
 async def test_cancel_keeps_finished_edits_and_resume(app_factory) -> None:
@@ -412,6 +418,8 @@ async def test_key_press_handled_while_a_long_job_runs(app_factory, monkeypatch)
         assert isinstance(app.screen, HelpScreen)
         await pilot.press("escape")
         await pilot.pause()
+        app.query_one(Tabs).focus()  # the cursor is in the Prompt field after the load
+        await pilot.pause()
         await pilot.press("3")
         await pilot.pause()
         assert app.query_one("#tabs").active == "tab-compare"
@@ -475,7 +483,8 @@ async def test_quit_asks_while_a_job_runs(app_factory, monkeypatch) -> None:
         await pilot.press("f9")
         await pilot.pause()
         assert app.busy
-        app.query_one("#tabs").focus()
+        app.query_one(Tabs).focus()  # the cursor is in the Prompt field after the load
+        await pilot.pause()
         await pilot.press("q")
         await pilot.pause()
         assert isinstance(app.screen, ConfirmDialog)

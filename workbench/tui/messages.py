@@ -1,21 +1,28 @@
-"""Messages the workers post to the app. Progress messages replace each other in the queue."""
+"""Messages the workers post to the app, one class per thing that happened.
+
+Progress messages of one job replace each other in the queue.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from textual.message import Message
 
 if TYPE_CHECKING:
-    from .session import AppliedInfo, EditOutcome, HistoryRow, ModelInfo
+    from evals.replay import CheckpointDone, EditDone, ReplayFinished, ReplayWarning
+    from workbench.core.records import AppliedInfo, EditOutcome, HistoryRow, ModelInfo
+
+    from .jobs import JobEnd, JobId, ReadId
+    from .replay_data import ReplaySeries
 
 
 class Progress(Message):
     """One step of a job; a newer one of the same job supersedes an unprocessed older one."""
 
     def __init__(
-        self, job: str, phase: str, done: int, total: int | None, detail: str = ""
+        self, job: JobId, phase: str, done: int, total: int | None, detail: str = ""
     ) -> None:
         super().__init__()
         self.job = job
@@ -25,35 +32,48 @@ class Progress(Message):
         self.detail = detail
 
     def can_replace(self, message: Message) -> bool:
-        return isinstance(message, Progress) and message.job == self.job
-
-
-class JobStarted(Message):
-    def __init__(self, job: str, label: str) -> None:
-        super().__init__()
-        self.job = job
-        self.label = label
+        return isinstance(message, Progress) and message.job is self.job
 
 
 class JobFinished(Message):
-    """A job ended: ``status`` is "done", "cancelled" or "failed"."""
+    """A job ended: done, cancelled or failed."""
 
-    def __init__(self, job: str, label: str, status: str, seconds: float) -> None:
+    def __init__(self, job: JobId, label: str, end: JobEnd, seconds: float) -> None:
         super().__init__()
         self.job = job
         self.label = label
-        self.status = status
+        self.end = end
         self.seconds = seconds
 
 
 class JobFailed(Message):
-    """A job raised: the app's one error handler turns it into a notice or dialog."""
+    """A job or a read raised: the app's one error handler turns it into a notice or dialog."""
 
-    def __init__(self, job: str, label: str, error: BaseException) -> None:
+    def __init__(self, job: JobId | ReadId, label: str, error: BaseException) -> None:
         super().__init__()
         self.job = job
         self.label = label
         self.error = error
+
+
+class StoreOpened(Message):
+    """The history database is open (``store`` None: it is not, ``error`` says why).
+
+    ``stale`` are the runs found interrupted; ``doing`` what failed when ``error`` is set.
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        stale: list[str],
+        error: BaseException | None = None,
+        doing: str = "",
+    ) -> None:
+        super().__init__()
+        self.store = store
+        self.stale = stale
+        self.error = error
+        self.doing = doing
 
 
 class ModelLoaded(Message):
@@ -96,11 +116,22 @@ class ModelChanged(Message):
         self.what = what
 
 
-class GenerationDone(Message):
-    def __init__(self, pairs: list[Any], title: str) -> None:
+class OwnGenerated(Message):
+    def __init__(self, prompt: str, text: str, note: str) -> None:
         super().__init__()
-        self.pairs = pairs
-        self.title = title
+        self.prompt = prompt
+        self.text = text
+        self.note = note
+
+
+class ModelSaved(Message):
+    """A run's edited model was written as a Hugging Face folder."""
+
+    def __init__(self, path: Path, run_id: str, n_edits: int) -> None:
+        super().__init__()
+        self.path = path
+        self.run_id = run_id
+        self.n_edits = n_edits
 
 
 class HistoryLoaded(Message):
@@ -110,33 +141,46 @@ class HistoryLoaded(Message):
         self.note = note
 
 
-@dataclass
-class ReplaySeries:
-    """One replay run's data for the charts (from the store or live)."""
-
-    run_id: str
-    label: str
-    norms: list[tuple[int, float]]  # (edit number, update norm)
-    flags: list[tuple[int, str]]  # (edit number, reason)
-    glue: dict[str, list[tuple[int, float]]]  # task -> (step, accuracy)
-    fluency: list[tuple[int, float]]
-    status: str = ""
-    total: int | None = None
-
-
-class ReplayEvent(Message):
-    """An event of ``evals.replay.replay`` (ReplayStarted, EditDone, ...)."""
-
-    def __init__(self, event: Any) -> None:
-        super().__init__()
-        self.event = event
-
-
 class ReplayRunsLoaded(Message):
-    def __init__(self, runs: list[Any], series: list[ReplaySeries]) -> None:
+    def __init__(self, runs: list[Any]) -> None:
         super().__init__()
         self.runs = runs
+
+
+class RunSeriesLoaded(Message):
+    """A stored run's chart data, to show alone (open) or beside the others (overlay)."""
+
+    def __init__(self, series: ReplaySeries, overlay: bool) -> None:
+        super().__init__()
         self.series = series
+        self.overlay = overlay
+
+
+class ReplayOpened(Message):
+    """A replay started or resumed (``existing``: what a resumed run had already)."""
+
+    def __init__(
+        self,
+        run_id: str,
+        total: int,
+        start_seq: int,
+        mode: str,
+        existing: ReplaySeries | None,
+    ) -> None:
+        super().__init__()
+        self.run_id = run_id
+        self.total = total
+        self.start_seq = start_seq
+        self.mode = mode
+        self.existing = existing
+
+
+class ReplayProgress(Message):
+    """An event of ``evals.replay.replay`` after its start (edit, checkpoint, warning, end)."""
+
+    def __init__(self, event: EditDone | CheckpointDone | ReplayWarning | ReplayFinished) -> None:
+        super().__init__()
+        self.event = event
 
 
 class Notice(Message):
@@ -147,11 +191,3 @@ class Notice(Message):
         self.text = text
         self.severity = severity
         self.title = title
-
-
-class OwnGenerated(Message):
-    def __init__(self, prompt: str, text: str, note: str) -> None:
-        super().__init__()
-        self.prompt = prompt
-        self.text = text
-        self.note = note

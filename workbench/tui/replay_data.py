@@ -1,98 +1,104 @@
-"""Replay configuration from the form, and a run's chart data from the store."""
+"""A replay run's chart data, from the store (in a worker thread) or grown by live events.
+
+The replay's settings, their one validation and the resumable rule are the
+core's (``workbench.core.replay``, ``workbench.core.stores``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from rome import MODES
-
-from .messages import ReplaySeries
+from evals.replay import PERPLEXITY_TASK
+from workbench.store import FLUENCY_TASK
 
 if TYPE_CHECKING:
-    from workbench.store import Run, Store
-
-GLUE_TASKS = ("sst2", "mrpc", "cola", "rte")
-
-
-def config_errors(values: dict[str, Any]) -> dict[str, str]:
-    """Per-field problems of the replay form (empty: valid)."""
-    errors: dict[str, str] = {}
-    data = str(values.get("dataset", "")).strip()
-    if not data:
-        errors["dataset"] = "is empty: 'sample' (bundled) or a CounterFact JSON file"
-    elif data not in ("sample", "hub") and not Path(data).expanduser().is_file():
-        errors["dataset"] = f"no file at {data}"
-    for key, low, what in (
-        ("n_edits", 1, "edits"),
-        ("glue_every", 1, "GLUE interval"),
-        ("glue_limit", 1, "GLUE limit"),
-    ):
-        text = str(values.get(key, "")).strip()
-        try:
-            n = int(text)
-        except ValueError:
-            errors[key] = f"{what} must be a whole number"
-            continue
-        if n < low:
-            errors[key] = f"{what} must be at least {low}"
-    if values.get("mode") not in MODES:
-        errors["mode"] = f"must be one of {', '.join(MODES)}"
-    if not values.get("tasks"):
-        errors["tasks"] = "choose at least one GLUE task"
-    return errors
+    from evals.replay import CheckpointDone, EditDone
+    from workbench.store import Checkpoint, Run, Store
 
 
-def make_config(values: dict[str, Any]) -> Any:
-    from evals.replay import ReplayConfig
+Points = list[tuple[int, float]]
 
-    data = str(values["dataset"]).strip()
-    if data not in ("sample", "hub"):
-        data = str(Path(data).expanduser())
-    return ReplayConfig(
-        dataset=data,
-        n_edits=int(values["n_edits"]),
-        mode=str(values["mode"]),
-        glue_every=int(values["glue_every"]),
-        glue_tasks=tuple(values["tasks"]),
-        glue_limit=int(values["glue_limit"]),
-    )
+
+@dataclass
+class ReplaySeries:
+    """One replay run's data for the charts (from the store, then grown by live events)."""
+
+    run_id: str
+    label: str
+    norms: Points = field(default_factory=list)  # (edit number, ‖ΔW‖)
+    drift: Points = field(default_factory=list)  # (edit number, ‖W_n − W_0‖)
+    flags: list[tuple[int, str]] = field(default_factory=list)  # (edit number, reason)
+    glue: dict[str, Points] = field(default_factory=dict)  # task -> (step, accuracy)
+    fluency: Points = field(default_factory=list)  # (step, generation entropy)
+    perplexity: Points = field(default_factory=list)  # (step, perplexity)
+    status: str = ""
+    total: int | None = None
+
+    def add_edit(self, ev: EditDone) -> None:
+        n = ev.seq + 1
+        self.norms.append((n, float(ev.update_norm)))
+        self.drift.append((n, float(ev.w_delta_norm)))
+        if ev.flagged:
+            self.flags.append((n, ev.flag_reason or "flagged"))
+
+    def add_checkpoint(self, ev: CheckpointDone) -> None:
+        for task, row in ev.glue.items():
+            acc = row.get("accuracy")
+            if acc is not None:
+                self.glue[task] = _put(self.glue.get(task, []), ev.step, float(acc))
+        if ev.fluency is not None:
+            self.fluency = _put(self.fluency, ev.step, float(ev.fluency))
+        if ev.perplexity is not None:
+            self.perplexity = _put(self.perplexity, ev.step, float(ev.perplexity))
+
+
+def _put(points: Points, step: int, value: float) -> Points:
+    """``points`` with the value at ``step`` set (a resumed checkpoint replaces its step)."""
+    return [p for p in points if p[0] != step] + [(step, value)]
+
+
+def metric(metrics: Mapping[str, Any] | None, key: str) -> float | None:
+    value = (metrics or {}).get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def checkpoint_perplexity(c: Checkpoint) -> float | None:
+    """A stored perplexity checkpoint: ``extra["perplexity"]``, else exp(mean token NLL)."""
+    ppl = metric(c.extra, "perplexity")
+    if ppl is None and c.value is not None and math.isfinite(c.value) and c.value < 700:
+        ppl = math.exp(c.value)
+    return ppl
 
 
 def series_from_store(store: Store, run: Run) -> ReplaySeries:
-    """A stored run's norms, flags, GLUE accuracies and fluency, for the charts."""
-    edits = store.edits(run.id)
-    norms = [(e.seq + 1, float(e.update_norm)) for e in edits if e.update_norm is not None]
-    flags = [(e.seq + 1, e.flag_reason or "flagged") for e in edits if e.flagged]
-    glue: dict[str, list[tuple[int, float]]] = {}
-    fluency: list[tuple[int, float]] = []
+    """A stored run's norms, drift, flags, GLUE accuracies and probes, for the charts."""
+    s = ReplaySeries(run.id, run_label(run), status=run.status, total=run.n_edits_planned)
+    for e in store.edits(run.id):
+        n = e.seq + 1
+        if e.update_norm is not None:
+            s.norms.append((n, float(e.update_norm)))
+        drift = metric(e.metrics, "w_delta_norm")
+        if drift is not None:
+            s.drift.append((n, drift))
+        if e.flagged:
+            s.flags.append((n, e.flag_reason or "flagged"))
     for c in store.checkpoints(run.id):
-        if c.task == "fluency":
+        if c.task == FLUENCY_TASK:
             if c.value is not None:
-                fluency.append((c.step, float(c.value)))
+                s.fluency.append((c.step, float(c.value)))
+        elif c.task == PERPLEXITY_TASK:
+            ppl = checkpoint_perplexity(c)
+            if ppl is not None:
+                s.perplexity.append((c.step, ppl))
         elif c.accuracy is not None:
-            glue.setdefault(c.task, []).append((c.step, float(c.accuracy)))
-    return ReplaySeries(
-        run_id=run.id,
-        label=run_label(run),
-        norms=norms,
-        flags=flags,
-        glue=glue,
-        fluency=fluency,
-        status=run.status,
-        total=run.n_edits_planned,
-    )
+            s.glue.setdefault(c.task, []).append((c.step, float(c.accuracy)))
+    return s
 
 
 def run_label(run: Run) -> str:
     return f"{run.id[:6]} {run.mode or ''}".strip()
-
-
-def resumable(runs: Sequence[Run]) -> list[Run]:
-    return [
-        r
-        for r in runs
-        if r.status in ("interrupted", "cancelled", "failed")
-        and (r.n_edits_planned is None or r.n_edits < r.n_edits_planned)
-    ]

@@ -1,1 +1,1 @@
-"""The workbench's screens and tab panes, one per module."""
+"""Real screens: modal dialogs and the help screen, one per module."""

@@ -21,15 +21,18 @@ Rank-one model editing (ROME) and the r-ROME correction, on a model you load.
 | F2 | load the model named in the Model tab |
 | F5 | compute the edit in the Edit tab (model unchanged) |
 | F6 | compare the three key modes side by side |
-| F7 | apply the edit (computes it first if needed) |
+| F7 | apply the edit: the F5 or F6 result on screen if the form is unchanged |
 | F8 | undo the last applied edit |
 | F9 | generate from the Generate tab's prompt |
 | Esc | cancel the running job (between two steps) |
-| 1 … 7 | switch tab (when no text field has focus) |
+| F3 / F4 | previous / next tab (also Ctrl+PgUp / Ctrl+PgDn), in a text field too |
+| Alt+1 … Alt+7 | that tab, in a text field too (where the terminal sends Alt) |
+| 1 … 7 | that tab (when no text field has focus) |
 | Ctrl+P | command palette: every action by name |
 | q | quit (asks first while a job runs) |
 
 Tab / Shift+Tab move between fields; Enter in a field computes the edit.
+Once a model is loaded the cursor is in the Edit tab's Prompt field.
 
 ## Tabs
 
@@ -43,11 +46,14 @@ Tab / Shift+Tab move between fields; Enter in a field computes the edit.
 4. **Generate**: greedy continuations before / after the last applied
    edit, changed words highlighted.
 5. **Weights**: log10 ‖ΔW‖ of this session's edits, and ‖W − W₀‖.
-6. **History**: every stored edit of this model; undo, revert to the
-   base weights, re-apply stored edits onto the loaded model.
-7. **Replay**: a CounterFact edit sequence with GLUE checkpoints and live
-   charts; cancel keeps finished edits; interrupted runs can be resumed;
-   finished runs can be opened and overlaid.
+6. **History**: every stored edit of this model with its figures (a
+   replay's CounterFact scores pre → post); undo, revert to the base
+   weights, re-apply stored edits onto the loaded model, and "Save
+   model…": the base model plus a run's edits as a Hugging Face folder.
+7. **Replay**: a CounterFact edit sequence with live charts: GLUE, the
+   perplexity and fluency probes, ‖ΔW‖ and ‖W − W₀‖ per edit; cancel keeps
+   finished edits; interrupted runs can be resumed; finished runs can be
+   opened and overlaid.
 
 ## Key modes
 

@@ -9,7 +9,7 @@ from rich.table import Table
 from rich.text import Text
 from textual.widgets import Static
 
-from ..generation import GenerationPair, word_diff
+from workbench.core.generation import GenerationPair, word_diff
 
 STYLES = {"same": "", "removed": "bold red strike", "added": "bold black on green"}
 

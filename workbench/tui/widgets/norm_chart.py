@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from textual_plotext import PlotextPlot
 
-from ..format import log10_or_none
+from workbench.core.format import log10_or_none
 
 COLORS = ("cyan", "orange", "green", "magenta", "blue", "yellow")
 
@@ -58,7 +58,6 @@ class NormSeries:
     label: str
     points: list[tuple[int, float]]  # (edit number, norm)
     flagged: list[int] = field(default_factory=list)  # edit numbers flagged
-    dashed: bool = False
 
 
 class NormChart(PlotextPlot):
@@ -66,9 +65,12 @@ class NormChart(PlotextPlot):
 
     DEFAULT_CSS = "NormChart { min-height: 8; }"
 
-    def __init__(self, title: str = "update norm", *, id: str | None = None) -> None:
+    def __init__(
+        self, title: str = "update norm", *, xlabel: str = "edit", id: str | None = None
+    ) -> None:
         super().__init__(id=id)
         self.title = title
+        self.xlabel = xlabel
         self.series: list[NormSeries] = []
 
     def on_mount(self) -> None:
@@ -84,7 +86,7 @@ class NormChart(PlotextPlot):
         plt.clear_data()
         plt.clear_figure()
         plt.title(f"{self.title} (log scale)")
-        plt.xlabel("edit")
+        plt.xlabel(self.xlabel)
         any_data = False
         for i, s in enumerate(self.series):
             pts = [(x, log10_or_none(y)) for x, y in s.points]

@@ -10,8 +10,9 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
-from ..format import fnum
-from ..session import NormPoint
+from workbench.core.format import fnum
+from workbench.core.records import NormPoint
+
 from ..widgets.norm_chart import NormChart, NormSeries
 
 

@@ -10,9 +10,9 @@ from textual.suggester import SuggestFromList
 from textual.widgets import Button, Input, Select, Static
 
 from rome import list_presets
+from workbench.core.format import fbytes, fseconds
+from workbench.core.records import ModelInfo
 
-from ..format import fbytes, fseconds
-from ..session import ModelInfo
 from ..widgets.form_field import FormField
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -113,6 +113,11 @@ class ModelPane(VerticalScroll):
         if loading:
             info.update(Text(text or "Loading…", style="italic"))
         info.loading = loading
+
+    def show_unloaded(self) -> None:
+        """No model (a load failed or was cancelled before the model was in memory)."""
+        self.set_loading(False)
+        self.query_one("#model-info", Static).update("No model loaded.")
 
     def show_info(self, info: ModelInfo) -> None:
         t = Table.grid(padding=(0, 2))

@@ -11,9 +11,9 @@ from textual.message import Message
 from textual.widgets import Button, Static
 
 from rome import MODES
+from workbench.core.format import farrow, fnum
+from workbench.core.records import EditOutcome
 
-from ..format import farrow, fnum
-from ..session import EditOutcome
 from .edit import verdict_text
 
 VERDICT_STYLE = {"ok": "green", "warn": "yellow", "bad": "bold red", "refused": "bold red"}

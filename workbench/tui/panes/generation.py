@@ -9,7 +9,8 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Button, Input, Static
 
-from ..generation import GenerationPair
+from workbench.core.generation import GenerationPair
+
 from ..widgets.diff_view import DiffView
 from ..widgets.form_field import FormField
 
@@ -50,6 +51,9 @@ class GenerationPane(VerticalScroll):
 
     def prompt(self) -> str:
         return self.query_one("#gen-prompt", Input).value.strip()
+
+    def focus_prompt(self) -> None:
+        self.query_one("#gen-prompt", Input).focus()
 
     def show_pairs(self, pairs: Sequence[GenerationPair], title: str) -> None:
         self.query_one("#gen-title", Static).update(Text(title, style="bold"))

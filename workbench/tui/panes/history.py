@@ -12,8 +12,8 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Button, DataTable, Static
 
-from ..format import fnum, fprob
-from ..session import HistoryRow
+from workbench.core.format import fnum, fprob
+from workbench.core.records import HistoryRow
 
 
 def plural(n: int, word: str) -> str:
@@ -32,8 +32,14 @@ def when(iso: str) -> str:
 CF_METRICS = ("es", "em", "ps", "pm", "ns", "nm", "s", "ge")
 
 
-def metric_lines(metrics: dict) -> list[tuple[str, str]]:
-    """Compact lines for an edit's metrics: probes (session edits) or CounterFact scores."""
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def probe_lines(metrics: dict) -> list[tuple[str, str]]:
+    """p(new) / p(true) before → after on each probe of a session edit."""
     out: list[tuple[str, str]] = []
     for probe in ("prompt", "paraphrase", "neighbour"):
         if f"{probe}_p_new_before" not in metrics:
@@ -48,13 +54,45 @@ def metric_lines(metrics: dict) -> list[tuple[str, str]]:
                 f"→{fprob(metrics.get(f'{probe}_p_true_after'))}"
             )
         out.append((probe, line))
-    scores = [
-        f"{k.upper()} {fnum(float(metrics[k]), 2)}"
-        for k in CF_METRICS
-        if isinstance(metrics.get(k), (int, float)) and not isinstance(metrics.get(k), bool)
-    ]
+    return out
+
+
+def counterfact_line(metrics: dict) -> str:
+    """CounterFact scores after the edit, as ``pre→post`` where the pre-edit ones are stored."""
+    pre = metrics.get("pre") if isinstance(metrics.get("pre"), dict) else {}
+    scores = []
+    for k in CF_METRICS:
+        post = _number(metrics.get(k))
+        if post is None:
+            continue
+        before = _number(pre.get(k))
+        shown = fnum(post, 2) if before is None else f"{fnum(before, 2)}→{fnum(post, 2)}"
+        scores.append(f"{k.upper()} {shown}")
+    return " · ".join(scores)
+
+
+def drift_line(metrics: dict) -> str:
+    """The edited matrix after the edit, against the base: ‖W_n − W₀‖ and ‖W_n‖ / ‖W₀‖."""
+    parts = []
+    drift = _number(metrics.get("w_delta_norm"))
+    if drift is not None:
+        parts.append(f"‖W−W₀‖ {fnum(drift)}")
+    ratio = _number(metrics.get("w_norm_ratio"))
+    if ratio is not None:
+        parts.append(f"‖W‖/‖W₀‖ {fnum(ratio, 4)}")
+    return " · ".join(parts)
+
+
+def metric_lines(metrics: dict) -> list[tuple[str, str]]:
+    """Compact lines for an edit's metrics: probes (session edits) or CounterFact scores."""
+    out = probe_lines(metrics)
+    scores = counterfact_line(metrics)
     if scores:
-        out.append(("CounterFact", " · ".join(scores)))
+        label = "CounterFact" if not isinstance(metrics.get("pre"), dict) else "pre → post"
+        out.append((label, scores))
+    drift = drift_line(metrics)
+    if drift:
+        out.append(("weights", drift))
     if metrics.get("from"):
         out.append(("re-applied", f"from {metrics['from']}"))
     return out
@@ -68,6 +106,13 @@ class HistoryPane(Vertical):
             super().__init__()
             self.row = row
             self.whole_run = whole_run
+
+    class SaveRun(Message):
+        """Write the base model plus the run's applied edits as a Hugging Face folder."""
+
+        def __init__(self, row: HistoryRow) -> None:
+            super().__init__()
+            self.row = row
 
     def __init__(self) -> None:
         super().__init__(id="history-pane")
@@ -108,6 +153,13 @@ class HistoryPane(Vertical):
                 id="hist-reapply-run",
                 compact=True,
                 tooltip="Apply every applied edit of the selected run, in order",
+            )
+            yield Button(
+                "Save model…",
+                id="hist-save",
+                compact=True,
+                tooltip="Write the base model plus the selected run's applied edits as a "
+                "Hugging Face folder",
             )
             yield Button(
                 "Refresh",
@@ -218,11 +270,14 @@ class HistoryPane(Vertical):
             if r.run_id == run_id and r.applied and not r.refused
         )
 
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        if event.button.id in ("hist-reapply", "hist-reapply-run"):
-            event.stop()
-            row = self.selected()
-            if row is None:
-                self.app.notify("Select an edit in the table first.", severity="warning")
-                return
+    @on(Button.Pressed, "#hist-reapply, #hist-reapply-run, #hist-save")
+    def _row_button(self, event: Button.Pressed) -> None:
+        event.stop()
+        row = self.selected()
+        if row is None:
+            self.app.notify("Select an edit in the table first.", severity="warning")
+            return
+        if event.button.id == "hist-save":
+            self.post_message(self.SaveRun(row))
+        else:
             self.post_message(self.Reapply(row, event.button.id == "hist-reapply-run"))

@@ -12,11 +12,12 @@ from textual.message import Message
 from textual.widgets import Button, Input, Select, Static
 
 from rome import MODES
+from workbench.core.format import farrow, fnum, fseconds
+from workbench.core.forms import EditForm, field_errors, form_from_values
+from workbench.core.records import AppliedInfo, EditOutcome
+from workbench.core.verdict import Verdict
 
 from ..examples import BY_KEY, EXAMPLES, ExampleEdit
-from ..format import farrow, fnum, fseconds
-from ..forms import EditForm, field_errors, form_from_values
-from ..session import AppliedInfo, EditOutcome, Verdict
 from ..widgets.form_field import FormField
 
 TEXT_FIELDS = {
@@ -239,6 +240,10 @@ class EditPane(Vertical):
     def _example_chosen(self, event: Select.Changed) -> None:
         if isinstance(event.value, str) and event.value in BY_KEY:
             self.fill(BY_KEY[event.value])
+
+    def focus_prompt(self) -> None:
+        """Put the cursor in the Prompt field (where a new edit starts)."""
+        self.query_one("#f-prompt", Input).focus()
 
     def choose_example(self, key: str) -> None:
         self.query_one("#f-example", Select).value = key

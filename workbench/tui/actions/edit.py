@@ -1,0 +1,233 @@
+"""Compute (F5), compare (F6), apply (F7) an edit, and generate (F9) on the model as it is."""
+
+from __future__ import annotations
+
+from textual import on
+
+from workbench.core.forms import EditForm
+from workbench.core.records import EditOutcome
+
+from ..base import AppBase, guarded
+from ..jobs import JobContext, JobEnd, JobId
+from ..messages import CompareComputed, EditApplied, EditComputed, Notice, OwnGenerated
+from ..panes.compare import ComparePane
+from ..panes.edit import EditPane
+
+
+class EditActions(AppBase):
+    """The Edit, Compare and Generate tabs' actions."""
+
+    def _phase_text(self, phase: str) -> str:
+        if phase == "covariance":
+            lm = self.session.lm
+            corpus = lm.hparams.mom2_dataset if lm else ""
+            return f"covariance over {corpus} texts (first time for this layer; cached after)"
+        if phase == "v*":
+            return "optimising v*"
+        return ""
+
+    def _job_form(self) -> EditForm | None:
+        """The form's values when a model job may start now (idle, loaded, valid form)."""
+        if self.refuse_busy():
+            return None
+        form = self.edit_pane.read_form()
+        if form is None:
+            self.show_tab("edit")
+            self.notify("Fix the marked field(s) in the Edit tab.", severity="warning", timeout=4)
+            return None
+        if not self.need_model():
+            return None
+        return form
+
+    def ready_outcome(self, form: EditForm) -> EditOutcome | None:
+        """An update already computed for ``form`` on the current weights, if one is on screen.
+
+        The Edit tab's result counts when its request, layer and mode match; a
+        comparison's result of the form's mode when the form is unchanged since.
+        """
+        version = self.session.version
+        o = self.edit_pane.outcome
+        if o is not None and self.edit_pane.applied is None and form.same_edit(o.form):
+            if o.version == version:
+                return o
+        c = self.compare_pane.outcomes.get(form.mode)
+        if c is not None and c.form == form and c.version == version:
+            return c
+        return None
+
+    # ----------------------------------------------------------- compute / compare
+    def action_compute(self) -> None:
+        form = self._job_form()
+        if form is None:
+            return
+
+        def work(ctx: JobContext) -> None:
+            outcome = self.session.compute(form, progress=ctx.engine_callback(self._phase_text))
+            ctx.post(EditComputed(outcome))
+
+        def ended(end: JobEnd) -> None:
+            if end is not JobEnd.DONE:
+                self.edit_pane.show_computing(f"Computing {end.value}")
+
+        label = f"Computing the {form.mode} edit"
+        if self.start_job(JobId.COMPUTE, label, work, on_end=ended):
+            self.edit_pane.show_computing(f"Computing the {form.mode} update")
+
+    def action_compare(self) -> None:
+        form = self._job_form()
+        if form is None:
+            return
+
+        def work(ctx: JobContext) -> None:
+            outcomes = self.session.compare(form, progress=ctx.engine_callback(self._phase_text))
+            ctx.post(CompareComputed(outcomes))
+
+        def ended(end: JobEnd) -> None:
+            if end is not JobEnd.DONE:
+                self.compare_pane.show_computing(f"Comparing {end.value}")
+
+        if self.start_job(JobId.COMPARE, "Comparing key modes", work, on_end=ended):
+            self.compare_pane.show_computing("Computing the update in the three key modes")
+            self.show_tab("compare")
+
+    def on_edit_computed(self, msg: EditComputed) -> None:
+        self.edit_pane.show_outcome(msg.outcome)
+        if msg.outcome.verdict.disabling:
+            self.notify(
+                f"{msg.outcome.mode}: {msg.outcome.verdict.summary}",
+                title="This update looks disabling",
+                severity="warning",
+                timeout=8,
+            )
+
+    def on_compare_computed(self, msg: CompareComputed) -> None:
+        self.compare_pane.show(msg.outcomes)
+
+    @on(EditPane.Submitted)
+    def _form_submitted(self) -> None:
+        self.action_compute()
+
+    # ----------------------------------------------------------- apply
+    def action_apply(self) -> None:
+        form = self._job_form()
+        if form is None:
+            return
+        ready = self.ready_outcome(form)
+        if ready is not None:
+            self.apply_outcome(ready)
+            return
+
+        def work(ctx: JobContext) -> None:
+            cb = ctx.engine_callback(self._phase_text)
+            outcome = self.session.compute(form, progress=cb)
+            ctx.post(EditComputed(outcome))
+            if outcome.verdict.disabling:
+                ctx.post(
+                    Notice(
+                        "Not applied. Review it in the Edit tab; F7 applies it anyway.",
+                        "warning",
+                        "Looks disabling",
+                    )
+                )
+                return
+            ctx.check()
+            ctx.post(EditApplied(self.session.apply(outcome, progress=cb)))
+
+        label = f"Computing and applying the {form.mode} edit"
+        if self.start_job(JobId.APPLY, label, work):
+            self.edit_pane.show_computing(f"Computing the {form.mode} update, then applying it")
+
+    def apply_outcome(self, o: EditOutcome, confirmed: bool = False) -> None:
+        if self.refuse_busy() or not self.need_model():
+            return
+        if o.version != self.session.version:
+            self.notify(
+                "The model changed since this update was computed: compute it again (F5 / F6).",
+                severity="warning",
+            )
+            return
+        if o.verdict.level == "refused":
+            self.notify(o.verdict.summary, title="Refused", severity="error")
+            return
+        if o.verdict.disabling and not confirmed:
+            self._confirm_disabling(o)
+            return
+
+        def work(ctx: JobContext) -> None:
+            ctx.post(EditApplied(self.session.apply(o, progress=ctx.engine_callback())))
+
+        self.start_job(JobId.APPLY, f"Applying the {o.mode} edit", work)
+
+    def _confirm_disabling(self, o: EditOutcome) -> None:
+        from ..screens.dialogs import ConfirmDialog
+
+        def answer(yes: bool | None) -> None:
+            if yes:
+                self.apply_outcome(o, True)
+
+        self.push_screen(
+            ConfirmDialog(
+                "Apply a disabling update?",
+                f"{o.mode}: {o.verdict.summary}.\nIt will likely damage the model (F8 undoes it).",
+                yes="Apply anyway",
+                no="Cancel",
+            ),
+            answer,
+        )
+
+    @on(ComparePane.ApplyMode)
+    def _compare_apply(self, msg: ComparePane.ApplyMode) -> None:
+        o = self.compare_pane.outcomes.get(msg.mode)
+        if o is not None:
+            self.apply_outcome(o)
+
+    @guarded("Showing the applied edit")
+    def on_edit_applied(self, msg: EditApplied) -> None:
+        info = msg.info
+        o = info.outcome
+        r = o.result
+        self.edit_pane.show_outcome(o, info)
+        self.compare_pane.mark_applied(r.mode, info.number)
+        self.generation_pane.show_pairs(
+            info.generations,
+            f"Edit #{info.number}: {r.request.subject} → {r.request.target_new} ({r.mode}), "
+            "before | after",
+        )
+        self.refresh_weights()
+        self.update_bar()
+        self.refresh_history()
+        self.notify(
+            f"{r.request.subject} → {r.request.target_new} ({r.mode}, ‖ΔW‖ {r.update_norm:.3g}).",
+            title=f"Edit #{info.number} applied",
+            timeout=4,
+        )
+        if info.store_error:
+            self.notify(
+                f"The edit is on the model but not in the history: {info.store_error}",
+                title="Not saved",
+                severity="warning",
+                timeout=10,
+            )
+
+    # ----------------------------------------------------------- generation
+    def action_generate(self) -> None:
+        if self.refuse_busy() or not self.need_model():
+            return
+        pane = self.generation_pane
+        prompt = pane.prompt()
+        if not prompt:
+            self.show_tab("generate")
+            pane.focus_prompt()
+            self.notify("Type a prompt in the Generate tab first.", severity="warning")
+            return
+        n = self.session.n_applied
+
+        def work(ctx: JobContext) -> None:
+            text = self.session.generate([prompt], 40)[0]
+            note = f"greedy, on the model with {n} edit(s) applied"
+            ctx.post(OwnGenerated(prompt, text, note))
+
+        self.start_job(JobId.GENERATE, "Generating", work)
+
+    def on_own_generated(self, msg: OwnGenerated) -> None:
+        self.generation_pane.show_own(msg.prompt, msg.text, msg.note)

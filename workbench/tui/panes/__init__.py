@@ -1,0 +1,1 @@
+"""The tabbed panes of the main screen, one per module."""
