@@ -26,7 +26,7 @@ PALETTE: tuple[tuple[str, str, str], ...] = (
     ("Help", "Keys, tabs and the workflow (F1)", "help"),
 )
 
-TAB_KEYS = Binding.Group("◀ tab ▶")
+TAB_KEYS = Binding.Group("tabs")
 
 BINDINGS: list[Binding] = [
     Binding("f1", "help", "Help", id="help", tooltip="Keys, tabs and the workflow"),
