@@ -42,7 +42,7 @@ class WorkbenchApp(ModelActions, EditActions, HistoryActions, ReplayActions):
     CSS_PATH = "workbench.tcss"
     TITLE = "rome-workbench"
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (110, "-wide")]
-    BINDINGS = BINDINGS
+    BINDINGS = BINDINGS  # type: ignore[assignment]  # a list of Binding, which App's type allows
 
     # ----------------------------------------------------------- layout
     def compose(self) -> ComposeResult:

@@ -154,6 +154,7 @@ class HistoryActions(AppBase):
     def _start_save(self, run_id: str, n: int, path: Path) -> None:
         """Rebuild the run on a fresh copy of its base model (the loaded one stays as it is)."""
         store = self.session.store
+        assert store is not None  # checked before the dialog
         lm = self.session.lm
         device = str(lm.device) if lm is not None else self.device
         dtype = str(lm.dtype).replace("torch.", "") if lm is not None else self.dtype

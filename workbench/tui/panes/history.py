@@ -59,7 +59,8 @@ def probe_lines(metrics: dict) -> list[tuple[str, str]]:
 
 def counterfact_line(metrics: dict) -> str:
     """CounterFact scores after the edit, as ``pre→post`` where the pre-edit ones are stored."""
-    pre = metrics.get("pre") if isinstance(metrics.get("pre"), dict) else {}
+    pre_value = metrics.get("pre")
+    pre: dict = pre_value if isinstance(pre_value, dict) else {}
     scores = []
     for k in CF_METRICS:
         post = _number(metrics.get(k))

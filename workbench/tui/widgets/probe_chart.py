@@ -59,9 +59,9 @@ class ProbeChart(PlotextPlot):
             plt.title("perplexity (log, left) · fluency (right)" if logs else "fluency")
         if logs:
             lo, hi = y_range(logs)
-            plt.ylim(lo, hi, yside="left")
+            plt.ylim(lo, hi, yside="left")  # type: ignore[arg-type]  # plotext takes a side name
             ticks, labels = log_ticks(lo, hi)
-            plt.yticks(ticks, labels, yside="left")
+            plt.yticks(ticks, labels, yside="left")  # type: ignore[arg-type]
         self.refresh()
 
     def _plot_perplexity(self, many: bool) -> list[float]:
