@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 
 from textual.widgets import TabbedContent
@@ -10,8 +9,6 @@ from textual.widgets import TabbedContent
 from ..base import AppBase, guarded
 from ..jobs import JobContext, JobEnd, JobId, ReadId
 from ..messages import CovarianceReady, ModelLoaded, StoreOpened
-
-log = logging.getLogger(__name__)
 
 
 class ModelActions(AppBase):
@@ -24,14 +21,15 @@ class ModelActions(AppBase):
         db_path = self.db_path
 
         def work() -> StoreOpened:
-            from workbench.store import Store, StoreError
+            from workbench.core.stores import open_store, recover
+            from workbench.store import StoreError
 
             try:
-                store = given if given is not None else Store.open(db_path)
+                store = given if given is not None else open_store(db_path)
             except StoreError as exc:
                 return StoreOpened(None, [], exc, "Opening the database")
             try:
-                return StoreOpened(store, store.recover_stale_runs())
+                return StoreOpened(store, recover(store))
             except StoreError as exc:
                 return StoreOpened(store, [], exc, "Checking for interrupted runs")
 
@@ -48,8 +46,6 @@ class ModelActions(AppBase):
             self._own_store = msg.store is not self._given_store
         if msg.error is not None:
             self.report_error(msg.error, msg.doing)
-        if msg.stale:
-            log.info("interrupted runs: %s", msg.stale)
         self.refresh_history()
         self.refresh_replay_runs()
 
@@ -58,8 +54,10 @@ class ModelActions(AppBase):
         if self.busy:
             return
         self.session.finish()
-        if self._own_store and self.session.store is not None:
-            self.session.store.close()
+        if self._own_store:
+            from workbench.core.stores import close_store
+
+            close_store(self.session.store)
             self.session.store = None
 
     # ----------------------------------------------------------- model
