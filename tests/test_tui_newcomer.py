@@ -29,6 +29,16 @@ from workbench.tui.screens.dialogs import ConfirmDialog, ErrorDialog  # noqa: E4
 from workbench.tui.screens.help import HelpScreen  # noqa: E402
 from workbench.tui.screens.save import SaveDialog  # noqa: E402
 
+
+async def apply_example(app: WorkbenchApp, pilot, key: str = "eiffel") -> None:
+    """Once the model is loaded: fill the form with an example and apply it (F7)."""
+    await wait_idle(app, pilot)
+    app.action_example(key)
+    await pilot.pause()
+    await pilot.press("f7")
+    await wait_idle(app, pilot)
+
+
 # --------------------------------------------------------------------------- the terminal
 
 
@@ -216,11 +226,7 @@ async def test_store_reads_run_off_the_ui_thread(app_factory, monkeypatch) -> No
         monkeypatch.setattr(Store, name, spy)
     app = app_factory()
     async with app.run_test(size=SIZE) as pilot:
-        await wait_idle(app, pilot)
-        app.action_example("eiffel")
-        await pilot.pause()
-        await pilot.press("f7")
-        await wait_idle(app, pilot)
+        await apply_example(app, pilot)
         app.action_refresh_history()
         app.show_tab("replay")
         await app.workers.wait_for_complete()
@@ -236,11 +242,7 @@ async def test_save_model_from_the_history(app_factory, tmp_path: Path) -> None:
     out = tmp_path / "edited"
     app = app_factory()
     async with app.run_test(size=SIZE) as pilot:
-        await wait_idle(app, pilot)
-        app.action_example("eiffel")
-        await pilot.pause()
-        await pilot.press("f7")
-        await wait_idle(app, pilot)
+        await apply_example(app, pilot)
         app.show_tab("history")
         await app.workers.wait_for_complete()
         await pilot.pause()

@@ -28,27 +28,29 @@ PALETTE: tuple[tuple[str, str, str], ...] = (
 
 TAB_KEYS = Binding.Group("tabs")
 
+
+def step_tab_key(key: str, step: int, id: str, *, shown: bool, also: str = "") -> Binding:
+    """A key that moves ``step`` tabs along, from anywhere (a text field too)."""
+    side = "left" if step < 0 else "right"
+    return Binding(
+        key,
+        f"step_tab({step})",
+        "previous tab" if step < 0 else "next tab",
+        id=id,
+        priority=True,
+        show=shown,
+        group=TAB_KEYS if shown else None,
+        tooltip=f"Show the tab on the {side} (works in a text field too){also}",
+    )
+
+
 BINDINGS: list[Binding] = [
     Binding("f1", "help", "Help", id="help", tooltip="Keys, tabs and the workflow"),
     Binding("f2", "load_model", "Load", id="load_model", tooltip="Load the Model tab's model"),
-    Binding(
-        "f3",
-        "step_tab(-1)",
-        "previous tab",
-        id="tab.previous",
-        priority=True,
-        group=TAB_KEYS,
-        tooltip="Show the tab on the left (works in a text field too)",
-    ),
-    Binding(
-        "f4",
-        "step_tab(1)",
-        "next tab",
-        id="tab.next",
-        priority=True,
-        group=TAB_KEYS,
-        tooltip="Show the tab on the right (works in a text field too)",
-    ),
+    step_tab_key("f3", -1, "tab.previous", shown=True),
+    step_tab_key("f4", 1, "tab.next", shown=True),
+    step_tab_key("ctrl+pageup", -1, "tab.previous.page", shown=False, also="; as F3"),
+    step_tab_key("ctrl+pagedown", 1, "tab.next.page", shown=False, also="; as F4"),
     Binding("f5", "compute", "Compute", id="compute", tooltip="Compute the edit; model unchanged"),
     Binding("f6", "compare", "Compare", id="compare", tooltip="Compute the three key modes"),
     Binding("f7", "apply", "Apply", id="apply", tooltip="Apply the edit to the model"),
@@ -80,24 +82,6 @@ BINDINGS: list[Binding] = [
         )
         for i, tab in enumerate(TABS)
     ],
-    Binding(
-        "ctrl+pageup",
-        "step_tab(-1)",
-        "previous tab",
-        id="tab.previous.page",
-        priority=True,
-        show=False,
-        tooltip="Show the tab on the left (as F3)",
-    ),
-    Binding(
-        "ctrl+pagedown",
-        "step_tab(1)",
-        "next tab",
-        id="tab.next.page",
-        priority=True,
-        show=False,
-        tooltip="Show the tab on the right (as F4)",
-    ),
     *[
         Binding(
             f"alt+{i + 1}",

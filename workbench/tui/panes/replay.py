@@ -196,7 +196,7 @@ class ReplayPane(Vertical):
     def redraw(self) -> None:
         series = self.all_series()
         many = len(series) > 1
-        self.query_one(GlueChart).set_runs([(s.label, s.glue) for s in series])
+        self.query_one(GlueChart).set_series([(s.label, s.glue) for s in series])
         self.query_one(ProbeChart).set_series(
             [ProbeSeries(s.label, s.perplexity, s.fluency) for s in series]
         )

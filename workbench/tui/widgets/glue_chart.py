@@ -1,45 +1,29 @@
-"""GLUE accuracy (and the fluency probe) against the number of edits applied."""
+"""GLUE accuracy against the number of edits applied, one line per task (and per run)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
-from textual_plotext import PlotextPlot
+from .chart import SeriesChart
 
+#: one run's accuracies: (run label, {task: [(step, accuracy)]})
+GlueRun = tuple[str, Mapping[str, Sequence[tuple[int, float]]]]
 TASK_COLORS = {"sst2": "cyan", "mrpc": "orange", "cola": "green", "rte": "magenta"}
 
 
-class GlueChart(PlotextPlot):
-    """One line per task (and per run when runs are overlaid)."""
-
-    DEFAULT_CSS = "GlueChart { min-height: 8; }"
+class GlueChart(SeriesChart[GlueRun]):
+    """One line per task (and per run when runs are overlaid); a single run's by task."""
 
     def __init__(self, title: str = "GLUE accuracy", *, id: str | None = None) -> None:
-        super().__init__(id=id)
-        self.title = title
-        self.runs: list[tuple[str, Mapping[str, Sequence[tuple[int, float]]]]] = []
+        super().__init__(title, id=id)
 
-    def on_mount(self) -> None:
-        super().on_mount()
-        self.replot()
-
-    def set_runs(
-        self, runs: Sequence[tuple[str, Mapping[str, Sequence[tuple[int, float]]]]]
-    ) -> None:
-        """``[(run label, {task: [(step, accuracy)]})]``; a single run is labelled by task."""
-        self.runs = list(runs)
-        self.replot()
-
-    def replot(self) -> None:
-        plt = self.plt
-        plt.clear_data()
-        plt.clear_figure()
+    def draw(self, plt: Any) -> None:
         plt.title(self.title)
-        plt.xlabel("edits")
         plt.ylim(0, 1)
         drew = False
         markers = ("braille", "dot", "x", "+")
-        for r, (run_label, tasks) in enumerate(self.runs):
+        for r, (run_label, tasks) in enumerate(self.series):
             for task, pts in tasks.items():
                 pts = [p for p in pts if p[1] is not None]
                 if not pts:
@@ -47,7 +31,7 @@ class GlueChart(PlotextPlot):
                 drew = True
                 xs = [p[0] for p in pts]
                 ys = [p[1] for p in pts]
-                label = task if len(self.runs) == 1 else f"{run_label} {task}"
+                label = task if len(self.series) == 1 else f"{run_label} {task}"
                 color = TASK_COLORS.get(task, "white")
                 marker = markers[r % len(markers)]
                 if len(pts) == 1:
@@ -57,4 +41,3 @@ class GlueChart(PlotextPlot):
         if not drew:
             plt.title("GLUE: no checkpoint yet")
             plt.plot([0], [0.5], color="gray", marker=" ")
-        self.refresh()

@@ -9,10 +9,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-from textual_plotext import PlotextPlot
+from typing import Any
 
 from workbench.core.format import log10_or_none
+
+from .chart import SeriesChart
 
 COLORS = ("cyan", "orange", "green", "magenta", "blue", "yellow")
 
@@ -60,33 +61,16 @@ class NormSeries:
     flagged: list[int] = field(default_factory=list)  # edit numbers flagged
 
 
-class NormChart(PlotextPlot):
+class NormChart(SeriesChart[NormSeries]):
     """log10 ‖ΔW‖ per edit for one or more series (runs, or session and cumulative)."""
-
-    DEFAULT_CSS = "NormChart { min-height: 8; }"
 
     def __init__(
         self, title: str = "update norm", *, xlabel: str = "edit", id: str | None = None
     ) -> None:
-        super().__init__(id=id)
-        self.title = title
-        self.xlabel = xlabel
-        self.series: list[NormSeries] = []
+        super().__init__(title, xlabel=xlabel, id=id)
 
-    def on_mount(self) -> None:
-        super().on_mount()
-        self.replot()
-
-    def set_series(self, series: Sequence[NormSeries]) -> None:
-        self.series = list(series)
-        self.replot()
-
-    def replot(self) -> None:
-        plt = self.plt
-        plt.clear_data()
-        plt.clear_figure()
+    def draw(self, plt: Any) -> None:
         plt.title(f"{self.title} (log scale)")
-        plt.xlabel(self.xlabel)
         any_data = False
         for i, s in enumerate(self.series):
             pts = [(x, log10_or_none(y)) for x, y in s.points]
@@ -121,4 +105,3 @@ class NormChart(PlotextPlot):
             if xs_all and max(xs_all) <= 10:
                 plt.xticks(list(range(min(xs_all), max(xs_all) + 1)))
                 plt.xlim(min(xs_all) - 0.5, max(xs_all) + 0.5)
-        self.refresh()

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-from textual_plotext import PlotextPlot
+from typing import Any
 
 from workbench.core.format import log10_or_none
 
+from .chart import SeriesChart
 from .norm_chart import COLORS, log_ticks, y_range
 
 Points = Sequence[tuple[int, float]]
@@ -26,29 +26,13 @@ class ProbeSeries:
     fluency: Points = field(default_factory=list)  # (step, generation entropy)
 
 
-class ProbeChart(PlotextPlot):
+class ProbeChart(SeriesChart[ProbeSeries]):
     """One perplexity line (left, log) and one fluency line (right) per run."""
 
-    DEFAULT_CSS = "ProbeChart { min-height: 8; }"
-
     def __init__(self, title: str = "probes", *, id: str | None = None) -> None:
-        super().__init__(id=id)
-        self.title = title
-        self.series: list[ProbeSeries] = []
+        super().__init__(title, id=id)
 
-    def on_mount(self) -> None:
-        super().on_mount()
-        self.replot()
-
-    def set_series(self, series: Sequence[ProbeSeries]) -> None:
-        self.series = list(series)
-        self.replot()
-
-    def replot(self) -> None:
-        plt = self.plt
-        plt.clear_data()
-        plt.clear_figure()
-        plt.xlabel("edits")
+    def draw(self, plt: Any) -> None:
         many = len(self.series) > 1
         logs = self._plot_perplexity(many)
         drew_fluency = self._plot_fluency(many)
@@ -59,10 +43,9 @@ class ProbeChart(PlotextPlot):
             plt.title("perplexity (log, left) · fluency (right)" if logs else "fluency")
         if logs:
             lo, hi = y_range(logs)
-            plt.ylim(lo, hi, yside="left")  # type: ignore[arg-type]  # plotext takes a side name
+            plt.ylim(lo, hi, yside="left")
             ticks, labels = log_ticks(lo, hi)
-            plt.yticks(ticks, labels, yside="left")  # type: ignore[arg-type]
-        self.refresh()
+            plt.yticks(ticks, labels, yside="left")
 
     def _plot_perplexity(self, many: bool) -> list[float]:
         """Draw the perplexity lines; the log10 values drawn."""
