@@ -153,12 +153,18 @@ def test_bundled_sample() -> None:
 
 
 def test_sample_rows_are_unchanged_val_rows() -> None:
-    val = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact"
-    val_file = val / "counterfact-val.json"
-    if not val_file.exists():
-        pytest.skip("the shared CounterFact split is not here")
-    by_id = {r["case_id"]: r for r in json.loads(val_file.read_text())}
-    sample = json.loads(
-        (Path(__file__).resolve().parents[1] / "evals/data/counterfact/sample.json").read_text()
-    )
+    data = Path(__file__).resolve().parents[1] / "evals" / "data" / "counterfact"
+    val_rows = json.loads((data / "counterfact-val.json").read_text())
+    by_id = {r["case_id"]: r for r in val_rows}
+    sample = json.loads((data / "sample.json").read_text())
+    assert len(sample) >= 1000  # enough for a 1,000-edit replay offline
     assert all(by_id[r["case_id"]] == r for r in sample)
+    assert len(load_counterfact("val")) == len(val_rows) == 1919
+
+
+def test_bundled_val_split_is_the_shared_file() -> None:
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact"
+    if not (shared / "counterfact-val.json").exists():
+        pytest.skip("the shared CounterFact split is not here")
+    bundled = Path(__file__).resolve().parents[1] / "evals/data/counterfact/counterfact-val.json"
+    assert bundled.read_bytes() == (shared / "counterfact-val.json").read_bytes()
