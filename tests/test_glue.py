@@ -165,3 +165,26 @@ def test_evaluate_glue_both_protocols(tiny) -> None:
     assert gen.accuracy == 0.0
     with pytest.raises(ValueError, match="scoring"):
         evaluate_glue(model, tok, ["cola"], limit=2, scoring="vibes")
+
+
+def test_contextual_calibration_divides_by_the_content_free_prior(tiny) -> None:
+    import math
+
+    from evals.glue import CONTENT_FREE, content_free_logprior, predict
+
+    model, tok = tiny
+    task = task_of("sst2")
+    examples = load_glue("sst2", limit=8)
+    prior = content_free_logprior(model, tok, task)
+    assert math.isclose(sum(math.exp(p) for p in prior), 1.0, rel_tol=1e-9)
+    # the prior is the mean label distribution over the content-free inputs
+    frees = [GlueExample(-1, 0, {"sentence": w}) for w in CONTENT_FREE]
+    rows = torch.tensor(label_logprobs(model, tok, task, frees), dtype=torch.float64)
+    assert prior == pytest.approx(rows.softmax(-1).mean(0).log().tolist())
+    scores = label_logprobs(model, tok, task, examples)
+    want = [task.labels[max(range(2), key=lambda j, s=s: s[j] - prior[j])] for s in scores]
+    assert predict(model, tok, task, examples, calibration="contextual") == want
+    with pytest.raises(ValueError, match="log-prob"):
+        predict(model, tok, task, examples, scoring="generate", calibration="contextual")
+    with pytest.raises(ValueError, match="calibration"):
+        predict(model, tok, task, examples, calibration="platt")
