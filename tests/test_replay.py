@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import signal
 import subprocess
@@ -19,6 +21,7 @@ from evals.replay import (
     ReplayError,
     ReplayFinished,
     ReplayStarted,
+    ReplayWarning,
     replay,
 )
 from rome import Editor, load_model
@@ -146,3 +149,80 @@ def test_resume_after_sigkill_rebuilds_the_same_weights(tmp_path):
     a = Editor(lm.model, lm.tokenizer, lm.hparams).module(layer).weight
     b = Editor(fresh.model, fresh.tokenizer, fresh.hparams).module(layer).weight
     assert torch.equal(a, b)
+
+
+def _records_file(path, rows):
+    path.write_text(json.dumps(rows))
+    return str(path)
+
+
+def test_each_edit_stores_pre_post_drift_and_its_record(tmp_path):
+    lm = load_model("tiny-gpt2")
+    store = Store.open(tmp_path / "r.db")
+    events = list(replay(lm, store, CFG))
+    edits = [e for e in events if isinstance(e, EditDone)]
+    drifts = [e.w_delta_norm for e in edits]
+    assert drifts[0] == pytest.approx(edits[0].update_norm, rel=1e-4)
+    assert all(d > 0 for d in drifts)
+    stored = store.edits(events[-1].run_id)
+    for e in stored:
+        assert {"es", "ps", "ns", "s_record"} <= set(e.metrics["pre"])
+        assert e.metrics["w_delta_norm"] > 0 and e.metrics["w_norm_ratio"] > 0
+        assert e.record["counterfact"]["case_id"] == e.case_id
+    ppl = [c for c in store.checkpoints(events[-1].run_id) if c.task == "perplexity"]
+    assert [c.step for c in ppl] == [0, 2, 4, 5]
+    assert all(c.extra["perplexity"] == pytest.approx(math.exp(c.value)) for c in ppl)
+    summary = events[-1].summary
+    assert summary["pre"]["n"] == summary["post"]["n"] == 5
+    # the published S: harmonic mean of the run-level means
+    post = summary["post"]
+    parts = [post["es"], post["ps"], post["ns"]]
+    want = 0.0 if min(parts) == 0 else 3 / sum(1 / x for x in parts)
+    assert post["s"] == pytest.approx(want)
+
+
+def test_resume_refuses_changed_records_and_rescores_from_stored_ones(tmp_path):
+    from evals.counterfact import SAMPLE_PATH
+
+    rows = json.loads(SAMPLE_PATH.read_text())[:6]
+    data = _records_file(tmp_path / "cf.json", rows[:4])
+    lm = load_model("tiny-gpt2")
+    store = Store.open(tmp_path / "r.db")
+    cfg = ReplayConfig(
+        dataset=data, n_edits=4, glue_every=2, glue_tasks=("sst2",), glue_limit=4, fluency_tokens=8
+    )
+    cancel = threading.Event()
+    for ev in replay(lm, store, cfg, cancel=cancel):
+        if isinstance(ev, EditDone) and ev.seq == 1:
+            cancel.set()
+    run_id = store.list_runs()[0].id
+    _records_file(tmp_path / "cf.json", [rows[0], rows[4], rows[2], rows[3]])
+    with pytest.raises(ReplayError, match="CounterFact records .* changed"):
+        list(replay(load_model("tiny-gpt2"), store, resume=run_id))
+    assert [e.seq for e in store.edits(run_id)] == [0, 1]  # nothing lost
+    _records_file(tmp_path / "cf.json", rows[:4])
+    events = list(replay(load_model("tiny-gpt2"), store, resume=run_id))
+    assert events[-1].status == "finished"
+    rescored = {r.seq: r.metrics["case_id"] for r in store.rescores(run_id)}
+    assert rescored == {i: rows[i]["case_id"] for i in range(4)}
+    # a finished run resumes to nothing unless asked
+    again = list(replay(load_model("tiny-gpt2"), store, resume=run_id))
+    assert isinstance(again[0], ReplayWarning) and "already finished" in again[0].message
+    assert not any(isinstance(e, EditDone) for e in again)
+
+
+def test_stabilisers_are_stored_with_the_run_and_each_edit(tmp_path):
+    lm = load_model("tiny-gpt2")
+    store = Store.open(tmp_path / "r.db")
+    hp = lm.hparams.replace(v_stop="most_probable", v_norm_anchor=True, v_num_grad_steps=5)
+    cfg = ReplayConfig(
+        n_edits=2, glue_every=2, glue_tasks=("sst2",), glue_limit=4, perplexity=False
+    )
+    events = list(replay(lm, store, cfg, hparams=hp))
+    run = store.get_run(events[-1].run_id)
+    stored = json.loads(run.hparams) if isinstance(run.hparams, str) else run.hparams
+    assert stored["hparams"]["v_stop"] == "most_probable"
+    assert stored["hparams"]["v_norm_anchor"] is True
+    for e in store.edits(run.id):
+        assert e.record["v_stop"] == "most_probable"
+        assert e.record["norm_anchor"] > 0
