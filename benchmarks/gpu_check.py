@@ -1,0 +1,441 @@
+"""One-shot GPU check: GPT-2 XL and GPT-J-6B shapes with random weights, no download.
+
+Builds both models from their configs (GPT-2 XL: 48 layers, width 1600, fp32;
+GPT-J-6B: 28 layers, width 4096, bf16) with random weights and the locally
+trained tokenizer of ``rome.testing``, and prints one table:
+
+- per key mode, the median seconds of 3 edits (GPT-2 XL in fp32 and with bf16
+  autocast in v*; GPT-J in bf16), and v* steps per second;
+- covariance tokens per second at the preset layer (fp32 and bf16 forward);
+- the seconds of a 20-edit replay on GPT-2 XL (GLUE SST-2 at the start and end);
+- peak GPU memory.
+
+It asserts the update's identity (W + ΔW) k_v + b = v* on the device (fp32 to
+1e-4 relative; the bf16 model to 2e-2, the rounding of its weights) and that
+the device and the CPU agree on a tiny model's update to 1e-4.
+
+    python benchmarks/gpu_check.py                      # one GPU, < 5 min on an H100
+    python benchmarks/gpu_check.py --device cpu --small # small shapes, for CI-like runs
+    python benchmarks/gpu_check.py --json-out gpu.json  # the figures as JSON too
+
+Random weights give meaningless text: the figures are timings and identities,
+not edit quality. Caches go to a temporary folder (``ROME_WORKBENCH_CACHE``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TEMPLATES = [
+    "{}",
+    "The news today. {}",
+    "In the city of Paris. {}",
+    "He said that the. {}",
+    "A new study shows. {}",
+    "The company was founded. {}",
+    "Last year the team. {}",
+    "She wrote a book. {}",
+    "It was a long day. {}",
+    "The river flows through. {}",
+    "According to the report. {}",
+]
+REQUESTS = [
+    ("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris"),
+    ("The capital of {} is", "Japan", "Berlin", "Tokyo"),
+    ("{} was written by", "Hamlet", "Charles Dickens", "William Shakespeare"),
+]
+MODES = ("original", "rrome", "prompt")
+T0 = time.perf_counter()
+
+
+def note(what: str) -> None:
+    """Progress on stderr, so a slow phase shows where it is."""
+    sys.stderr.write(f"[{time.perf_counter() - T0:7.1f} s] {what}\n")
+    sys.stderr.flush()
+
+
+@dataclass
+class Shape:
+    name: str
+    arch: str  # gpt2 or gptj
+    preset: str
+    n_layer: int
+    width: int
+    n_head: int
+    vocab: int
+    dtype: torch.dtype
+    layer: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def shapes(small: bool) -> list[Shape]:
+    if small:
+        return [
+            Shape("gpt2-xl-shape (small)", "gpt2", "gpt2-xl", 6, 256, 4, 4096, torch.float32, 3),
+            Shape(
+                "gpt-j-6b-shape (small)",
+                "gptj",
+                "gpt-j-6b",
+                4,
+                256,
+                4,
+                4096,
+                torch.bfloat16,
+                2,
+                {"rotary_dim": 16},
+            ),
+        ]
+    return [
+        Shape("gpt2-xl-shape", "gpt2", "gpt2-xl", 48, 1600, 25, 50257, torch.float32, 17),
+        Shape(
+            "gpt-j-6b-shape",
+            "gptj",
+            "gpt-j-6b",
+            28,
+            4096,
+            16,
+            50400,
+            torch.bfloat16,
+            5,
+            {"rotary_dim": 64},
+        ),
+    ]
+
+
+def build(shape: Shape, device: torch.device):
+    """The model from its config, random weights, built on ``device`` in its dtype."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM
+
+    from rome.hparams import find_preset
+    from rome.models import LoadedModel
+    from rome.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    common = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config: Any
+    if shape.arch == "gpt2":
+        config = GPT2Config(
+            vocab_size=shape.vocab,
+            n_positions=1024,
+            n_embd=shape.width,
+            n_layer=shape.n_layer,
+            n_head=shape.n_head,
+            **common,
+        )
+        cls: Any = GPT2LMHeadModel
+    else:
+        config = GPTJConfig(
+            vocab_size=shape.vocab,
+            n_positions=2048,
+            n_embd=shape.width,
+            n_layer=shape.n_layer,
+            n_head=shape.n_head,
+            **shape.extra,
+            **common,
+        )
+        cls = GPTJForCausalLM
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(shape.dtype)
+    try:
+        with device:
+            model = cls(config).eval()
+    finally:
+        torch.set_default_dtype(old)
+    preset = find_preset(shape.preset)
+    assert preset is not None
+    hp = preset.replace(
+        name=f"random-{shape.preset}",
+        model=f"random-{shape.preset}",
+        layer=shape.layer,
+        mom2_dataset="sampled",
+        mom2_n_samples=64,
+        mom2_max_len=64,
+        context_templates=TEMPLATES,
+        max_update_ratio=1e9,  # random weights: the safety limit is not the point here
+    )
+    tok.padding_side = "right"
+    return LoadedModel(model, tok, hp, hp.name, "random", device, shape.dtype)
+
+
+def texts(n: int, seed: int = 0) -> list[str]:
+    from rome.testing import _CORPUS
+
+    words = _CORPUS.split()
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(40, 120))) for _ in range(n)]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def covariance_rate(lm, forward: str, n_texts: int, batch_tokens: int) -> tuple[float, Any]:
+    from rome import covariance as cov
+
+    module = lm.hparams.weight_module(lm.hparams.layer)
+    sync(lm.device)
+    t0 = time.perf_counter()
+    ms = cov.collect_moment_sum(
+        lm.model,
+        lm.tokenizer,
+        module,
+        texts(n_texts),
+        n_texts,
+        max_len=128,
+        batch_tokens=batch_tokens,
+        forward=forward,
+    )
+    sync(lm.device)
+    seconds = time.perf_counter() - t0
+    return ms.n_tokens / seconds, ms
+
+
+def identity_error(lm, res) -> float:
+    """‖(W + ΔW) k_v + b − v*‖ / ‖v*‖ with the update applied (on the device)."""
+    from rome.nethook import get_module
+
+    module = get_module(lm.model, res.weight_name)
+    w = module.weight
+    with torch.no_grad():
+        out = module(res.k_v.to(w.device, w.dtype).unsqueeze(0)).float().squeeze(0)
+    v_star = res.v_star.to(out.device).float()
+    return float((out - v_star).norm() / v_star.norm())
+
+
+def edits(
+    lm, autocast: str | None, cov_matrix: torch.Tensor, n: int, steps: int | None = None
+) -> dict[str, Any]:
+    """Median of ``n`` edits per key mode, v* steps/s, and the identity after each."""
+    from rome import Editor, EditRequest
+
+    hp = lm.hparams.replace(v_autocast=autocast)
+    if steps is not None:
+        hp = hp.replace(v_num_grad_steps=steps)
+    ed = Editor(lm.model, lm.tokenizer, hp, cache_dir=None, templates=TEMPLATES)
+    ed.set_covariance(hp.layer, cov_matrix, "collected by this check")
+    reqs = [EditRequest(*REQUESTS[i % len(REQUESTS)]) for i in range(n)]
+    ed.compute(reqs[0], "rrome")  # warm-up (kernels, allocator)
+    out: dict[str, Any] = {}
+    worst = 0.0
+    for mode in MODES:
+        secs, rates = [], []
+        for req in reqs:
+            sync(lm.device)
+            t0 = time.perf_counter()
+            res = ed.compute(req, mode)
+            sync(lm.device)
+            secs.append(time.perf_counter() - t0)
+            rates.append(len(res.v_star_trace) / max(res.timings.get("v_star", 0.0), 1e-9))
+            ed.apply(res, force=True)
+            worst = max(worst, identity_error(lm, res))
+            ed.undo()
+        out[mode] = {
+            "median_s": statistics.median(secs),
+            "vstar_steps_per_s": statistics.median(rates),
+        }
+    out["identity_rel_err"] = worst
+    return out
+
+
+def tiny_agreement(device: torch.device) -> float | None:
+    """Max relative difference of (u, v) for one edit on tiny-gpt2: ``device`` vs the CPU."""
+    if device.type == "cpu":
+        return None
+    from rome import Editor, EditRequest, load_model
+
+    req = EditRequest(*REQUESTS[0])
+    found = []
+    c = None
+    for dev in ("cpu", str(device)):
+        lm = load_model("tiny-gpt2", device=dev)
+        if c is None:
+            g = torch.Generator().manual_seed(0)
+            a = torch.randn(256, 256, generator=g, dtype=torch.float64)
+            c = (a @ a.T / 256 + torch.eye(256, dtype=torch.float64)).float()
+        ed = Editor(lm.model, lm.tokenizer, lm.hparams, cache_dir=None, templates=TEMPLATES[:5])
+        ed.set_covariance(lm.hparams.layer, c, "fixed")
+        res = ed.compute(req, "original")
+        found.append((res.u.cpu().double(), res.v.cpu().double()))
+    (u0, v0), (u1, v1) = found
+    return max(
+        float((u1 - u0).abs().max() / u0.abs().max()), float((v1 - v0).abs().max() / v0.abs().max())
+    )
+
+
+def replay_seconds(
+    lm, cov_matrix: torch.Tensor, n_edits: int, glue_limit: int, steps: int | None = None
+) -> dict[str, Any]:
+    """A replay of ``n_edits`` CounterFact edits (GLUE SST-2 at the start and the end)."""
+    from evals.replay import EditDone, ReplayConfig, ReplayFinished, replay
+    from rome import Editor
+    from rome import covariance as cov
+    from workbench.store import Store
+
+    ed = Editor(lm.model, lm.tokenizer, lm.hparams)
+    path = ed.stats_file(lm.hparams.layer)
+    assert path is not None
+    meta = cov.StatsMeta(lm.hparams.model, lm.hparams.layer, lm.hparams.weight_module(), "sampled",
+                         64, 0, 64, "float32")  # fmt: skip
+    cov.save_stats(path, cov.SecondMoment(cov_matrix, meta))  # where the replay's editor reads
+    cfg = ReplayConfig(
+        n_edits=n_edits,
+        mode="rrome",
+        glue_every=n_edits,
+        glue_tasks=("sst2",),
+        glue_limit=glue_limit,
+        fluency_tokens=16,
+    )
+    store = Store.open(Path(tempfile.mkdtemp()) / "gpu_check.db")
+    sync(lm.device)
+    t0 = time.perf_counter()
+    done, status = 0, "?"
+    hp = lm.hparams.replace(v_num_grad_steps=steps) if steps else lm.hparams
+    for ev in replay(lm, store, cfg, hparams=hp):
+        if isinstance(ev, EditDone):
+            done += 1
+        elif isinstance(ev, ReplayFinished):
+            status = ev.status
+    sync(lm.device)
+    return {"seconds": time.perf_counter() - t0, "edits": done, "status": status}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
+    ap.add_argument("--small", action="store_true", help="small shapes (for a CPU)")
+    ap.add_argument("--edits", type=int, default=None, help="edits per key mode (median; 3)")
+    ap.add_argument("--replay-edits", type=int, default=None, help="replay length (20)")
+    ap.add_argument("--steps", type=int, default=None, help="v* steps (the preset's 20)")
+    ap.add_argument("--cov-texts", type=int, default=None, help="texts for the covariance rate")
+    ap.add_argument("--json-out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("ROME_WORKBENCH_CACHE", tempfile.mkdtemp(prefix="gpu_check_"))
+
+    from rome.models import resolve_device
+
+    device = resolve_device(args.device)
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+    n_cov = args.cov_texts or (512 if on_gpu else 48)
+    # On a CPU (--small) the same code runs on less work: bf16 matmuls without
+    # avx512_bf16 are some 50x slower than fp32 there, so bf16 gets a token run.
+    cpu_small = args.small and not on_gpu
+    n_edits = args.edits or (1 if cpu_small else 3)
+    n_replay = args.replay_edits or (5 if cpu_small else 20)
+    steps = args.steps or (5 if cpu_small else None)
+    n_cov16 = max(4, n_cov // 12) if cpu_small else n_cov
+    batch_tokens = 16384 if on_gpu else 2048
+    t_start = time.perf_counter()
+    report: dict[str, Any] = {"device": str(device), "small": args.small, "models": {}}
+    report["settings"] = {"edits_per_mode": n_edits, "replay_edits": n_replay, "v_steps": steps}
+    if on_gpu:
+        report["gpu"] = torch.cuda.get_device_name(device)
+
+    note("tiny-gpt2: device vs CPU")
+    agree = tiny_agreement(device)
+    report["tiny_device_vs_cpu_rel_diff"] = agree
+    if agree is not None:
+        assert agree < 1e-4, f"device and CPU disagree on tiny-gpt2: {agree:.2e}"
+
+    for i, shape in enumerate(shapes(args.small)):
+        t0 = time.perf_counter()
+        note(f"{shape.name}: building")
+        lm = build(shape, device)
+        entry: dict[str, Any] = {
+            "layers": shape.n_layer,
+            "width": shape.width,
+            "dtype": str(shape.dtype).replace("torch.", ""),
+            "layer": shape.layer,
+            "params_M": sum(p.numel() for p in lm.model.parameters()) / 1e6,
+            "build_s": time.perf_counter() - t0,
+        }
+        note(f"{shape.name}: covariance")
+        rate32, ms = covariance_rate(lm, "float32", n_cov, batch_tokens)
+        rate16, _ = covariance_rate(lm, "bf16", n_cov16, batch_tokens)
+        entry["cov_tokens_per_s"] = {"float32": rate32, "bf16": rate16}
+        c = ms.mean()
+        c = c + 1e-3 * float(c.diagonal().mean()) * torch.eye(c.shape[0])  # well conditioned
+        runs = (
+            {"bf16 weights": None}
+            if shape.dtype == torch.bfloat16
+            else {"fp32": None, "bf16 autocast": "bf16"}
+        )
+        entry["edits"] = {}
+        for label, ac in runs.items():
+            note(f"{shape.name}: edits ({label})")
+            entry["edits"][label] = edits(lm, ac, c, n_edits, steps)
+        for label, e in entry["edits"].items():
+            tol = 1e-4 if label == "fp32" else 2e-2
+            assert e["identity_rel_err"] < tol, (
+                f"{shape.name} {label}: (W+dW)k_v + b != v* ({e['identity_rel_err']:.2e})"
+            )
+        if i == 0:
+            note(f"{shape.name}: a {n_replay}-edit replay")
+            entry["replay"] = replay_seconds(lm, c, n_replay, 16 if on_gpu else 4, steps)
+        if on_gpu:
+            entry["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        report["models"][shape.name] = entry
+        del lm
+        if on_gpu:
+            torch.cuda.empty_cache()
+    report["total_s"] = time.perf_counter() - t_start
+    print_table(report)
+    if args.json_out:
+        args.json_out.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def print_table(r: dict[str, Any]) -> None:
+    w = sys.stdout.write
+    gpu = f" ({r['gpu']})" if r.get("gpu") else ""
+    w(f"gpu_check on {r['device']}{gpu}{', small shapes' if r['small'] else ''}\n")
+    agree = r["tiny_device_vs_cpu_rel_diff"]
+    said = "n/a (the device is the CPU)" if agree is None else f"{agree:.1e} (< 1e-4)"
+    w(f"tiny-gpt2 update, device vs CPU: {said}\n")
+    st = r["settings"]
+    w(
+        f"median of {st['edits_per_mode']} edit(s) per mode, v* steps "
+        f"{st['v_steps'] or 'as the preset (20)'}, replay of {st['replay_edits']} edits\n"
+    )
+    head = ("model", "run", "mode", "edit s", "v* steps/s", "identity")
+    w("{:26s} {:14s} {:9s} {:>8s} {:>11s} {:>9s}\n".format(*head))
+    for name, m in r["models"].items():
+        for label, e in m["edits"].items():
+            for mode in MODES:
+                w(
+                    f"{name:26s} {label:14s} {mode:9s} {e[mode]['median_s']:8.3f} "
+                    f"{e[mode]['vstar_steps_per_s']:11.1f} {e['identity_rel_err']:9.1e}\n"
+                )
+    head = ("model", "params M", "layer", "cov tok/s fp32", "cov tok/s bf16", "peak GiB")
+    w("{:26s} {:>9s} {:>5s} {:>15s} {:>15s} {:>9s}\n".format(*head))
+    for name, m in r["models"].items():
+        peak = f"{m['peak_gib']:9.1f}" if "peak_gib" in m else f"{'-':>9s}"
+        rates = m["cov_tokens_per_s"]
+        w(
+            f"{name:26s} {m['params_M']:9.0f} {m['layer']:5d} {rates['float32']:15.0f} "
+            f"{rates['bf16']:15.0f} {peak}\n"
+        )
+    for name, m in r["models"].items():
+        if "replay" in m:
+            rp = m["replay"]
+            w(f"replay on {name}: {rp['edits']} edits in {rp['seconds']:.1f} s ({rp['status']})\n")
+    w(f"total {r['total_s']:.0f} s\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
