@@ -34,7 +34,7 @@ from .result import EditResult
 from .scoring import score_targets
 from .templates import cached_templates, normalise_templates
 from .update import add_update, rank_one, restore, weight_of, weight_out_in
-from .vstar import compute_v_star
+from .vstar import compute_v_star, resolve_autocast
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ class Editor:
                 k_v=k_v.cpu(),
                 v_star=v_target.cpu(),
                 v_stop=self.hp.v_stop,
-                v_autocast=self.hp.v_autocast,
+                v_autocast=resolve_autocast(self.hp.v_autocast, vs.v_star.device),
                 norm_anchor=rho,
                 v_star_norm_raw=float(vs.v_star.norm()) if rho is not None else None,
             )

@@ -34,7 +34,9 @@ class EditHparams:
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     v_early_stop_loss: float = 0.05
-    v_autocast: str | None = None  # None (fp32, the reference) or "bf16"
+    # None (fp32, the reference), "bf16", or "auto": bf16 where the hardware has bf16
+    # matrix units (CUDA with bf16, CPUs with avx512_bf16 / amx_bf16), else fp32
+    v_autocast: str | None = None
     # Stopping rule of the v* loop: "loss" (the reference: total loss < v_early_stop_loss)
     # or "most_probable" (ENCORE's MPES: stop once every target token is the argmax at
     # its position in every templated prompt; the loss rule still applies).
@@ -84,8 +86,10 @@ class EditHparams:
             raise BadRequestError(
                 f"v_stop must be one of {', '.join(V_STOPS)}, not {self.v_stop!r}"
             )
-        if self.v_autocast not in (None, "bf16"):
-            raise BadRequestError(f"v_autocast must be null or 'bf16', not {self.v_autocast!r}")
+        if self.v_autocast not in (None, "bf16", "auto"):
+            raise BadRequestError(
+                f"v_autocast must be null, 'bf16' or 'auto', not {self.v_autocast!r}"
+            )
         if self.v_norm_anchor_samples < 1:
             raise BadRequestError("v_norm_anchor_samples must be at least 1")
         if self.default_mode not in MODES:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -26,6 +27,27 @@ from .update import weight_out_in
 
 StepCallback = Callable[[int, int], None]  # (step, total)
 KL_PROMPT = "{} is a"
+
+
+def _cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 matrix instructions (Linux: read from /proc/cpuinfo)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_autocast(setting: str | None, device: torch.device) -> str | None:
+    """The autocast a v* loop runs with: ``"auto"`` becomes ``"bf16"`` only where bf16
+    is fast (without bf16 units a CPU emulates it, several times slower than fp32)."""
+    if setting != "auto":
+        return setting
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        return "bf16" if _cpu_has_bf16() else None
+    return None
 
 
 @dataclass
@@ -163,7 +185,9 @@ def compute_v_star(
     cols = torch.cat([b.loss_cols, kl_col])
     n_loss = b.loss_rows.numel()
     autocast = torch.autocast(
-        device_type=device.type, dtype=torch.bfloat16, enabled=hp.v_autocast == "bf16"
+        device_type=device.type,
+        dtype=torch.bfloat16,
+        enabled=resolve_autocast(hp.v_autocast, device) == "bf16",
     )
     steps: list[torch.Tensor] = []  # per step on the device, read once at the end
     kl_init: torch.Tensor | None = None

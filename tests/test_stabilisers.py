@@ -104,3 +104,15 @@ def test_drift_tracks_cumulative_change(tiny):
     ed.apply(ed.compute(EditRequest("The home of {}", "the Louvre", "Berlin"), mode="rrome"))
     d2, _ = ed.drift(res.layer)
     assert d2 > 0 and d2 != pytest.approx(d)
+
+
+def test_auto_autocast_is_bf16_only_where_bf16_is_fast(tiny):
+    from rome.vstar import _cpu_has_bf16, resolve_autocast
+
+    cpu = torch.device("cpu")
+    assert resolve_autocast(None, cpu) is None
+    assert resolve_autocast("bf16", cpu) == "bf16"
+    assert resolve_autocast("auto", cpu) == ("bf16" if _cpu_has_bf16() else None)
+    hp = tiny.hparams.replace(v_autocast="auto", v_num_grad_steps=3)
+    res = Editor(tiny.model, tiny.tokenizer, hp, templates=TEMPLATES).compute(REQ, mode="rrome")
+    assert res.v_autocast == resolve_autocast("auto", cpu)  # the edit records what ran
