@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 DB=docs/results/long-smollm2.db
 LOGS=docs/results/logs
 mkdir -p "$LOGS"
-COMMON=(--model smollm2-135m-fast --dataset val --n-edits 300 --glue-every 20 --glue-limit 100
+COMMON=(--model smollm2-135m-fast --dataset val --n-edits 300 --glue-every 20 --glue-limit 50
         --glue-calibration contextual --db "$DB")
 launch() {  # name, args...
   local name=$1; shift
