@@ -140,7 +140,8 @@ class Editor:
         """Second moment for ``layer``: from the disk cache, else collected and cached."""
         path = self.stats_file(layer, corpus)
         if path is not None and path.is_file():
-            return cov.load_stats(path)
+            width = cov.expected_width(self.model, self.hp.weight_module(layer))
+            return cov.load_stats(path, expected_dim=width)
         prog = (lambda d, t: progress("covariance", d, t)) if progress else None
         stats = cov.compute_stats(
             self.model,

@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from . import nethook
 from .hparams import EditHparams
 from .request import EditRequest
-from .scoring import model_device, pad_id_of, pad_right, target_ids
+from .scoring import model_device, module_device, pad_id_of, pad_right, target_ids
 from .tokens import encode_with_subject
 from .update import weight_out_in
 
@@ -152,7 +152,7 @@ class UpperStack:
         for block in self.blocks:
             out = block(h, *self.args, **self.kwargs)
             h = out[0] if isinstance(out, tuple) else out
-        return self.head(self.norm(h[rows, cols]))
+        return self.head(self.norm(h[rows.to(h.device), cols.to(h.device)]))
 
 
 def compute_v_star(
@@ -171,9 +171,10 @@ def compute_v_star(
     position and leaves the parameters requiring grad, as the published code
     does (kept for the benchmark and the equivalence test).
     """
-    device = model_device(model)
-    b = _build_batch(tok, req, templates, device)
     module = hp.weight_module(layer)
+    device = module_device(model, module)  # the edited layer's device under a device map
+    b = _build_batch(tok, req, templates, device)
+    ids, mask = b.ids.to(model_device(model)), b.mask.to(model_device(model))
     width = nethook.get_module(model, module)
     d_out = _out_features(width)
     delta = torch.zeros(d_out, device=device, dtype=torch.float32, requires_grad=True)
@@ -195,15 +196,15 @@ def compute_v_star(
     most_probable = hp.v_stop == "most_probable"
     freeze = frozen(model) if fast else contextlib.nullcontext()
     with freeze, nethook.add_to_output(model, module, edit):
-        upper = UpperStack(model, hp, layer, b.ids, b.mask) if fast else None
+        upper = UpperStack(model, hp, layer, ids, mask) if fast else None
         for step in range(hp.v_num_grad_steps):
             opt.zero_grad()
             with autocast:
                 if upper is not None:
-                    logits = upper.logits_at(rows, cols).float()
+                    logits = upper.logits_at(rows, cols).float().to(device)
                 else:
-                    full = model(input_ids=b.ids, attention_mask=b.mask, use_cache=False).logits
-                    logits = full.float()[rows, cols]
+                    full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                    logits = full.float()[rows.to(full.device), cols.to(full.device)].to(device)
             if v_init is None:
                 assert edit.first_output is not None
                 v_init = edit.first_output.float()
