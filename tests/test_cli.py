@@ -103,5 +103,8 @@ def test_replay_runs_history_export_plot(tmp_path):
 
 
 def test_unknown_run_exits_2(tmp_path):
+    from workbench.store import Store
+
+    Store.open(tmp_path / "w.db").close()  # a read-only command needs a database there
     res = runner.invoke(app, ["history", "zzzzzzzz", "--db", str(tmp_path / "w.db")])
     assert res.exit_code == 2 and "zzzzzzzz" in res.stderr

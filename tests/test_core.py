@@ -58,7 +58,7 @@ def test_headless_packages_import_no_ui(package):
         (EvalDataError("x"), 2),
         (UnsafeUpdateError("x"), 1),
         (WeightsUnavailableError("x"), 1),
-        (AmbiguousRunError("ab", ["ab1", "ab2"]), 1),
+        (AmbiguousRunError("abcd", ["abcd1", "abcd2"]), 2),
         (StoreError("x"), 1),
         (MemoryError(), 1),
         (IsADirectoryError("x"), 1),

@@ -1,20 +1,22 @@
 """What every command shares: the consoles, the app, the error handler (one line
-and the exit code from ``workbench.core.errors``), progress bars, common options,
-loading a model and opening the history database."""
+and the exit code from ``workbench.core.errors``), progress bars, common options
+and how the top-level ones reach the commands, log lines, loading a model,
+opening the history database, and checking the files a command is asked to write."""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 from rome import errors as rome_errors
 from rome.paths import CACHE_ENV, cache_root
@@ -24,7 +26,9 @@ if TYPE_CHECKING:
     from workbench.store import Store
 
 out = Console()
-err = Console(stderr=True)
+#: messages: never wrapped by rich (a terminal wraps them itself; a pipe or a log
+#: file gets each message on one line)
+err = Console(stderr=True, soft_wrap=True)
 
 HELP = f"""A workbench for rank-one model editing (ROME and r-ROME).
 
@@ -33,33 +37,50 @@ Run with no command to open the terminal app on the embedded SmolLM2.
 Caches (converted models, covariance statistics, templates) live under
 {cache_root()} (set ${CACHE_ENV} to move them); the edit history database is
 given by --db or $ROME_WORKBENCH_DB.
+
+--model, --device, --dtype, --device-map and --db given before the command
+apply to it unless it gives its own (rome-workbench --model tiny-gpt2 edit ...);
+one the command does not take is refused.
 """
 
 app = typer.Typer(help=HELP, no_args_is_help=False, add_completion=False, rich_markup_mode=None)
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks (and the blanks around them) turned into spaces."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def say(label: str, message: str, style: str = "yellow") -> None:
+    """``label: message`` on stderr as one line (markup in ``message`` is not read)."""
+    err.print(Text.assemble((f"{label}:", style), " ", one_line(message)), highlight=False)
 
 
 @contextmanager
 def handled() -> Iterator[None]:
     """Turn the errors of ``workbench.core.errors``' table into one line and its exit code.
 
-    Click's own exceptions (``typer.Exit``, a RuntimeError, and ``Abort``) pass
-    through; an exception the table does not know is a bug and keeps its traceback.
+    Typer's own exceptions pass through: ``typer.Exit`` and ``typer.Abort`` (both
+    RuntimeErrors, which a broad ``except Exception`` would swallow) and its usage
+    errors; an exception the table does not know is a bug and keeps its traceback.
     """
     from workbench.core.errors import describe
 
     try:
         yield
-    except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+    except (typer.Exit, typer.Abort, typer.TyperException):
         raise
     except Exception as exc:
         info = describe(exc)
         if not info.expected:
             raise
-        err.print(f"[red]error:[/red] {info.message}", highlight=False)
+        say("error", info.message, "red")
         raise typer.Exit(info.exit_code) from None
 
 
 def progress_bar() -> Progress:
+    """A transient bar on stderr; drawn only on a terminal (piped, it would leave a
+    blank line behind and nothing else)."""
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -67,6 +88,7 @@ def progress_bar() -> Progress:
         TimeRemainingColumn(),
         console=err,
         transient=True,
+        disable=not err.is_terminal,
     )
 
 
@@ -115,40 +137,157 @@ def load(
         )
 
 
+class _LogLines(logging.StreamHandler):  # type: ignore[type-arg]
+    """Log lines on stderr: ``warning: ...`` as the CLI's own messages, or with the
+    logger's name under ``--verbose``. Without it, the CounterFact loader's
+    per-record warnings are left out: the replay reports skipped records itself."""
+
+    QUIET = (("evals.counterfact", logging.WARNING),)
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self.verbose = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.verbose and (record.name, record.levelno) in self.QUIET:
+            return False
+        return bool(super().filter(record))
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self.verbose:
+            return logging.Formatter(logging.BASIC_FORMAT).format(record)
+        return f"{record.levelname.lower()}: {one_line(record.getMessage())}"
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr  # the stderr of now (a test runner swaps it)
+        super().emit(record)
+
+
+def setup_logging(verbose: bool) -> None:
+    """Warnings (and with ``verbose`` info lines) on stderr, one handler however often
+    this is called."""
+    root = logging.getLogger()
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    handler = next((h for h in root.handlers if isinstance(h, _LogLines)), None)
+    if handler is None:
+        handler = _LogLines()
+        root.addHandler(handler)
+    handler.verbose = verbose
+
+
+#: the top-level options a command inherits when it takes an option of that name
+SHARED_OPTIONS = {
+    "model": "--model",
+    "device": "--device",
+    "dtype": "--dtype",
+    "device_map": "--device-map",
+    "db": "--db",
+}
+
+
+def pass_down(ctx: typer.Context) -> None:
+    """Hand the shared options given before the command to it as its defaults (its
+    own options still win); refuse one the command does not take."""
+    name = ctx.invoked_subcommand
+    given = {
+        key: ctx.params[key]
+        for key in SHARED_OPTIONS
+        if getattr(ctx.get_parameter_source(key), "name", None) == "COMMANDLINE"
+    }
+    if name is None or not given:
+        return
+    command = ctx.command.get_command(ctx, name)  # type: ignore[attr-defined]
+    if command is None:  # typer reports the unknown command itself
+        return
+    takes = {p.name for p in command.params}
+    refused = [SHARED_OPTIONS[key] for key in given if key not in takes]
+    if refused:
+        raise rome_errors.BadRequestError(
+            f"{', '.join(refused)} before the command does not apply to {name!r}, "
+            f"which has no such option (rome-workbench {name} --help)"
+        )
+    defaults = dict(ctx.default_map or {})
+    defaults[name] = {**dict(defaults.get(name) or {}), **given}
+    ctx.default_map = defaults
+
+
 @app.callback(invoke_without_command=True)
 def main_callback(
     ctx: typer.Context,
-    model: ModelOpt = "smollm2-135m",
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "-m",
+            help="preset name, hub id or local folder (also the command's, unless it gives one)",
+        ),
+    ] = "smollm2-135m",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
     device_map: DeviceMapOpt = None,
     db: Annotated[Path | None, typer.Option(help="history database")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log to stderr")] = False,
 ) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr)
-    if ctx.invoked_subcommand is None:
-        import inspect
-
-        from rome.models import resolve_device_map, resolve_dtype
-        from workbench.tui.app import run_app
-
-        extra: dict[str, Any] = {}
+    setup_logging(verbose)
+    if ctx.invoked_subcommand is not None:
         with handled():
-            resolve_dtype(dtype)
-            if resolve_device_map(device_map) is not None:
-                if "device_map" not in inspect.signature(run_app).parameters:
-                    raise rome_errors.BadRequestError(
-                        "the app does not take --device-map yet; use it with edit, stats or replay"
-                    )
-                extra["device_map"] = device_map
-        run_app(model=model, db_path=db, device=device, dtype=dtype, **extra)
+            pass_down(ctx)
+        return
+    import inspect
+
+    from rome.models import resolve_device_map, resolve_dtype
+    from workbench.tui.app import run_app
+
+    extra: dict[str, Any] = {}
+    with handled():
+        resolve_dtype(dtype)
+        if resolve_device_map(device_map) is not None:
+            if "device_map" not in inspect.signature(run_app).parameters:
+                raise rome_errors.BadRequestError(
+                    "the app does not take --device-map yet; use it with edit, stats or replay"
+                )
+            extra["device_map"] = device_map
+    run_app(model=model, db_path=db, device=device, dtype=dtype, **extra)
 
 
 DbOpt = Annotated[Path | None, typer.Option("--db", help="history database ($ROME_WORKBENCH_DB)")]
 
 
-def open_db(db: Path | None) -> Store:
-    """The history database, stale runs marked interrupted."""
+def open_db(db: Path | None, *, create: bool = True) -> Store:
+    """The history database, stale runs marked interrupted. ``create=False`` (the
+    commands that only read): where there is no database, say so and create nothing."""
     from workbench.core.stores import open_and_recover
 
-    return open_and_recover(db)
+    return open_and_recover(db, create=create)
+
+
+def output_file(path: Path, *, example: str = "out.json") -> Path:
+    """``path`` if a command can write a file there; else :class:`OutputPathError`
+    (a folder, a file in the way of its folder, a folder without write permission).
+    Missing folders on the way are fine: the writer makes them."""
+    from workbench.core.errors import OutputPathError
+
+    target = path.expanduser()
+    if target.is_dir():
+        raise OutputPathError(f"{path} is a folder; give a file name, e.g. {Path(path) / example}")
+    above = target.absolute().parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise OutputPathError(f"cannot write {path}: {above} is a file, not a folder")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise OutputPathError(f"cannot write {path}: no permission to write in {above}")
+    return target
+
+
+@contextmanager
+def writing(path: Path, note: str = "") -> Iterator[None]:
+    """Turn an ``OSError`` while writing ``path`` into one :class:`OutputPathError` line
+    (``note`` is added to it: what was kept, what to do)."""
+    from workbench.core.errors import OutputPathError
+
+    try:
+        yield
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise OutputPathError(f"cannot write {path}: {why}{note}") from None

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from rome import errors as rome_errors
 from rome.paths import CACHE_ENV, cache_dir
+from workbench.core.limits import MAX_GENERATE_TOKENS, MAX_REQUEST_TOKENS
 
 from .common import (
     DeviceMapOpt,
@@ -190,6 +191,22 @@ def stats(
             )
 
 
+def _templates_file(path: Path) -> list[str]:
+    """The context templates of a ``--templates`` file; an empty list is refused."""
+    from rome.templates import load_templates_file
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = None  # load_templates_file says what is wrong
+    if data == []:
+        raise rome_errors.BadRequestError(
+            f'{path} holds no context templates; give at least one ("{{}}" alone is '
+            "the bare prompt), or leave --templates out to sample them"
+        )
+    return load_templates_file(path)
+
+
 def _record_table(results: dict[str, Any]) -> Table:
     t = Table(title="edit")
     t.add_column("field")
@@ -222,7 +239,11 @@ def _record_table(results: dict[str, Any]) -> Table:
     return t
 
 
-@app.command()
+@app.command(
+    epilog="The prompt with its subject filled in, and each target, may be up to "
+    f"{MAX_REQUEST_TOKENS} tokens of the model's tokenizer (checked before the edit is "
+    "computed)."
+)
 def edit(
     prompt: Annotated[str, typer.Option(help='template with "{}" for the subject')],
     subject: Annotated[str, typer.Option()],
@@ -239,17 +260,23 @@ def edit(
     dtype: DtypeOpt = None,
     device_map: DeviceMapOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the record(s) as JSON")] = False,
-    generate_tokens: Annotated[int, typer.Option(help="tokens of greedy text")] = 20,
+    generate_tokens: Annotated[
+        int, typer.Option(help=f"tokens of greedy text (0 to {MAX_GENERATE_TOKENS})")
+    ] = 20,
 ) -> None:
     """Compute an edit in one mode (or all), show its record and text before and after."""
     from rome import EditRequest
     from workbench.core.edits import make_editor, modes_for, preview_edit
+    from workbench.core.limits import check_generate_tokens, check_request_length
 
     with handled():
         modes = modes_for(mode)
+        check_generate_tokens(generate_tokens)
         req = EditRequest(prompt, subject, target_new, target_true).validate()
+        chosen = _templates_file(templates) if templates is not None else None
         lm = load(model, device, dtype, hparams, layer, device_map)
-        ed = make_editor(lm, templates)
+        check_request_length(lm.tokenizer, req)
+        ed = make_editor(lm, chosen)
         with progress_bar() as bar:
             pv = preview_edit(lm, ed, req, modes, generate_tokens, phase_progress(bar))
         if as_json:

@@ -3,6 +3,7 @@ the terminal from ``workbench.core.replay``'s events."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -10,6 +11,7 @@ import typer
 from rich.progress import Progress
 from rich.table import Table
 
+from rome import errors as rome_errors
 from workbench.core.replay import ReplayHandler
 
 from .common import (
@@ -19,15 +21,19 @@ from .common import (
     DtypeOpt,
     HparamsOpt,
     LayerOpt,
-    ModelOpt,
     app,
     err,
     handled,
     load,
     open_db,
     out,
+    output_file,
     progress_bar,
+    say,
+    writing,
 )
+
+DEFAULT_MODEL = "smollm2-135m"
 
 if TYPE_CHECKING:
     from evals.replay import CheckpointDone, EditDone, ReplayStarted, ReplayWarning
@@ -36,7 +42,15 @@ if TYPE_CHECKING:
 
 @app.command()
 def replay(
-    model: ModelOpt = "smollm2-135m",
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="preset name, hub id or local folder (default: smollm2-135m; with "
+            "--resume, the run's model)",
+        ),
+    ] = None,
     dataset: Annotated[
         str, typer.Option(help="'sample' (bundled) or a CounterFact JSON")
     ] = "sample",
@@ -83,6 +97,12 @@ def replay(
 
     cancel = threading.Event()
     with handled():
+        if rescore and not resume:
+            raise rome_errors.BadRequestError(
+                "--rescore re-scores a finished run: give --resume RUN"
+            )
+        if json_out is not None:
+            output_file(json_out, example="run.json")
         cfg = make_config(
             {
                 "dataset": dataset,
@@ -99,8 +119,12 @@ def replay(
                 "perplexity": perplexity,
             }
         )
-        store = open_db(db)
-        lm = load(model, device, dtype, hparams, layer, device_map)
+        store = open_db(db, create=not resume)
+        if resume:
+            run = store.get_run(resume)  # a bad or ambiguous id stops here, before loading
+            resume = run.id
+            model = model or run.model
+        lm = load(model or DEFAULT_MODEL, device, dtype, hparams, layer, device_map)
         edit_hp = edit_hparams(lm, v_stop, norm_anchor)
         if resume and edit_hp is not lm.hparams:
             err.print(
@@ -108,7 +132,7 @@ def replay(
                 "--v-stop / --norm-anchor"
             )
         with progress_bar() as bar:
-            shown = _ReplayProgress(bar, n_edits, resume)
+            shown = _ReplayProgress(bar, n_edits, resume, cfg.dataset)
             try:
                 finished = run_replay(
                     lm,
@@ -126,22 +150,53 @@ def replay(
                     f"resume with --resume {shown.run_id}"
                 )
                 raise typer.Exit(1) from None
+            finally:
+                shown.report_skipped()
         assert finished is not None
         _summary(store, finished.run_id, finished.status, finished.summary)
         if json_out is not None:
-            store.export_run(finished.run_id, "json", json_out)
-            err.print(f"wrote {json_out}")
+            rid = finished.run_id
+            kept = (
+                f"; run {rid} is {finished.status} and stored in {store.path}: export it with "
+                f"rome-workbench export {rid} --json -o FILE --db {store.path}"
+            )
+            with writing(json_out, kept):
+                output_file(json_out, example=f"run-{rid}.json")
+                store.export_run(rid, "json", json_out)
+            err.print(f"wrote {json_out}", highlight=False)
+
+
+#: how many skipped CounterFact records the warning names (the rest are counted)
+SKIPPED_SHOWN = 3
+_SKIPPED = re.compile(r"skipped CounterFact record (-?\d+): (.*)", re.DOTALL)
 
 
 class _ReplayProgress(ReplayHandler):
-    """A replay on the terminal: a progress bar, and a line on stderr per checkpoint."""
+    """A replay on the terminal: a progress bar, and a line on stderr per checkpoint;
+    skipped CounterFact records in one warning (a count and the first few)."""
 
-    def __init__(self, bar: Progress, total: int, run_id: str | None) -> None:
+    def __init__(self, bar: Progress, total: int, run_id: str | None, dataset: str) -> None:
         self.bar = bar
         self.task = bar.add_task("replay", total=total)
         self.run_id = run_id
+        self.dataset = dataset
+        self.skipped: list[tuple[str, str]] = []
+
+    def report_skipped(self) -> None:
+        """One warning for the records the loader skipped (then none until more come)."""
+        if not self.skipped:
+            return
+        n = len(self.skipped)
+        shown = "; ".join(
+            f"case {'?' if case == '-1' else case} ({why})"
+            for case, why in self.skipped[:SKIPPED_SHOWN]
+        )
+        more = f"; and {n - SKIPPED_SHOWN} more" if n > SKIPPED_SHOWN else ""
+        say("warning", f"skipped {n} CounterFact record(s) of {self.dataset}: {shown}{more}")
+        self.skipped = []
 
     def started(self, ev: ReplayStarted) -> None:
+        self.report_skipped()
         self.run_id = ev.run_id
         self.bar.update(self.task, total=ev.total, completed=ev.start_seq)
         err.print(f"run {ev.run_id}: {ev.total} edits, from edit {ev.start_seq}")
@@ -162,7 +217,12 @@ class _ReplayProgress(ReplayHandler):
         err.print(f"after {ev.step:4d} edits: {accs}{flu}{ppl}")
 
     def warning(self, ev: ReplayWarning) -> None:
-        err.print(f"[yellow]warning:[/yellow] {ev.message}", highlight=False)
+        skipped = _SKIPPED.fullmatch(ev.message)
+        if skipped:
+            self.skipped.append((skipped[1], skipped[2]))
+            return
+        self.report_skipped()
+        say("warning", ev.message)
 
 
 def _summary(store: Store, run_id: str, status: str, summary: dict[str, Any]) -> None:

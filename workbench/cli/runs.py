@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.table import Table
@@ -19,8 +19,10 @@ from .common import (
     handled,
     open_db,
     out,
+    output_file,
     phase_progress,
     progress_bar,
+    writing,
 )
 
 
@@ -30,7 +32,7 @@ def runs(
 ) -> None:
     """List the runs in the database."""
     with handled():
-        store = open_db(db)
+        store = open_db(db, create=False)
         t = Table(title=f"runs in {store.path}")
         for col in ("id", "kind", "model", "mode", "status", "edits", "flagged", "created"):
             t.add_column(col)
@@ -54,7 +56,7 @@ def history(
 ) -> None:
     """The edits of one run, in order, with their figures."""
     with handled():
-        store = open_db(db)
+        store = open_db(db, create=False)
         r = store.get_run(run)
         t = Table(title=f"run {r.id}: {r.model}, {r.mode}, {r.status}")
         for col in (
@@ -101,35 +103,70 @@ def export(
     run: Annotated[str, typer.Argument(help="run id")],
     csv: Annotated[bool, typer.Option("--csv", help="one row per edit")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="the whole run (default)")] = False,
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="file to write")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "-o", "--output", help="file to write (without --csv/--json, a .csv name writes CSV)"
+        ),
+    ] = None,
     db: DbOpt = None,
 ) -> None:
     """Export a run as JSON (run, edits, checkpoints) or CSV (one row per edit)."""
     with handled():
         if csv and as_json:
             raise rome_errors.BadRequestError("choose one of --csv and --json")
-        store = open_db(db)
-        fmt = "csv" if csv else "json"
+        by_name = output is not None and output.suffix.lower() == ".csv"
+        fmt: Literal["csv", "json"] = "csv" if csv or (by_name and not as_json) else "json"
+        if output is not None:
+            output_file(output, example=f"run.{fmt}")
+        store = open_db(db, create=False)
         r = store.get_run(run)
-        path = output or Path(f"run-{r.id}.{fmt}")
-        store.export_run(r.id, fmt, path)
-        err.print(f"wrote {path}")
+        path = output_file(output or Path(f"run-{r.id}.{fmt}"), example=f"run-{r.id}.{fmt}")
+        with writing(path):
+            store.export_run(r.id, fmt, path)
+        err.print(f"wrote {path}", highlight=False)
 
 
 @app.command()
 def plot(
     run_ids: Annotated[list[str], typer.Argument(help="one or more run ids to overlay")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="PNG file")] = Path("runs.png"),
+    output: Annotated[
+        Path,
+        typer.Option(
+            "-o", "--output", help="image file: .png (added when there is no suffix), .pdf, .svg..."
+        ),
+    ] = Path("runs.png"),
     db: DbOpt = None,
 ) -> None:
     """Plot GLUE per task, update norms and fluency against the edit number."""
-    from workbench.plot import plot_runs
-
     with handled():
-        store = open_db(db)
+        target = plot_file(output)
+        store = open_db(db, create=False)
         ids = [store.get_run(r).id for r in run_ids]
-        path = plot_runs(store, ids, output)
-        err.print(f"wrote {path}")
+        from workbench.plot import plot_runs
+
+        with writing(target):
+            path = plot_runs(store, ids, target)
+        err.print(f"wrote {path}", highlight=False)
+
+
+def plot_file(path: Path) -> Path:
+    """Where ``plot -o`` writes: ``path``, with ``.png`` added when it has no suffix;
+    a format matplotlib cannot write is refused."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    from workbench.core.errors import OutputPathError
+
+    target = output_file(path, example="runs.png")
+    if not target.suffix:
+        target = output_file(target.with_name(target.name + ".png"), example="runs.png")
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    fmt = target.suffix[1:].lower()
+    if fmt not in kinds:
+        raise OutputPathError(
+            f"cannot write {path}: a plot is one of {', '.join(sorted(kinds))}, not .{fmt}"
+        )
+    return target
 
 
 @app.command()
@@ -149,7 +186,7 @@ def save(
     from workbench.core.save import save_run
 
     with handled():
-        store = open_db(db)
+        store = open_db(db, create=False)
         r = store.get_run(run)
         err.print(f"rebuilding run {r.id} on {r.model}...")
         with progress_bar() as bar:

@@ -8,7 +8,9 @@ unexpected (a bug): :func:`describe` says so (``expected=False``), the CLI lets
 it raise with its traceback, the app shows it in a dialog.
 
 Exit codes: 0 ok, 1 runtime failure (weights unavailable, unsafe update, store,
-memory, system), 2 bad input (request, model name, layer, run id, data file).
+memory, system), 2 bad input (request, model name, layer, run id or an ambiguous
+prefix of one, a resume onto another model or changed data, data file, a
+database path with no database, an output file that cannot be written there).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from evals.errors import DataUnavailableError, EvalDataError
+from evals.replay import ReplayError
 from rome import errors as rerr
 from workbench.store import errors as serr
 
@@ -29,6 +32,11 @@ Severity = Literal["error", "warning"]
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
+
+
+class OutputPathError(Exception):
+    """A file the user asked for (``-o``, ``--json-out``) that cannot be written there:
+    a folder, a file where a folder should be, no permission, an unsupported format."""
 
 
 @dataclass(frozen=True)
@@ -139,16 +147,28 @@ ERROR_TABLE: tuple[ErrorKind, ...] = (
         "Write a preset JSON with the module names (see rome/presets) and load it.",
         dialog=True,
     ),
+    ErrorKind(
+        (ReplayError,), 2, "replay refused",
+        "Resume a run with the model and data it started with, or start a new run.",
+    ),
     ErrorKind((rerr.RomeError,), 1, "", ""),
     ErrorKind(
-        (serr.UnknownRunError, serr.InvalidFieldError), 2, "",
+        (serr.UnknownRunError, serr.AmbiguousRunError, serr.InvalidFieldError), 2, "",
         "List the runs (rome-workbench runs, or the Replay and History tabs) to see them.",
+    ),
+    ErrorKind(
+        (serr.StoreNotFoundError,), 2, "no database",
+        "Check the path; a replay (or an edit kept in the app) creates the database.",
     ),
     ErrorKind((serr.RunLockedError,), 1, "run in use", "", severity="warning"),
     ErrorKind(
         (serr.StoreError,), 1, "database problem",
         "Edits still work on the model; only saving them to the history is affected.",
         dialog=True,
+    ),
+    ErrorKind(
+        (OutputPathError,), 2, "cannot write the file",
+        "Choose a file name in a folder you can write to.",
     ),
     ErrorKind(
         (EvalDataError,), 2, "data problem",

@@ -4,7 +4,8 @@ of ``evals.replay.replay``'s events (dispatched on their types).
 The rules of :func:`config_errors` (the only place a replay's settings are
 checked before a run is created):
 
-- ``dataset``: ``"sample"`` (bundled), ``"hub"`` (online) or an existing file;
+- ``dataset``: ``"sample"`` or ``"val"`` (bundled), ``"hub"`` (online) or an
+  existing file;
 - ``n_edits`` and ``glue_every``: whole numbers, at least 1;
 - ``glue_limit``: a whole number, at least 0; **0 means every example** of
   each task (stored as ``None``), as does an empty value;
@@ -28,6 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from evals.counterfact import NAMED_SOURCES
 from evals.glue import CALIBRATIONS, SCORINGS, TASKS
 from evals.replay import (
     CheckpointDone,
@@ -94,11 +96,15 @@ def parse_tasks(value: Any) -> tuple[str, ...]:
     return tuple(str(t).strip() for t in items if str(t).strip())
 
 
+def _named_dataset(data: str) -> bool:
+    return data == "hub" or data in NAMED_SOURCES
+
+
 def _dataset_error(value: Any) -> str | None:
     data = str(value if value is not None else "").strip()
     if not data:
         return "is empty: 'sample' (bundled) or a CounterFact JSON file"
-    if data not in ("sample", "hub") and not Path(data).expanduser().is_file():
+    if not _named_dataset(data) and not Path(data).expanduser().is_file():
         return f"has no file at {data}"
     return None
 
@@ -190,7 +196,7 @@ def make_config(values: Mapping[str, Any]) -> ReplayConfig:
     out = dict(values)
     if "dataset" in out:
         data = str(out["dataset"]).strip()
-        out["dataset"] = data if data in ("sample", "hub") else str(Path(data).expanduser())
+        out["dataset"] = data if _named_dataset(data) else str(Path(data).expanduser())
     for key in ("n_edits", "glue_every"):
         if key in out:
             out[key] = int(str(out[key]).strip())

@@ -6,15 +6,45 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-from workbench.store import RESUMABLE_STATUSES, Run, Store
+from workbench.store import (
+    DB_ENV_VAR,
+    RESUMABLE_STATUSES,
+    Run,
+    Store,
+    StoreError,
+    StoreNotFoundError,
+    default_db_path,
+)
 
 log = logging.getLogger(__name__)
 
 
+class NoDatabaseError(StoreNotFoundError):
+    """No workbench database at a path opened without ``create`` (or the path is a
+    folder); nothing was created there."""
+
+    def __init__(self, path: str | Path, folder: bool = False) -> None:
+        what = "is a folder, not a workbench database" if folder else "holds no workbench database"
+        StoreError.__init__(
+            self,
+            f"{path} {what}; nothing was created there. Check the path (or "
+            f"${DB_ENV_VAR}); a replay creates the database",
+        )
+        self.path = str(path)
+
+
 def open_store(path: str | Path | None = None, *, create: bool = True) -> Store:
     """Open the database at ``path`` (default: ``$ROME_WORKBENCH_DB`` or the user's
-    data folder). ``create=False`` refuses a path where there is no database."""
-    return Store.open(path, create=create)
+    data folder). ``create=False`` (what a command that only reads uses) refuses a
+    path where there is no database with :class:`NoDatabaseError`, creating no
+    file or folder; a folder is refused either way."""
+    where = Path(default_db_path() if path is None else path)
+    if str(where) != ":memory:":
+        if where.is_dir():
+            raise NoDatabaseError(where, folder=True)
+        if not create and not where.exists():
+            raise NoDatabaseError(where)
+    return Store.open(where, create=create)
 
 
 def recover(store: Store) -> list[str]:
