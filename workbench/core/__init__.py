@@ -6,6 +6,7 @@
 | ``errors`` | the one table from error type to exit code, title, message and hint |
 | ``stores`` | open / close the history database, recover stale runs, resumable runs |
 | ``forms`` | :class:`EditForm` (an edit request with its probes) and its validation |
+| ``limits`` | the stated limits of one edit (prompt and target tokens, generated tokens) |
 | ``edits`` | previewing an edit: compute in one mode or all, text before / after |
 | ``session`` | :class:`Session`: load, compute, compare, apply, record, undo, revert, re-apply |
 | ``verdict`` | whether an update looks disabling; the compare verdict |
@@ -30,6 +31,7 @@ __all__ = [
     "forms",
     "generation",
     "history",
+    "limits",
     "records",
     "replay",
     "save",
