@@ -1,5 +1,8 @@
 """GLUE probes of an (edited) model: SST-2, MRPC, CoLA, RTE with few-shot prompts.
 
+(Over 500 lines because of the data: about 130 of them are the four tasks'
+prompts and hand-written demonstrations.)
+
 Each prompt is a fixed instruction, four hand-written demonstrations (not GLUE
 rows; labels alternate, label 1 first, which kept SmolLM2's label bias lowest)
 and the example. Two ways to read the model's answer:

@@ -1,5 +1,8 @@
 """Sequential replay: N CounterFact edits applied in order to one model, evaluated as it goes.
 
+(Over 500 lines: the loop, its events, its resume checks and the run summary
+read and write the same run state; the probes live in evals/probes.py.)
+
 ``replay`` is a generator of events (a CLI or a TUI consumes them). Every
 finished edit is committed to the store with its factors, the weight
 fingerprint after it, the CounterFact record it came from, its metrics before

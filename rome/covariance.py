@@ -1,5 +1,9 @@
 """Second-moment statistics C = E[k kᵀ] of the edited weight's inputs.
 
+(Over 500 lines: the collector, the corpora, the checked cache and ROME's .npz
+import share one file format and its checks; rome/distributed.py holds the
+multi-process part.)
+
 The collector stops each forward pass at the edited module. Batches are sized
 by tokens; the running sum of k kᵀ stays on the edited layer's device (float64
 by default). ``C⁻¹ x`` is applied through a Cholesky factor (float64, with a
