@@ -95,9 +95,16 @@ class Session:
     def n_applied(self) -> int:
         return len(self.editor.applied) if self.editor is not None else 0
 
-    def load(self, name: str, device: str = "auto", dtype: str | None = None) -> ModelInfo:
-        """Load ``name``; the previous model (if any) and its session end."""
-        lm = load_model(name, device=device, dtype=dtype)
+    def load(
+        self,
+        name: str,
+        device: str = "auto",
+        dtype: str | None = None,
+        device_map: str | None = None,
+    ) -> ModelInfo:
+        """Load ``name`` (``device_map``: spread it over devices with accelerate); the
+        previous model (if any) and its session end."""
+        lm = load_model(name, device=device, dtype=dtype, device_map=device_map)
         with self._lock:
             self.finish()
             self.lm = lm

@@ -165,6 +165,7 @@ def run_app(
     device: str = "auto",
     dtype: str | None = None,
     *,
+    device_map: str | None = None,
     autoload: bool = True,
     log_file: str | Path | None = None,
 ) -> None:
@@ -172,7 +173,12 @@ def run_app(
     quiet = QuietTerminal(log_file)
     with quiet:  # from before the app starts until after it has left the terminal
         app = WorkbenchApp(
-            model=model, db_path=db_path, device=device, dtype=dtype, autoload=autoload
+            model=model,
+            db_path=db_path,
+            device=device,
+            dtype=dtype,
+            device_map=device_map,
+            autoload=autoload,
         )
         app.quiet = quiet  # the app's own install / restore nest inside this one
         app.run()

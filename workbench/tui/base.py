@@ -103,6 +103,7 @@ class AppBase(App[None]):
         device: str = "auto",
         dtype: str | None = None,
         *,
+        device_map: str | None = None,
         autoload: bool = True,
         store: Any = None,
         log_file: str | Path | None = None,
@@ -112,6 +113,7 @@ class AppBase(App[None]):
         self.db_path = db_path
         self.device = device
         self.dtype = dtype
+        self.device_map = device_map
         self.autoload = autoload
         self._given_store = store
         self._own_store = False
