@@ -53,6 +53,16 @@ def status_of(db: Path) -> str | None:
     return row[0] if row else None
 
 
+def edits_in(db: Path) -> int:
+    if not db.exists():
+        return 0
+    with sqlite3.connect(db) as conn:
+        try:
+            return int(conn.execute("SELECT count(*) FROM edits").fetchone()[0])
+        except sqlite3.OperationalError:  # killed before the schema was written
+            return 0
+
+
 def final_weight(db: Path, run_id: str) -> tuple[torch.Tensor, str | None]:
     """The edited weight rebuilt from the base model and the stored factors."""
     lm = load_model(MODEL)
@@ -67,9 +77,14 @@ def final_weight(db: Path, run_id: str) -> tuple[torch.Tensor, str | None]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, default=20)
-    ap.add_argument("--n", type=int, default=24, help="edits in the replay")
+    ap.add_argument("--n", type=int, default=40, help="edits in the replay")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-delay", type=float, default=8.0, help="seconds before a kill, at most")
+    ap.add_argument(
+        "--max-delay",
+        type=float,
+        default=None,
+        help="seconds before a kill, at most (default: a fifth of the uninterrupted run's time)",
+    )
     args = ap.parse_args()
     rng = random.Random(args.seed)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -81,7 +96,9 @@ def main() -> None:
         ref_s = time.perf_counter() - t0
         ref_id = run_id_in(ref_db)
         assert ref_id is not None
+        max_delay = args.max_delay or max(2.0, ref_s / 5)
         kills, resumes, t0 = 0, 0, time.perf_counter()
+        stored_at_kill: list[int] = []
         while True:
             run_id = run_id_in(soak_db)
             proc = subprocess.Popen(
@@ -94,11 +111,12 @@ def main() -> None:
             resumes += run_id is not None
             if kills < args.kills:
                 try:
-                    proc.wait(timeout=rng.uniform(1.0, args.max_delay))
+                    proc.wait(timeout=rng.uniform(1.0, max_delay))
                 except subprocess.TimeoutExpired:
                     proc.send_signal(signal.SIGKILL)
                     proc.wait()
                     kills += 1
+                    stored_at_kill.append(edits_in(soak_db))
                     continue
             _, err = proc.communicate()
             if proc.returncode == 0 and status_of(soak_db) == "finished":
@@ -117,6 +135,7 @@ def main() -> None:
         once = sorted(seqs) == list(range(args.n))
         same = torch.equal(w_ref, w_soak)
         print(f"kills {kills}, resumes {resumes}, run status {status}")
+        print(f"edits stored when each kill landed: {stored_at_kill}")
         print(f"edits stored {len(seqs)} of {args.n}, each exactly once: {once}")
         print(f"PRAGMA integrity_check: {integrity}")
         print(f"final weights torch.equal to the uninterrupted run: {same}")

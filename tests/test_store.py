@@ -101,6 +101,14 @@ def test_create_and_get_run(store: Store):
     assert [r.id for r in store.list_runs(kind="session")] == [other.id]
 
 
+def test_run_label_names_the_stabilisers(store: Store):
+    hp = {"hparams": {"v_norm_anchor": True, "v_stop": "most_probable"}, "replay": {}}
+    run = store.create_run(model="m", mode="rrome", hparams=hp)
+    assert run.label == f"{run.id} rrome + norm anchor + MPES"
+    plain = store.create_run(model="m", mode="rrome", hparams={"hparams": {"v_stop": "loss"}})
+    assert plain.label == f"{plain.id} rrome"
+
+
 def test_run_fields_validated(store: Store):
     with pytest.raises(InvalidFieldError):
         store.create_run(model="m", kind="batch")  # type: ignore[arg-type]

@@ -53,8 +53,16 @@ class Run:
 
     @property
     def label(self) -> str:
-        """Short label for legends and lists: ``"<id> <mode>"``."""
-        return f"{self.id} {self.mode}" if self.mode else self.id
+        """Short label for legends and lists: ``"<id> <mode>"``, plus the stabilisers
+        the run's preset switched on (``"+ norm anchor"``, ``"+ MPES"``)."""
+        label = f"{self.id} {self.mode}" if self.mode else self.id
+        hp = self.hparams.get("hparams") if isinstance(self.hparams, dict) else None
+        if isinstance(hp, dict):
+            if hp.get("v_norm_anchor"):
+                label += " + norm anchor"
+            if hp.get("v_stop") == "most_probable":
+                label += " + MPES"
+        return label
 
     @classmethod
     def from_row(cls, r: Mapping[str, Any]) -> Run:
