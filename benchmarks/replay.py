@@ -25,8 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from evals.replay import CheckpointDone, EditDone, ReplayConfig, replay
 from rome import Editor, load_model
+from rome.vstar import resolve_autocast
 from workbench.store import Store
 
 SETTINGS = {
@@ -52,8 +55,16 @@ def main() -> None:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         store = Store.open(Path(tmp) / "bench.db")
+        resolved: dict[tuple[str | None, str], str] = {}
         for name in args.settings.split(","):
             hp = lm.hparams.replace(**SETTINGS[name])
+            key = (resolve_autocast(hp.v_autocast, torch.device("cpu")), hp.v_stop)
+            if key in resolved:  # e.g. "fast" on a CPU without bf16 units is most_probable
+                twin = resolved[key]
+                print(f"{name}: the same computation as {twin} on this hardware", flush=True)
+                rows[name] = {**rows[twin], "same_as": twin}
+                continue
+            resolved[key] = name
             cfg = ReplayConfig(
                 n_edits=args.n,
                 mode=args.mode,
@@ -88,6 +99,13 @@ def main() -> None:
                 **{k: _mean(ev.metrics.get(k) for ev in edits) for k in ("es", "ps", "ns")},
             }
             store.delete_run(store.list_runs()[0].id)
+            r = rows[name]
+            print(
+                f"{name}: autocast {key[0] or 'fp32'}, stop {key[1]}: {len(edits)} edits in "
+                f"{total:.0f} s, {r['per_hour']:.1f} edits/h, {r['steps']:.1f} v* steps, "
+                f"ES {r['es']:.2f} PS {r['ps']:.2f} NS {r['ns']:.2f}",
+                flush=True,
+            )
     ref = rows.get("reference", next(iter(rows.values())))["per_hour"]
     print(f"\nmodel {lm.name}, layer {lm.hparams.layer}, {args.n} edits, mode {args.mode}")
     print(f"{'setting':14s}{'edits/h':>9s}{'ratio':>7s}{'steps':>7s}{'ES':>6s}{'PS':>6s}{'NS':>6s}")
