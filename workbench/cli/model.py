@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+import evals
 from rome import errors as rome_errors
 from rome.paths import CACHE_ENV, cache_dir
 from workbench.core.limits import MAX_GENERATE_TOKENS, MAX_REQUEST_TOKENS
@@ -73,7 +74,7 @@ def info(
     except rome_errors.CacheDirError as exc:
         t.add_row("cache", f"unusable: {exc}")
     t.add_row("database", f"{default_db_path()} ($ROME_WORKBENCH_DB)")
-    t.add_row("bundled data", str(Path(__file__).resolve().parent.parent / "evals" / "data"))
+    t.add_row("bundled data", str(Path(evals.__file__).resolve().parent / "data"))
     for name, hp in sorted(list_presets().items()):
         t.add_row(f"preset {name}", f"{hp.model}, layer {hp.layer}, {hp.mlp_out_module}")
     if model is not None:
