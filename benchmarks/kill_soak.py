@@ -114,7 +114,11 @@ def main() -> None:
         ref_db, soak_db = Path(tmp) / "ref.db", Path(tmp) / "soak.db"
         t0 = time.perf_counter()
         ref = subprocess.Popen(
-            replay_cmd(ref_db, args.n, None), env=env, stderr=subprocess.PIPE, text=True
+            replay_cmd(ref_db, args.n, None),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         ref_lines: list[str] = []
         started(ref, ref_lines).wait()

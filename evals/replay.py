@@ -391,6 +391,14 @@ def _hparams_of(run: Any, lm: LoadedModel) -> EditHparams:
     return EditHparams.from_dict(stored) if stored else lm.hparams
 
 
+def _freeze_templates(store: Store, run: Any, lm: LoadedModel, hp: EditHparams) -> EditHparams:
+    """Store the context templates in use with a run that has none stored."""
+    templates = Editor(lm.model, lm.tokenizer, hp, keep_undo=False).templates()
+    hp = hp.replace(context_templates=list(templates))
+    store.update_run(run.id, hparams={**_stored(run), "hparams": hp.to_dict()})
+    return hp
+
+
 def _check_same_data(cfg: ReplayConfig, records: list[CounterFactRecord]) -> list[str]:
     """Refuse a resume onto changed data; returns warnings for runs without fingerprints."""
     notes = []
@@ -441,6 +449,12 @@ def replay(
             yield ReplayWarning(f"run {run.id} is already finished; nothing to do")
             yield ReplayFinished(run.id, "finished", run_summary(store, run.id))
             return
+        if hp.context_templates is None:
+            hp = _freeze_templates(store, run, lm, hp)
+            notes.append(
+                "this run stored no context templates (made before they were kept with "
+                "the run): the ones sampled here are used from now on and stored with it"
+            )
     elif cfg is None:
         raise BadRequestError("replay needs a ReplayConfig or a run id to resume")
     else:
@@ -451,11 +465,15 @@ def replay(
     if total == 0:
         raise BadRequestError(f"no usable CounterFact records in {cfg.dataset!r}")
     if resume is not None:
-        notes = _check_same_data(cfg, records)
+        notes += _check_same_data(cfg, records)
     else:
         cfg.dataset_fingerprint = dataset_fingerprint(records)
         cfg.glue_fingerprint = glue_fingerprint(cfg)
         probe = Editor(lm.model, lm.tokenizer, hp, keep_undo=False)
+        if hp.context_templates is None:
+            # Sampled templates depend on the machine (thread count, BLAS): kept with the
+            # run, so a resume anywhere edits with the same ones.
+            hp = hp.replace(context_templates=probe.templates())
         layer = cfg.layer if cfg.layer is not None else hp.layer
         run = store.create_run(
             model=lm.name,
@@ -492,9 +510,13 @@ def _rebuild(st: _Run) -> int:
     run = store.get_run(run_id)
     if st.editor.fingerprint([st.layer]) != run.base_fingerprint:
         raise ReplayError("the loaded model is not the base model this run started from")
+    rho: float | None = None
     for e, u, v in store.iter_factors(run_id):
         st.editor.apply_factors(e.layer, u, v, force=True)
         st.norms.append(float(e.update_norm or 0.0))
+        rho = e.record.get("norm_anchor", rho)
+    if rho is not None:  # the ρ the earlier edits were anchored to, not a new calibration
+        st.editor.use_norm_anchor(st.layer, rho)
     last = store.last_edit(run_id)
     if last is not None and last.fingerprint != st.editor.fingerprint([st.layer]):
         raise ReplayError(

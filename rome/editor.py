@@ -104,15 +104,17 @@ class Editor:
         return get_module(self.model, self.hp.weight_module(layer))
 
     def templates(self) -> list[str]:
+        """The context templates, sampled (once, cached) from the unedited model."""
         if self._templates is None:
-            self._templates = cached_templates(
-                self.model,
-                self.tok,
-                self.model_key,
-                self.hp.context_template_length_params,
-                self.hp.template_seed,
-                self.cache / "templates" if isinstance(self.cache, Path) else None,
-            )
+            with self._all_base_weights():
+                self._templates = cached_templates(
+                    self.model,
+                    self.tok,
+                    self.model_key,
+                    self.hp.context_template_length_params,
+                    self.hp.template_seed,
+                    self.cache / "templates" if isinstance(self.cache, Path) else None,
+                )
         return self._templates
 
     def set_covariance(
@@ -137,13 +139,23 @@ class Editor:
     def stats(
         self, layer: int, progress: Progress | None = None, corpus: str | None = None
     ) -> cov.SecondMoment:
-        """Second moment for ``layer``: from the disk cache, else collected and cached."""
+        """Second moment for ``layer``: from the disk cache, else collected (on the
+        unedited weights, whatever has been applied since) and cached."""
         path = self.stats_file(layer, corpus)
         if path is not None and path.is_file():
             width = cov.expected_width(self.model, self.hp.weight_module(layer))
             return cov.load_stats(path, expected_dim=width)
         prog = (lambda d, t: progress("covariance", d, t)) if progress else None
-        stats = cov.compute_stats(
+        with self._all_base_weights():
+            stats = self._collect_stats(layer, prog, corpus)
+        if path is not None:
+            cov.save_stats(path, stats)
+        return stats
+
+    def _collect_stats(
+        self, layer: int, prog: Callable[[int, int], None] | None, corpus: str | None
+    ) -> cov.SecondMoment:
+        return cov.compute_stats(
             self.model,
             self.tok,
             self.model_key,
@@ -157,9 +169,6 @@ class Editor:
             prog,
             self.cache / "stats" / self.model_key if isinstance(self.cache, Path) else None,
         )
-        if path is not None:
-            cov.save_stats(path, stats)
-        return stats
 
     def factor(self, layer: int, progress: Progress | None = None) -> cov.CovFactor:
         """The ``C⁻¹`` solver for ``layer``, computed once."""
@@ -337,6 +346,19 @@ class Editor:
                     solve, anchor.CALIBRATION_REQUESTS, path, prog
                 )
         return self._anchors[layer]
+
+    def use_norm_anchor(self, layer: int, rho: float) -> None:
+        """Take ρ as given (a resumed replay keeps the value its earlier edits used)."""
+        self._anchors[layer] = float(rho)
+
+    @contextlib.contextmanager
+    def _all_base_weights(self) -> Iterator[None]:
+        """Inside, every edited layer holds its unedited weight (templates and statistics
+        describe the model before any edit, even when first needed after some)."""
+        with contextlib.ExitStack() as stack:
+            for layer in list(self._base):
+                stack.enter_context(self._base_weights(layer))
+            yield
 
     @contextlib.contextmanager
     def _base_weights(self, layer: int) -> Iterator[None]:

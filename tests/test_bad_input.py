@@ -16,29 +16,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from cli_helpers import EDIT, runner
 
 from workbench.cli import app
 from workbench.core.limits import MAX_REQUEST_TOKENS
 from workbench.store import Store
 
-runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "evals" / "data" / "counterfact" / "sample.json"
 GLUE = ROOT / "evals" / "data" / "glue"
-EDIT = [
-    "edit",
-    "--model",
-    "tiny-gpt2",
-    "--prompt",
-    "The city of {}",
-    "--subject",
-    "the Eiffel Tower",
-    "--target-new",
-    "Rome",
-    "--generate-tokens",
-    "2",
-]
 
 
 def invoke(args: list[str]):

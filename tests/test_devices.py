@@ -11,36 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from cli_helpers import EDIT, one_line, runner
 
 from rome import Editor, EditRequest, load_model
 from rome.errors import DeviceMapError, InvalidDeviceError, UnknownPresetError
 from rome.models import resolve_device, resolve_device_map, resolve_dtype
 from workbench.cli import app
-
-runner = CliRunner()
-EDIT = [
-    "edit",
-    "--model",
-    "tiny-gpt2",
-    "--prompt",
-    "The city of {}",
-    "--subject",
-    "the Eiffel Tower",
-    "--target-new",
-    "Rome",
-    "--generate-tokens",
-    "2",
-]
-
-
-def one_line(text: str) -> str:
-    """The one error message in ``text`` (rich may wrap it at 80 columns when piped)."""
-    lines = [line for line in text.splitlines() if line.strip()]
-    assert lines and lines[0].startswith("error:"), text
-    assert sum(line.startswith("error:") for line in lines) == 1, text
-    assert "Traceback" not in text
-    return " ".join(line.strip() for line in lines)
 
 
 def test_bad_devices_dtypes_and_strategies_are_named_errors() -> None:

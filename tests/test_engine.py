@@ -361,3 +361,22 @@ def test_headless_packages_import_no_ui(package):
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_templates_and_statistics_first_needed_after_an_edit_come_from_the_base_model():
+    """A resume rebuilds the edits first: what it samples then must not see them."""
+    from rome import load_model
+
+    fresh = load_model("tiny-gpt2")
+    base = Editor(fresh.model, fresh.tokenizer, fresh.hparams, cache_dir=None)
+    want_t, want_c = base.templates(), base.stats(1).matrix
+    lm = load_model("tiny-gpt2")
+    ed = Editor(lm.model, lm.tokenizer, lm.hparams, keep_undo=False, cache_dir=None)
+    d_out, d_in = weight_out_in(ed.module(1)).shape
+    ed.apply_factors(1, torch.randn(d_in) * 3, torch.randn(d_out) * 3, force=True)
+    w = ed.module(1).weight
+    edited = w.detach().clone()
+    assert not torch.equal(edited, fresh.model.transformer.h[1].mlp.c_proj.weight)
+    assert ed.templates() == want_t
+    assert torch.equal(ed.stats(1).matrix, want_c)
+    assert torch.equal(ed.module(1).weight, edited)  # the edit is back in place

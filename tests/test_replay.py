@@ -226,3 +226,49 @@ def test_stabilisers_are_stored_with_the_run_and_each_edit(tmp_path):
     for e in store.edits(run.id):
         assert e.record["v_stop"] == "most_probable"
         assert e.record["norm_anchor"] > 0
+
+
+def test_resume_elsewhere_edits_with_the_runs_templates_and_rho(tmp_path, monkeypatch):
+    """Sampled templates (and so ρ) depend on the machine: a run keeps its own, and a
+    resume on a machine whose cache holds other templates still ends on the same weights."""
+    monkeypatch.setenv("ROME_WORKBENCH_CACHE", str(tmp_path / "cache-a"))
+    lm = load_model("tiny-gpt2")
+    hp = lm.hparams.replace(v_norm_anchor=True, v_norm_anchor_samples=3, v_num_grad_steps=5)
+    cfg = ReplayConfig(n_edits=3, glue_every=3, glue_tasks=("sst2",), glue_limit=4, rescore=False)
+    whole = Store.open(tmp_path / "whole.db")
+    list(replay(lm, whole, cfg, hparams=hp))
+    ref = whole.list_runs()[0]
+    assert ref.hparams["hparams"]["context_templates"][0] == "{}"  # stored with the run
+
+    store = Store.open(tmp_path / "r.db")
+    cancel = threading.Event()
+    for ev in replay(load_model("tiny-gpt2"), store, cfg, hparams=hp, cancel=cancel):
+        if isinstance(ev, EditDone):
+            cancel.set()
+    run_id = store.list_runs()[0].id
+    # "another machine": its cache samples other templates, and has no ρ
+    other = tmp_path / "cache-b" / "templates"
+    other.mkdir(parents=True)
+    for f in (tmp_path / "cache-a" / "templates").glob("*.json"):
+        (other / f.name).write_text(json.dumps(["{}", "Elsewhere. {}"]))
+    monkeypatch.setenv("ROME_WORKBENCH_CACHE", str(tmp_path / "cache-b"))
+    list(replay(load_model("tiny-gpt2"), store, resume=run_id))
+    assert store.last_edit(run_id).fingerprint == whole.last_edit(ref.id).fingerprint
+    rhos = {e.record["norm_anchor"] for e in store.edits(run_id)}
+    assert rhos == {e.record["norm_anchor"] for e in whole.edits(ref.id)} and len(rhos) == 1
+
+
+def test_resume_of_a_run_without_stored_templates_stores_them(tmp_path):
+    lm = load_model("tiny-gpt2")
+    store = Store.open(tmp_path / "r.db")
+    cancel = threading.Event()
+    cancel.set()
+    run_id = list(replay(lm, store, CFG, cancel=cancel))[-1].run_id
+    run = store.get_run(run_id)
+    old = {**run.hparams, "hparams": {**run.hparams["hparams"], "context_templates": None}}
+    store.update_run(run_id, hparams=old)  # as runs made before templates were kept
+    events = list(replay(load_model("tiny-gpt2"), store, resume=run_id))
+    notes = [e.message for e in events if isinstance(e, ReplayWarning)]
+    assert any("stored no context templates" in n for n in notes)
+    kept = store.get_run(run_id).hparams["hparams"]["context_templates"]
+    assert kept == Editor(lm.model, lm.tokenizer, lm.hparams).templates()

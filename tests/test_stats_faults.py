@@ -10,36 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from cli_helpers import EDIT, one_line, runner
 
 from rome import covariance as cov
 from workbench.cli import app
 
-runner = CliRunner()
 MODULE = "transformer.h.1.mlp.c_proj"
 WIDTH = 256  # tiny-gpt2's MLP width: the input of c_proj
-EDIT = [
-    "edit",
-    "--model",
-    "tiny-gpt2",
-    "--prompt",
-    "The city of {}",
-    "--subject",
-    "the Eiffel Tower",
-    "--target-new",
-    "Rome",
-    "--generate-tokens",
-    "2",
-]
-
-
-def message(text: str) -> str:
-    """The one error message (rich may wrap it at 80 columns when piped)."""
-    lines = [line for line in text.splitlines() if line.strip()]
-    assert lines and lines[0].startswith("error:"), text
-    assert sum(line.startswith("error:") for line in lines) == 1, text
-    assert "Traceback" not in text
-    return " ".join(line.strip() for line in lines)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +95,7 @@ def test_bad_import_is_refused_and_the_cache_is_unchanged(
         cache, ["stats", "--model", "tiny-gpt2", "--import-npz", str(bad_npz(tmp_path, kind))]
     )
     assert res.exit_code == 2, res.output
-    assert words in message(res.stderr)
+    assert words in one_line(res.stderr)
     assert snapshot(cache) == before  # nothing written, no temporary file left behind
 
 
@@ -157,7 +134,7 @@ def test_damaged_cache_file_is_named_with_how_to_rebuild(
     for args in (["stats", "--model", "tiny-gpt2"], EDIT):
         res = invoke(root, args)
         assert res.exit_code == 1, res.output
-        msg = message(res.stderr)
+        msg = one_line(res.stderr)
         assert path.name in msg and "stats --force" in msg and "delete" in msg
     res = invoke(root, ["stats", "--model", "tiny-gpt2", "--force"])
     assert res.exit_code == 0, res.output
@@ -208,6 +185,6 @@ def test_bad_cache_folder_is_one_line(tmp_path: Path, where: str) -> None:
     for args in (["stats", "--model", "tiny-gpt2"], EDIT):
         res = invoke(root, args)
         assert res.exit_code == 2, res.output
-        msg = message(res.stderr)
+        msg = one_line(res.stderr)
         assert "ROME_WORKBENCH_CACHE" in msg and str(root) in msg
     assert a_file.read_text() == "x"
