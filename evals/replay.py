@@ -86,6 +86,7 @@ class ReplayConfig:
     # what the run was started on, checked when it resumes (set by replay())
     dataset_fingerprint: str | None = None
     glue_fingerprint: str | None = None
+    covariance_fingerprint: str | None = None  # compared on resume: a warning if it differs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -399,6 +400,30 @@ def _freeze_templates(store: Store, run: Any, lm: LoadedModel, hp: EditHparams) 
     return hp
 
 
+def _check_covariance(
+    store: Store, run: Any, lm: LoadedModel, hp: EditHparams, cfg: ReplayConfig
+) -> list[str]:
+    """Warn when the statistics here are not the ones the run started with (they are
+    sampled, so another machine may have others); a run without a record gets one."""
+    layer = cfg.layer if cfg.layer is not None else hp.layer
+    now = Editor(lm.model, lm.tokenizer, hp, keep_undo=False).factor(layer).fingerprint
+    if cfg.covariance_fingerprint == now:
+        return []
+    if cfg.covariance_fingerprint is None:
+        cfg.covariance_fingerprint = now
+        stored = {**_stored(store.get_run(run.id)), "replay": cfg.to_dict()}
+        store.update_run(run.id, hparams=stored)
+        return [
+            "this run stored no covariance fingerprint; the statistics used from now on "
+            f"({now}) are recorded with it"
+        ]
+    return [
+        f"the covariance statistics differ from the ones this run started with "
+        f"({cfg.covariance_fingerprint} -> {now}); the next edits use these. To keep the "
+        "run's own, copy the statistics file of the machine it started on into this cache"
+    ]
+
+
 def _check_same_data(cfg: ReplayConfig, records: list[CounterFactRecord]) -> list[str]:
     """Refuse a resume onto changed data; returns warnings for runs without fingerprints."""
     notes = []
@@ -466,6 +491,7 @@ def replay(
         raise BadRequestError(f"no usable CounterFact records in {cfg.dataset!r}")
     if resume is not None:
         notes += _check_same_data(cfg, records)
+        notes += _check_covariance(store, run, lm, hp, cfg)
     else:
         cfg.dataset_fingerprint = dataset_fingerprint(records)
         cfg.glue_fingerprint = glue_fingerprint(cfg)
@@ -475,6 +501,7 @@ def replay(
             # run, so a resume anywhere edits with the same ones.
             hp = hp.replace(context_templates=probe.templates())
         layer = cfg.layer if cfg.layer is not None else hp.layer
+        cfg.covariance_fingerprint = probe.factor(layer).fingerprint
         run = store.create_run(
             model=lm.name,
             kind="replay",

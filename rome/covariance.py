@@ -20,6 +20,7 @@ replaced by a bad or half-written one. A cache file that cannot be read raises
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -584,6 +585,11 @@ def stats_meta(
     )
 
 
+def _tensor_digest(t: torch.Tensor) -> str:
+    data = t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 class CovFactor:
     """Applies ``C⁻¹ x`` through a float64 Cholesky factor; ``None`` means identity."""
 
@@ -591,6 +597,8 @@ class CovFactor:
         self.description = description or ("identity" if matrix is None else "second moment")
         self.ridge_used = 0.0
         self._chol: torch.Tensor | None = None
+        #: a hash of C, so a replay can tell whether it resumes with the same statistics
+        self.fingerprint = "identity" if matrix is None else _tensor_digest(matrix)
         if matrix is None:
             return
         c = matrix.double().cpu()

@@ -272,3 +272,28 @@ def test_resume_of_a_run_without_stored_templates_stores_them(tmp_path):
     assert any("stored no context templates" in n for n in notes)
     kept = store.get_run(run_id).hparams["hparams"]["context_templates"]
     assert kept == Editor(lm.model, lm.tokenizer, lm.hparams).templates()
+
+
+def test_resume_with_other_statistics_warns_and_a_run_without_a_record_gets_one(tmp_path):
+    lm = load_model("tiny-gpt2")
+    store = Store.open(tmp_path / "r.db")
+    cancel = threading.Event()
+    cancel.set()
+    run_id = list(replay(lm, store, CFG, cancel=cancel))[-1].run_id
+    first = store.get_run(run_id).hparams["replay"]["covariance_fingerprint"]
+    assert first == Editor(lm.model, lm.tokenizer, lm.hparams).factor(1).fingerprint
+    run = store.get_run(run_id)
+    changed = {
+        **run.hparams,
+        "replay": {**run.hparams["replay"], "covariance_fingerprint": "0" * 16},
+    }
+    store.update_run(run_id, hparams=changed)
+    cancel2 = threading.Event()
+    cancel2.set()
+    events = list(replay(load_model("tiny-gpt2"), store, resume=run_id, cancel=cancel2))
+    notes = [e.message for e in events if isinstance(e, ReplayWarning)]
+    assert any("covariance statistics differ" in n and first in n for n in notes), notes
+    none = {**changed, "replay": {**changed["replay"], "covariance_fingerprint": None}}
+    store.update_run(run_id, hparams=none)
+    events = list(replay(load_model("tiny-gpt2"), store, resume=run_id, cancel=cancel2))
+    assert store.get_run(run_id).hparams["replay"]["covariance_fingerprint"] == first

@@ -509,3 +509,26 @@ async def test_small_terminal_layout(app_factory) -> None:
         await pilot.press("f5")
         await wait_idle(app, pilot)
         assert "Computed, not applied" in text_of(app.query_one("#edit-result-body"))
+
+
+async def test_model_pane_device_map_reaches_the_load(app_factory) -> None:
+    from textual.widgets import Select
+
+    app = app_factory(autoload=False, device_map="balanced")
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        choice = app.query_one("#model-device-map", Select)
+        assert choice.value == "balanced"  # the top-level --device-map is the default
+        await pilot.press("f2")
+        await wait_idle(app, pilot)
+        # the tiny in-process model takes no device map: the refusal names it, nothing loaded
+        shown = app.notices + ([app.screen.message] if isinstance(app.screen, ErrorDialog) else [])
+        assert any("device maps do not apply" in m for m in shown), shown
+        assert app.session.lm is None
+        if isinstance(app.screen, ErrorDialog):
+            await pilot.press("enter")
+            await pilot.pause()
+        choice.value = "none"
+        await pilot.press("f2")
+        await wait_idle(app, pilot)
+        assert app.session.lm is not None and app.session.lm.device_map is None

@@ -49,7 +49,7 @@ class WorkbenchApp(ModelActions, EditActions, HistoryActions, ReplayActions):
         yield ModelBar(id="model-bar")
         with TabbedContent(initial="tab-model", id="tabs"):
             with TabPane("Model", id="tab-model"):
-                yield ModelPane(self.model_name, self.device, self.dtype)
+                yield ModelPane(self.model_name, self.device, self.dtype, self.device_map)
             with TabPane("Edit", id="tab-edit"):
                 yield EditPane()
             with TabPane("Compare", id="tab-compare"):

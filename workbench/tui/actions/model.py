@@ -65,7 +65,7 @@ class ModelActions(AppBase):
         if self.refuse_busy():
             return
         pane = self.model_pane
-        name, device, dtype = pane.values()
+        name, device, dtype, device_map = pane.values()
         if not name:
             pane.set_error("is empty: a preset name, a hub id or a local folder")
             self.show_tab("model")
@@ -76,7 +76,7 @@ class ModelActions(AppBase):
 
             def answer(yes: bool | None) -> None:
                 if yes:
-                    self._load(name, device, dtype)
+                    self._load(name, device, dtype, device_map)
 
             self.push_screen(
                 ConfirmDialog(
@@ -89,12 +89,12 @@ class ModelActions(AppBase):
                 answer,
             )
             return
-        self._load(name, device, dtype)
+        self._load(name, device, dtype, device_map)
 
-    def _load(self, name: str, device: str, dtype: str | None) -> None:
+    def _load(self, name: str, device: str, dtype: str | None, device_map: str | None) -> None:
         def work(ctx: JobContext) -> None:
             ctx.progress("loading", 0, None, name)
-            info = self.session.load(name, device, dtype, self.device_map)
+            info = self.session.load(name, device, dtype, device_map)
             ctx.post(ModelLoaded(info))
             t0 = time.monotonic()
             corpus = info.covariance
@@ -104,7 +104,8 @@ class ModelActions(AppBase):
             ctx.post(CovarianceReady(info.layer, desc, time.monotonic() - t0))
 
         if self.start_job(JobId.LOAD, f"Loading {name}", work, on_end=self._after_load):
-            self.model_pane.set_loading(True, f"Loading {name} ({device})…")
+            where = f"device map {device_map}" if device_map else device
+            self.model_pane.set_loading(True, f"Loading {name} ({where})…")
             self.update_bar(f"loading {name}…")
 
     def _after_load(self, end: JobEnd) -> None:

@@ -10,6 +10,7 @@ from textual.suggester import SuggestFromList
 from textual.widgets import Button, Input, Select, Static
 
 from rome import list_presets
+from rome.models import DEVICE_MAP_STRATEGIES
 from workbench.core.format import fbytes, fseconds
 from workbench.core.records import ModelInfo
 
@@ -17,6 +18,8 @@ from ..widgets.form_field import FormField
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+NO_MAP = "none"
+DEVICE_MAPS = (NO_MAP, *DEVICE_MAP_STRATEGIES)
 
 
 def preset_names(aliases: bool = True) -> list[str]:
@@ -30,11 +33,15 @@ def preset_names(aliases: bool = True) -> list[str]:
 
 
 class ModelPane(VerticalScroll):
-    """Model name (preset, hub id or folder), device, dtype; then what was loaded."""
+    """Model name (preset, hub id or folder), device, dtype, device map; then what was
+    loaded."""
 
-    def __init__(self, model: str, device: str, dtype: str | None) -> None:
+    def __init__(
+        self, model: str, device: str, dtype: str | None, device_map: str | None = None
+    ) -> None:
         super().__init__(id="model-pane")
         self.initial = (model, device if device in DEVICES else "auto", dtype or "auto")
+        self.initial_map = device_map if device_map in DEVICE_MAP_STRATEGIES else NO_MAP
 
     def compose(self) -> ComposeResult:
         name, device, dtype = self.initial
@@ -81,6 +88,19 @@ class ModelPane(VerticalScroll):
             ),
             key="dtype",
         )
+        yield FormField(
+            "Device map",
+            Select(
+                [(d, d) for d in DEVICE_MAPS],
+                value=self.initial_map,
+                allow_blank=False,
+                id="model-device-map",
+                compact=True,
+                tooltip="Spread a model too large for one GPU over the GPUs (and CPU) "
+                "through accelerate; none: the whole model on the device above",
+            ),
+            key="device_map",
+        )
         with Horizontal(classes="buttons"):
             yield Button(
                 "Load (F2)",
@@ -99,11 +119,13 @@ class ModelPane(VerticalScroll):
             )
         yield Static(Text("No model loaded yet.", style="dim italic"), id="model-info")
 
-    def values(self) -> tuple[str, str, str | None]:
+    def values(self) -> tuple[str, str, str | None, str | None]:
+        """(model, device, dtype or None, device map or None)."""
         name = self.query_one("#model-name", Input).value.strip()
         device = str(self.query_one("#model-device", Select).value)
         dtype = str(self.query_one("#model-dtype", Select).value)
-        return name, device, None if dtype == "auto" else dtype
+        dmap = str(self.query_one("#model-device-map", Select).value)
+        return name, device, None if dtype == "auto" else dtype, None if dmap == NO_MAP else dmap
 
     def set_error(self, message: str | None) -> None:
         self.query_one("#ff-model", FormField).set_error(message)
