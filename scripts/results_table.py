@@ -10,10 +10,13 @@ sqrt(sum ||dW_i||^2), its value if the updates were orthogonal, and sum ||dW_i||
 its value if they were aligned), pre -> post ES/PS/NS at edit time, perplexity,
 fluency and GLUE at the first and last checkpoint, and the mean v* steps.
 
-``--survival`` loads the model, rebuilds each run's current weights from the
-stored updates (checked against the stored fingerprint, as a resume does) and
-re-scores every applied edit's CounterFact record on them: how many earlier edits
-still hold (ES = 1) after the last one. Nothing is written to the database.
+Survival (how many earlier edits still hold, ES = 1, after the last one) comes
+from the run's own end-of-run re-scoring when the run finished and stored one
+for every applied edit. ``--survival`` computes it for the others (or, with
+``--recompute``, for all): it loads the model, rebuilds each run's current
+weights from the stored updates (checked against the stored fingerprint, as a
+resume does) and re-scores every applied edit's CounterFact record on them.
+Nothing is written to the database.
 """
 
 from __future__ import annotations
@@ -120,6 +123,23 @@ def survival(store: Store, run_id: str, lm: Any) -> dict[str, Any]:
     return {"scored": len(scored), "survived": held, "now": aggregate(scored)}
 
 
+def stored_survival(store: Store, run_id: str) -> dict[str, Any] | None:
+    """The finished run's own end-of-run re-scoring, when it covers every applied edit."""
+    if store.get_run(run_id).status != "finished":
+        return None
+    applied = {e.seq for e in store.edits(run_id, applied_only=True)}
+    rescored = {r.seq: r.metrics for r in store.rescores(run_id)}
+    if not applied or set(rescored) != applied:
+        return None
+    held = sum(1 for m in rescored.values() if (m.get("es") or 0) >= 1.0)
+    return {
+        "scored": len(rescored),
+        "survived": held,
+        "now": aggregate(list(rescored.values())),
+        "source": "stored end-of-run re-scoring",
+    }
+
+
 def _fmt(x: Any, nd: int = 3) -> str:
     return "-" if x is None else f"{x:.{nd}f}" if isinstance(x, float) else str(x)
 
@@ -164,17 +184,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--db", default="docs/results/long-smollm2.db")
-    ap.add_argument("--survival", action="store_true")
+    ap.add_argument("--survival", action="store_true", help="compute what is not stored")
+    ap.add_argument("--recompute", action="store_true", help="with --survival: every run")
     ap.add_argument("--json", dest="json_out")
     args = ap.parse_args()
     store = Store.open(args.db, create=False)
     figures = [run_figures(store, r) for r in args.runs]
-    if args.survival:
+    for r, f in zip(args.runs, figures, strict=True):
+        stored = None if args.recompute else stored_survival(store, r)
+        if stored is not None:
+            f["survival"] = stored
+    missing = [(r, f) for r, f in zip(args.runs, figures, strict=True) if "survival" not in f]
+    if args.survival and missing:
         from rome import load_model
 
-        lm = load_model(store.get_run(args.runs[0]).model, device="cpu")
-        for r, f in zip(args.runs, figures, strict=True):
-            f["survival"] = survival(store, r, lm)
+        lm = load_model(store.get_run(missing[0][0]).model, device="cpu")
+        for r, f in missing:
+            f["survival"] = {**survival(store, r, lm), "source": "re-scored on rebuilt weights"}
     print(HEADER)
     for f in figures:
         print(markdown_row(f))
@@ -195,7 +221,7 @@ def main() -> None:
             now = f["survival"]["now"]
             print(
                 f"  re-scored now: ES {_fmt(now.get('es'))} PS {_fmt(now.get('ps'))} "
-                f"NS {_fmt(now.get('ns'))}"
+                f"NS {_fmt(now.get('ns'))} ({f['survival']['source']})"
             )
     if args.json_out:
         with open(args.json_out, "w") as fh:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from workbench.plot import plot_runs
+from workbench.plot import plot_panels, plot_runs
 from workbench.store import Store, UnknownRunError
 
 REQ = {"prompt": "{} is in", "subject": "X", "target_new": "Rome", "target_true": "Paris"}
@@ -22,11 +22,13 @@ def _synthetic_run(store: Store, mode: str, n_edits: int = 60, glue_every: int =
     )
     collapsing = mode == "original"
     u, v = torch.ones(4), torch.ones(3)
+    drift = 0.0
     for seq in range(n_edits):
         disabling = collapsing and seq in (17, 41)
         norm = (250.0 if disabling else 12.0 + (seq % 7)) * (1.03**seq if collapsing else 1.0)
         if not collapsing:
             norm = 12.0 + 2.0 * math.sin(seq)
+        drift = math.hypot(drift, norm)  # orthogonal updates: a random walk
         store.add_edit(
             run.id,
             seq,
@@ -37,6 +39,7 @@ def _synthetic_run(store: Store, mode: str, n_edits: int = 60, glue_every: int =
             u=u,
             v=v,
             update_norm=norm,
+            metrics={"w_delta_norm": drift, "w_norm_ratio": math.hypot(170.0, drift) / 170.0},
             flagged=disabling,
             flag_reason="norm far above the running median" if disabling else None,
         )
@@ -71,6 +74,17 @@ def test_plot_two_runs(two_runs, tmp_path: Path):
     h, w = img.shape[:2]
     assert 600 < w < 2500 and 400 < h < 2000
     assert img[..., :3].std() > 0.05  # not a blank canvas
+
+
+def test_plot_panels_follow_what_was_recorded(two_runs):
+    store, ids = two_runs
+    cps = {r: store.checkpoints(r) for r in ids}
+    edits = {r: store.edits(r) for r in ids}
+    panels, tasks = plot_panels(cps, edits)
+    assert tasks == list(TASKS)
+    assert panels == [*TASKS, "norm", "drift", "ratio", "fluency"]
+    bare = {r: [e for e in es if not e.metrics] for r, es in edits.items()}
+    assert plot_panels({r: [] for r in ids}, bare) == (["norm"], [])
 
 
 def test_plot_norm_only_and_errors(tmp_path: Path):

@@ -4,8 +4,9 @@ is safe to call from a worker thread).
 :func:`plot_runs` overlays several runs: one panel per GLUE task (accuracy
 against the number of edits applied), one for the update norm of each edit
 (log scale, flagged edits marked with a red x), one for the cumulative change
-‖W_n − W_0‖ of the edited matrix, one for the held-out perplexity and one for
-fluency (generation entropy), each when the runs recorded it.
+‖W_n − W_0‖ of the edited matrix, one for its growth ‖W_n‖ / ‖W_0‖, one for
+the held-out perplexity and one for fluency (generation entropy), each when
+the runs recorded it.
 """
 
 from __future__ import annotations
@@ -40,6 +41,28 @@ def _task_order(tasks: set[str]) -> list[str]:
     return known + sorted(tasks - set(GLUE_ORDER))
 
 
+def plot_panels(
+    checkpoints: dict[str, list[Checkpoint]], edits: dict[str, list[Edit]]
+) -> tuple[list[str], list[str]]:
+    """The panels a plot of these runs gets, in order, and the GLUE tasks among them:
+    one per task, the update norm, and the others when some run recorded their figure."""
+    probes = {FLUENCY_TASK, PERPLEXITY_TASK}
+    tasks = _task_order({c.task for cps in checkpoints.values() for c in cps} - probes)
+    has = {
+        t: any(c.task == t and _finite(c.value) for cps in checkpoints.values() for c in cps)
+        for t in probes
+    }
+    has_drift = any("w_delta_norm" in (e.metrics or {}) for es in edits.values() for e in es)
+    panels = [
+        *tasks,
+        "norm",
+        *(["drift", "ratio"] if has_drift else []),
+        *([PERPLEXITY_TASK] if has[PERPLEXITY_TASK] else []),
+        *([FLUENCY_TASK] if has[FLUENCY_TASK] else []),
+    ]
+    return panels, tasks
+
+
 def plot_runs(
     store: Store,
     run_ids: Sequence[str],
@@ -56,20 +79,7 @@ def plot_runs(
     checkpoints: dict[str, list[Checkpoint]] = {r.id: store.checkpoints(r.id) for r in runs}
     edits: dict[str, list[Edit]] = {r.id: store.edits(r.id) for r in runs}
 
-    probes = {FLUENCY_TASK, PERPLEXITY_TASK}
-    tasks = _task_order({c.task for cps in checkpoints.values() for c in cps} - probes)
-    has = {
-        t: any(c.task == t and _finite(c.value) for cps in checkpoints.values() for c in cps)
-        for t in probes
-    }
-    has_drift = any("w_delta_norm" in (e.metrics or {}) for es in edits.values() for e in es)
-    panels = [
-        *tasks,
-        "norm",
-        *(["drift"] if has_drift else []),
-        *([PERPLEXITY_TASK] if has[PERPLEXITY_TASK] else []),
-        *([FLUENCY_TASK] if has[FLUENCY_TASK] else []),
-    ]
+    panels, tasks = plot_panels(checkpoints, edits)
 
     ncols = min(3, len(panels)) if len(panels) != 4 else 2
     nrows = math.ceil(len(panels) / ncols)
@@ -95,7 +105,9 @@ def plot_runs(
         if panel == "norm":
             any_flagged, any_refused = _norm_panel(ax, runs, edits, colours)
         elif panel == "drift":
-            _drift_panel(ax, runs, edits, colours)
+            _drift_panel(ax, runs, edits, colours, "w_delta_norm")
+        elif panel == "ratio":
+            _drift_panel(ax, runs, edits, colours, "w_norm_ratio")
         elif panel == PERPLEXITY_TASK:
             _perplexity_panel(ax, runs, checkpoints, colours)
         elif panel == FLUENCY_TASK:
@@ -204,23 +216,30 @@ def _perplexity_panel(
     ax.set_ylabel("perplexity (log)")
 
 
+DRIFT_TITLES = {  # metric -> (title, y label)
+    "w_delta_norm": ("cumulative change ‖W_n − W_0‖", "‖W_n − W_0‖_F"),
+    "w_norm_ratio": ("norm growth ‖W_n‖ / ‖W_0‖", "‖W_n‖_F / ‖W_0‖_F"),
+}
+
+
 def _drift_panel(
     ax: Axes,
     runs: Sequence[Run],
     edits: dict[str, list[Edit]],
     colours: Sequence[str],
+    metric: str,
 ) -> None:
+    """One per-edit figure of the edited matrix after each applied edit, runs overlaid."""
     for run, col in zip(runs, colours, strict=True):
-        pts = [
-            (e.seq + 1, (e.metrics or {}).get("w_delta_norm")) for e in edits[run.id] if e.applied
-        ]
+        pts = [(e.seq + 1, (e.metrics or {}).get(metric)) for e in edits[run.id] if e.applied]
         pts = [(x, y) for x, y in pts if _finite(y)]
         if pts:
             xs, ys = zip(*pts, strict=True)
             ax.plot(xs, ys, color=col, lw=1.8)
-    ax.set_title("cumulative change ‖W_n − W_0‖")
+    title, ylabel = DRIFT_TITLES[metric]
+    ax.set_title(title)
     ax.set_xlabel("edit number")
-    ax.set_ylabel("‖W_n − W_0‖_F")
+    ax.set_ylabel(ylabel)
 
 
 def _norm_panel(
@@ -274,4 +293,4 @@ def _norm_panel(
     return any_flagged, any_refused
 
 
-__all__ = ["plot_runs"]
+__all__ = ["plot_panels", "plot_runs"]

@@ -262,7 +262,7 @@ class ReplayPane(Vertical):
         t.append(f"edit {n}/{ev.total}: ", style="bold")
         t.append(f"{ev.subject} → {ev.target_new}")
         t.append(f"  ‖ΔW‖ {fnum(ev.update_norm)} ({fnum(ev.update_norm_ratio)}×‖W‖)")
-        t.append(f" · ‖W−W₀‖ {fnum(ev.w_delta_norm)}")
+        t.append(f" · ‖W−W₀‖ {fnum(ev.w_delta_norm)} · ‖W‖/‖W₀‖ {fnum(ev.w_norm_ratio, 4)}")
         es = metric(ev.metrics, "es")
         if es is not None:
             t.append(f" · ES {fnum(es)}")
