@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from matplotlib.axes import Axes
@@ -155,6 +155,30 @@ def plot_runs(
     return out
 
 
+Point = tuple[int, float | None]
+
+
+def _lines(
+    ax: Axes,
+    runs: Sequence[Run],
+    colours: Sequence[str],
+    points: Callable[[Run], list[Point]],
+    marker: str | None = "o",
+) -> None:
+    """One line per run through its finite points (x, y)."""
+    for run, col in zip(runs, colours, strict=True):
+        pts = [(x, y) for x, y in points(run) if _finite(y)]
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, color=col, marker=marker, ms=4, lw=1.8)
+
+
+def _labels(ax: Axes, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+
+
 def _task_panel(
     ax: Axes,
     task: str,
@@ -162,17 +186,15 @@ def _task_panel(
     checkpoints: dict[str, list[Checkpoint]],
     colours: Sequence[str],
 ) -> None:
-    for run, col in zip(runs, colours, strict=True):
-        pts = [(c.step, c.accuracy) for c in checkpoints[run.id] if c.task == task]
-        pts = [(s, a) for s, a in pts if _finite(a)]
-        if pts:
-            xs, ys = zip(*pts, strict=True)
-            ax.plot(xs, ys, color=col, marker="o", ms=4, lw=1.8)
+    _lines(
+        ax,
+        runs,
+        colours,
+        lambda run: [(c.step, c.accuracy) for c in checkpoints[run.id] if c.task == task],
+    )
     ax.axhline(CHANCE, color="0.4", ls="--", lw=1)
     ax.set_ylim(0.0, 1.0)
-    ax.set_title(f"{TASK_TITLES.get(task, task)} accuracy")
-    ax.set_xlabel("edits applied")
-    ax.set_ylabel("accuracy")
+    _labels(ax, f"{TASK_TITLES.get(task, task)} accuracy", "edits applied", "accuracy")
 
 
 def _fluency_panel(
@@ -181,15 +203,13 @@ def _fluency_panel(
     checkpoints: dict[str, list[Checkpoint]],
     colours: Sequence[str],
 ) -> None:
-    for run, col in zip(runs, colours, strict=True):
-        pts = [(c.step, c.value) for c in checkpoints[run.id] if c.task == FLUENCY_TASK]
-        pts = [(s, v) for s, v in pts if _finite(v)]
-        if pts:
-            xs, ys = zip(*pts, strict=True)
-            ax.plot(xs, ys, color=col, marker="o", ms=4, lw=1.8)
-    ax.set_title("fluency (generation entropy)")
-    ax.set_xlabel("edits applied")
-    ax.set_ylabel("entropy")
+    _lines(
+        ax,
+        runs,
+        colours,
+        lambda run: [(c.step, c.value) for c in checkpoints[run.id] if c.task == FLUENCY_TASK],
+    )
+    _labels(ax, "fluency (generation entropy)", "edits applied", "entropy")
 
 
 def _perplexity_panel(
@@ -198,22 +218,20 @@ def _perplexity_panel(
     checkpoints: dict[str, list[Checkpoint]],
     colours: Sequence[str],
 ) -> None:
-    for run, col in zip(runs, colours, strict=True):
-        pts = [
+    _lines(
+        ax,
+        runs,
+        colours,
+        lambda run: [
             (c.step, (c.extra or {}).get("perplexity"))
             for c in checkpoints[run.id]
             if c.task == PERPLEXITY_TASK
-        ]
-        pts = [(s, v) for s, v in pts if _finite(v)]
-        if pts:
-            xs, ys = zip(*pts, strict=True)
-            ax.plot(xs, ys, color=col, marker="o", ms=4, lw=1.8)
+        ],
+    )
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
     ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1.2, 0.5)))
-    ax.set_title("held-out perplexity (Python docs prose)")
-    ax.set_xlabel("edits applied")
-    ax.set_ylabel("perplexity (log)")
+    _labels(ax, "held-out perplexity (Python docs prose)", "edits applied", "perplexity (log)")
 
 
 DRIFT_TITLES = {  # metric -> (title, y label)
@@ -230,16 +248,17 @@ def _drift_panel(
     metric: str,
 ) -> None:
     """One per-edit figure of the edited matrix after each applied edit, runs overlaid."""
-    for run, col in zip(runs, colours, strict=True):
-        pts = [(e.seq + 1, (e.metrics or {}).get(metric)) for e in edits[run.id] if e.applied]
-        pts = [(x, y) for x, y in pts if _finite(y)]
-        if pts:
-            xs, ys = zip(*pts, strict=True)
-            ax.plot(xs, ys, color=col, lw=1.8)
+    _lines(
+        ax,
+        runs,
+        colours,
+        lambda run: [
+            (e.seq + 1, (e.metrics or {}).get(metric)) for e in edits[run.id] if e.applied
+        ],
+        marker=None,
+    )
     title, ylabel = DRIFT_TITLES[metric]
-    ax.set_title(title)
-    ax.set_xlabel("edit number")
-    ax.set_ylabel(ylabel)
+    _labels(ax, title, "edit number", ylabel)
 
 
 def _norm_panel(
@@ -287,9 +306,7 @@ def _norm_panel(
             transform=ax.transAxes,
             color="0.4",
         )
-    ax.set_title("update norm ‖ΔW‖ per edit")
-    ax.set_xlabel("edit number")
-    ax.set_ylabel("‖ΔW‖ (log)")
+    _labels(ax, "update norm ‖ΔW‖ per edit", "edit number", "‖ΔW‖ (log)")
     return any_flagged, any_refused
 
 
