@@ -424,6 +424,27 @@ def _check_covariance(
     ]
 
 
+def _extend(
+    store: Store, run: Any, cfg: ReplayConfig, records: list[CounterFactRecord]
+) -> list[str]:
+    """Plan the run's next records: the ones it edited must come first, unchanged."""
+    planned = cfg.n_edits
+    if len(records) <= planned:
+        raise BadRequestError(
+            f"{cfg.dataset!r} holds no usable records beyond the {planned} run {run.id} planned"
+        )
+    notes = _check_same_data(cfg, records[:planned])
+    cfg.n_edits = len(records)
+    cfg.dataset_fingerprint = dataset_fingerprint(records)
+    store.update_run(
+        run.id,
+        n_edits_planned=len(records),
+        hparams={**_stored(store.get_run(run.id)), "replay": cfg.to_dict()},
+    )
+    notes.append(f"run {run.id} extended from {planned} to {len(records)} edits")
+    return notes
+
+
 def _check_same_data(cfg: ReplayConfig, records: list[CounterFactRecord]) -> list[str]:
     """Refuse a resume onto changed data; returns warnings for runs without fingerprints."""
     notes = []
@@ -455,22 +476,31 @@ def replay(
     resume: str | None = None,
     hparams: EditHparams | None = None,
     rescore_finished: bool = False,
+    extend_to: int | None = None,
 ) -> Iterator[ReplayEvent]:
     """Run (or resume) a replay; yields events. ``lm`` must hold the base weights.
 
     ``hparams`` (default ``lm.hparams``) is the preset a new run edits with;
     a resumed run always edits with the preset stored with it. Resuming a
-    finished run does nothing unless ``rescore_finished``.
+    finished run does nothing unless ``rescore_finished``, or ``extend_to``
+    (more edits than the run planned: the next records of the same dataset,
+    whose first ones must be the records the run already edited).
     """
     cancel = cancel or threading.Event()
     notes: list[str] = []
+    if extend_to is not None and resume is None:
+        raise BadRequestError("extending a run needs the run to resume")
     if resume is not None:
         run = store.get_run(resume)
         if run.model != lm.name:
             raise ReplayError(f"run {run.id} was made with {run.model}, not {lm.name}")
         cfg = _config_of(run)
         hp = _hparams_of(run, lm)
-        if run.status == "finished" and not rescore_finished:
+        if extend_to is not None and extend_to <= cfg.n_edits:
+            raise BadRequestError(
+                f"run {run.id} already plans {cfg.n_edits} edits; extend it to more than that"
+            )
+        if run.status == "finished" and not rescore_finished and extend_to is None:
             yield ReplayWarning(f"run {run.id} is already finished; nothing to do")
             yield ReplayFinished(run.id, "finished", run_summary(store, run.id))
             return
@@ -484,12 +514,14 @@ def replay(
         raise BadRequestError("replay needs a ReplayConfig or a run id to resume")
     else:
         hp = hparams or lm.hparams
-    loaded = load_counterfact(cfg.dataset, limit=cfg.n_edits)
+    loaded = load_counterfact(cfg.dataset, limit=extend_to or cfg.n_edits)
     records = loaded.records
     total = len(records)
     if total == 0:
         raise BadRequestError(f"no usable CounterFact records in {cfg.dataset!r}")
-    if resume is not None:
+    if resume is not None and extend_to is not None:
+        notes += _extend(store, run, cfg, records)
+    elif resume is not None:
         notes += _check_same_data(cfg, records)
         notes += _check_covariance(store, run, lm, hp, cfg)
     else:

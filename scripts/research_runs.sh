@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The long research replays of docs/results/ (SmolLM2, CounterFact val split in file order).
 # Start:  scripts/research_runs.sh start      Resume: scripts/research_runs.sh resume
+# Extend the finished runs to N edits in all (the next records of the same split):
+#         scripts/research_runs.sh extend N
 # Each run is one process with one thread, writing into one SQLite database (WAL).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,5 +30,11 @@ case "${1:-}" in
       launch "resume-$id" --model smollm2-135m-fast --db "$DB" --resume "$id"
     done
     ;;
-  *) echo "usage: $0 start|resume" >&2; exit 2 ;;
+  extend)
+    n=${2:?usage: $0 extend N}
+    for id in $(sqlite3 "$DB" "SELECT id FROM runs WHERE status = 'finished'"); do
+      launch "extend-$id" --model smollm2-135m-fast --db "$DB" --resume "$id" --extend-to "$n"
+    done
+    ;;
+  *) echo "usage: $0 start|resume|extend N" >&2; exit 2 ;;
 esac

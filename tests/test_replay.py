@@ -211,6 +211,58 @@ def test_resume_refuses_changed_records_and_rescores_from_stored_ones(tmp_path):
     assert not any(isinstance(e, EditDone) for e in again)
 
 
+def test_a_finished_run_extends_onto_the_next_records_and_the_same_weights(tmp_path):
+    from rome.errors import BadRequestError
+
+    store = Store.open(tmp_path / "r.db")
+    short = ReplayConfig(
+        n_edits=3, glue_every=2, glue_tasks=("sst2",), glue_limit=4, fluency_tokens=8
+    )
+    first = list(replay(load_model("tiny-gpt2"), store, short))
+    run_id = first[-1].run_id
+    with pytest.raises(BadRequestError, match="already plans 3 edits"):
+        list(replay(load_model("tiny-gpt2"), store, resume=run_id, extend_to=3))
+    lm = load_model("tiny-gpt2")
+    events = list(replay(lm, store, resume=run_id, extend_to=5))
+    assert any(isinstance(e, ReplayWarning) and "from 3 to 5" in e.message for e in events)
+    assert [e.seq for e in events if isinstance(e, EditDone)] == [3, 4]
+    assert events[-1].status == "finished"
+    run = store.get_run(run_id)
+    assert run.n_edits_planned == 5 and run.hparams["replay"]["n_edits"] == 5
+    assert [e.seq for e in store.edits(run_id)] == [0, 1, 2, 3, 4]
+    assert sorted({c.step for c in store.checkpoints(run_id)}) == [0, 2, 3, 4, 5]
+    assert len(store.rescores(run_id)) == 5
+
+    # the same five edits in one go end on the same weights
+    whole = ReplayConfig(
+        n_edits=5, glue_every=2, glue_tasks=("sst2",), glue_limit=4, fluency_tokens=8
+    )
+    lm_whole = load_model("tiny-gpt2")
+    list(replay(lm_whole, Store.open(tmp_path / "w.db"), whole))
+    assert final_fingerprint(lm) == final_fingerprint(lm_whole)
+    assert store.last_edit(run_id).fingerprint == final_fingerprint(lm_whole)
+
+
+def test_an_extension_refuses_changed_earlier_records(tmp_path):
+    from evals.counterfact import SAMPLE_PATH
+    from rome.errors import BadRequestError
+
+    rows = json.loads(SAMPLE_PATH.read_text())[:4]
+    data = _records_file(tmp_path / "cf.json", rows[:2])
+    store = Store.open(tmp_path / "r.db")
+    cfg = ReplayConfig(
+        dataset=data, n_edits=2, glue_every=2, glue_tasks=("sst2",), glue_limit=4, perplexity=False
+    )
+    run_id = list(replay(load_model("tiny-gpt2"), store, cfg))[-1].run_id
+    _records_file(tmp_path / "cf.json", [rows[1], rows[0], rows[2], rows[3]])
+    with pytest.raises(ReplayError, match="CounterFact records .* changed"):
+        list(replay(load_model("tiny-gpt2"), store, resume=run_id, extend_to=4))
+    assert store.get_run(run_id).n_edits_planned == 2  # nothing changed
+    _records_file(tmp_path / "cf.json", rows[:2])
+    with pytest.raises(BadRequestError, match="no usable records beyond"):
+        list(replay(load_model("tiny-gpt2"), store, resume=run_id, extend_to=4))
+
+
 def test_stabilisers_are_stored_with_the_run_and_each_edit(tmp_path):
     lm = load_model("tiny-gpt2")
     store = Store.open(tmp_path / "r.db")

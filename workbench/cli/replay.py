@@ -82,6 +82,13 @@ def replay(
     rescore: Annotated[
         bool, typer.Option("--rescore", help="with --resume of a finished run: re-score it")
     ] = False,
+    extend_to: Annotated[
+        int | None,
+        typer.Option(
+            "--extend-to",
+            help="with --resume: go on to N edits in all (the next records of the run's dataset)",
+        ),
+    ] = None,
     json_out: Annotated[
         Path | None, typer.Option("--json-out", help="write the run as JSON")
     ] = None,
@@ -101,6 +108,8 @@ def replay(
             raise rome_errors.BadRequestError(
                 "--rescore re-scores a finished run: give --resume RUN"
             )
+        if extend_to is not None and not resume:
+            raise rome_errors.BadRequestError("--extend-to extends a stored run: give --resume RUN")
         if json_out is not None:
             output_file(json_out, example="run.json")
         cfg = make_config(
@@ -143,6 +152,7 @@ def replay(
                     cancel=cancel,
                     hparams=edit_hp,
                     rescore_finished=rescore,
+                    extend_to=extend_to,
                 )
             except KeyboardInterrupt:
                 err.print(

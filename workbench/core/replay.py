@@ -298,12 +298,14 @@ def run_replay(
     cancel: threading.Event | None = None,
     hparams: EditHparams | None = None,
     rescore_finished: bool = False,
+    extend_to: int | None = None,
 ) -> ReplayFinished | None:
     """Run a new replay (``cfg``) or resume the run ``resume`` on ``lm``, which must
     hold the base weights; events go to ``handler``. ``hparams`` (default
     ``lm.hparams``) is what a new run edits with; a resumed one uses its own.
     ``rescore_finished``: resuming a finished run re-scores it (else nothing
-    happens). The run's edits stay on ``lm`` afterwards (see
+    happens); ``extend_to``: the resumed run goes on to that many edits. The
+    run's edits stay on ``lm`` afterwards (see
     :meth:`workbench.core.session.Session.run_replay` for a replay that gives
     the weights back)."""
     events = replay(
@@ -314,6 +316,7 @@ def run_replay(
         resume=resume,
         hparams=hparams,
         rescore_finished=rescore_finished,
+        extend_to=extend_to,
     )
     return drive(events, handler)
 
