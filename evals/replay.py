@@ -519,10 +519,11 @@ def replay(
     total = len(records)
     if total == 0:
         raise BadRequestError(f"no usable CounterFact records in {cfg.dataset!r}")
-    if resume is not None and extend_to is not None:
-        notes += _extend(store, run, cfg, records)
-    elif resume is not None:
-        notes += _check_same_data(cfg, records)
+    if resume is not None:
+        if extend_to is not None:
+            notes += _extend(store, run, cfg, records)
+        else:
+            notes += _check_same_data(cfg, records)
         notes += _check_covariance(store, run, lm, hp, cfg)
     else:
         cfg.dataset_fingerprint = dataset_fingerprint(records)

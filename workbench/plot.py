@@ -173,6 +173,15 @@ def _lines(
             ax.plot(xs, ys, color=col, marker=marker, ms=4, lw=1.8)
 
 
+def _at_checkpoints(
+    checkpoints: dict[str, list[Checkpoint]],
+    task: str,
+    value: Callable[[Checkpoint], float | None],
+) -> Callable[[Run], list[Point]]:
+    """A run's (step, value) at its checkpoints of ``task``."""
+    return lambda run: [(c.step, value(c)) for c in checkpoints[run.id] if c.task == task]
+
+
 def _labels(ax: Axes, title: str, xlabel: str, ylabel: str) -> None:
     ax.set_title(title)
     ax.set_xlabel(xlabel)
@@ -186,12 +195,7 @@ def _task_panel(
     checkpoints: dict[str, list[Checkpoint]],
     colours: Sequence[str],
 ) -> None:
-    _lines(
-        ax,
-        runs,
-        colours,
-        lambda run: [(c.step, c.accuracy) for c in checkpoints[run.id] if c.task == task],
-    )
+    _lines(ax, runs, colours, _at_checkpoints(checkpoints, task, lambda c: c.accuracy))
     ax.axhline(CHANCE, color="0.4", ls="--", lw=1)
     ax.set_ylim(0.0, 1.0)
     _labels(ax, f"{TASK_TITLES.get(task, task)} accuracy", "edits applied", "accuracy")
@@ -203,12 +207,7 @@ def _fluency_panel(
     checkpoints: dict[str, list[Checkpoint]],
     colours: Sequence[str],
 ) -> None:
-    _lines(
-        ax,
-        runs,
-        colours,
-        lambda run: [(c.step, c.value) for c in checkpoints[run.id] if c.task == FLUENCY_TASK],
-    )
+    _lines(ax, runs, colours, _at_checkpoints(checkpoints, FLUENCY_TASK, lambda c: c.value))
     _labels(ax, "fluency (generation entropy)", "edits applied", "entropy")
 
 
@@ -218,16 +217,10 @@ def _perplexity_panel(
     checkpoints: dict[str, list[Checkpoint]],
     colours: Sequence[str],
 ) -> None:
-    _lines(
-        ax,
-        runs,
-        colours,
-        lambda run: [
-            (c.step, (c.extra or {}).get("perplexity"))
-            for c in checkpoints[run.id]
-            if c.task == PERPLEXITY_TASK
-        ],
+    perplexity = _at_checkpoints(
+        checkpoints, PERPLEXITY_TASK, lambda c: (c.extra or {}).get("perplexity")
     )
+    _lines(ax, runs, colours, perplexity)
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
     ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1.2, 0.5)))
