@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,7 +34,8 @@ from .request import EditRequest
 from .result import EditResult
 from .scoring import score_targets
 from .templates import cached_templates, normalise_templates
-from .update import add_update, rank_one, restore, weight_of, weight_out_in
+from .methods.base import LayerUpdate, Update
+from .update import add_delta, add_update, rank_one, restore, weight_of, weight_out_in
 from .vstar import compute_v_star, resolve_autocast
 
 log = logging.getLogger(__name__)
@@ -43,14 +45,20 @@ Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 @dataclass
 class AppliedEdit:
-    """One update on the model, with the weight as it was before it (for undo)."""
+    """One applied step (one edit or one batch), with each weight as it was before it.
+
+    ``layer``/``weight_name``/``u``/``v`` describe the first edited layer (the only
+    one for ROME, whose ``u``/``v`` are its rank-one factors); ``update`` holds every
+    layer's factors and ``saved`` the weights as they were, per layer, for undo.
+    """
 
     layer: int
     weight_name: str
     u: torch.Tensor
     v: torch.Tensor
-    saved: torch.Tensor | None
+    saved: dict[int, torch.Tensor] | None
     result: EditResult | None = None
+    update: Update | None = None
 
 
 @dataclass
@@ -86,6 +94,8 @@ class Editor:
         self._stats_meta: dict[int, cov.StatsMeta | None] = {}
         self._base: dict[int, torch.Tensor] = {}
         self._anchors: dict[int, float] = {}
+        self._cached: dict[Any, Any] = {}
+        self.method_state: dict[str, Any] = {}  # each method's carried state, by method name
         self.applied: list[AppliedEdit] = []
 
     # ----------------------------------------------------------- setup
@@ -102,6 +112,12 @@ class Editor:
 
     def module(self, layer: int) -> nn.Module:
         return get_module(self.model, self.hp.weight_module(layer))
+
+    def cached(self, key: Any, make: Callable[[], Any]) -> Any:
+        """A value computed once per editor (a method's templates, projectors...)."""
+        if key not in self._cached:
+            self._cached[key] = make()
+        return self._cached[key]
 
     def templates(self) -> list[str]:
         """The context templates, sampled (once, cached) from the unedited model."""
@@ -351,6 +367,10 @@ class Editor:
         """Take ρ as given (a resumed replay keeps the value its earlier edits used)."""
         self._anchors[layer] = float(rho)
 
+    def base_weights(self) -> contextlib.AbstractContextManager[None]:
+        """Inside, every edited layer holds its unedited weight (public form)."""
+        return self._all_base_weights()
+
     @contextlib.contextmanager
     def _all_base_weights(self) -> Iterator[None]:
         """Inside, every edited layer holds its unedited weight (templates and statistics
@@ -399,10 +419,14 @@ class Editor:
         return _Probe(scores[0].prob, p_true, sum(templ) / len(templ) if templ else scores[0].prob)
 
     def unsafe_reason(self, u: torch.Tensor, v: torch.Tensor, weight_norm: float) -> str | None:
-        """Why an update must not be applied: non-finite, or far larger than the weight."""
-        if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
+        """Why a rank-one update must not be applied: non-finite, or far larger than the weight."""
+        finite = bool(torch.isfinite(u).all() and torch.isfinite(v).all())
+        return self._unsafe(finite, float(u.norm() * v.norm()), weight_norm)
+
+    def _unsafe(self, finite: bool, norm: float, weight_norm: float) -> str | None:
+        if not finite:
             return "the update has NaN or infinite entries"
-        ratio = float(u.norm() * v.norm()) / weight_norm if weight_norm else math.inf
+        ratio = norm / weight_norm if weight_norm else math.inf
         if ratio > self.hp.max_update_ratio:
             return (
                 f"the update norm is {ratio:.1f}x the weight's norm "
@@ -424,33 +448,62 @@ class Editor:
         result: EditResult | None = None,
     ) -> AppliedEdit:
         """Add ``v uᵀ`` at ``layer`` (a stored update, e.g. when a replay resumes)."""
-        module = self.module(self.check_layer(layer))
+        lu = LayerUpdate(layer, self.hp.weight_module(layer), u[None, :], v[:, None])
+        records = [result.to_dict(factors=False)] if result is not None else []
+        upd = Update("rome", [lu], records, results=[result] if result is not None else [])
+        return self.apply_update(upd, force=force)
+
+    def update_unsafe_reason(self, update: Update) -> str | None:
+        """Why an update must not be applied (checked per layer): non-finite or too large."""
+        for lu in update.layers:
+            w = weight_out_in(self.module(self.check_layer(lu.layer))).detach().float()
+            reason = self._unsafe(lu.is_finite(), lu.norm, float(w.norm()))
+            if reason:
+                return reason if len(update.layers) == 1 else f"layer {lu.layer}: {reason}"
+        return None
+
+    def apply_update(self, update: Update, force: bool = False) -> AppliedEdit:
+        """Add every layer's ``V U`` in order; refuses an unsafe update unless ``force``.
+
+        Nothing is changed when it refuses. The step is one undo entry.
+        """
+        if not update.layers:
+            raise BadRequestError("the update edits no layer")
         if not force:
-            reason = self.unsafe_reason(u, v, float(weight_out_in(module).detach().float().norm()))
+            reason = self.update_unsafe_reason(update)
             if reason:
                 raise UnsafeUpdateError(f"refused to apply: {reason}; nothing was changed")
-        if layer not in self._base:
-            self._base[layer] = weight_of(module).detach().to("cpu", copy=True)
-        saved = add_update(module, u, v)
+        saved: dict[int, torch.Tensor] = {}
+        for lu in update.layers:
+            module = self.module(self.check_layer(lu.layer))
+            if lu.layer not in self._base:
+                self._base[lu.layer] = weight_of(module).detach().to("cpu", copy=True)
+            before = add_delta(module, lu.delta())
+            if self.keep_undo and lu.layer not in saved:
+                saved[lu.layer] = before.to("cpu")
+        first = update.layers[0]
+        result = update.results[0] if len(update.results) == 1 else None
         entry = AppliedEdit(
-            layer=layer,
-            weight_name=self.hp.weight_module(layer),
-            u=u,
-            v=v,
-            saved=saved.to("cpu") if self.keep_undo else None,
-            result=result,
+            layer=first.layer,
+            weight_name=first.weight_name,
+            u=first.U[0],
+            v=first.V[:, 0],
+            saved=saved if self.keep_undo else None,
+            result=result if isinstance(result, EditResult) else None,
+            update=update,
         )
         self.applied.append(entry)
         return entry
 
     def undo(self) -> AppliedEdit:
-        """Remove the last applied edit; the weight is restored bit for bit."""
+        """Remove the last applied step; every weight it changed is restored bit for bit."""
         if not self.applied:
             raise NothingToUndoError("no applied edit to undo")
         entry = self.applied[-1]
         if entry.saved is None:
             raise NothingToUndoError("this editor keeps no undo copies (keep_undo=False)")
-        restore(self.module(entry.layer), entry.saved)
+        for layer, weight in entry.saved.items():
+            restore(self.module(layer), weight)
         self.applied.pop()
         return entry
 
@@ -461,6 +514,11 @@ class Editor:
             restore(self.module(layer), base)
         self.applied.clear()
         return n
+
+    @property
+    def edited_layers(self) -> list[int]:
+        """Every layer an applied update has touched since the editor was made."""
+        return sorted(self._base)
 
     def fingerprint(self, layers: Iterable[int] | None = None) -> str:
         """SHA-256 of the editable weights of ``layers`` (default: the preset's and edited)."""
@@ -474,3 +532,22 @@ class Editor:
 
     def stats_meta(self, layer: int) -> cov.StatsMeta | None:
         return self._stats_meta.get(layer)
+
+    # ----------------------------------------------------------- methods
+    def edit(
+        self, requests: Sequence[EditRequest], method: str = "rome", **options: Any
+    ) -> Update:
+        """Compute one step of ``method`` for ``requests``; the model is unchanged after."""
+        from .methods import get_method
+
+        for r in requests:
+            r.validate()
+        return get_method(method).compute(self, list(requests), options)
+
+    def apply_step(self, update: Update, force: bool = False) -> AppliedEdit:
+        """Apply ``update`` and fold it into its method's carried state."""
+        from .methods import get_method
+
+        entry = self.apply_update(update, force=force)
+        get_method(update.method).after_apply(self, update)
+        return entry

@@ -82,6 +82,16 @@ def add_update(module: nn.Module, u: torch.Tensor, v: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
+def add_delta(module: nn.Module, delta_out_in: torch.Tensor) -> torch.Tensor:
+    """Add ΔW, given (out, in), in the module's layout and dtype; returns the weight as it was."""
+    w = weight_of(module)
+    saved = w.detach().clone()
+    d = delta_out_in.T if is_transposed(module) else delta_out_in
+    w.add_(d.to(device=w.device, dtype=w.dtype))
+    return saved
+
+
+@torch.no_grad()
 def restore(module: nn.Module, saved: torch.Tensor) -> None:
     """Put back a saved weight, bit for bit."""
     weight_of(module).copy_(saved)
