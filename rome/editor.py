@@ -27,6 +27,7 @@ from . import covariance as cov
 from .errors import BadRequestError, LayerOutOfRangeError, NothingToUndoError, UnsafeUpdateError
 from .hparams import MODES, EditHparams
 from .keys import average_keys, keys_at_subject
+from .methods.base import LayerUpdate, Update
 from .nethook import get_module
 from .paths import cache_dir as default_cache_dir
 from .paths import slug
@@ -34,7 +35,6 @@ from .request import EditRequest
 from .result import EditResult
 from .scoring import score_targets
 from .templates import cached_templates, normalise_templates
-from .methods.base import LayerUpdate, Update
 from .update import add_delta, add_update, rank_one, restore, weight_of, weight_out_in
 from .vstar import compute_v_star, resolve_autocast
 
@@ -534,9 +534,7 @@ class Editor:
         return self._stats_meta.get(layer)
 
     # ----------------------------------------------------------- methods
-    def edit(
-        self, requests: Sequence[EditRequest], method: str = "rome", **options: Any
-    ) -> Update:
+    def edit(self, requests: Sequence[EditRequest], method: str = "rome", **options: Any) -> Update:
         """Compute one step of ``method`` for ``requests``; the model is unchanged after."""
         from .methods import get_method
 

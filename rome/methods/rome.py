@@ -1,4 +1,4 @@
-"""ROME as a method of the registry: one request, one layer, rank one; the key mode is its option."""
+"""ROME as a registry method: one request, one layer, rank one; the key mode is its option."""
 
 from __future__ import annotations
 
