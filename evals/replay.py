@@ -21,17 +21,20 @@ import statistics
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from rome import Editor, LoadedModel, RomeError
 from rome.errors import BadRequestError
 from rome.hparams import EditHparams
+from rome.methods import LayerUpdate, Update, get_method
 
+from .batches import batch_step
 from .counterfact import CounterFactRecord, load_counterfact
-from .glue import TASKS, evaluate_glue, load_glue
+from .glue import evaluate_glue, load_glue
 from .metrics import aggregate, record_metrics
 from .probes import FLUENCY_PROMPTS, fluency, perplexity
+from .spec import ReplayConfig, RunSpec
 
 if TYPE_CHECKING:  # the store lives in workbench/, which depends on evals
     from workbench.store import Store
@@ -59,45 +62,6 @@ PERPLEXITY_TASK = "perplexity"
 
 class ReplayError(RomeError):
     """A replay that cannot start or resume (wrong model, fingerprint mismatch...)."""
-
-
-@dataclass
-class ReplayConfig:
-    dataset: str = "sample"
-    n_edits: int = 100
-    mode: str = "rrome"
-    glue_every: int = 10
-    glue_tasks: tuple[str, ...] = TASKS
-    glue_limit: int | None = 50
-    glue_dir: str | None = None
-    glue_scoring: str = "logprob"
-    glue_calibration: str = "none"  # or "contextual" (Zhao et al. 2021)
-    guard: bool = False
-    layer: int | None = None
-    flag_norm_factor: float = 4.0  # flag when ‖ΔW‖ > factor × the running median
-    flag_min_history: int = 3
-    flag_entropy_ratio: float = 0.6  # flag when fluency < ratio × the start's
-    flag_ppl_ratio: float = 1.5  # flag when perplexity > ratio × the start's
-    fluency_tokens: int = 40
-    perplexity: bool = True  # the held-out perplexity probe at every checkpoint
-    pre_metrics: bool = True  # score each record just before its edit too
-    generation_metrics: bool = False  # GE per edit (costs a generation per edit)
-    rescore: bool = True
-    # what the run was started on, checked when it resumes (set by replay())
-    dataset_fingerprint: str | None = None
-    glue_fingerprint: str | None = None
-    covariance_fingerprint: str | None = None  # compared on resume: a warning if it differs
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ReplayConfig:
-        known = {f.name for f in fields(cls)}
-        cfg = {k: v for k, v in data.items() if k in known}
-        if "glue_tasks" in cfg:
-            cfg["glue_tasks"] = tuple(cfg["glue_tasks"])
-        return cls(**cfg)
 
 
 @dataclass
@@ -186,13 +150,12 @@ def _record_of(data: dict[str, Any]) -> CounterFactRecord:
 class _Run:
     """State of one replay while it runs (kept out of the generator for readability)."""
 
-    def __init__(
-        self, lm: LoadedModel, store: Store, cfg: ReplayConfig, run_id: str, hp: EditHparams
-    ):
+    def __init__(self, lm: LoadedModel, store: Store, cfg: ReplayConfig, run_id: str, ed: Editor):
         self.lm, self.store, self.cfg, self.run_id = lm, store, cfg, run_id
-        hp = hp if cfg.layer is None else hp.replace(layer=cfg.layer)
-        self.editor = Editor(lm.model, lm.tokenizer, hp, keep_undo=False)
-        self.layer = hp.layer
+        self.editor = ed
+        self.layer = ed.hp.layer
+        self.method = get_method(cfg.method)
+        self.layers = run_layers(ed, cfg)
         self.norms: list[float] = []
         self.base_fluency: float | None = None
         self.base_ppl: float | None = None
@@ -375,38 +338,33 @@ def _glue_row(r: Any) -> dict[str, Any]:
 
 
 def _stored(run: Any) -> dict[str, Any]:
-    data = json.loads(run.hparams) if isinstance(run.hparams, str) else (run.hparams or {})
-    return data if isinstance(data, dict) else {}
+    return RunSpec.of(run).raw
 
 
 def _config_of(run: Any) -> ReplayConfig:
-    cfg = _stored(run).get("replay")
-    if not cfg:
+    cfg = RunSpec.of(run).replay
+    if cfg is None:
         raise ReplayError(f"run {run.id} has no replay configuration; it cannot be resumed")
-    return ReplayConfig.from_dict(cfg)
+    return cfg
 
 
 def _hparams_of(run: Any, lm: LoadedModel) -> EditHparams:
     """The preset the run was started with (so a resume edits exactly as before)."""
-    stored = _stored(run).get("hparams")
-    return EditHparams.from_dict(stored) if stored else lm.hparams
+    return RunSpec.of(run).edit_hparams(lm.hparams)
 
 
-def _freeze_templates(store: Store, run: Any, lm: LoadedModel, hp: EditHparams) -> EditHparams:
+def _freeze_templates(store: Store, run: Any, ed: Editor) -> Editor:
     """Store the context templates in use with a run that has none stored."""
-    templates = Editor(lm.model, lm.tokenizer, hp, keep_undo=False).templates()
-    hp = hp.replace(context_templates=list(templates))
+    hp = ed.hp.replace(context_templates=list(ed.templates()))
     store.update_run(run.id, hparams={**_stored(run), "hparams": hp.to_dict()})
-    return hp
+    ed.hp = hp
+    return ed
 
 
-def _check_covariance(
-    store: Store, run: Any, lm: LoadedModel, hp: EditHparams, cfg: ReplayConfig
-) -> list[str]:
+def _check_covariance(store: Store, run: Any, ed: Editor, cfg: ReplayConfig) -> list[str]:
     """Warn when the statistics here are not the ones the run started with (they are
     sampled, so another machine may have others); a run without a record gets one."""
-    layer = cfg.layer if cfg.layer is not None else hp.layer
-    now = Editor(lm.model, lm.tokenizer, hp, keep_undo=False).factor(layer).fingerprint
+    now = covariance_fingerprint(ed, cfg)
     if cfg.covariance_fingerprint == now:
         return []
     if cfg.covariance_fingerprint is None:
@@ -422,6 +380,34 @@ def _check_covariance(
         f"({cfg.covariance_fingerprint} -> {now}); the next edits use these. To keep the "
         "run's own, copy the statistics file of the machine it started on into this cache"
     ]
+
+
+def run_layers(ed: Editor, cfg: ReplayConfig) -> list[int]:
+    """The layers a run edits: the method's, with the run's ``layer`` for rome."""
+    method = get_method(cfg.method)
+    if method.name == "rome":
+        return [ed.check_layer(ed.hp.layer)]
+    return [ed.check_layer(x) for x in method.layers(ed)]
+
+
+def covariance_fingerprint(ed: Editor, cfg: ReplayConfig) -> str:
+    """The fingerprint of the statistics of every layer the run edits (one layer: as before)."""
+    prints = [ed.factor(layer).fingerprint for layer in run_layers(ed, cfg)]
+    return prints[0] if len(prints) == 1 else _digest(prints)
+
+
+def _editor_for(lm: LoadedModel, hp: EditHparams, cfg: ReplayConfig) -> Editor:
+    """The one editor of a replay (its caches: templates, covariance, method state)."""
+    if cfg.batch_size < 1:
+        raise BadRequestError(f"the batch size must be at least 1, not {cfg.batch_size}")
+    method = get_method(cfg.method)
+    if not method.batched and cfg.batch_size != 1:
+        raise BadRequestError(
+            f"{method.name} edits one request at a time: use --batch-size 1, "
+            "or a batched method (memit, emmet, alphaedit)"
+        )
+    hp = hp if cfg.layer is None else hp.replace(layer=cfg.layer)
+    return Editor(lm.model, lm.tokenizer, hp, keep_undo=False)
 
 
 def _extend(
@@ -504,8 +490,9 @@ def replay(
             yield ReplayWarning(f"run {run.id} is already finished; nothing to do")
             yield ReplayFinished(run.id, "finished", run_summary(store, run.id))
             return
+        ed = _editor_for(lm, hp, cfg)
         if hp.context_templates is None:
-            hp = _freeze_templates(store, run, lm, hp)
+            ed = _freeze_templates(store, run, ed)
             notes.append(
                 "this run stored no context templates (made before they were kept with "
                 "the run): the ones sampled here are used from now on and stored with it"
@@ -514,6 +501,7 @@ def replay(
         raise BadRequestError("replay needs a ReplayConfig or a run id to resume")
     else:
         hp = hparams or lm.hparams
+        ed = _editor_for(lm, hp, cfg)
     loaded = load_counterfact(cfg.dataset, limit=extend_to or cfg.n_edits)
     records = loaded.records
     total = len(records)
@@ -524,21 +512,20 @@ def replay(
             notes += _extend(store, run, cfg, records)
         else:
             notes += _check_same_data(cfg, records)
-        notes += _check_covariance(store, run, lm, hp, cfg)
+        notes += _check_covariance(store, run, ed, cfg)
     else:
         cfg.dataset_fingerprint = dataset_fingerprint(records)
         cfg.glue_fingerprint = glue_fingerprint(cfg)
-        probe = Editor(lm.model, lm.tokenizer, hp, keep_undo=False)
-        if hp.context_templates is None:
+        if ed.hp.context_templates is None:
             # Sampled templates depend on the machine (thread count, BLAS): kept with the
             # run, so a resume anywhere edits with the same ones.
-            hp = hp.replace(context_templates=probe.templates())
-        layer = cfg.layer if cfg.layer is not None else hp.layer
-        cfg.covariance_fingerprint = probe.factor(layer).fingerprint
+            ed.hp = ed.hp.replace(context_templates=ed.templates())
+        hp = ed.hp if cfg.layer is None else ed.hp.replace(layer=hp.layer)
+        cfg.covariance_fingerprint = covariance_fingerprint(ed, cfg)
         run = store.create_run(
             model=lm.name,
             kind="replay",
-            mode=cfg.mode,
+            mode=cfg.mode if cfg.method == "rome" else cfg.method,
             preset=hp.name,
             hparams={"hparams": hp.to_dict(), "replay": cfg.to_dict()},
             data_source=cfg.dataset,
@@ -547,9 +534,9 @@ def replay(
             glue_tasks=list(cfg.glue_tasks),
             glue_limit=cfg.glue_limit,
             guard=cfg.guard,
-            base_fingerprint=probe.fingerprint([layer]),
+            base_fingerprint=ed.fingerprint(run_layers(ed, cfg)),
         )
-    state = _Run(lm, store, cfg, run.id, hp)
+    state = _Run(lm, store, cfg, run.id, ed)
     with store.acquire_writer(run.id):
         try:
             for note in notes:
@@ -568,17 +555,23 @@ def _rebuild(st: _Run) -> int:
     """Apply the stored updates in order onto the base weights; the next seq to run."""
     store, run_id = st.store, st.run_id
     run = store.get_run(run_id)
-    if st.editor.fingerprint([st.layer]) != run.base_fingerprint:
+    if st.editor.fingerprint(st.layers) != run.base_fingerprint:
         raise ReplayError("the loaded model is not the base model this run started from")
     rho: float | None = None
-    for e, u, v in store.iter_factors(run_id):
-        st.editor.apply_factors(e.layer, u, v, force=True)
-        st.norms.append(float(e.update_norm or 0.0))
-        rho = e.record.get("norm_anchor", rho)
+    for step in store.iter_steps(run_id):
+        if step.method != st.method.name:
+            raise ReplayError(
+                f"step {step.step} of run {run_id} was made by {step.method}, "
+                f"not {st.method.name}: the method's state does not match the run"
+            )
+        layers = [LayerUpdate(x.layer, x.weight_name, x.U, x.V, x.keys) for x in step.layers]
+        st.editor.apply_step(Update(step.method, layers, []), force=True)
+        st.norms.append(float(step.edits[0].update_norm or 0.0))
+        rho = step.edits[-1].record.get("norm_anchor", rho)
     if rho is not None:  # the ρ the earlier edits were anchored to, not a new calibration
         st.editor.use_norm_anchor(st.layer, rho)
     last = store.last_edit(run_id)
-    if last is not None and last.fingerprint != st.editor.fingerprint([st.layer]):
+    if last is not None and last.fingerprint != st.editor.fingerprint(st.layers):
         raise ReplayError(
             "rebuilt weights do not match the stored fingerprint of edit "
             f"{last.seq}; the run cannot be resumed onto the same weights"
@@ -610,18 +603,27 @@ def _drive(
         yield from st.checkpoint(0, None)
     elif start and start not in steps_done and (start % cfg.glue_every == 0 or start == total):
         yield from st.checkpoint(start, start - 1)
-    for seq in range(start, total):
+    seq = start
+    while seq < total:
         if cancel.is_set():
             store.set_status(run_id, "cancelled")
             yield ReplayFinished(run_id, "cancelled", {"edits_done": seq})
             return
-        ev = st.edit(seq, records[seq], total)
-        yield ev
-        if ev.flagged:
-            yield ReplayWarning(f"edit {seq} (case {ev.case_id}) flagged: {ev.flag_reason}")
-        step = seq + 1
-        if step % cfg.glue_every == 0 or step == total:
-            yield from st.checkpoint(step, seq)
+        batch = records[seq : seq + cfg.batch_size]
+        if st.method.batched:
+            events = batch_step(st, seq, batch, total)
+        else:
+            events = [st.edit(seq, batch[0], total)]
+        for ev in events:
+            yield ev
+        if events[-1].flagged:
+            ev = events[-1]
+            what = f"edit {seq}" if len(events) == 1 else f"step {seq}..{seq + len(events) - 1}"
+            yield ReplayWarning(f"{what} (case {ev.case_id}) flagged: {ev.flag_reason}")
+        end = seq + len(events)
+        if end // cfg.glue_every > seq // cfg.glue_every or end == total:
+            yield from st.checkpoint(end, end - 1)
+        seq = end
     if cfg.rescore:
         st.rescore(records)
     store.set_status(run_id, "finished")

@@ -246,12 +246,21 @@ def _record_table(results: dict[str, Any]) -> Table:
     "computed)."
 )
 def edit(
-    prompt: Annotated[str, typer.Option(help='template with "{}" for the subject')],
-    subject: Annotated[str, typer.Option()],
-    target_new: Annotated[str, typer.Option("--target-new")],
+    prompt: Annotated[str | None, typer.Option(help='template with "{}" for the subject')] = None,
+    subject: Annotated[str | None, typer.Option()] = None,
+    target_new: Annotated[str | None, typer.Option("--target-new")] = None,
     target_true: Annotated[str | None, typer.Option("--target-true")] = None,
     model: ModelOpt = "smollm2-135m",
-    mode: Annotated[str, typer.Option(help="rrome, original, prompt or all")] = "rrome",
+    mode: Annotated[
+        str, typer.Option(help="ROME's key mode: rrome, original, prompt or all")
+    ] = "rrome",
+    method: Annotated[
+        str, typer.Option(help="rome, memit, emmet, alphaedit, or all (side by side)")
+    ] = "rome",
+    batch: Annotated[
+        Path | None,
+        typer.Option(help="JSON list of requests {prompt, subject, target_new[, target_true]}"),
+    ] = None,
     layer: LayerOpt = None,
     hparams: HparamsOpt = None,
     templates: Annotated[
@@ -265,14 +274,28 @@ def edit(
         int, typer.Option(help=f"tokens of greedy text (0 to {MAX_GENERATE_TOKENS})")
     ] = 20,
 ) -> None:
-    """Compute an edit in one mode (or all), show its record and text before and after."""
+    """Compute an edit in one mode (or all), show its record and text before and after.
+
+    With --method other than rome, or --batch, the methods' updates on the same
+    request(s) side by side: update norm per layer, efficacy before and after, a verdict.
+    """
     from rome import EditRequest
     from workbench.core.edits import make_editor, modes_for, preview_edit
     from workbench.core.limits import check_generate_tokens, check_request_length
 
     with handled():
+        if method != "rome" or batch is not None:
+            _edit_methods(
+                (prompt, subject, target_new, target_true), batch, method, mode, model, layer,
+                hparams, device, dtype, device_map, as_json,
+            )  # fmt: skip
+            return
         modes = modes_for(mode)
         check_generate_tokens(generate_tokens)
+        if prompt is None or subject is None or target_new is None:
+            raise rome_errors.BadRequestError(
+                "give --prompt, --subject and --target-new (or --batch FILE)"
+            )
         req = EditRequest(prompt, subject, target_new, target_true).validate()
         chosen = _templates_file(templates) if templates is not None else None
         lm = load(model, device, dtype, hparams, layer, device_map)
@@ -288,3 +311,61 @@ def edit(
         out.print(f"[bold]before[/bold]  {req.text}[cyan]{pv.before}[/cyan]", highlight=False)
         for m, text in pv.after.items():
             out.print(f"[bold]{m:7s}[/bold] {req.text}[green]{text}[/green]", highlight=False)
+
+
+def _edit_methods(
+    fields: tuple[str | None, str | None, str | None, str | None],
+    batch: Path | None,
+    method: str,
+    mode: str,
+    model: str,
+    layer: int | None,
+    hparams: Path | None,
+    device: str,
+    dtype: str | None,
+    device_map: str | None,
+    as_json: bool,
+) -> None:
+    """``edit --method M`` / ``--batch FILE``: the methods side by side (nothing kept)."""
+    from rome import MODES, EditRequest
+    from workbench.core.edits import make_editor
+    from workbench.core.limits import check_request_length
+    from workbench.core.methods import compare_methods, load_batch, methods_for
+
+    methods = methods_for(method)
+    prompt, subject, target_new, target_true = fields
+    if batch is not None:
+        if prompt is not None or subject is not None or target_new is not None:
+            raise rome_errors.BadRequestError("give either --batch FILE or one request, not both")
+        reqs = load_batch(batch)
+    else:
+        if prompt is None or subject is None or target_new is None:
+            raise rome_errors.BadRequestError(
+                "give --prompt, --subject and --target-new (or --batch FILE)"
+            )
+        reqs = [EditRequest(prompt, subject, target_new, target_true).validate()]
+    if mode not in (*MODES, "all"):
+        raise rome_errors.BadRequestError(f"unknown mode {mode!r}: {', '.join(MODES)}")
+    lm = load(model, device, dtype, hparams, layer, device_map)
+    for r in reqs:
+        check_request_length(lm.tokenizer, r)
+    ed = make_editor(lm)
+    outs = compare_methods(lm, ed, reqs, methods, None if mode == "all" else mode)
+    if as_json:
+        out.print_json(json.dumps([o.to_dict() for o in outs]))
+        return
+    t = Table(title=f"{len(reqs)} request(s) on {lm.name}")
+    for col in ("method", "‖ΔW‖ per layer", "‖ΔW‖/‖W‖", "p(new) before → after", "ES", "verdict"):
+        t.add_column(col)
+    for o in outs:
+        per = ", ".join(f"{k}: {v:.3g}" for k, v in sorted(o.layer_norms.items()))
+        probs = (
+            f"{_mean(o.p_new_before):.3f} → {_mean(o.p_new_after):.3f}" if o.p_new_after else "-"
+        )
+        verdict = o.verdict + (f" ({'; '.join(o.reasons)})" if o.reasons else "")
+        t.add_row(o.method, per or "-", f"{o.ratio:.3f}", probs, f"{o.efficacy:.2f}", verdict)
+    out.print(t)
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")

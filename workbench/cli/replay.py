@@ -55,7 +55,13 @@ def replay(
         str, typer.Option(help="'sample' (bundled) or a CounterFact JSON")
     ] = "sample",
     n_edits: Annotated[int, typer.Option("--n-edits", help="edits to apply in order")] = 100,
-    mode: Annotated[str, typer.Option(help="original, rrome or prompt")] = "rrome",
+    mode: Annotated[str, typer.Option(help="ROME's key mode: original, rrome or prompt")] = "rrome",
+    method: Annotated[
+        str, typer.Option(help="editing method: rome, memit, emmet or alphaedit")
+    ] = "rome",
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="requests per step (rome: 1; published: 100)")
+    ] = 1,
     glue_every: Annotated[int, typer.Option("--glue-every", help="GLUE every K edits")] = 10,
     glue_dir: Annotated[Path | None, typer.Option(help="JSON-lines GLUE folder")] = None,
     glue_limit: Annotated[int, typer.Option(help="examples per task (0: all)")] = 50,
@@ -117,6 +123,8 @@ def replay(
                 "dataset": dataset,
                 "n_edits": n_edits,
                 "mode": mode,
+                "method": method,
+                "batch_size": batch_size,
                 "glue_every": glue_every,
                 "glue_tasks": glue_tasks,
                 "glue_limit": glue_limit,

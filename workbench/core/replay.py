@@ -41,6 +41,7 @@ from evals.replay import (
     ReplayWarning,
     replay,
 )
+from evals.spec import RunSpec
 from rome import MODES, BadRequestError, EditHparams, LoadedModel
 
 if TYPE_CHECKING:
@@ -60,6 +61,8 @@ FIELD_LABELS = {
     "glue_calibration": "GLUE calibration",
     "mode": "key mode",
     "layer": "layer",
+    "method": "method",
+    "batch_size": "batch size",
 }
 
 
@@ -139,7 +142,23 @@ def _check_numbers(values: Mapping[str, Any], errors: dict[str, str]) -> None:
             errors["layer"] = why + " (empty: the preset's layer)"
 
 
+def _check_method(values: Mapping[str, Any], errors: dict[str, str]) -> None:
+    from rome.methods import METHODS
+
+    method = values.get("method", "rome")
+    if method not in METHODS:
+        errors["method"] = f"must be one of {', '.join(sorted(METHODS))}"
+        return
+    if "batch_size" in values:
+        n, why = _whole(values["batch_size"], 1)
+        if why:
+            errors["batch_size"] = why
+        elif n != 1 and not METHODS[method].batched:
+            errors["batch_size"] = f"must be 1 for {method} (it edits one request at a time)"
+
+
 def _check_choices(values: Mapping[str, Any], errors: dict[str, str]) -> None:
+    _check_method(values, errors)
     if "mode" in values and values["mode"] not in MODES:
         errors["mode"] = f"must be one of {', '.join(MODES)}"
     if "glue_scoring" in values and values["glue_scoring"] not in SCORINGS:
@@ -197,7 +216,7 @@ def make_config(values: Mapping[str, Any]) -> ReplayConfig:
     if "dataset" in out:
         data = str(out["dataset"]).strip()
         out["dataset"] = data if _named_dataset(data) else str(Path(data).expanduser())
-    for key in ("n_edits", "glue_every"):
+    for key in ("n_edits", "glue_every", "batch_size"):
         if key in out:
             out[key] = int(str(out[key]).strip())
     if "glue_limit" in out:
@@ -218,7 +237,8 @@ def replay_layer(lm: LoadedModel, cfg: ReplayConfig | None, run_hparams: Mapping
     """The layer a replay edits: its config's, a resumed run's, else the preset's."""
     layer = cfg.layer if cfg is not None else None
     if run_hparams is not None:
-        layer = (run_hparams.get("replay") or {}).get("layer")
+        stored = RunSpec.of(dict(run_hparams)).replay
+        layer = stored.layer if stored is not None else None
     return lm.hparams.layer if layer is None else int(layer)
 
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evals.spec import RunSpec
 from rome import BadRequestError, Editor, LoadedModel, RomeError, load_model
+from rome.methods import LayerUpdate, Update
 from workbench.store import Edit, Run, Store
 
 log = logging.getLogger(__name__)
@@ -41,12 +43,7 @@ class Rebuilt:
 
 def stored_layer(run: Run) -> int | None:
     """The layer the run's base fingerprint was taken of, as the run stored it."""
-    data: Mapping[str, Any] = run.hparams or {}
-    replay_cfg = data.get("replay") or {}
-    if replay_cfg.get("layer") is not None:
-        return int(replay_cfg["layer"])
-    hp = data.get("hparams") or {}
-    return int(hp["layer"]) if hp.get("layer") is not None else None
+    return RunSpec.of(run).layer()
 
 
 def base_layer(run: Run, lm: LoadedModel) -> int:
@@ -91,16 +88,28 @@ def rebuild(
     editor = Editor(lm.model, lm.tokenizer, lm.hparams, keep_undo=False)
     layer = editor.check_layer(base_layer(run, lm))
     edits = store.edits(run.id, applied_only=True)
-    if not _base_matches(run, edits, editor.fingerprint([layer])):
+    steps = list(store.iter_steps(run.id))
+    batched = bool(steps) and steps[-1].method != "rome"
+    first_layers = [x.layer for x in steps[0].layers] if batched else [layer]
+    if not _base_matches(run, edits, editor.fingerprint(first_layers)):
         raise RebuildError(
             f"the loaded {lm.name} is not the base model run {run.id} started from "
             "(its weights differ: another dtype, another checkpoint?)"
         )
-    for i, (e, u, v) in enumerate(store.iter_factors(run.id, device=lm.device)):
+    for i, step in enumerate(steps):
         if progress:
-            progress("applying edits", i, len(edits))
-        editor.apply_factors(e.layer, u, v, force=True)
-    _check_final(editor, edits)
+            progress("applying edits", i, len(steps))
+        layers = [LayerUpdate(x.layer, x.weight_name, x.U, x.V, x.keys) for x in step.layers]
+        editor.apply_step(Update(step.method, layers, []), force=True)
+    if batched:
+        last = steps[-1]
+        if editor.fingerprint([x.layer for x in last.layers]) != last.edits[-1].fingerprint:
+            raise RebuildError(
+                f"the rebuilt weights do not match the fingerprint stored with step "
+                f"{last.step} of run {run.id}; the run cannot be rebuilt exactly"
+            )
+    else:
+        _check_final(editor, edits)
     return Rebuilt(lm, editor, run, edits)
 
 

@@ -95,6 +95,16 @@ class Edit:
     fingerprint: str | None
     created_at: str
     has_factors: bool
+    step: int | None = None  # the step (edit or batch) it belongs to; None: its own seq
+    method: str | None = None  # None: rome (rows written before methods were stored)
+
+    @property
+    def step_index(self) -> int:
+        return self.seq if self.step is None else self.step
+
+    @property
+    def method_name(self) -> str:
+        return self.method or "rome"
 
     @classmethod
     def from_row(cls, r: Mapping[str, Any]) -> Edit:

@@ -131,11 +131,38 @@ def _m002_fluency_and_rescore(conn: sqlite3.Connection) -> None:
     )
 
 
+def _m003_steps(conn: sqlite3.Connection) -> None:
+    """Steps: an edit row belongs to a step (one edit, or one batch of a batched method);
+    a step's per-layer rank-k factors (and the keys a method's state is rebuilt from)
+    live in ``step_factors``. Rows written before hold ``step`` NULL (their own seq),
+    ``method`` NULL (rome) and their rank-one factors in ``edits.factors``, as before."""
+    _exec_script(
+        conn,
+        """
+        ALTER TABLE edits ADD COLUMN step INTEGER;
+        ALTER TABLE edits ADD COLUMN method TEXT;
+        CREATE TABLE step_factors (
+            id INTEGER PRIMARY KEY,
+            run_id TEXT NOT NULL REFERENCES runs(id),
+            step INTEGER NOT NULL,
+            layer INTEGER NOT NULL,
+            weight_name TEXT NOT NULL,
+            factors BLOB NOT NULL,
+            update_norm REAL,
+            created_at TEXT NOT NULL,
+            UNIQUE (run_id, step, layer)
+        );
+        CREATE INDEX edits_step ON edits(run_id, step);
+        """,
+    )
+
+
 # Applied in order; the schema version is the number applied. Append only:
 # never edit or reorder a migration that has shipped.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _m001_initial,
     _m002_fluency_and_rescore,
+    _m003_steps,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

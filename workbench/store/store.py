@@ -18,14 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .codec import (
-    FACTOR_KEYS,
     check_run_id,
     dumps,
-    jsonable,
     now,
-    opt_float,
     opt_int,
-    pack_factors,
     unpack_factors,
 )
 from .errors import (
@@ -49,6 +45,7 @@ from .records import (
 )
 from .results import ResultTables
 from .schema import SCHEMA_VERSION
+from .steps import StepTables, edit_row
 
 if TYPE_CHECKING:
     import torch
@@ -65,7 +62,8 @@ _RUN_SELECT = """
 _EDIT_COLUMNS = (
     "id, run_id, seq, case_id, request, mode, layer, weight_name, update_norm, "
     "update_norm_ratio, denominator, cos_kstar_ks, record, metrics, timings, flagged, "
-    "flag_reason, refused, applied, fingerprint, created_at, factors IS NOT NULL AS has_factors"
+    "flag_reason, refused, applied, fingerprint, created_at, factors IS NOT NULL AS has_factors, "
+    "step, method"
 )
 
 _UPDATABLE_RUN_FIELDS = frozenset(
@@ -85,7 +83,7 @@ _UPDATABLE_RUN_FIELDS = frozenset(
 )
 
 
-class Store(ResultTables):
+class Store(ResultTables, StepTables):
     """The workbench database. Open with :meth:`open`; use as a context manager.
 
     Thread-safe: one connection guarded by a re-entrant lock, so Textual
@@ -308,6 +306,8 @@ class Store(ResultTables):
         refused: bool = False,
         applied: bool = True,
         fingerprint: str | None = None,
+        step: int | None = None,
+        method: str | None = None,
     ) -> Edit:
         """Store one edit and its factors, committed before returning.
 
@@ -319,43 +319,31 @@ class Store(ResultTables):
         ``(run_id, seq)`` exists, :class:`RunLockedError` if another process
         holds the run's writer lock.
         """
-        if refused and applied:
-            raise InvalidFieldError("a refused edit was not applied: pass applied=False")
-        if (u is None) != (v is None):
-            raise InvalidFieldError("pass both factors u and v, or neither")
-        seq = int(seq)
-        if seq < 0:
-            raise InvalidFieldError(f"seq must be >= 0, not {seq}")
-        rec = jsonable(record) if record is not None else {}
-        if isinstance(rec, dict):
-            rec = {k: val for k, val in rec.items() if k not in FACTOR_KEYS}
-        blob = None
-        if u is not None and v is not None:
-            meta = {"run_id": run_id, "seq": str(seq), "layer": str(layer)}
-            blob = pack_factors(u, v, {**meta, "weight_name": weight_name})
-        row = {
-            "run_id": run_id,
-            "seq": seq,
-            "request": dumps(request),
-            "mode": str(mode),
-            "layer": int(layer),
-            "weight_name": str(weight_name),
-            "factors": blob,
-            "case_id": opt_int(case_id),
-            "update_norm": opt_float(update_norm),
-            "update_norm_ratio": opt_float(update_norm_ratio),
-            "denominator": opt_float(denominator),
-            "cos_kstar_ks": opt_float(cos_kstar_ks),
-            "record": dumps(rec),
-            "metrics": dumps(dict(metrics or {})),
-            "timings": dumps(dict(timings or {})),
-            "flagged": bool(flagged),
-            "flag_reason": flag_reason,
-            "refused": bool(refused),
-            "applied": bool(applied),
-            "fingerprint": fingerprint,
-            "created_at": now(),
-        }
+        row = edit_row(
+            run_id,
+            seq,
+            request=request,
+            mode=mode,
+            layer=layer,
+            weight_name=weight_name,
+            u=u,
+            v=v,
+            case_id=case_id,
+            update_norm=update_norm,
+            update_norm_ratio=update_norm_ratio,
+            denominator=denominator,
+            cos_kstar_ks=cos_kstar_ks,
+            record=record,
+            metrics=metrics,
+            timings=timings,
+            flagged=flagged,
+            flag_reason=flag_reason,
+            refused=refused,
+            applied=applied,
+            fingerprint=fingerprint,
+            step=step,
+            method=method,
+        )
         return self._insert_edit(row)
 
     def _insert_edit(self, row: dict[str, Any]) -> Edit:

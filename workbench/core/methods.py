@@ -1,0 +1,204 @@
+"""Editing methods side by side on the same request(s): what ``edit --method`` shows.
+
+Each method computes its update on the same unchanged model; the update is
+applied, the requests are scored on the bare prompt, and it is undone (bit for
+bit). ROME edits one request at a time: on several requests its updates are
+applied one after another, then all undone. The verdict uses the thresholds of
+a single edit's (:mod:`workbench.core.verdict`): the update norm against the
+weight's, and against the smallest of the methods compared.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rome import BadRequestError, Editor, EditRequest, LoadedModel, RomeError
+from rome.methods import METHODS, Update, get_method
+from rome.scoring import score_targets
+from rome.update import weight_out_in
+
+from .verdict import DISABLING_FRACTION, MODE_NORM_FACTOR
+
+#: the ``--method`` value that asks for every method
+ALL_METHODS = "all"
+
+
+def methods_for(name: str) -> list[str]:
+    """The methods a ``--method`` value names (``all``: every registered one, rome first)."""
+    if name == ALL_METHODS:
+        return ["rome", *sorted(m for m in METHODS if m != "rome")]
+    get_method(name)
+    return [name]
+
+
+@dataclass
+class MethodOutcome:
+    """One method's update on the requests, and p(target) before and with it."""
+
+    method: str
+    layer_norms: dict[int, float] = field(default_factory=dict)
+    norm: float = 0.0
+    ratio: float = 0.0  # ‖ΔW‖ / ‖W‖ over the edited layers
+    p_new_before: list[float] = field(default_factory=list)
+    p_new_after: list[float] = field(default_factory=list)
+    p_true_before: list[float | None] = field(default_factory=list)
+    p_true_after: list[float | None] = field(default_factory=list)
+    error: str | None = None
+    verdict: str = ""
+    reasons: list[str] = field(default_factory=list)
+    updates: list[Update] = field(default_factory=list, repr=False)
+
+    @property
+    def efficacy(self) -> float:
+        """The fraction of requests whose target_new beats target_true (or gained) after."""
+        wins = [
+            (a > t) if t is not None else (a > b)
+            for a, b, t in zip(self.p_new_after, self.p_new_before, self.p_true_after, strict=True)
+        ]
+        return sum(wins) / len(wins) if wins else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "layer_norms": {str(k): v for k, v in self.layer_norms.items()},
+            "update_norm": self.norm,
+            "update_norm_ratio": self.ratio,
+            "p_new_before": self.p_new_before,
+            "p_new_after": self.p_new_after,
+            "p_true_before": self.p_true_before,
+            "p_true_after": self.p_true_after,
+            "efficacy": self.efficacy,
+            "verdict": self.verdict,
+            "reasons": self.reasons,
+            "error": self.error,
+            "records": [r for u in self.updates for r in u.records],
+        }
+
+
+def load_batch(path: Path) -> list[EditRequest]:
+    """Requests from a JSON list (or JSON lines) of {prompt, subject, target_new[, target_true]}
+    objects; a malformed record is one clear error naming it."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadRequestError(f"cannot read the batch file {path}: {exc}") from exc
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            items = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise BadRequestError(f"{path} is neither JSON nor JSON lines: {exc}") from exc
+    if isinstance(items, dict):
+        items = [items]
+    if not isinstance(items, list) or not items:
+        raise BadRequestError(f"{path} holds no requests: give a JSON list of objects")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise BadRequestError(f"{path}: record {i} is not an object")
+        try:
+            req = EditRequest(
+                prompt=str(item["prompt"]),
+                subject=str(item["subject"]),
+                target_new=str(item["target_new"]),
+                target_true=None if item.get("target_true") is None else str(item["target_true"]),
+            )
+            out.append(req.validate())
+        except KeyError as exc:
+            raise BadRequestError(f"{path}: record {i} has no {exc.args[0]!r}") from exc
+        except RomeError as exc:
+            raise BadRequestError(f"{path}: record {i}: {exc}") from exc
+    return out
+
+
+def _probe(lm: LoadedModel, reqs: Sequence[EditRequest]) -> tuple[list[float], list[float | None]]:
+    prompts = [r.text for r in reqs]
+    new = [
+        s.prob for s in score_targets(lm.model, lm.tokenizer, prompts, [r.target_new for r in reqs])
+    ]
+    with_true = [i for i, r in enumerate(reqs) if r.target_true is not None]
+    true: list[float | None] = [None] * len(reqs)
+    if with_true:
+        scores = score_targets(
+            lm.model,
+            lm.tokenizer,
+            [prompts[i] for i in with_true],
+            [str(reqs[i].target_true) for i in with_true],
+        )
+        for i, s in zip(with_true, scores, strict=True):
+            true[i] = s.prob
+    return new, true
+
+
+def _run_method(
+    lm: LoadedModel, editor: Editor, reqs: Sequence[EditRequest], method: str, mode: str | None
+) -> MethodOutcome:
+    out = MethodOutcome(method)
+    out.p_new_before, out.p_true_before = _probe(lm, reqs)
+    groups = [[r] for r in reqs] if not get_method(method).batched else [list(reqs)]
+    applied = 0
+    state = {k: dict(v) if isinstance(v, dict) else v for k, v in editor.method_state.items()}
+    try:
+        for group in groups:
+            upd = editor.edit(group, method, **({"mode": mode} if method == "rome" else {}))
+            out.updates.append(upd)
+            reason = upd.unsafe_reason or editor.update_unsafe_reason(upd)
+            if reason:
+                out.error = f"not applied: {reason}"
+                break
+            editor.apply_step(upd, force=True)
+            applied += 1
+        out.p_new_after, out.p_true_after = _probe(lm, reqs)
+        weights = {
+            lu.layer: float(weight_out_in(editor.module(lu.layer)).detach().float().norm())
+            for u in out.updates
+            for lu in u.layers
+        }
+    finally:
+        for _ in range(applied):
+            editor.undo()
+        editor.method_state.clear()  # a preview leaves the carried state as it found it
+        editor.method_state.update(state)
+    for u in out.updates:
+        for layer, n in u.layer_norms().items():
+            out.layer_norms[layer] = math.sqrt(out.layer_norms.get(layer, 0.0) ** 2 + n**2)
+    out.norm = math.sqrt(sum(n**2 for n in out.layer_norms.values()))
+    w = math.sqrt(sum(v**2 for v in weights.values()))
+    out.ratio = out.norm / w if w else math.inf
+    return out
+
+
+def compare_methods(
+    lm: LoadedModel,
+    editor: Editor,
+    reqs: Sequence[EditRequest],
+    methods: Sequence[str],
+    mode: str | None = None,
+) -> list[MethodOutcome]:
+    """Each method's update on ``reqs`` (model unchanged afterwards), with a verdict."""
+    outs = [_run_method(lm, editor, reqs, m, mode) for m in methods]
+    limit = DISABLING_FRACTION * editor.hp.max_update_ratio
+    smallest = min((o.norm for o in outs if o.norm > 0 and o.error is None), default=0.0)
+    for o in outs:
+        if o.error:
+            o.verdict, o.reasons = "REFUSED", [o.error]
+            continue
+        if o.ratio >= limit:
+            o.reasons.append(f"‖ΔW‖ is {o.ratio:.2f}× ‖W‖")
+        if smallest and len(outs) > 1 and o.norm >= MODE_NORM_FACTOR * smallest:
+            o.reasons.append(f"‖ΔW‖ is {o.norm / smallest:.1f}× the smallest method's")
+        eff = o.efficacy
+        if o.reasons:
+            o.verdict = "DISABLING"
+        elif eff < 1.0:
+            o.verdict = "check"
+            o.reasons.append(f"{eff:.0%} of the requests hold on the bare prompt")
+        else:
+            o.verdict = "ok"
+    return outs
