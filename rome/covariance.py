@@ -617,10 +617,6 @@ class CovFactor:
         if self.ridge_used:
             log.warning("covariance needed a ridge of %.1e x mean(diag)", self.ridge_used)
 
-    @property
-    def is_identity(self) -> bool:
-        return self._chol is None
-
     def solve(self, x: torch.Tensor) -> torch.Tensor:
         if self._chol is None:
             return x.clone()

@@ -81,11 +81,6 @@ class LoadedModel:
     def n_layers(self) -> int:
         return int(self.model.config.num_hidden_layers)  # type: ignore[union-attr, arg-type]
 
-    @property
-    def input_device(self) -> torch.device:
-        """Where input ids go (the embedding's device; accelerate moves them on from there)."""
-        return next(self.model.parameters()).device
-
     def memory_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 

@@ -194,11 +194,6 @@ class AppBase(App[None]):
     def busy(self) -> bool:
         return self.jobs.busy
 
-    @property
-    def _job(self) -> JobContext | None:
-        """The running job (None when idle)."""
-        return self.jobs.current
-
     def refuse_busy(self) -> bool:
         job = self.jobs.current
         if job is None:
