@@ -208,40 +208,6 @@ def expected_width(model: nn.Module, module_name: str) -> int:
     return _in_features(model, module_name)
 
 
-def collect_second_moment(
-    model: nn.Module,
-    tok: PreTrainedTokenizerBase,
-    module_name: str,
-    texts: Iterable[str],
-    n_texts: int,
-    max_len: int = 128,
-    batch_tokens: int = 4096,
-    progress: Progress | None = None,
-    stop_at_layer: bool = True,
-    forward: str = "float32",
-    accumulate: str = "float64",
-) -> tuple[torch.Tensor, int, int]:
-    """``E[k kᵀ]`` over all non-pad tokens of ``texts``: (mean matrix, tokens, texts).
-
-    ``stop_at_layer=False`` runs the whole model (the published collector;
-    kept for the benchmark).
-    """
-    ms = collect_moment_sum(
-        model,
-        tok,
-        module_name,
-        texts,
-        n_texts,
-        max_len,
-        batch_tokens,
-        progress,
-        stop_at_layer,
-        forward,
-        accumulate,
-    )
-    return ms.mean(), ms.n_tokens, ms.n_texts
-
-
 def sampled_texts(
     model: nn.Module,
     tok: PreTrainedTokenizerBase,
