@@ -38,9 +38,10 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from . import nethook
+from .batching import pad_id_of, pad_right
+from .devices import model_device, module_device
 from .errors import BadRequestError, BadStatsError, CorruptStatsError, WeightsUnavailableError
 from .paths import atomic_write_text, temp_path_beside
-from .scoring import model_device, module_device, pad_id_of, pad_right
 from .templates import seed_token_id
 
 log = logging.getLogger(__name__)
