@@ -27,7 +27,8 @@ from textual.worker import Worker, WorkerState
 from workbench.core.errors import describe as describe_error
 from workbench.core.session import Session
 
-from .jobs import JobContext, JobEnd, JobId, JobRunner, ReadId
+from .job_kinds import JobEnd, JobId, ReadId
+from .jobs import JobContext, JobRunner
 from .logs import QuietTerminal
 from .messages import JobFailed, JobFinished, Notice, Progress
 from .panes.compare import ComparePane
