@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .progress import StepProgress
 from .request import EditRequest
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def reference_norm(
     solve: Callable[[EditRequest], torch.Tensor],
     requests: Sequence[EditRequest],
     cache_file: Path | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: StepProgress | None = None,
 ) -> float:
     """ρ from ``solve(request) -> v*`` over ``requests``, cached as JSON when a path is given.
 

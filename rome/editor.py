@@ -31,6 +31,7 @@ from .methods.base import LayerUpdate, Update
 from .nethook import get_module
 from .paths import cache_dir as default_cache_dir
 from .paths import slug
+from .progress import Progress
 from .request import EditRequest
 from .result import EditResult
 from .scoring import score_targets
@@ -39,8 +40,6 @@ from .update import add_delta, add_update, rank_one, restore, weight_of, weight_
 from .vstar import compute_v_star, resolve_autocast
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
 @dataclass

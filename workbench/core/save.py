@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rome import BadRequestError, Editor, LoadedModel, RomeError, load_model
+from rome.progress import Progress
 from workbench.store import Edit, Run, Store
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[str, int, int], None]
 
 
 class RebuildError(RomeError):

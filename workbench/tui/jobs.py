@@ -19,12 +19,12 @@ from typing import Any
 from textual.app import App
 from textual.message import Message
 
+import rome.progress
+
 from .job_kinds import JobEnd, JobId, ReadId
 from .messages import JobFailed, JobFinished, Progress
 
 log = logging.getLogger(__name__)
-
-ProgressCallback = Callable[[str, int, int], None]
 
 
 class JobCancelled(Exception):
@@ -65,7 +65,9 @@ class JobContext:
         self._last = now
         self._post(Progress(self.job, phase, done, total, detail))
 
-    def engine_callback(self, describe: Callable[[str], str] | None = None) -> ProgressCallback:
+    def engine_callback(
+        self, describe: Callable[[str], str] | None = None
+    ) -> rome.progress.Progress:
         """A ``(phase, done, total)`` callback for the engine that reports and can cancel."""
 
         def cb(phase: str, done: int, total: int) -> None:
