@@ -12,7 +12,8 @@ the *unedited* model:
 The direction of ``v*`` (what the edit says) is kept, only its length is
 anchored. The calibration requests are fixed and shipped here (common facts
 with a counterfactual target, no dataset needed) so the anchor depends only on
-the model, the layer and the v* settings, and can be cached.
+the model, the layer and the v* settings, and can be cached. The preset's
+``v_norm_anchor_samples`` says how many of them (the first N) the anchor uses.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import BadRequestError
 from .progress import StepProgress
 from .request import EditRequest
 
@@ -58,6 +60,16 @@ CALIBRATION_REQUESTS: tuple[EditRequest, ...] = tuple(
         ("{} is a citizen of", "Barack Obama", "Sweden"),
     )
 )
+
+
+def calibration_requests(n: int) -> tuple[EditRequest, ...]:
+    """The first ``n`` calibration requests (``v_norm_anchor_samples``)."""
+    if not 1 <= n <= len(CALIBRATION_REQUESTS):
+        raise BadRequestError(
+            f"v_norm_anchor_samples must be 1 to {len(CALIBRATION_REQUESTS)} "
+            f"(the calibration requests shipped in rome/anchor.py), not {n}"
+        )
+    return CALIBRATION_REQUESTS[:n]
 
 
 def trimmed_mean(values: Sequence[float], upper: float = TRIM_UPPER) -> float:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from rome import Editor, EditRequest
 from rome.anchor import CALIBRATION_REQUESTS, anchored, trimmed_mean
+from rome.errors import BadRequestError
 from rome.update import bias_of, weight_out_in
 from rome.vstar import compute_v_star
 
@@ -84,6 +87,29 @@ def test_norm_anchor_is_measured_on_the_unedited_weights(tiny):
     edited = weight_out_in(first.module(hp.layer)).detach().clone()
     assert again.norm_anchor(hp.layer) == pytest.approx(rho, rel=1e-6)
     assert torch.equal(weight_out_in(first.module(hp.layer)), edited)
+
+
+def test_norm_anchor_uses_the_first_n_calibration_requests(tiny, tmp_path):
+    hp = tiny.hparams.replace(v_norm_anchor=True, v_num_grad_steps=3, v_norm_anchor_samples=3)
+    plain = hp.replace(v_norm_anchor=False)
+    lm, tok = tiny.model, tiny.tokenizer
+    norms = [
+        float(compute_v_star(lm, tok, plain, r, TEMPLATES, hp.layer).v_star.norm())
+        for r in CALIBRATION_REQUESTS[:4]
+    ]
+    three = Editor(lm, tok, hp, templates=TEMPLATES, cache_dir=tmp_path).norm_anchor(hp.layer)
+    assert three == pytest.approx(sum(norms[:3]) / 3, rel=1e-6)
+    four_hp = hp.replace(v_norm_anchor_samples=4)
+    four = Editor(lm, tok, four_hp, templates=TEMPLATES, cache_dir=tmp_path).norm_anchor(hp.layer)
+    assert four == pytest.approx(sum(norms) / 4, rel=1e-6)
+    assert four != pytest.approx(three, rel=1e-6)
+    # N is part of the cache key: one file each, holding its own N norms
+    cached = [json.loads(f.read_text()) for f in (tmp_path / "anchors").rglob("*.json")]
+    assert sorted(len(c["norms"]) for c in cached) == [3, 4]
+    with pytest.raises(BadRequestError, match="v_norm_anchor_samples must be 1 to 20"):
+        Editor(lm, tok, hp.replace(v_norm_anchor_samples=21), templates=TEMPLATES).norm_anchor(
+            hp.layer
+        )
 
 
 def test_anchored_keeps_the_direction():
