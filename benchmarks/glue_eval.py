@@ -33,7 +33,7 @@ from evals.glue import (  # noqa: E402
     match_label,
     predict,
 )
-from rome.scoring import prompt_ids  # noqa: E402
+from rome.batching import prompt_ids  # noqa: E402
 
 
 @torch.no_grad()

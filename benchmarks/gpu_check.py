@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault("ROME_WORKBENCH_CACHE", tempfile.mkdtemp(prefix="gpu_check_"))
 
-    from rome.models import resolve_device
+    from rome.devices import resolve_device
 
     device = resolve_device(args.device)
     on_gpu = device.type == "cuda"

@@ -35,7 +35,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from rome.scoring import model_device, pad_id_of, pad_right, prompt_ids, trunk_and_head
+from rome.batching import pad_id_of, pad_right, prompt_ids
+from rome.devices import model_device
+from rome.progress import Progress
+from rome.scoring import trunk_and_head
 
 from ._hf import cache_kwargs, output_cache
 from .errors import DataUnavailableError, EvalDataError
@@ -52,8 +55,6 @@ CALIBRATIONS = ("none", "contextual")
 # Zhao et al. 2021 ("Calibrate Before Use"): content-free inputs in place of every field
 CONTENT_FREE = ("N/A", "", "[MASK]")
 GEN_TOKENS = 3
-
-Progress = Callable[[str, int, int], None]  # (task, examples done, total)
 
 
 @dataclass(frozen=True)

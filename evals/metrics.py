@@ -25,7 +25,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from rome.scoring import model_device, pad_id_of, prompt_ids, score_targets, trunk_and_head
+from rome.batching import pad_id_of, prompt_ids
+from rome.devices import model_device
+from rome.scoring import score_targets, trunk_and_head
 
 from ._hf import cache_kwargs, output_cache
 from .counterfact import CounterFactRecord

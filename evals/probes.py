@@ -18,7 +18,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from rome.scoring import model_device, pad_id_of, pad_right, trunk_and_head
+from rome.batching import pad_id_of, pad_right
+from rome.devices import model_device
+from rome.scoring import trunk_and_head
 
 from .metrics import generate, generation_entropy
 

@@ -53,7 +53,9 @@ __all__ = [
     "ReplayStarted",
     "ReplayWarning",
     "fluency",
+    "fluency_flag",
     "norm_flag",
+    "perplexity_flag",
     "replay",
 ]
 
@@ -124,6 +126,23 @@ def norm_flag(norm: float, history: list[float], cfg: ReplayConfig) -> str | Non
     return None
 
 
+def fluency_flag(entropy: float, base: float | None, cfg: ReplayConfig) -> str | None:
+    """Why a checkpoint's fluency looks broken: its entropy fell under a share of the start's."""
+    if base and entropy < cfg.flag_entropy_ratio * base:
+        return f"fluency entropy fell to {entropy:.2f} from {base:.2f} at the start"
+    return None
+
+
+def perplexity_flag(ppl: float, base: float | None, cfg: ReplayConfig) -> str | None:
+    """Why a checkpoint's perplexity looks broken: it rose over a multiple of the start's."""
+    if base and ppl > cfg.flag_ppl_ratio * base:
+        return (
+            f"perplexity rose to {ppl:.1f} from {base:.1f} at the start "
+            f"(over {cfg.flag_ppl_ratio:g}x)"
+        )
+    return None
+
+
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -189,10 +208,8 @@ class _Run:
         reasons = []
         if step == 0:
             self.base_fluency = ent
-        elif self.base_fluency and ent < cfg.flag_entropy_ratio * self.base_fluency:
-            reasons.append(
-                f"fluency entropy fell to {ent:.2f} from {self.base_fluency:.2f} at the start"
-            )
+        elif (why := fluency_flag(ent, self.base_fluency, cfg)) is not None:
+            reasons.append(why)
         ppl = None
         if cfg.perplexity:
             p = perplexity(model, tok)
@@ -208,11 +225,8 @@ class _Run:
             )
             if step == 0:
                 self.base_ppl = ppl
-            elif self.base_ppl and ppl > cfg.flag_ppl_ratio * self.base_ppl:
-                reasons.append(
-                    f"perplexity rose to {ppl:.1f} from {self.base_ppl:.1f} at the start "
-                    f"(over {cfg.flag_ppl_ratio:g}x)"
-                )
+            elif (why := perplexity_flag(ppl, self.base_ppl, cfg)) is not None:
+                reasons.append(why)
         for reason in reasons:
             if last_seq is not None:
                 self.store.flag_edit(self.run_id, last_seq, reason)

@@ -12,7 +12,8 @@ the *unedited* model:
 The direction of ``v*`` (what the edit says) is kept, only its length is
 anchored. The calibration requests are fixed and shipped here (common facts
 with a counterfactual target, no dataset needed) so the anchor depends only on
-the model, the layer and the v* settings, and can be cached.
+the model, the layer and the v* settings, and can be cached. The preset's
+``v_norm_anchor_samples`` says how many of them (the first N) the anchor uses.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import BadRequestError
+from .progress import StepProgress
 from .request import EditRequest
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,16 @@ CALIBRATION_REQUESTS: tuple[EditRequest, ...] = tuple(
 )
 
 
+def calibration_requests(n: int) -> tuple[EditRequest, ...]:
+    """The first ``n`` calibration requests (``v_norm_anchor_samples``)."""
+    if not 1 <= n <= len(CALIBRATION_REQUESTS):
+        raise BadRequestError(
+            f"v_norm_anchor_samples must be 1 to {len(CALIBRATION_REQUESTS)} "
+            f"(the calibration requests shipped in rome/anchor.py), not {n}"
+        )
+    return CALIBRATION_REQUESTS[:n]
+
+
 def trimmed_mean(values: Sequence[float], upper: float = TRIM_UPPER) -> float:
     """Mean after dropping the largest ``floor(upper · n)`` values."""
     if not values:
@@ -79,7 +92,7 @@ def reference_norm(
     solve: Callable[[EditRequest], torch.Tensor],
     requests: Sequence[EditRequest],
     cache_file: Path | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: StepProgress | None = None,
 ) -> float:
     """ρ from ``solve(request) -> v*`` over ``requests``, cached as JSON when a path is given.
 

@@ -38,9 +38,10 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from . import nethook
+from .batching import pad_id_of, pad_right
+from .devices import model_device, module_device
 from .errors import BadRequestError, BadStatsError, CorruptStatsError, WeightsUnavailableError
 from .paths import atomic_write_text, temp_path_beside
-from .scoring import model_device, module_device, pad_id_of, pad_right
 from .templates import seed_token_id
 
 log = logging.getLogger(__name__)
@@ -206,40 +207,6 @@ def _in_features(model: nn.Module, module_name: str) -> int:
 def expected_width(model: nn.Module, module_name: str) -> int:
     """The size ``d`` a second moment for ``module_name`` must have (``d × d``)."""
     return _in_features(model, module_name)
-
-
-def collect_second_moment(
-    model: nn.Module,
-    tok: PreTrainedTokenizerBase,
-    module_name: str,
-    texts: Iterable[str],
-    n_texts: int,
-    max_len: int = 128,
-    batch_tokens: int = 4096,
-    progress: Progress | None = None,
-    stop_at_layer: bool = True,
-    forward: str = "float32",
-    accumulate: str = "float64",
-) -> tuple[torch.Tensor, int, int]:
-    """``E[k kᵀ]`` over all non-pad tokens of ``texts``: (mean matrix, tokens, texts).
-
-    ``stop_at_layer=False`` runs the whole model (the published collector;
-    kept for the benchmark).
-    """
-    ms = collect_moment_sum(
-        model,
-        tok,
-        module_name,
-        texts,
-        n_texts,
-        max_len,
-        batch_tokens,
-        progress,
-        stop_at_layer,
-        forward,
-        accumulate,
-    )
-    return ms.mean(), ms.n_tokens, ms.n_texts
 
 
 def sampled_texts(
@@ -616,10 +583,6 @@ class CovFactor:
             )
         if self.ridge_used:
             log.warning("covariance needed a ridge of %.1e x mean(diag)", self.ridge_used)
-
-    @property
-    def is_identity(self) -> bool:
-        return self._chol is None
 
     def solve(self, x: torch.Tensor) -> torch.Tensor:
         if self._chol is None:

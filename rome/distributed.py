@@ -44,6 +44,7 @@ from .errors import BadRequestError, DistributedMismatchError, RomeError
 from .hparams import EditHparams
 from .models import LoadedModel, load_model
 from .paths import cache_dir, slug
+from .progress import StepProgress
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +245,7 @@ def run_stats(
     corpus: str | None = None,
     n_texts: int | None = None,
     force: bool = False,
-    progress: cov.Progress | None = None,
+    progress: StepProgress | None = None,
     batch_tokens: int = 4096,
     forward: str = "float32",
     accumulate: str = "float64",

@@ -31,6 +31,7 @@ from .methods.base import LayerUpdate, Update
 from .nethook import get_module
 from .paths import cache_dir as default_cache_dir
 from .paths import slug
+from .progress import Progress
 from .request import EditRequest
 from .result import EditResult
 from .scoring import score_targets
@@ -39,8 +40,6 @@ from .update import add_delta, add_update, rank_one, restore, weight_of, weight_
 from .vstar import compute_v_star, resolve_autocast
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
 @dataclass
@@ -338,6 +337,7 @@ class Editor:
         if layer not in self._anchors:
             templates = self.templates()
             hp = self.hp.replace(v_norm_anchor=False)
+            requests = anchor.calibration_requests(hp.v_norm_anchor_samples)
             fields = {
                 k: v
                 for k, v in hp.to_dict().items()
@@ -346,7 +346,7 @@ class Editor:
             fields.update(
                 layer=layer,
                 templates=templates,
-                requests=[r.to_dict() for r in anchor.CALIBRATION_REQUESTS],
+                requests=[r.to_dict() for r in requests],
             )
             path = None
             if isinstance(self.cache, Path):
@@ -358,9 +358,7 @@ class Editor:
 
             prog = (lambda d, t: progress("norm anchor", d, t)) if progress else None
             with self._base_weights(layer):
-                self._anchors[layer] = anchor.reference_norm(
-                    solve, anchor.CALIBRATION_REQUESTS, path, prog
-                )
+                self._anchors[layer] = anchor.reference_norm(solve, requests, path, prog)
         return self._anchors[layer]
 
     def use_norm_anchor(self, layer: int, rho: float) -> None:

@@ -44,7 +44,7 @@ class EditHparams:
     # Norm-anchor scaling (NAS): rescale each solved v* to a reference norm measured on
     # the unedited model (see rome/anchor.py and presets/README.md).
     v_norm_anchor: bool = False
-    v_norm_anchor_samples: int = 16
+    v_norm_anchor_samples: int = 20  # the first N calibration requests of rome/anchor.py
     fact_token: str = "subject_last"
     key_averaging: KeyAveraging = "uniform"
     context_template_length_params: list[list[int]] = field(

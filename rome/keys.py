@@ -13,7 +13,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from . import nethook
-from .scoring import model_device, pad_id_of, pad_right
+from .batching import pad_id_of, pad_right
+from .devices import model_device
 from .tokens import encode_with_subject
 
 

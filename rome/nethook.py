@@ -9,7 +9,7 @@ Three things the engine needs from a module:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,6 +145,3 @@ def count_hooks(model: nn.Module) -> int:
             if d:
                 total += len(d)
     return total
-
-
-HookFn = Callable[..., Any]

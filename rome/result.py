@@ -53,13 +53,6 @@ class EditResult:
     def update_norm_ratio(self) -> float:
         return self.update_norm / self.weight_norm if self.weight_norm else float("inf")
 
-    @property
-    def efficacy(self) -> bool:
-        """target_new more likely than target_true on the bare prompt after the edit."""
-        if self.p_true_after is None:
-            return self.p_new_after > self.p_new_before
-        return self.p_new_after > self.p_true_after
-
     def to_dict(self, factors: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {
             "request": self.request.to_dict(),

@@ -16,36 +16,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-
-def with_leading_space(text: str) -> str:
-    """ROME scores and trains targets with a leading space (" Rome")."""
-    return text if text.startswith(" ") else " " + text
-
-
-def prompt_ids(tok: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    return list(tok(prompt)["input_ids"])
-
-
-def target_ids(tok: PreTrainedTokenizerBase, target: str) -> list[int]:
-    return list(tok(with_leading_space(target), add_special_tokens=False)["input_ids"])
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Where input ids go: the first parameter's device (the embedding's).
-
-    With an accelerate device map the model's hooks move activations on from
-    there; tensors that meet the edited layer (keys, δ, the update) belong on
-    :func:`module_device` instead.
-    """
-    return next(model.parameters()).device
-
-
-def module_device(model: nn.Module, name: str) -> torch.device:
-    """The device of module ``name``'s weight (the edited layer under a device map)."""
-    module = model.get_submodule(name)
-    for p in module.parameters():
-        return p.device
-    return model_device(model)
+from .batching import pad_id_of, pad_right, prompt_ids, target_ids
+from .devices import model_device
 
 
 def trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -79,24 +51,6 @@ class TargetScore:
     def prob(self) -> float:
         """Probability of the whole target (product over its tokens)."""
         return float(torch.tensor(self.sum_logprob).exp())
-
-
-def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device):
-    """Right-padded ids and attention mask."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long, device=device)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long, device=device)
-        mask[i, : len(s)] = 1
-    return ids, mask
-
-
-def pad_id_of(tok: PreTrainedTokenizerBase) -> int:
-    for cand in (tok.pad_token_id, tok.eos_token_id, 0):
-        if cand is not None:
-            return int(cand)
-    return 0
 
 
 @torch.no_grad()

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from .devices import model_device
 from .errors import BadRequestError
 from .paths import atomic_write_text
-from .scoring import model_device
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,10 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from . import nethook
+from .batching import pad_id_of, pad_right, target_ids
+from .devices import model_device, module_device
 from .hparams import EditHparams
 from .request import EditRequest
-from .scoring import model_device, module_device, pad_id_of, pad_right, target_ids
 from .tokens import encode_with_subject
 from .update import weight_out_in
 

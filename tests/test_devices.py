@@ -14,8 +14,8 @@ import torch
 from cli_helpers import EDIT, one_line, runner
 
 from rome import Editor, EditRequest, load_model
+from rome.devices import resolve_device, resolve_device_map, resolve_dtype
 from rome.errors import DeviceMapError, InvalidDeviceError, UnknownPresetError
-from rome.models import resolve_device, resolve_device_map, resolve_dtype
 from workbench.cli import app
 
 

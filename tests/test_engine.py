@@ -258,11 +258,10 @@ def test_user_preset_file(tmp_path):
 def test_stop_at_layer_collector_matches_full_forward(tiny):
     texts = ["The Eiffel Tower is in Paris.", "Toyota is a company from Japan and more."]
     name = tiny.hparams.weight_module()
-    a, n_a, _ = cov.collect_second_moment(tiny.model, tiny.tokenizer, name, texts, 2)
-    b, n_b, _ = cov.collect_second_moment(
-        tiny.model, tiny.tokenizer, name, texts, 2, stop_at_layer=False
-    )
-    assert n_a == n_b > 10
+    sa = cov.collect_moment_sum(tiny.model, tiny.tokenizer, name, texts, 2)
+    sb = cov.collect_moment_sum(tiny.model, tiny.tokenizer, name, texts, 2, stop_at_layer=False)
+    assert sa.n_tokens == sb.n_tokens > 10
+    a, b = sa.mean(), sb.mean()
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
     assert torch.allclose(a, a.T)
     assert count_hooks(tiny.model) == 0

@@ -24,7 +24,7 @@ from evals.glue import (
     mcc_score,
     task_of,
 )
-from rome.scoring import prompt_ids
+from rome.batching import prompt_ids
 from rome.testing import tiny_model
 
 

@@ -423,10 +423,10 @@ async def test_key_press_handled_while_a_long_job_runs(app_factory, monkeypatch)
         await pilot.press("3")
         await pilot.pause()
         assert app.query_one("#tabs").active == "tab-compare"
-        job = app._job
+        job = app.jobs.current
         await pilot.press("f5")  # disabled while busy (dimmed in the footer)
         await pilot.pause()
-        assert app._job is job
+        assert app.jobs.current is job
         app.action_compute()  # from the palette: refused with a message
         await pilot.pause()
         assert any("running" in m for m in app.notices)

@@ -233,8 +233,6 @@ def main_callback(
         with handled():
             pass_down(ctx)
         return
-    import inspect
-
     from rome.models import resolve_device_map, resolve_dtype
     from workbench.tui.app import run_app
 
@@ -242,10 +240,6 @@ def main_callback(
     with handled():
         resolve_dtype(dtype)
         if resolve_device_map(device_map) is not None:
-            if "device_map" not in inspect.signature(run_app).parameters:
-                raise rome_errors.BadRequestError(
-                    "the app does not take --device-map yet; use it with edit, stats or replay"
-                )
             extra["device_map"] = device_map
     run_app(model=model, db_path=db, device=device, dtype=dtype, **extra)
 

@@ -7,15 +7,14 @@ What ``rome-workbench edit`` shows; the app's Edit tab goes through
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rome import MODES, BadRequestError, Editor, EditRequest, EditResult, LoadedModel
+from rome.progress import Progress
 
 from .generation import greedy
-
-Progress = Callable[[str, int, int], None]
 
 #: the ``--mode`` value that asks for every key mode
 ALL_MODES = "all"

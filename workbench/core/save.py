@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,10 @@ from typing import Any
 from evals.spec import RunSpec
 from rome import BadRequestError, Editor, LoadedModel, RomeError, load_model
 from rome.methods import LayerUpdate, Update
+from rome.progress import Progress
 from workbench.store import Edit, Run, Store
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[str, int, int], None]
 
 
 class RebuildError(RomeError):

@@ -24,6 +24,7 @@ import torch
 
 from evals.replay import ReplayConfig, ReplayFinished
 from rome import Editor, EditResult, LoadedModel, RomeError, load_model
+from rome.progress import Progress
 from rome.scoring import score_targets
 from rome.update import restore, weight_of
 
@@ -38,8 +39,6 @@ if TYPE_CHECKING:
     from workbench.store import Edit, Run, Store
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[str, int, int], None]
 
 
 #: what a re-applied edit takes over from the stored one

@@ -1,5 +1,5 @@
 """Whether a computed update looks safe: probes before / after, and the verdict on
-one edit or on the key modes of a compare.
+one edit, each key mode of a compare judged against the others.
 
 The thresholds below are the interactive session's own; the "norm far above
 the running median" rule is the replay's (``evals.replay.norm_flag``), applied
@@ -109,19 +109,3 @@ def judge(
     if warn:
         return Verdict("warn", tuple(warn))
     return Verdict("ok", ())
-
-
-def compare_verdicts(
-    results: dict[str, EditResult],
-    before: Sequence[Probe] = (),
-    after: dict[str, Sequence[Probe] | None] | None = None,
-    history_norms: Sequence[float] = (),
-    disabling_ratio: float = 0.5,
-) -> dict[str, Verdict]:
-    """The verdict on each key mode of a compare, each judged against the others."""
-    out = {}
-    for mode, res in results.items():
-        others = [r for m, r in results.items() if m != mode]
-        probes_after = (after or {}).get(mode)
-        out[mode] = judge(res, before, probes_after, others, history_norms, disabling_ratio)
-    return out

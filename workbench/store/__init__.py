@@ -51,10 +51,9 @@ from .errors import (
     UnknownEditError,
     UnknownRunError,
 )
+from .location import APP_NAME, DB_ENV_VAR
 from .lock import WriterLease
 from .records import (
-    APP_NAME,
-    DB_ENV_VAR,
     DEFAULT_BUSY_TIMEOUT_S,
     FLUENCY_TASK,
     RESUMABLE_STATUSES,
@@ -67,11 +66,11 @@ from .records import (
     Run,
     RunKind,
     RunStatus,
-    WriterInfo,
     default_db_path,
 )
 from .schema import MIGRATIONS, SCHEMA_VERSION
 from .store import Store
+from .writer import WriterInfo
 
 __all__ = [
     "APP_NAME",

@@ -13,6 +13,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import InvalidFieldError
+
 if TYPE_CHECKING:
     import torch
 
@@ -29,8 +31,6 @@ def now() -> str:
 
 def jsonable(obj: Any) -> Any:
     """Convert dataclasses, numpy/torch scalars, paths, tuples to plain JSON values."""
-    from .errors import InvalidFieldError
-
     if obj is None or isinstance(obj, (str, bool, int, float)):
         return obj
     if isinstance(obj, Mapping):
@@ -87,8 +87,6 @@ def opt_int(x: Any) -> int | None:
 
 def check_run_id(run_id: str) -> str:
     """``run_id`` if it is 1-64 letters, digits, '-' or '_' (it names lock files)."""
-    from .errors import InvalidFieldError
-
     if not isinstance(run_id, str) or not _RUN_ID_RE.match(run_id):
         raise InvalidFieldError(f"invalid run id {run_id!r}: use 1-64 letters, digits, '-' or '_'")
     return run_id

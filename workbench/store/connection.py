@@ -24,8 +24,9 @@ from . import lock
 from .codec import check_run_id
 from .errors import RunLockedError, StoreClosedError, StoreError, StoreNotFoundError, translate
 from .lock import WriterLease
-from .records import DEFAULT_BUSY_TIMEOUT_S, WriterInfo
+from .records import DEFAULT_BUSY_TIMEOUT_S
 from .schema import SCHEMA_VERSION, migrate, read_version
+from .writer import WriterInfo
 
 log = logging.getLogger(__name__)
 

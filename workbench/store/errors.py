@@ -6,12 +6,9 @@ import os
 import socket
 import sqlite3
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
-from .records import DB_ENV_VAR
-
-if TYPE_CHECKING:
-    from .records import WriterInfo
+from .location import DB_ENV_VAR
+from .writer import WriterInfo
 
 
 class StoreError(Exception):

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .codec import now
-from .records import WriterInfo
+from .writer import WriterInfo
 
 try:  # POSIX only; the writer lock needs flock.
     import fcntl

@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from .codec import loads
+from .location import APP_NAME, DB_ENV_VAR
 
-APP_NAME = "rome-workbench"
-DB_ENV_VAR = "ROME_WORKBENCH_DB"
 DEFAULT_BUSY_TIMEOUT_S = 10.0
 
 RUN_KINDS = ("replay", "session")
@@ -155,16 +154,6 @@ class Rescore:
     def from_row(cls, r: Mapping[str, Any]) -> Rescore:
         """A re-scoring from a ``rescore`` row."""
         return from_row(cls, r, json={"metrics": {}})
-
-
-@dataclass(frozen=True)
-class WriterInfo:
-    """Who holds (or last held) a run's writer lock, as written in the lock file."""
-
-    pid: int | None
-    host: str | None
-    since: str | None
-    alive: bool | None = None
 
 
 def default_db_path() -> Path:

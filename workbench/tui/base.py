@@ -27,7 +27,8 @@ from textual.worker import Worker, WorkerState
 from workbench.core.errors import describe as describe_error
 from workbench.core.session import Session
 
-from .jobs import JobContext, JobEnd, JobId, JobRunner, ReadId
+from .job_kinds import JobEnd, JobId, ReadId
+from .jobs import JobContext, JobRunner
 from .logs import QuietTerminal
 from .messages import JobFailed, JobFinished, Notice, Progress
 from .panes.compare import ComparePane
@@ -193,11 +194,6 @@ class AppBase(App[None]):
     @property
     def busy(self) -> bool:
         return self.jobs.busy
-
-    @property
-    def _job(self) -> JobContext | None:
-        """The running job (None when idle)."""
-        return self.jobs.current
 
     def refuse_busy(self) -> bool:
         job = self.jobs.current

@@ -13,49 +13,18 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from enum import Enum
 from functools import partial
 from typing import Any
 
 from textual.app import App
 from textual.message import Message
 
+import rome.progress
+
+from .job_kinds import JobEnd, JobId, ReadId
 from .messages import JobFailed, JobFinished, Progress
 
 log = logging.getLogger(__name__)
-
-ProgressCallback = Callable[[str, int, int], None]
-
-
-class JobId(Enum):
-    """The model jobs (one runs at a time)."""
-
-    LOAD = "load"
-    PREPARE = "prepare"
-    COMPUTE = "compute"
-    COMPARE = "compare"
-    APPLY = "apply"
-    UNDO = "undo"
-    REVERT = "revert"
-    REAPPLY = "reapply"
-    GENERATE = "generate"
-    REPLAY = "replay"
-    SAVE = "save"
-
-
-class ReadId(Enum):
-    """Store reads that may run beside a model job (each kind replaces its older one)."""
-
-    STORE = "open-store"
-    HISTORY = "history"
-    REPLAY_RUNS = "replay-runs"
-    RUN_SERIES = "run-series"
-
-
-class JobEnd(Enum):
-    DONE = "done"
-    CANCELLED = "cancelled"
-    FAILED = "failed"
 
 
 class JobCancelled(Exception):
@@ -96,7 +65,9 @@ class JobContext:
         self._last = now
         self._post(Progress(self.job, phase, done, total, detail))
 
-    def engine_callback(self, describe: Callable[[str], str] | None = None) -> ProgressCallback:
+    def engine_callback(
+        self, describe: Callable[[str], str] | None = None
+    ) -> rome.progress.Progress:
         """A ``(phase, done, total)`` callback for the engine that reports and can cancel."""
 
         def cb(phase: str, done: int, total: int) -> None:

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from evals.replay import CheckpointDone, EditDone, ReplayFinished, ReplayWarning
     from workbench.core.records import AppliedInfo, EditOutcome, HistoryRow, ModelInfo
 
-    from .jobs import JobEnd, JobId, ReadId
+    from .job_kinds import JobEnd, JobId, ReadId
     from .replay_data import ReplaySeries
 
 

@@ -10,7 +10,7 @@ from textual.suggester import SuggestFromList
 from textual.widgets import Button, Input, Select, Static
 
 from rome import list_presets
-from rome.models import DEVICE_MAP_STRATEGIES
+from rome.devices import DEVICE_MAP_STRATEGIES
 from workbench.core.format import fbytes, fseconds
 from workbench.core.records import ModelInfo
 
