@@ -105,7 +105,18 @@ def phase_progress(bar: Progress) -> Callable[[str, int, int], None]:
     return cb
 
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="preset name, hub id or local folder")]
+#: the model a command loads when neither --model nor a --hparams file names one
+DEFAULT_MODEL = "smollm2-135m"
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help=f"preset name, hub id or local folder (default: the --hparams file's model, "
+        f"else {DEFAULT_MODEL})",
+    ),
+]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")]
 DtypeOpt = Annotated[str | None, typer.Option(help="float32 (default), bfloat16, float16")]
 LayerOpt = Annotated[int | None, typer.Option(help="edit this layer instead of the preset's")]
@@ -121,15 +132,20 @@ DeviceMapOpt = Annotated[
 
 
 def load(
-    model: str,
+    model: str | None,
     device: str,
     dtype: str | None,
     hparams: Path | None,
     layer: int | None,
     device_map: str | None = None,
 ) -> LoadedModel:
-    """Load a model (preset, hub id or folder) with a spinner on stderr."""
+    """Load a model (preset, hub id or folder) with a spinner on stderr. ``--model``
+    decides which weights load; without it, a ``--hparams`` file's own model does."""
     from rome import load_model
+    from rome.hparams import load_preset
+
+    if model is None:
+        model = load_preset(hparams).name if hparams is not None else DEFAULT_MODEL
 
     with err.status(f"loading {model}..."):
         return load_model(

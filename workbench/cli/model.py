@@ -101,7 +101,7 @@ def info(
 
 @app.command()
 def stats(
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = None,
     layer: LayerOpt = None,
     corpus: Annotated[
         str | None, typer.Option(help="wikipedia, wikitext, sampled, or a folder of .txt files")
@@ -250,7 +250,7 @@ def edit(
     subject: Annotated[str, typer.Option()],
     target_new: Annotated[str, typer.Option("--target-new")],
     target_true: Annotated[str | None, typer.Option("--target-true")] = None,
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = None,
     mode: Annotated[str, typer.Option(help="rrome, original, prompt or all")] = "rrome",
     layer: LayerOpt = None,
     hparams: HparamsOpt = None,

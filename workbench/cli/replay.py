@@ -33,8 +33,6 @@ from .common import (
     writing,
 )
 
-DEFAULT_MODEL = "smollm2-135m"
-
 if TYPE_CHECKING:
     from evals.replay import CheckpointDone, EditDone, ReplayStarted, ReplayWarning
     from workbench.store import Store
@@ -47,8 +45,8 @@ def replay(
         typer.Option(
             "--model",
             "-m",
-            help="preset name, hub id or local folder (default: smollm2-135m; with "
-            "--resume, the run's model)",
+            help="preset name, hub id or local folder (default: the --hparams file's model, "
+            "else smollm2-135m; with --resume, the run's model)",
         ),
     ] = None,
     dataset: Annotated[
@@ -133,7 +131,7 @@ def replay(
             run = store.get_run(resume)  # a bad or ambiguous id stops here, before loading
             resume = run.id
             model = model or run.model
-        lm = load(model or DEFAULT_MODEL, device, dtype, hparams, layer, device_map)
+        lm = load(model, device, dtype, hparams, layer, device_map)
         edit_hp = edit_hparams(lm, v_stop, norm_anchor)
         if resume and edit_hp is not lm.hparams:
             err.print(
