@@ -6,7 +6,6 @@ opening the history database, and checking the files a command is asked to write
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -281,18 +280,14 @@ def output_file(path: Path, *, example: str = "out.json") -> Path:
     """``path`` if a command can write a file there; else :class:`OutputPathError`
     (a folder, a file in the way of its folder, a folder without write permission).
     Missing folders on the way are fine: the writer makes them."""
-    from workbench.core.errors import OutputPathError
+    from workbench.core.errors import OutputPathError, where_problem
 
     target = path.expanduser()
     if target.is_dir():
         raise OutputPathError(f"{path} is a folder; give a file name, e.g. {Path(path) / example}")
-    above = target.absolute().parent
-    while not above.exists() and above != above.parent:
-        above = above.parent
-    if not above.is_dir():
-        raise OutputPathError(f"cannot write {path}: {above} is a file, not a folder")
-    if not os.access(above, os.W_OK | os.X_OK):
-        raise OutputPathError(f"cannot write {path}: no permission to write in {above}")
+    problem = where_problem(target)
+    if problem is not None:
+        raise OutputPathError(f"cannot write {path}: {problem}")
     return target
 
 
@@ -304,6 +299,30 @@ def writing(path: Path, note: str = "") -> Iterator[None]:
 
     try:
         yield
+    except OutputPathError as exc:  # the file checked again, just before writing
+        raise OutputPathError(f"{exc}{note}") from None
     except OSError as exc:
         why = exc.strerror or str(exc)
         raise OutputPathError(f"cannot write {path}: {why}{note}") from None
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While the block runs, SIGTERM stops it as Ctrl-C does (``KeyboardInterrupt``:
+    a replay marks its run interrupted and says how to resume, a save removes its
+    partial folder). Only the main thread can take signals; elsewhere nothing changes."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

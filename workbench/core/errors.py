@@ -16,8 +16,10 @@ database path with no database, an output file that cannot be written there).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from evals.errors import DataUnavailableError, EvalDataError
@@ -35,8 +37,24 @@ EXIT_BAD_INPUT = 2
 
 
 class OutputPathError(Exception):
-    """A file the user asked for (``-o``, ``--json-out``) that cannot be written there:
-    a folder, a file where a folder should be, no permission, an unsupported format."""
+    """A file the user asked for (``-o``, ``--json-out``, a new ``--db``) that cannot be
+    written there: a folder, a file where a folder should be, no permission, an
+    unsupported format."""
+
+
+def where_problem(path: Path) -> str | None:
+    """Why nothing can be created at ``path`` (``None``: it can): a file in the way
+    of its folder, or no permission to write in the nearest folder that exists.
+    Missing folders on the way are fine (the writer makes them); ``path`` itself is
+    not looked at."""
+    above = path.expanduser().absolute().parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        return f"{above} is a file, not a folder"
+    if not os.access(above, os.W_OK | os.X_OK):
+        return f"no permission to write in {above}"
+    return None
 
 
 @dataclass(frozen=True)
