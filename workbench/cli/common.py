@@ -306,6 +306,32 @@ def writing(path: Path, note: str = "") -> Iterator[None]:
         raise OutputPathError(f"cannot write {path}: {why}{note}") from None
 
 
+#: system errors that say the disk, not the path, is the problem
+_DISK_ERRNOS = ("ENOSPC", "EDQUOT", "EROFS", "EFBIG")
+
+
+@contextmanager
+def disk_writes(path: Path) -> Iterator[None]:
+    """Turn a failed write of a cache file at ``path`` (a full disk, a read-only file
+    system; safetensors' error included) into one :class:`WriteError` line, exit 1."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    from workbench.core.errors import write_error
+
+    codes = {getattr(errno, name) for name in _DISK_ERRNOS if hasattr(errno, name)}
+    try:
+        yield
+    except (SafetensorError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno not in codes:
+            raise
+        failed = write_error(exc, path)
+        if failed is None:
+            raise
+        raise failed from None
+
+
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """While the block runs, SIGTERM stops it as Ctrl-C does (``KeyboardInterrupt``:

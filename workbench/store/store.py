@@ -184,7 +184,8 @@ class Store(ResultTables):
                 if len(rows) > 1:
                     raise AmbiguousRunError(run_id, [r["id"] for r in rows])
             if not rows:
-                raise UnknownRunError(str(run_id), str(self.path))
+                short = isinstance(run_id, str) and 0 < len(run_id) < 4
+                raise UnknownRunError(str(run_id), str(self.path), min_prefix=4 if short else 0)
             return Run.from_row(rows[0])
 
     def list_runs(self, model: str | None = None, *, kind: str | None = None) -> list[Run]:
