@@ -10,7 +10,8 @@ Two file formats are read, record by record:
   becomes a template by replacing the subject's first occurrence with ``{}``;
   it has no generation prompts, so a few are written from the subject.
 
-A record that cannot be used is logged with its case id and returned in
+A record that cannot be used (or, given the model's tokenizer, whose edit is over the
+token limit of one edit) is logged with its case id and returned in
 :attr:`LoadResult.skipped`, never dropped silently.
 """
 
@@ -22,6 +23,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from rome.request import MAX_REQUEST_TOKENS
 
 from .errors import DataUnavailableError, EvalDataError
 
@@ -122,6 +125,11 @@ def _check(rec: CounterFactRecord) -> CounterFactRecord:
 
 def _from_rome(raw: Mapping[str, Any], case_id: int) -> CounterFactRecord:
     rw = raw.get("requested_rewrite")
+    if isinstance(rw, list):
+        raise _BadRecord(
+            f"requested_rewrite is a list of {len(rw)}, not one object "
+            "{prompt, subject, target_new, target_true}"
+        )
     if not isinstance(rw, Mapping):
         raise _BadRecord("requested_rewrite is missing")
     return CounterFactRecord(
@@ -174,14 +182,27 @@ def parse_record(raw: Any, position: int = 0) -> CounterFactRecord:
     raise _BadRecord("unknown format (neither requested_rewrite nor prompt/ground_truth)")
 
 
-def records_from(rows: Iterable[Any], limit: int | None = None) -> LoadResult:
-    """Parse raw rows (dicts) into records, keeping the reasons of the failures."""
+def _check_length(rec: CounterFactRecord, tokenizer: Any) -> CounterFactRecord:
+    """``rec`` if its edit is within the limit of one edit (:data:`MAX_REQUEST_TOKENS`
+    tokens of ``tokenizer`` for the prompt with its subject, and for each target)."""
+    problem = rec.to_request().length_problem(tokenizer, MAX_REQUEST_TOKENS)
+    if problem is not None:
+        raise _BadRecord(problem)
+    return rec
+
+
+def records_from(
+    rows: Iterable[Any], limit: int | None = None, tokenizer: Any = None
+) -> LoadResult:
+    """Parse raw rows (dicts) into records, keeping the reasons of the failures.
+    With ``tokenizer``, a record over the token limit of one edit is skipped too."""
     result = LoadResult([])
     for i, raw in enumerate(rows):
         if limit is not None and len(result.records) >= limit:
             break
         try:
-            result.records.append(parse_record(raw, i))
+            rec = parse_record(raw, i)
+            result.records.append(rec if tokenizer is None else _check_length(rec, tokenizer))
         except _BadRecord as err:
             case_id = raw.get("case_id", -1) if isinstance(raw, Mapping) else -1
             case_id = case_id if isinstance(case_id, int) else -1
@@ -228,10 +249,14 @@ def _hub_rows() -> list[Any]:
     )
 
 
-def load_counterfact(source: str | Path = "sample", limit: int | None = None) -> LoadResult:
+def load_counterfact(
+    source: str | Path = "sample", limit: int | None = None, tokenizer: Any = None
+) -> LoadResult:
     """Load CounterFact from a file, ``"sample"`` or ``"val"`` (bundled) or ``"hub"`` (online).
 
-    ``limit`` caps the number of records returned (the first that load).
+    ``limit`` caps the number of records returned (the first that load). With
+    ``tokenizer`` (the model's), records whose edit is longer than an edit may be
+    (:data:`MAX_REQUEST_TOKENS` tokens) are skipped, with the reason.
     """
     if isinstance(source, str) and source == "hub":
         rows = _hub_rows()
@@ -239,6 +264,6 @@ def load_counterfact(source: str | Path = "sample", limit: int | None = None) ->
         named = NAMED_SOURCES.get(source) if isinstance(source, str) else None
         path = named if named is not None else Path(source)
         rows = _read_rows(path)
-    result = records_from(rows, limit)
+    result = records_from(rows, limit, tokenizer)
     log.info("CounterFact: %d records loaded, %d skipped", len(result), len(result.skipped))
     return result

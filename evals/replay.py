@@ -424,25 +424,30 @@ def _editor_for(lm: LoadedModel, hp: EditHparams, cfg: ReplayConfig) -> Editor:
     return Editor(lm.model, lm.tokenizer, hp, keep_undo=False)
 
 
-def _extend(
-    store: Store, run: Any, cfg: ReplayConfig, records: list[CounterFactRecord]
-) -> list[str]:
-    """Plan the run's next records: the ones it edited must come first, unchanged."""
+def _check_extension(run: Any, cfg: ReplayConfig, records: list[CounterFactRecord]) -> list[str]:
+    """Whether the run can go on to ``records``: the ones it edited must come first,
+    unchanged. Writes nothing (:func:`_extend` does, under the writer lock)."""
     planned = cfg.n_edits
     if len(records) <= planned:
         raise BadRequestError(
             f"{cfg.dataset!r} holds no usable records beyond the {planned} run {run.id} planned"
         )
-    notes = _check_same_data(cfg, records[:planned])
+    return _check_same_data(cfg, records[:planned])
+
+
+def _extend(store: Store, run: Any, cfg: ReplayConfig, records: list[CounterFactRecord]) -> str:
+    """Plan the run's next records, with the status ``running``, in one transaction
+    (a run killed after it is resumable: never ``finished`` with edits to go)."""
+    planned = cfg.n_edits
     cfg.n_edits = len(records)
     cfg.dataset_fingerprint = dataset_fingerprint(records)
     store.update_run(
         run.id,
+        status="running",
         n_edits_planned=len(records),
         hparams={**_stored(store.get_run(run.id)), "replay": cfg.to_dict()},
     )
-    notes.append(f"run {run.id} extended from {planned} to {len(records)} edits")
-    return notes
+    return f"run {run.id} extended from {planned} to {len(records)} edits"
 
 
 def _check_same_data(cfg: ReplayConfig, records: list[CounterFactRecord]) -> list[str]:
@@ -516,14 +521,18 @@ def replay(
     else:
         hp = hparams or lm.hparams
         ed = _editor_for(lm, hp, cfg)
-    loaded = load_counterfact(cfg.dataset, limit=extend_to or cfg.n_edits)
+    loaded = load_counterfact(cfg.dataset, limit=extend_to or cfg.n_edits, tokenizer=lm.tokenizer)
     records = loaded.records
     total = len(records)
     if total == 0:
-        raise BadRequestError(f"no usable CounterFact records in {cfg.dataset!r}")
+        why = "; ".join(f"case {c}: {w}" for c, w in loaded.skipped[:3])
+        raise BadRequestError(
+            f"no usable CounterFact records in {cfg.dataset!r}"
+            + (f" ({len(loaded.skipped)} skipped; {why})" if why else "")
+        )
     if resume is not None:
         if extend_to is not None:
-            notes += _extend(store, run, cfg, records)
+            notes += _check_extension(run, cfg, records)
         else:
             notes += _check_same_data(cfg, records)
         notes += _check_covariance(store, run, ed, cfg)
@@ -552,6 +561,8 @@ def replay(
         )
     state = _Run(lm, store, cfg, run.id, ed)
     with store.acquire_writer(run.id):
+        if resume is not None and extend_to is not None:
+            notes.append(_extend(store, run, cfg, records))
         try:
             for note in notes:
                 yield ReplayWarning(note)
@@ -612,10 +623,19 @@ def _drive(
         yield ReplayWarning(f"skipped CounterFact record {case_id}: {why}")
     start = _rebuild(st) if resuming else 0
     yield ReplayStarted(run_id, total, start)
-    steps_done = {c.step for c in store.checkpoints(run_id)}
-    if 0 not in steps_done:
+    # A checkpoint killed or failed half-way lacks some rows: done again, on the
+    # weights it measures (the last step's, where the run stopped).
+    expected = {*cfg.glue_tasks, "fluency", *([PERPLEXITY_TASK] if cfg.perplexity else [])}
+    rows: dict[int, set[str]] = {}
+    for c in store.checkpoints(run_id):
+        rows.setdefault(c.step, set()).add(c.task)
+    if 0 not in rows or (start == 0 and not expected <= rows[0]):
         yield from st.checkpoint(0, None)
-    elif start and start not in steps_done and (start % cfg.glue_every == 0 or start == total):
+    elif (
+        start
+        and not expected <= rows.get(start, set())
+        and (start % cfg.glue_every == 0 or start == total)
+    ):
         yield from st.checkpoint(start, start - 1)
     seq = start
     while seq < total:

@@ -35,7 +35,7 @@ from .errors import (
     UnsupportedArchitectureError,
     WeightsUnavailableError,
 )
-from .hparams import EditHparams, find_preset, list_presets, load_preset
+from .hparams import EditHparams, check_modules, find_preset, for_model, list_presets, load_preset
 from .hub import hub_reachable, in_hub_cache, no_load_bars, quiet_hub, raise_offline
 from .paths import cache_dir, slug
 from .testing import TESTING_PREFIX, tiny_model
@@ -75,7 +75,7 @@ class LoadedModel:
 def hparams_for(
     name: str,
     model_type: str | None = None,
-    hparams: str | Path | None = None,
+    hparams: str | Path | EditHparams | None = None,
     layer: int | None = None,
 ) -> EditHparams:
     """The preset for ``name`` (or the file ``hparams``), with ``layer`` overriding its layer.
@@ -84,7 +84,7 @@ def hparams_for(
     the architecture table.
     """
     if hparams is not None:
-        hp = load_preset(hparams)
+        hp = hparams if isinstance(hparams, EditHparams) else load_preset(hparams)
     else:
         found = find_preset(name)
         if found is None:
@@ -135,7 +135,7 @@ def load_model(
     The tiny in-process models take no device map (:class:`DeviceMapError`).
     """
     t0 = time.perf_counter()
-    preset = load_preset(hparams) if hparams is not None else find_preset(name)
+    preset = for_model(name, load_preset(hparams)) if hparams is not None else find_preset(name)
     source = preset.model if preset is not None else name
     torch_dtype = resolve_dtype(dtype)
     dmap = resolve_device_map(device_map)
@@ -195,7 +195,7 @@ def load_model(
     if dmap is None:
         model.to(dev)  # type: ignore[arg-type]
     model.eval()
-    hp = hparams_for(name, config.model_type, hparams, layer)
+    hp = hparams_for(name, config.model_type, preset if hparams is not None else None, layer)
     n_layers = int(config.num_hidden_layers)
     if not 0 <= hp.layer < n_layers:
         raise LayerOutOfRangeError(
@@ -203,6 +203,7 @@ def load_model(
         )
     hf_map = getattr(model, "hf_device_map", None) if dmap is not None else None
     hf_map = dict(hf_map) if hf_map is not None else ({"": "cpu"} if dmap is not None else None)
+    check_modules(model, hp, name)
     try:
         edit_dev = check_edited_layer_placement(model, hp.weight_module(hp.layer), hf_map)
     except LookupError as exc:
@@ -237,4 +238,5 @@ def _load_tiny(
     n_layers = int(model.config.num_hidden_layers)  # type: ignore[union-attr, arg-type]
     if not 0 <= hp.layer < n_layers:
         raise LayerOutOfRangeError(f"layer {hp.layer} is out of range: 0..{n_layers - 1}")
+    check_modules(model, hp, hp.name)
     return LoadedModel(model, tok, hp, hp.name, source, dev, dtype, time.perf_counter() - t0)

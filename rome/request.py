@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from .errors import BadRequestError
+
+#: the longest prompt (its subject filled in) or target one edit takes, in tokens of
+#: the model's tokenizer (v* optimises over every context template times the prompt)
+MAX_REQUEST_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,20 @@ class EditRequest:
         if self.target_true is not None and self.target_true.strip() == self.target_new.strip():
             raise BadRequestError("target_new equals target_true: nothing to edit")
         return self
+
+    def length_problem(self, tokenizer: Any, limit: int = MAX_REQUEST_TOKENS) -> str | None:
+        """Why the request is too long for ``tokenizer`` (``None``: within ``limit``)."""
+        fields = [("the prompt with its subject", self.text), ("target_new", self.target_new)]
+        if self.target_true is not None:
+            fields.append(("target_true", self.target_true))
+        for what, text in fields:
+            n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if n > limit:
+                return (
+                    f"{what} is {n} tokens long; the limit is {limit} tokens "
+                    "(shorten the subject or the prompt)"
+                )
+        return None
 
     @property
     def text(self) -> str:

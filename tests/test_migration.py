@@ -58,9 +58,10 @@ def test_v2_interrupted_run_resumes_onto_the_same_weights(tmp_path):
         edits = store.edits(run.id)
         assert [e.seq for e in edits] == list(range(12))
         assert edits[-1].fingerprint == Editor(lm.model, lm.tokenizer, lm.hparams).fingerprint()
-        same_stats = _config_of(store.get_run(run.id)).covariance_fingerprint == _config_of(
-            srun
-        ).covariance_fingerprint
+        same_stats = (
+            _config_of(store.get_run(run.id)).covariance_fingerprint
+            == _config_of(srun).covariance_fingerprint
+        )
         if same_stats:
             assert edits[-1].fingerprint == want
 

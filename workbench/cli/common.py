@@ -6,7 +6,6 @@ opening the history database, and checking the files a command is asked to write
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -105,7 +104,18 @@ def phase_progress(bar: Progress) -> Callable[[str, int, int], None]:
     return cb
 
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="preset name, hub id or local folder")]
+#: the model a command loads when neither --model nor a --hparams file names one
+DEFAULT_MODEL = "smollm2-135m"
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help=f"preset name, hub id or local folder (default: the --hparams file's model, "
+        f"else {DEFAULT_MODEL})",
+    ),
+]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")]
 DtypeOpt = Annotated[str | None, typer.Option(help="float32 (default), bfloat16, float16")]
 LayerOpt = Annotated[int | None, typer.Option(help="edit this layer instead of the preset's")]
@@ -121,15 +131,20 @@ DeviceMapOpt = Annotated[
 
 
 def load(
-    model: str,
+    model: str | None,
     device: str,
     dtype: str | None,
     hparams: Path | None,
     layer: int | None,
     device_map: str | None = None,
 ) -> LoadedModel:
-    """Load a model (preset, hub id or folder) with a spinner on stderr."""
+    """Load a model (preset, hub id or folder) with a spinner on stderr. ``--model``
+    decides which weights load; without it, a ``--hparams`` file's own model does."""
     from rome import load_model
+    from rome.hparams import load_preset
+
+    if model is None:
+        model = load_preset(hparams).name if hparams is not None else DEFAULT_MODEL
 
     with err.status(f"loading {model}..."):
         return load_model(
@@ -259,18 +274,14 @@ def output_file(path: Path, *, example: str = "out.json") -> Path:
     """``path`` if a command can write a file there; else :class:`OutputPathError`
     (a folder, a file in the way of its folder, a folder without write permission).
     Missing folders on the way are fine: the writer makes them."""
-    from workbench.core.errors import OutputPathError
+    from workbench.core.errors import OutputPathError, where_problem
 
     target = path.expanduser()
     if target.is_dir():
         raise OutputPathError(f"{path} is a folder; give a file name, e.g. {Path(path) / example}")
-    above = target.absolute().parent
-    while not above.exists() and above != above.parent:
-        above = above.parent
-    if not above.is_dir():
-        raise OutputPathError(f"cannot write {path}: {above} is a file, not a folder")
-    if not os.access(above, os.W_OK | os.X_OK):
-        raise OutputPathError(f"cannot write {path}: no permission to write in {above}")
+    problem = where_problem(target)
+    if problem is not None:
+        raise OutputPathError(f"cannot write {path}: {problem}")
     return target
 
 
@@ -282,6 +293,56 @@ def writing(path: Path, note: str = "") -> Iterator[None]:
 
     try:
         yield
+    except OutputPathError as exc:  # the file checked again, just before writing
+        raise OutputPathError(f"{exc}{note}") from None
     except OSError as exc:
         why = exc.strerror or str(exc)
         raise OutputPathError(f"cannot write {path}: {why}{note}") from None
+
+
+#: system errors that say the disk, not the path, is the problem
+_DISK_ERRNOS = ("ENOSPC", "EDQUOT", "EROFS", "EFBIG")
+
+
+@contextmanager
+def disk_writes(path: Path) -> Iterator[None]:
+    """Turn a failed write of a cache file at ``path`` (a full disk, a read-only file
+    system; safetensors' error included) into one :class:`WriteError` line, exit 1."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    from workbench.core.errors import write_error
+
+    codes = {getattr(errno, name) for name in _DISK_ERRNOS if hasattr(errno, name)}
+    try:
+        yield
+    except (SafetensorError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno not in codes:
+            raise
+        failed = write_error(exc, path)
+        if failed is None:
+            raise
+        raise failed from None
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While the block runs, SIGTERM stops it as Ctrl-C does (``KeyboardInterrupt``:
+    a replay marks its run interrupted and says how to resume, a save removes its
+    partial folder). Only the main thread can take signals; elsewhere nothing changes."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -22,6 +22,7 @@ from .common import (
     LayerOpt,
     ModelOpt,
     app,
+    disk_writes,
     err,
     handled,
     load,
@@ -101,7 +102,7 @@ def info(
 
 @app.command()
 def stats(
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = None,
     layer: LayerOpt = None,
     corpus: Annotated[
         str | None, typer.Option(help="wikipedia, wikitext, sampled, or a folder of .txt files")
@@ -149,37 +150,43 @@ def stats(
                         "--import-npz or --device-map in one plain process"
                     )
                 device = distributed.rank_device(info.backend, info.local_rank)
+            if n_texts is not None and n_texts < 1:
+                raise rome_errors.BadRequestError(
+                    f"--n-texts must be at least 1, not {n_texts} (leave it out for the "
+                    "preset's number)"
+                )
             lm = load(model, device, dtype, hparams, layer, device_map)
             hp = lm.hparams.replace(mom2_n_samples=n_texts) if n_texts else lm.hparams
             ed = Editor(lm.model, lm.tokenizer, hp)
             path = ed.stats_file(hp.layer, corpus)
             assert path is not None
             width = cov.expected_width(lm.model, hp.weight_module(hp.layer))
-            if import_npz is not None:
-                # stored where edits read the preset's statistics; the metadata says "imported"
-                st = cov.import_rome_npz(
-                    import_npz, ed.model_key, hp.layer, hp.weight_module(), width
-                )
-                cov.save_stats(path, st, width)
-            else:
-                bar = progress_bar() if info.is_main else contextlib.nullcontext()
-                with bar as b:
-                    cb = phase_progress(b) if b is not None else None
-                    outcome = distributed.run_stats(
-                        lm,
-                        corpus=corpus,
-                        n_texts=n_texts,
-                        force=force,
-                        progress=(lambda d, t: cb("covariance", d, t)) if cb else None,
-                        batch_tokens=batch_tokens,
-                        forward=precision,
-                        accumulate=accumulate,
-                        info=info,
-                        path=path,
+            with disk_writes(path):
+                if import_npz is not None:
+                    # stored where edits read the preset's statistics; the metadata says "imported"
+                    st = cov.import_rome_npz(
+                        import_npz, ed.model_key, hp.layer, hp.weight_module(), width
                     )
-                st = outcome.stats
-                if outcome.cached and info.is_main:
-                    err.print(f"already cached: {path} (--force collects again)")
+                    cov.save_stats(path, st, width)
+                else:
+                    bar = progress_bar() if info.is_main else contextlib.nullcontext()
+                    with bar as b:
+                        cb = phase_progress(b) if b is not None else None
+                        outcome = distributed.run_stats(
+                            lm,
+                            corpus=corpus,
+                            n_texts=n_texts,
+                            force=force,
+                            progress=(lambda d, t: cb("covariance", d, t)) if cb else None,
+                            batch_tokens=batch_tokens,
+                            forward=precision,
+                            accumulate=accumulate,
+                            info=info,
+                            path=path,
+                        )
+                    st = outcome.stats
+                    if outcome.cached and info.is_main:
+                        err.print(f"already cached: {path} (--force collects again)")
         finally:
             distributed.shutdown(info)
         if info.is_main:
@@ -250,7 +257,7 @@ def edit(
     subject: Annotated[str | None, typer.Option()] = None,
     target_new: Annotated[str | None, typer.Option("--target-new")] = None,
     target_true: Annotated[str | None, typer.Option("--target-true")] = None,
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = None,
     mode: Annotated[
         str, typer.Option(help="ROME's key mode: rrome, original, prompt or all")
     ] = "rrome",
@@ -306,11 +313,16 @@ def edit(
         if as_json:
             payload = pv.records()
             out.print_json(json.dumps(payload if len(payload) > 1 else payload[0]))
-            return
-        out.print(_record_table(pv.results))
-        out.print(f"[bold]before[/bold]  {req.text}[cyan]{pv.before}[/cyan]", highlight=False)
-        for m, text in pv.after.items():
-            out.print(f"[bold]{m:7s}[/bold] {req.text}[green]{text}[/green]", highlight=False)
+        else:
+            out.print(_record_table(pv.results))
+            out.print(f"[bold]before[/bold]  {req.text}[cyan]{pv.before}[/cyan]", highlight=False)
+            for m, text in pv.after.items():
+                out.print(f"[bold]{m:7s}[/bold] {req.text}[green]{text}[/green]", highlight=False)
+        refused = [f"{m}: {r.unsafe_reason}" for m, r in pv.results.items() if r.unsafe_reason]
+        if refused:  # the records are shown above; the exit status says it was refused
+            raise rome_errors.UnsafeUpdateError(
+                f"update not applied ({'; '.join(refused)}); the weights are unchanged"
+            )
 
 
 def _edit_methods(
@@ -318,7 +330,7 @@ def _edit_methods(
     batch: Path | None,
     method: str,
     mode: str,
-    model: str,
+    model: str | None,
     layer: int | None,
     hparams: Path | None,
     device: str,

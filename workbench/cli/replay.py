@@ -30,10 +30,9 @@ from .common import (
     output_file,
     progress_bar,
     say,
+    sigterm_as_interrupt,
     writing,
 )
-
-DEFAULT_MODEL = "smollm2-135m"
 
 if TYPE_CHECKING:
     from evals.replay import CheckpointDone, EditDone, ReplayStarted, ReplayWarning
@@ -42,13 +41,14 @@ if TYPE_CHECKING:
 
 @app.command()
 def replay(
+    ctx: typer.Context,
     model: Annotated[
         str | None,
         typer.Option(
             "--model",
             "-m",
-            help="preset name, hub id or local folder (default: smollm2-135m; with "
-            "--resume, the run's model)",
+            help="preset name, hub id or local folder (default: the --hparams file's model, "
+            "else smollm2-135m; with --resume, the run's model)",
         ),
     ] = None,
     dataset: Annotated[
@@ -107,9 +107,11 @@ def replay(
     import threading
 
     from workbench.core.replay import edit_hparams, make_config, run_replay
+    from workbench.core.save import stored_layer
+    from workbench.core.stores import NewDatabase
 
     cancel = threading.Event()
-    with handled():
+    with handled(), sigterm_as_interrupt():
         if rescore and not resume:
             raise rome_errors.BadRequestError(
                 "--rescore re-scores a finished run: give --resume RUN"
@@ -136,40 +138,55 @@ def replay(
                 "perplexity": perplexity,
             }
         )
-        store = open_db(db, create=not resume)
-        if resume:
-            run = store.get_run(resume)  # a bad or ambiguous id stops here, before loading
-            resume = run.id
-            model = model or run.model
-        lm = load(model or DEFAULT_MODEL, device, dtype, hparams, layer, device_map)
-        edit_hp = edit_hparams(lm, v_stop, norm_anchor)
-        if resume and edit_hp is not lm.hparams:
-            err.print(
-                "note: a resumed run edits with the preset stored with it; ignoring "
-                "--v-stop / --norm-anchor"
-            )
-        with progress_bar() as bar:
-            shown = _ReplayProgress(bar, n_edits, resume, cfg.dataset)
-            try:
-                finished = run_replay(
-                    lm,
-                    store,
-                    shown,
-                    cfg,
-                    resume=resume,
-                    cancel=cancel,
-                    hparams=edit_hp,
-                    rescore_finished=rescore,
-                    extend_to=extend_to,
-                )
-            except KeyboardInterrupt:
-                err.print(
-                    f"[yellow]interrupted[/yellow]: finished edits are saved; "
-                    f"resume with --resume {shown.run_id}"
-                )
-                raise typer.Exit(1) from None
-            finally:
-                shown.report_skipped()
+        # a new run's database is created only once the model and settings are good,
+        # and removed again when the replay fails before its run exists
+        with NewDatabase(db, active=not resume) as new:
+            if resume:
+                store = open_db(db, create=False)
+                run = store.get_run(resume)  # a bad or ambiguous id stops here, before loading
+                resume = run.id
+                model = model or run.model
+                ignored = _not_taken_on_resume(ctx)
+                if ignored:
+                    err.print(
+                        f"note: a resumed run keeps its own settings and preset; ignoring "
+                        f"{', '.join(ignored)}"
+                        + (
+                            " (--extend-to N goes on to more edits)"
+                            if "--n-edits" in ignored
+                            else ""
+                        ),
+                        highlight=False,
+                    )
+                layer = stored_layer(run)
+            lm = load(model, device, dtype, hparams, layer, device_map)
+            edit_hp = edit_hparams(lm, None if resume else v_stop, None if resume else norm_anchor)
+            if not resume:
+                store = new.open()
+            with progress_bar() as bar:
+                shown = _ReplayProgress(bar, n_edits, resume, cfg.dataset)
+                try:
+                    finished = run_replay(
+                        lm,
+                        store,
+                        shown,
+                        cfg,
+                        resume=resume,
+                        cancel=cancel,
+                        hparams=edit_hp,
+                        rescore_finished=rescore,
+                        extend_to=extend_to,
+                    )
+                except KeyboardInterrupt:
+                    if shown.run_id is None:
+                        raise
+                    err.print(
+                        f"[yellow]interrupted[/yellow]: finished edits are saved; "
+                        f"resume with --resume {shown.run_id}"
+                    )
+                    raise typer.Exit(1) from None
+                finally:
+                    shown.report_skipped()
         assert finished is not None
         _summary(store, finished.run_id, finished.status, finished.summary)
         if json_out is not None:
@@ -182,6 +199,35 @@ def replay(
                 output_file(json_out, example=f"run-{rid}.json")
                 store.export_run(rid, "json", json_out)
             err.print(f"wrote {json_out}", highlight=False)
+
+
+#: the options that set up a new run; a resumed run keeps the ones it started with
+NEW_RUN_OPTIONS = (
+    "dataset",
+    "n_edits",
+    "mode",
+    "glue_every",
+    "glue_dir",
+    "glue_limit",
+    "glue_tasks",
+    "glue_scoring",
+    "glue_calibration",
+    "guard",
+    "v_stop",
+    "norm_anchor",
+    "perplexity",
+    "layer",
+)
+
+
+def _not_taken_on_resume(ctx: typer.Context) -> list[str]:
+    """The options of :data:`NEW_RUN_OPTIONS` given on the command line, as typed."""
+    flags = {p.name: p.opts[0] for p in ctx.command.params}
+    return [
+        flags.get(name, name)
+        for name in NEW_RUN_OPTIONS
+        if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"
+    ]
 
 
 #: how many skipped CounterFact records the warning names (the rest are counted)

@@ -22,6 +22,7 @@ from .common import (
     output_file,
     phase_progress,
     progress_bar,
+    sigterm_as_interrupt,
     writing,
 )
 
@@ -111,12 +112,17 @@ def export(
     ] = None,
     db: DbOpt = None,
 ) -> None:
-    """Export a run as JSON (run, edits, checkpoints) or CSV (one row per edit)."""
+    """Export a run as JSON (run, edits, checkpoints) or CSV (one row per edit);
+    -o - writes it to standard output."""
     with handled():
         if csv and as_json:
             raise rome_errors.BadRequestError("choose one of --csv and --json")
         by_name = output is not None and output.suffix.lower() == ".csv"
         fmt: Literal["csv", "json"] = "csv" if csv or (by_name and not as_json) else "json"
+        if output is not None and str(output) == "-":
+            store = open_db(db, create=False)
+            _export_to_stdout(store, store.get_run(run).id, fmt)
+            return
         if output is not None:
             output_file(output, example=f"run.{fmt}")
         store = open_db(db, create=False)
@@ -125,6 +131,18 @@ def export(
         with writing(path):
             store.export_run(r.id, fmt, path)
         err.print(f"wrote {path}", highlight=False)
+
+
+def _export_to_stdout(store: Any, run_id: str, fmt: Literal["csv", "json"]) -> None:
+    """The export on standard output (written to a private temporary file first)."""
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="rome-wb-export-") as tmp:
+        path = store.export_run(run_id, fmt, Path(tmp) / f"run.{fmt}")
+        text = path.read_text(encoding="utf-8")
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    sys.stdout.flush()
 
 
 @app.command()
@@ -185,7 +203,7 @@ def save(
     applied edits in order, fingerprints checked as on resume."""
     from workbench.core.save import save_run
 
-    with handled():
+    with handled(), sigterm_as_interrupt():
         store = open_db(db, create=False)
         r = store.get_run(run)
         err.print(f"rebuilding run {r.id} on {r.model}...")

@@ -16,8 +16,11 @@ database path with no database, an output file that cannot be written there).
 from __future__ import annotations
 
 import logging
+import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from evals.errors import DataUnavailableError, EvalDataError
@@ -35,8 +38,50 @@ EXIT_BAD_INPUT = 2
 
 
 class OutputPathError(Exception):
-    """A file the user asked for (``-o``, ``--json-out``) that cannot be written there:
-    a folder, a file where a folder should be, no permission, an unsupported format."""
+    """A file the user asked for (``-o``, ``--json-out``, a new ``--db``) that cannot be
+    written there: a folder, a file where a folder should be, no permission, an
+    unsupported format."""
+
+
+class WriteError(OSError):
+    """A file could not be written (a full disk, a read-only file system), said in one
+    line; whatever was half-written has been removed."""
+
+
+_SAFETENSORS_OS = re.compile(r'message: "([^"]+)"')
+
+
+def write_error(exc: BaseException, path: Path | str) -> WriteError | None:
+    """``exc`` as a :class:`WriteError` about ``path`` when it is a failed write: an
+    ``OSError``, or safetensors' error (its Rust message wraps the system's).
+    ``None`` for anything else."""
+    from safetensors import SafetensorError
+
+    if isinstance(exc, WriteError):
+        return exc
+    if isinstance(exc, OSError):
+        why = exc.strerror or str(exc)
+    elif isinstance(exc, SafetensorError):
+        found = _SAFETENSORS_OS.search(str(exc))
+        why = found[1] if found else str(exc).splitlines()[0]
+    else:
+        return None
+    return WriteError(f"cannot write {path}: {why}")
+
+
+def where_problem(path: Path) -> str | None:
+    """Why nothing can be created at ``path`` (``None``: it can): a file in the way
+    of its folder, or no permission to write in the nearest folder that exists.
+    Missing folders on the way are fine (the writer makes them); ``path`` itself is
+    not looked at."""
+    above = path.expanduser().absolute().parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        return f"{above} is a file, not a folder"
+    if not os.access(above, os.W_OK | os.X_OK):
+        return f"no permission to write in {above}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -169,6 +214,10 @@ ERROR_TABLE: tuple[ErrorKind, ...] = (
     ErrorKind(
         (OutputPathError,), 2, "cannot write the file",
         "Choose a file name in a folder you can write to.",
+    ),
+    ErrorKind(
+        (WriteError,), 1, "cannot write the file",
+        "Free some disk space or write somewhere else; nothing half-written was kept.",
     ),
     ErrorKind(
         (EvalDataError,), 2, "data problem",

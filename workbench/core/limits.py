@@ -13,8 +13,15 @@ from __future__ import annotations
 from typing import Any
 
 from rome import BadRequestError, EditRequest
+from rome.request import MAX_REQUEST_TOKENS
 
-MAX_REQUEST_TOKENS = 256
+__all__ = [
+    "MAX_GENERATE_TOKENS",
+    "MAX_REQUEST_TOKENS",
+    "check_generate_tokens",
+    "check_request_length",
+]
+
 MAX_GENERATE_TOKENS = 1000
 
 
@@ -30,13 +37,6 @@ def check_generate_tokens(n: int) -> int:
 def check_request_length(tokenizer: Any, req: EditRequest) -> None:
     """Refuse a request whose prompt (subject filled in) or a target is longer than
     :data:`MAX_REQUEST_TOKENS` tokens of ``tokenizer``."""
-    fields = [("the prompt with its subject", req.text), ("target_new", req.target_new)]
-    if req.target_true is not None:
-        fields.append(("target_true", req.target_true))
-    for what, text in fields:
-        n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if n > MAX_REQUEST_TOKENS:
-            raise BadRequestError(
-                f"{what} is {n} tokens long; the limit is {MAX_REQUEST_TOKENS} tokens "
-                "(shorten the subject or the prompt)"
-            )
+    problem = req.length_problem(tokenizer, MAX_REQUEST_TOKENS)
+    if problem is not None:
+        raise BadRequestError(problem)

@@ -5,7 +5,7 @@ The rules of :func:`config_errors` (the only place a replay's settings are
 checked before a run is created):
 
 - ``dataset``: ``"sample"`` or ``"val"`` (bundled), ``"hub"`` (online) or an
-  existing file;
+  existing file (kept as an absolute path, so a resume from another folder finds it);
 - ``n_edits`` and ``glue_every``: whole numbers, at least 1;
 - ``glue_limit``: a whole number, at least 0; **0 means every example** of
   each task (stored as ``None``), as does an empty value;
@@ -215,7 +215,7 @@ def make_config(values: Mapping[str, Any]) -> ReplayConfig:
     out = dict(values)
     if "dataset" in out:
         data = str(out["dataset"]).strip()
-        out["dataset"] = data if _named_dataset(data) else str(Path(data).expanduser())
+        out["dataset"] = data if _named_dataset(data) else str(Path(data).expanduser().absolute())
     for key in ("n_edits", "glue_every", "batch_size"):
         if key in out:
             out[key] = int(str(out[key]).strip())

@@ -11,6 +11,7 @@ the edits.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ from rome import BadRequestError, Editor, LoadedModel, RomeError, load_model
 from rome.methods import LayerUpdate, Update
 from rome.progress import Progress
 from workbench.store import Edit, Run, Store
+
+from .errors import write_error
 
 log = logging.getLogger(__name__)
 
@@ -151,37 +154,72 @@ def model_card(rebuilt: Rebuilt) -> str:
 
 
 def _check_output(out_dir: Path, overwrite: bool) -> None:
-    """Refuse a file, or a non-empty folder unless ``overwrite``; nothing is touched."""
+    """Refuse a file, a non-empty folder unless ``overwrite``, or a place where no
+    folder can be made (a file in the way, no permission); nothing is touched."""
+    from .errors import OutputPathError, where_problem
+
     if out_dir.exists() and not out_dir.is_dir():
         raise BadRequestError(f"{out_dir} is a file, not a folder; give a folder to save into")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise BadRequestError(
             f"{out_dir} is not empty; choose a new folder (or overwrite it on purpose)"
         )
+    problem = where_problem(out_dir) if not out_dir.is_dir() else None
+    if problem is None and out_dir.is_dir() and not os.access(out_dir, os.W_OK | os.X_OK):
+        problem = f"no permission to write in {out_dir}"
+    if problem is not None:
+        raise OutputPathError(f"cannot save into {out_dir}: {problem}")
+
+
+def file_mode() -> int:
+    """The mode a new file gets from the process's umask (``0o644`` under ``022``)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def write_folder(rebuilt: Rebuilt, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """``save_pretrained`` (safetensors) of the rebuilt model and tokenizer, plus the card.
 
-    Written into a hidden sibling folder first, which replaces ``out_dir`` at the end.
+    Written into a hidden folder first (beside ``out_dir``, or inside it when it
+    is a folder already, such as ``.``), whose files then replace ``out_dir``'s.
+    A write that fails (a full disk) removes what it wrote and raises one
+    :class:`~workbench.core.errors.WriteError` line.
     """
-    out = Path(out_dir).expanduser()
+    out = Path(out_dir).expanduser().absolute()
     _check_output(out, overwrite)
-    tmp = out.with_name(f".{out.name}.partial")
+    inside = out.is_dir()
+    tmp = out / ".rome-workbench-partial" if inside else out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        rebuilt.lm.model.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]
-        rebuilt.lm.tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(rebuilt), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        try:
+            rebuilt.lm.model.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]
+            rebuilt.lm.tokenizer.save_pretrained(tmp)
+            (tmp / "README.md").write_text(model_card(rebuilt), encoding="utf-8")
+        except Exception as exc:
+            failed = write_error(exc, out)
+            if failed is None:
+                raise
+            raise failed from None
+        mode = file_mode()
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                f.chmod(mode)
+        if inside:
+            for old in out.iterdir():
+                if old != tmp:
+                    shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+            for new in tmp.iterdir():
+                new.rename(out / new.name)
+            tmp.rmdir()
+        else:
+            tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("saved run %s's model to %s", rebuilt.run.id, out)
-    return out
+    return Path(out_dir).expanduser()
 
 
 def save_run(
@@ -198,7 +236,7 @@ def save_run(
     """Load the run's base model (or use ``lm``, which must hold the base weights),
     rebuild its edits, and write the folder; returns its path."""
     run = store.get_run(run_id)
-    _check_output(Path(out_dir).expanduser(), overwrite)  # refuse before a long load
+    _check_output(Path(out_dir).expanduser().absolute(), overwrite)  # refuse before a long load
     if lm is None:
         lm = load_model(run.model, device=device, dtype=dtype, layer=stored_layer(run))
     rebuilt = rebuild(store, run.id, lm, progress)

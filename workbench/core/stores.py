@@ -66,6 +66,68 @@ def open_and_recover(path: str | Path | None = None, *, create: bool = True) -> 
     return store
 
 
+def database_path(path: str | Path | None = None) -> Path:
+    """Where the history database is: ``path``, else ``$ROME_WORKBENCH_DB`` or the
+    user's data folder."""
+    return Path(default_db_path() if path is None else path).expanduser()
+
+
+class NewDatabase:
+    """The database a command that writes opens (creating it where there is none),
+    as a context manager: where the block fails and the database this created still
+    holds no run, it is removed again, with the folders made for it.
+
+    Entering checks that a database can be created there
+    (:class:`~workbench.core.errors.OutputPathError`, exit 2, before any work).
+    """
+
+    def __init__(self, path: str | Path | None = None, *, active: bool = True) -> None:
+        self.path = database_path(path)
+        self.store: Store | None = None
+        self.active = active  # False: does nothing (a command that only reads this time)
+        self._made: Path | None = None  # the first file or folder this will create
+
+    def __enter__(self) -> NewDatabase:
+        from .errors import OutputPathError, where_problem
+
+        if not self.active or str(self.path) == ":memory:" or self.path.exists():
+            return self
+        problem = where_problem(self.path)
+        if problem is not None:
+            raise OutputPathError(f"cannot create the database {self.path}: {problem}")
+        made = self.path.absolute()
+        while not made.parent.exists():
+            made = made.parent
+        self._made = made
+        return self
+
+    def open(self) -> Store:
+        """The store (opened once; stale runs marked interrupted)."""
+        if self.store is None:
+            self.store = open_and_recover(self.path, create=True)
+        return self.store
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None or self._made is None:
+            return
+        try:
+            if self.store is not None and self.store.list_runs():
+                return
+        except StoreError:
+            return
+        close_store(self.store)
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        folder = self.path.absolute().parent
+        while self._made != self.path.absolute() and folder.is_relative_to(self._made):
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+            folder = folder.parent
+        log.info("removed the database %s, created for a command that failed", self.path)
+
+
 def close_store(store: Store | None) -> None:
     """Close ``store`` (releasing its writer leases); ``None`` is fine."""
     if store is not None:

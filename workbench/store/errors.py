@@ -69,11 +69,15 @@ class SchemaTooNewError(StoreError):
 
 
 class UnknownRunError(StoreError, KeyError):
-    def __init__(self, run_id: str, path: str = "") -> None:
+    def __init__(self, run_id: str, path: str = "", *, min_prefix: int = 0) -> None:
         where = f" in {path}" if path else ""
-        StoreError.__init__(
-            self, f"no run with id {run_id!r}{where}; list the runs to see the valid ids"
-        )
+        msg = f"no run with id {run_id!r}{where}; list the runs to see the valid ids"
+        if min_prefix:  # a prefix shorter than the store looks up
+            msg = (
+                f"run id prefix {run_id!r} is too short: give the whole id or at least "
+                f"{min_prefix} characters of it (list the runs to see them)"
+            )
+        StoreError.__init__(self, msg)
         self.run_id = run_id
 
     def __str__(self) -> str:  # KeyError would otherwise quote the message

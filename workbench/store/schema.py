@@ -13,7 +13,7 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import ForeignDatabaseError, SchemaTooNewError
+from .errors import CorruptDatabaseError, ForeignDatabaseError, SchemaTooNewError
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,12 @@ def read_version(conn: sqlite3.Connection, tables: set[str], path: Path) -> int:
             raise ForeignDatabaseError(str(path))
         return 0
     row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    version = int(row[0]) if row else 0
+    try:
+        version = int(row[0]) if row else 0
+    except (TypeError, ValueError):
+        raise CorruptDatabaseError(
+            str(path), f"its schema version {row[0]!r} is not a number"
+        ) from None
     if version > SCHEMA_VERSION:
         raise SchemaTooNewError(str(path), version, SCHEMA_VERSION)
     return version

@@ -182,7 +182,8 @@ class Store(ResultTables, StepTables):
                 if len(rows) > 1:
                     raise AmbiguousRunError(run_id, [r["id"] for r in rows])
             if not rows:
-                raise UnknownRunError(str(run_id), str(self.path))
+                short = isinstance(run_id, str) and 0 < len(run_id) < 4
+                raise UnknownRunError(str(run_id), str(self.path), min_prefix=4 if short else 0)
             return Run.from_row(rows[0])
 
     def list_runs(self, model: str | None = None, *, kind: str | None = None) -> list[Run]:
@@ -213,15 +214,18 @@ class Store(ResultTables, StepTables):
             self._update(conn, "runs", {"id": run_id}, values)
         log.info("run %s is now %s%s", run_id, status, f": {error}" if error else "")
 
-    def update_run(self, run_id: str, **fields: Any) -> Run:
-        """Change descriptive fields of a run (notes, base_fingerprint, ...)."""
+    def update_run(self, run_id: str, *, status: RunStatus | None = None, **fields: Any) -> Run:
+        """Change descriptive fields of a run (notes, base_fingerprint, ...); with
+        ``status``, the status too, in the same transaction."""
         bad = set(fields) - _UPDATABLE_RUN_FIELDS
         if bad:
             raise InvalidFieldError(
                 f"cannot update run field(s) {sorted(bad)}; "
                 f"updatable: {sorted(_UPDATABLE_RUN_FIELDS)} (status: use set_status)"
             )
-        values = dict(fields)
+        if status is not None and status not in RUN_STATUSES:
+            raise InvalidFieldError(f"run status must be one of {RUN_STATUSES}, not {status!r}")
+        values = dict(fields) if status is None else {**fields, "status": status, "error": None}
         for key in ("hparams", "glue_tasks"):
             if key in values:
                 values[key] = dumps(values[key])
