@@ -32,6 +32,7 @@ from .counterfact import CounterFactRecord, load_counterfact
 from .glue import TASKS, evaluate_glue, load_glue
 from .metrics import aggregate, record_metrics
 from .probes import FLUENCY_PROMPTS, fluency, perplexity
+from .retention import retention_checkpoint
 
 if TYPE_CHECKING:  # the store lives in workbench/, which depends on evals
     from workbench.store import Store
@@ -83,6 +84,9 @@ class ReplayConfig:
     pre_metrics: bool = True  # score each record just before its edit too
     generation_metrics: bool = False  # GE per edit (costs a generation per edit)
     rescore: bool = True
+    method: str = "rome"  # the editing method (rome.methods)
+    batch_size: int = 1  # requests per edit step
+    retention_size: int = 100  # the first M edits re-scored at every checkpoint (0: off)
     # what the run was started on, checked when it resumes (set by replay())
     dataset_fingerprint: str | None = None
     glue_fingerprint: str | None = None
@@ -133,6 +137,7 @@ class CheckpointDone:
     glue: dict[str, dict[str, Any]]
     fluency: float | None
     perplexity: float | None = None
+    retention: dict[str, Any] | None = None  # evals.retention.RetentionResult.as_dict()
 
 
 @dataclass
@@ -254,7 +259,9 @@ class _Run:
             if last_seq is not None:
                 self.store.flag_edit(self.run_id, last_seq, reason)
             yield ReplayWarning(f"after edit {step}: {reason}")
-        yield CheckpointDone(step, {t: _glue_row(r) for t, r in glue.items()}, ent, ppl)
+        held = retention_checkpoint(model, tok, self.store, self.run_id, step, cfg.retention_size)
+        retention = held.as_dict() if held is not None else None
+        yield CheckpointDone(step, {t: _glue_row(r) for t, r in glue.items()}, ent, ppl, retention)
 
     def edit(self, seq: int, rec: CounterFactRecord, total: int) -> EditDone:
         t0 = time.perf_counter()
