@@ -64,7 +64,10 @@ def edit_facts(e: Edit) -> list[tuple[str, str]]:
         rows.append(("post (immediate)", _scores(m)))
     if "w_delta_norm" in m:
         rows.append(
-            ("weights after", f"‖W−W₀‖ {_num(m['w_delta_norm'])} · ‖W‖/‖W₀‖ {_num(m.get('w_norm_ratio'))}")
+            (
+                "weights after",
+                f"‖W−W₀‖ {_num(m['w_delta_norm'])} · ‖W‖/‖W₀‖ {_num(m.get('w_norm_ratio'))}",
+            )
         )
     return rows
 
@@ -119,8 +122,13 @@ def report_markdown(
     lines += _table(
         ("run", "status", "edits", "created", "settings"),
         [
-            (r.label, r.status, f"{r.n_edits}/{r.n_edits_planned or '-'}", r.created_at[:16],
-             _settings(r))
+            (
+                r.label,
+                r.status,
+                f"{r.n_edits}/{r.n_edits_planned or '-'}",
+                r.created_at[:16],
+                _settings(r),
+            )
             for r in runs
         ],
     )
@@ -139,8 +147,9 @@ def report_markdown(
             if p.protocol == RETENTION and not p.recorded:
                 missing_retention.append(r.id)
             hold = f"{p.hold}/{p.n}" if p.hold is not None else "-"
-            rows.append([r.label, p.protocol, *(fmt(getattr(p, k)) for k in SCORE_KEYS), hold,
-                         p.note])
+            rows.append(
+                [r.label, p.protocol, *(fmt(getattr(p, k)) for k in SCORE_KEYS), hold, p.note]
+            )
     lines += _table(("run", "protocol", "ES", "PS", "NS", "S", "hold", "what was scored"), rows)
     if missing_retention:
         lines += [
@@ -219,8 +228,17 @@ def _flagged_section(store: Store, runs: Sequence[Run]) -> list[str]:
             lines.append("")
             continue
         lines += _table(
-            ("edit", "case", "request", "cos(k*, k(s))", "denominator", "‖ΔW‖", "pre ES/PS/NS",
-             "post ES/PS/NS", "reason"),
+            (
+                "edit",
+                "case",
+                "request",
+                "cos(k*, k(s))",
+                "denominator",
+                "‖ΔW‖",
+                "pre ES/PS/NS",
+                "post ES/PS/NS",
+                "reason",
+            ),
             [
                 [
                     str(e.seq),

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from evals.replay import ReplayConfig, ReplayFinished
-from rome import Editor, EditHparams, EditResult, LoadedModel, RomeError, load_model
+from rome import EditHparams, Editor, EditResult, LoadedModel, RomeError, load_model
 from rome.scoring import score_targets
 from rome.update import restore, weight_of
 

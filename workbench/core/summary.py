@@ -81,7 +81,10 @@ def protocol_scores(
     before = " / ".join(fmt(_num(pre, k), 2) for k in ("es", "ps", "ns"))
     immediate = ProtocolScores(
         IMMEDIATE,
-        *(_num(post, k) for k in SCORE_KEYS),
+        _num(post, "es"),
+        _num(post, "ps"),
+        _num(post, "ns"),
+        _num(post, "s"),
         n=n_post,
         note=f"{n_post} records, each right after its edit"
         + (f"; just before it: ES/PS/NS {before}" if pre else ""),
@@ -92,7 +95,10 @@ def protocol_scores(
     hold = int(survived) if survived is not None else None
     end = ProtocolScores(
         END_OF_STREAM,
-        *(_num(final, k) for k in SCORE_KEYS),
+        _num(final, "es"),
+        _num(final, "ps"),
+        _num(final, "ns"),
+        _num(final, "s"),
         n=n_final,
         hold=hold,
         note=(
