@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import Button, DataTable, Static
@@ -26,6 +27,23 @@ ShowVerb = Literal["open", "overlay"]
 
 class RunsPane(Horizontal):
     """Runs, scores and flagged edits on the left; the charts on the right."""
+
+    BINDINGS = [
+        Binding(
+            "o",
+            "overlay",
+            "Overlay",
+            id="runs.overlay",
+            tooltip="Add the selected run to the charts (Enter opens it alone)",
+        ),
+        Binding(
+            "g",
+            "next_glue_task",
+            "GLUE task",
+            id="runs.glue_task",
+            tooltip="Show the next GLUE task in the GLUE chart (all tasks, sst2, mrpc, ...)",
+        ),
+    ]
 
     class Show(Message):
         """Open (alone) or overlay a stored run in the charts."""
@@ -45,7 +63,7 @@ class RunsPane(Horizontal):
         with Vertical(id="runs-left"):
             yield Static(Text("No database open yet.", style="dim italic"), id="runs-db")
             table: DataTable = DataTable(id="runs-table", cursor_type="row", zebra_stripes=True)
-            table.add_columns("run", "label", "model", "status", "edits", "⚠")
+            table.add_columns("run", "label", "status", "edits", "⚠")
             yield table
             with Horizontal(classes="buttons"):
                 yield Button(
@@ -68,11 +86,25 @@ class RunsPane(Horizontal):
             yield FlaggedEdits(id="runs-flagged")
         yield RunCharts(id="runs-charts")
 
+    def on_mount(self) -> None:
+        self.redraw()
+
+    def action_overlay(self) -> None:
+        run_id = self.selected_run()
+        if run_id is not None:
+            self.post_message(self.Show("overlay", run_id))
+
+    def action_next_glue_task(self) -> None:
+        self.query_one(RunCharts).next_glue_task()
+
     # ----------------------------------------------------------- the list
     def show_database(self, path: str, note: str = "") -> None:
         t = Text("Database ", style="dim")
         t.append(path, style="bold")
+        models = sorted({r.model for r in self.runs})
         t.append(f" · {len(self.runs)} replay run(s)")
+        if models:
+            t.append(f" of {', '.join(models)}")
         if note:
             t.append(f" · {note}", style="dim")
         self.query_one("#runs-db", Static).update(t)
@@ -91,7 +123,6 @@ class RunsPane(Horizontal):
             table.add_row(
                 r.id[:8],
                 r.label[len(r.id) :].strip(),
-                r.model,
                 status,
                 f"{r.n_edits}{planned}",
                 str(r.n_flagged) if r.n_flagged else "",

@@ -59,8 +59,8 @@ class RunCharts(Vertical):
             yield LineChart("norm growth ‖W‖ / ‖W₀‖", empty="no edits yet", classes="growth")
         with Horizontal():
             yield LineChart(
-                f"{RETENTION}: fraction of the first M edits holding",
-                empty="no retention pass stored with these runs",
+                f"{RETENTION}: first M edits holding",
+                empty="none stored",
                 ylim=(0.0, 1.02),
                 classes="retention",
             )
@@ -71,6 +71,11 @@ class RunCharts(Vertical):
 
     def set_task(self, task: str) -> None:
         self.query_one(".glue-task", Select).value = task
+
+    def next_glue_task(self) -> None:
+        """All tasks, then each task in turn."""
+        order = [ALL_TASKS, *TASKS]
+        self.set_task(order[(order.index(self.glue_task) + 1) % len(order)])
 
     @on(Select.Changed, ".glue-task")
     def _task_changed(self, event: Select.Changed) -> None:
@@ -98,7 +103,7 @@ class RunCharts(Vertical):
         sizes = sorted({s.retention_size for s in self.series if s.retention_size})
         retention = self.query_one(".retention", LineChart)
         m = "/".join(str(x) for x in sizes) or "M"
-        retention.title = f"{RETENTION}: fraction of the first {m} edits holding (ES = 1)"
+        retention.title = f"{RETENTION}: fraction of the first {m} edits holding"
         retention.set_series([Line(s.label, s.retention) for s in self.series])
 
     def _draw_glue(self) -> None:
