@@ -34,6 +34,7 @@ from .counterfact import CounterFactRecord, load_counterfact
 from .glue import evaluate_glue, load_glue
 from .metrics import aggregate, record_metrics
 from .probes import FLUENCY_PROMPTS, fluency, perplexity
+from .retention import retention_checkpoint
 from .spec import ReplayConfig, RunSpec
 
 if TYPE_CHECKING:  # the store lives in workbench/, which depends on evals
@@ -99,6 +100,7 @@ class CheckpointDone:
     glue: dict[str, dict[str, Any]]
     fluency: float | None
     perplexity: float | None = None
+    retention: dict[str, Any] | None = None  # evals.retention.RetentionResult.as_dict()
 
 
 @dataclass
@@ -231,7 +233,9 @@ class _Run:
             if last_seq is not None:
                 self.store.flag_edit(self.run_id, last_seq, reason)
             yield ReplayWarning(f"after edit {step}: {reason}")
-        yield CheckpointDone(step, {t: _glue_row(r) for t, r in glue.items()}, ent, ppl)
+        held = retention_checkpoint(model, tok, self.store, self.run_id, step, cfg.retention_size)
+        retention = held.as_dict() if held is not None else None
+        yield CheckpointDone(step, {t: _glue_row(r) for t, r in glue.items()}, ent, ppl, retention)
 
     def edit(self, seq: int, rec: CounterFactRecord, total: int) -> EditDone:
         t0 = time.perf_counter()

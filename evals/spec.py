@@ -25,6 +25,7 @@ class ReplayConfig:
     method: str = "rome"  # the editing method (rome.methods): rome, memit, emmet, alphaedit
     batch_size: int = 1  # requests per step (1 for rome; the published family protocol: 100)
     method_options: dict[str, Any] = field(default_factory=dict)  # the method's own settings
+    retention_size: int = 100  # the first M edits re-scored at every checkpoint (0: off)
     glue_every: int = 10
     glue_tasks: tuple[str, ...] = TASKS
     glue_limit: int | None = 50

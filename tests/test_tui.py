@@ -314,7 +314,7 @@ async def test_replay_updates_charts_and_writes_run(app_factory) -> None:
         (run,) = store.list_runs(kind="replay")
         assert run.status == "finished" and run.n_edits == 3
         tasks = {c.task for c in store.checkpoints(run.id)}
-        assert tasks == {"sst2", "fluency", "perplexity"}
+        assert tasks == {"sst2", "fluency", "perplexity", "retention"}
 
 
 async def test_cancel_keeps_finished_edits_and_resume(app_factory) -> None:

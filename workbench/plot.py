@@ -5,8 +5,10 @@ is safe to call from a worker thread).
 against the number of edits applied), one for the update norm of each edit
 (log scale, flagged edits marked with a red x), one for the cumulative change
 ‖W_n − W_0‖ of the edited matrix, one for its growth ‖W_n‖ / ‖W_0‖, one for
-the held-out perplexity and one for fluency (generation entropy), each when
-the runs recorded it.
+the held-out perplexity, one for fluency (generation entropy) and one for
+retention (the fraction of the run's first M edits still holding at each
+checkpoint: the retention protocol of ``evals.protocols``), each when the
+runs recorded it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import LogFormatter, MaxNLocator
 
+from evals.protocols import RETENTION, RETENTION_TASK
 from workbench.store import FLUENCY_TASK, Checkpoint, Edit, Run, Store
 
 log = logging.getLogger(__name__)
@@ -46,7 +49,7 @@ def plot_panels(
 ) -> tuple[list[str], list[str]]:
     """The panels a plot of these runs gets, in order, and the GLUE tasks among them:
     one per task, the update norm, and the others when some run recorded their figure."""
-    probes = {FLUENCY_TASK, PERPLEXITY_TASK}
+    probes = {FLUENCY_TASK, PERPLEXITY_TASK, RETENTION_TASK}
     tasks = _task_order({c.task for cps in checkpoints.values() for c in cps} - probes)
     has = {
         t: any(c.task == t and _finite(c.value) for cps in checkpoints.values() for c in cps)
@@ -59,6 +62,7 @@ def plot_panels(
         *(["drift", "ratio"] if has_drift else []),
         *([PERPLEXITY_TASK] if has[PERPLEXITY_TASK] else []),
         *([FLUENCY_TASK] if has[FLUENCY_TASK] else []),
+        *([RETENTION_TASK] if has[RETENTION_TASK] else []),
     ]
     return panels, tasks
 
@@ -112,6 +116,8 @@ def plot_runs(
             _perplexity_panel(ax, runs, checkpoints, colours)
         elif panel == FLUENCY_TASK:
             _fluency_panel(ax, runs, checkpoints, colours)
+        elif panel == RETENTION_TASK:
+            _retention_panel(ax, runs, checkpoints, colours)
         else:
             _task_panel(ax, panel, runs, checkpoints, colours)
         ax.set_xlim(0, max_x * 1.02 + 0.5)
@@ -209,6 +215,29 @@ def _fluency_panel(
 ) -> None:
     _lines(ax, runs, colours, _at_checkpoints(checkpoints, FLUENCY_TASK, lambda c: c.value))
     _labels(ax, "fluency (generation entropy)", "edits applied", "entropy")
+
+
+def _retention_panel(
+    ax: Axes,
+    runs: Sequence[Run],
+    checkpoints: dict[str, list[Checkpoint]],
+    colours: Sequence[str],
+) -> None:
+    """The retention protocol: the fraction of each run's first M edits still holding."""
+    _lines(ax, runs, colours, _at_checkpoints(checkpoints, RETENTION_TASK, lambda c: c.value))
+    sizes = sorted(
+        {
+            int((c.extra or {}).get("size") or c.n or 0)
+            for cps in checkpoints.values()
+            for c in cps
+            if c.task == RETENTION_TASK
+        }
+    )
+    m = "/".join(str(s) for s in sizes) or "M"
+    ax.set_ylim(0.0, 1.02)
+    _labels(
+        ax, f"{RETENTION}: first {m} edits holding (ES = 1)", "edits applied", "fraction holding"
+    )
 
 
 def _perplexity_panel(

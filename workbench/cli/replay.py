@@ -82,6 +82,10 @@ def replay(
     perplexity: Annotated[
         bool, typer.Option(help="the held-out perplexity probe at every checkpoint")
     ] = True,
+    retention_size: Annotated[
+        int,
+        typer.Option(help="the first M edits re-scored at every checkpoint (retention; 0: off)"),
+    ] = 100,
     layer: LayerOpt = None,
     db: DbOpt = None,
     resume: Annotated[str | None, typer.Option(help="resume this interrupted run")] = None,
@@ -136,6 +140,7 @@ def replay(
                 "guard": guard,
                 "layer": layer,
                 "perplexity": perplexity,
+                "retention_size": retention_size,
             }
         )
         # a new run's database is created only once the model and settings are good,
@@ -278,7 +283,9 @@ class _ReplayProgress(ReplayHandler):
         accs = " ".join(f"{t} {r['accuracy']:.2f}" for t, r in ev.glue.items())
         ppl = f" perplexity {ev.perplexity:.2f}" if ev.perplexity else ""
         flu = f" fluency {ev.fluency:.2f}" if ev.fluency is not None else ""
-        err.print(f"after {ev.step:4d} edits: {accs}{flu}{ppl}")
+        held = ev.retention
+        ret = f" retention {held['n_hold']}/{held['m']} of the first hold" if held else ""
+        err.print(f"after {ev.step:4d} edits: {accs}{flu}{ppl}{ret}")
 
     def warning(self, ev: ReplayWarning) -> None:
         skipped = _SKIPPED.fullmatch(ev.message)

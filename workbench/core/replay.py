@@ -14,7 +14,13 @@ checked before a run is created):
 - ``glue_scoring``: one of ``evals.glue.SCORINGS``; ``glue_calibration``: one
   of ``evals.glue.CALIBRATIONS``, ``contextual`` only with ``logprob``; ``mode``: one of
   ``rome.MODES``; ``glue_dir``: ``"hub"`` or a folder holding each task's
-  ``<task>.jsonl``; ``layer``: empty or a whole number, at least 0.
+  ``<task>.jsonl``; ``layer``: empty or a whole number, at least 0;
+- ``method``: one of :data:`REPLAY_METHODS`; ``batch_size``: a whole number,
+  at least 1; ``retention_size``: a whole number, at least 0 (0: no retention
+  passes).
+
+:func:`form_defaults` is where both faces take their defaults from (the CLI's
+options and the app's Replay pane show the same values).
 
 Any other field of :class:`evals.replay.ReplayConfig` is passed through as
 given; a name that is not a field is refused.
@@ -63,7 +69,13 @@ FIELD_LABELS = {
     "layer": "layer",
     "method": "method",
     "batch_size": "batch size",
+    "retention_size": "retention size",
 }
+
+#: the editing methods a replay offers (rome.methods registers them as they land)
+REPLAY_METHODS = ("rome", "memit", "emmet", "alphaedit")
+#: the v* stopping rules (rome.hparams.V_STOPS) and the norm anchor, as a replay sets them
+V_STOPS = ("loss", "most_probable")
 
 
 class ReplayConfigError(BadRequestError):
@@ -78,6 +90,12 @@ class ReplayConfigError(BadRequestError):
 def config_fields() -> tuple[str, ...]:
     """The names of :class:`ReplayConfig`'s fields, as they are in evals today."""
     return tuple(f.name for f in dataclasses.fields(ReplayConfig))
+
+
+def form_defaults() -> dict[str, Any]:
+    """Every replay setting's default, as :class:`ReplayConfig` has it (the one place the
+    CLI's option defaults and the app's form values are checked against)."""
+    return ReplayConfig().to_dict()
 
 
 def _whole(value: Any, low: int) -> tuple[int | None, str | None]:
@@ -125,7 +143,7 @@ def _glue_dir_error(value: Any, tasks: tuple[str, ...]) -> str | None:
 
 
 def _check_numbers(values: Mapping[str, Any], errors: dict[str, str]) -> None:
-    for key, low in (("n_edits", 1), ("glue_every", 1)):
+    for key, low in (("n_edits", 1), ("glue_every", 1), ("batch_size", 1), ("retention_size", 0)):
         if key in values:
             _, why = _whole(values[key], low)
             if why:
@@ -216,7 +234,7 @@ def make_config(values: Mapping[str, Any]) -> ReplayConfig:
     if "dataset" in out:
         data = str(out["dataset"]).strip()
         out["dataset"] = data if _named_dataset(data) else str(Path(data).expanduser().absolute())
-    for key in ("n_edits", "glue_every", "batch_size"):
+    for key in ("n_edits", "glue_every", "batch_size", "retention_size"):
         if key in out:
             out[key] = int(str(out[key]).strip())
     if "glue_limit" in out:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from evals.replay import ReplayConfig, ReplayFinished
-from rome import Editor, EditResult, LoadedModel, RomeError, load_model
+from rome import EditHparams, Editor, EditResult, LoadedModel, RomeError, load_model
 from rome.progress import Progress
 from rome.scoring import score_targets
 from rome.update import restore, weight_of
@@ -493,8 +493,11 @@ class Session:
         cancel: threading.Event,
         on_event: Callable[[object], None] | ReplayHandler,
         resume: str | None = None,
+        hparams: EditHparams | None = None,
     ) -> ReplayFinished | None:
         """Run ``evals.replay.replay`` on the loaded model, then put its weights back.
+
+        ``hparams`` (default the model's preset) is what a new run edits with.
 
         ``on_event`` is a :class:`ReplayHandler` (called by event type) or a
         function given every event (the app posts them to its UI thread). The
@@ -514,7 +517,7 @@ class Session:
             with self._weights_kept(layer):
                 return run_replay(
                     lm, self.store, on_event, cfg if resume is None else None, resume=resume,
-                    cancel=cancel,
+                    cancel=cancel, hparams=hparams,
                 )  # fmt: skip
 
     @contextlib.contextmanager

@@ -144,3 +144,15 @@ def is_resumable(run: Run) -> bool:
 def resumable(runs: Iterable[Run]) -> list[Run]:
     """The runs of ``runs`` that :func:`is_resumable`, in the same order."""
     return [r for r in runs if is_resumable(r)]
+
+
+def writer_gone(store: Store, run: Run) -> bool:
+    """A ``running`` run whose writer lock nobody holds: its process died (SIGTERM,
+    SIGKILL, a crash) before it could say so; the lock file tells."""
+    return run.status == "running" and store.writer_info(run.id) is None
+
+
+def can_resume(store: Store, run: Run) -> bool:
+    """What the CLI resumes: a stopped run short of its plan, or one whose writer is gone."""
+    short = run.n_edits_planned is None or run.n_edits < run.n_edits_planned
+    return is_resumable(run) or (short and writer_gone(store, run))

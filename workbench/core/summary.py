@@ -1,18 +1,44 @@
 """A replay run's summary as data: a title and ``(label, value)`` rows, already
-formatted, for the CLI to draw as a table and the app to show as it likes."""
+formatted, for the CLI to draw as a table and the app to show as it likes; and
+its CounterFact scores under the three evaluation protocols
+(``evals.protocols``), which every face names the same way."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from evals.protocols import END_OF_STREAM, IMMEDIATE, RETENTION, RETENTION_TASK
 from evals.replay import PERPLEXITY_TASK
 from evals.replay import run_summary as stored_figures
+from evals.retention import RetentionResult, retention_of
 from workbench.store import FLUENCY_TASK, Checkpoint, Store
 
-#: the CounterFact figures shown pre -> post and after the final re-scoring
+#: the CounterFact figures shown under each protocol
 SCORE_KEYS = ("es", "ps", "ns", "s")
+
+
+@dataclass(frozen=True)
+class ProtocolScores:
+    """ES / PS / NS / S of a run under one protocol (``None``: not recorded)."""
+
+    protocol: str
+    es: float | None = None
+    ps: float | None = None
+    ns: float | None = None
+    s: float | None = None
+    n: int = 0  # records scored
+    hold: int | None = None  # of them, how many edit prompts still prefer the new object
+    note: str = ""  # what was scored, when
+
+    @property
+    def recorded(self) -> bool:
+        return self.n > 0
+
+    def scores(self) -> str:
+        """``0.920 / 0.750 / 0.570 / 0.712`` (``-`` where missing)."""
+        return " / ".join(fmt(getattr(self, k)) for k in SCORE_KEYS)
 
 
 @dataclass(frozen=True)
@@ -23,10 +49,85 @@ class RunSummary:
     mode: str | None
     status: str
     rows: list[tuple[str, str]] = field(default_factory=list)
+    protocols: list[ProtocolScores] = field(default_factory=list)
 
     @property
     def title(self) -> str:
         return f"run {self.run_id} ({self.mode}, {self.status})"
+
+
+def fmt(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def retention_curve(checkpoints: Sequence[Checkpoint]) -> list[RetentionResult]:
+    """The run's retention passes, in step order."""
+    return [retention_of(c) for c in checkpoints if c.task == RETENTION_TASK]
+
+
+def _num(d: Mapping[str, Any], key: str) -> float | None:
+    v = d.get(key)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def protocol_scores(
+    store: Store, run_id: str, figures: Mapping[str, Any] | None = None
+) -> list[ProtocolScores]:
+    """The run's ES / PS / NS / S under immediate, end of stream and retention
+    (always the three, in that order; one a run did not record has ``n == 0``)."""
+    figs = figures if figures is not None else stored_figures(store, run_id)
+    post, pre = figs.get("post") or {}, figs.get("pre") or {}
+    n_post = int(post.get("n") or 0)
+    before = " / ".join(fmt(_num(pre, k), 2) for k in ("es", "ps", "ns"))
+    immediate = ProtocolScores(
+        IMMEDIATE,
+        _num(post, "es"),
+        _num(post, "ps"),
+        _num(post, "ns"),
+        _num(post, "s"),
+        n=n_post,
+        note=f"{n_post} records, each right after its edit"
+        + (f"; just before it: ES/PS/NS {before}" if pre else ""),
+    )
+    final = figs.get("final") or {}
+    n_final = int(final.get("n") or 0)
+    survived = figs.get("survived")
+    hold = int(survived) if survived is not None else None
+    end = ProtocolScores(
+        END_OF_STREAM,
+        _num(final, "es"),
+        _num(final, "ps"),
+        _num(final, "ns"),
+        _num(final, "s"),
+        n=n_final,
+        hold=hold,
+        note=(
+            f"{n_final} records on the final model; {hold} of {n_final} hold"
+            if n_final
+            else "not re-scored (the run did not finish, or ran without --rescore)"
+        ),
+    )
+    curve = retention_curve(store.checkpoints(run_id, task=RETENTION_TASK))
+    if curve:
+        last = curve[-1]
+        ret = ProtocolScores(
+            RETENTION,
+            last.es,
+            last.ps,
+            last.ns,
+            last.s,
+            n=last.m,
+            hold=last.n_hold,
+            note=f"first {last.m} edits after {last.step} edits; {last.n_hold} of {last.m} hold",
+        )
+    else:
+        ret = ProtocolScores(RETENTION, note="no retention passes stored with this run")
+    return [immediate, end, ret]
+
+
+def protocol_rows(protocols: Sequence[ProtocolScores]) -> list[tuple[str, str]]:
+    """One row per protocol: ``ES / PS / NS / S (protocol)`` and the scores with a note."""
+    return [(f"ES / PS / NS / S ({p.protocol})", f"{p.scores()}  {p.note}") for p in protocols]
 
 
 def edit_rows(store: Store, run_id: str) -> list[tuple[str, str]]:
@@ -45,53 +146,49 @@ def edit_rows(store: Store, run_id: str) -> list[tuple[str, str]]:
 
 
 def figure_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """Weight drift, CounterFact pre -> post at edit time, the final re-scoring."""
+    """Weight drift of the edited matrix after the last edit."""
     rows = []
     if summary.get("w_delta_norm") is not None:
         rows.append(("|W_n - W_0|", f"{summary['w_delta_norm']:.2f}"))
         rows.append(("|W_n| / |W_0|", f"{summary['w_norm_ratio']:.3f}"))
-    pre, post = summary.get("pre") or {}, summary.get("post") or {}
-    for key in SCORE_KEYS:
-        if post.get(key) is not None:
-            before = f"{pre[key]:.3f} -> " if pre.get(key) is not None else ""
-            rows.append((f"{key.upper()} pre -> post (at edit time)", f"{before}{post[key]:.3f}"))
-    final = summary.get("final") or {}
-    for key in SCORE_KEYS:
-        if final.get(key) is not None:
-            rows.append((f"final {key.upper()} (re-scored at the end)", f"{final[key]:.3f}"))
-    if summary.get("survived") is not None:
-        rows.append(("survived (ES = 1 at the end)", f"{summary['survived']:.0f}"))
     return rows
 
 
 def checkpoint_value(c: Checkpoint) -> float | None:
-    """The figure a checkpoint is read by: perplexity, fluency entropy, or accuracy."""
+    """The figure a checkpoint is read by: perplexity, fluency entropy, the fraction of
+    the first M edits holding (retention), or accuracy."""
     if c.task == PERPLEXITY_TASK:
         return (c.extra or {}).get("perplexity")
-    return c.value if c.task == FLUENCY_TASK else c.accuracy
+    return c.value if c.task in (FLUENCY_TASK, RETENTION_TASK) else c.accuracy
 
 
 def checkpoint_rows(store: Store, run_id: str) -> list[tuple[str, str]]:
     """Each checkpointed task's figure at the first and the last checkpoint."""
     cps = store.checkpoints(run_id)
-    steps = sorted({c.step for c in cps})
     rows = []
     for task in sorted({c.task for c in cps}):
         by = {c.step: c for c in cps if c.task == task}
-        first, last = by.get(steps[0]), by.get(steps[-1])
-        if first and last:
-            a, b = checkpoint_value(first), checkpoint_value(last)
-            if a is not None and b is not None:
-                rows.append((f"{task} start -> end", f"{a:.3f} -> {b:.3f}"))
+        first, last = by[min(by)], by[max(by)]
+        a, b = checkpoint_value(first), checkpoint_value(last)
+        if a is not None and b is not None:
+            what = "retention (first M holding)" if task == RETENTION_TASK else task
+            rows.append((f"{what} start -> end", f"{a:.3f} -> {b:.3f}"))
     return rows
 
 
 def run_summary(
     store: Store, run_id: str, status: str, summary: Mapping[str, Any] | None = None
 ) -> RunSummary:
-    """The rows of a run's summary: edits, figures (the stored ones, overridden by
-    ``summary``, e.g. ``ReplayFinished.summary``), checkpoints."""
+    """The rows of a run's summary: edits, the scores under each protocol (from the
+    stored figures, overridden by ``summary``, e.g. ``ReplayFinished.summary``),
+    weight drift, checkpoints."""
     run = store.get_run(run_id)
     figures = {**stored_figures(store, run.id), **(summary or {})}
-    rows = edit_rows(store, run.id) + figure_rows(figures) + checkpoint_rows(store, run.id)
-    return RunSummary(run.id, run.mode, status, rows)
+    protocols = protocol_scores(store, run.id, figures)
+    rows = (
+        edit_rows(store, run.id)
+        + protocol_rows(protocols)
+        + figure_rows(figures)
+        + checkpoint_rows(store, run.id)
+    )
+    return RunSummary(run.id, run.mode, status, rows, protocols)

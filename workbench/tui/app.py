@@ -20,6 +20,7 @@ from .actions.edit import EditActions
 from .actions.history import HistoryActions
 from .actions.model import ModelActions
 from .actions.replay import ReplayActions
+from .actions.runs import RunsActions
 from .base import TAB_TITLES, TABS
 from .commands import BINDINGS, PALETTE
 from .examples import EXAMPLES
@@ -31,12 +32,13 @@ from .panes.generation import GenerationPane
 from .panes.history import HistoryPane
 from .panes.model import ModelPane
 from .panes.replay import ReplayPane
+from .panes.runs import RunsPane
 from .panes.weights import WeightsPane
 from .widgets.job_status import JobStatus
 from .widgets.model_bar import ModelBar
 
 
-class WorkbenchApp(ModelActions, EditActions, HistoryActions, ReplayActions):
+class WorkbenchApp(ModelActions, EditActions, HistoryActions, ReplayActions, RunsActions):
     """ROME / r-ROME rank-one model editing workbench."""
 
     CSS_PATH = "workbench.tcss"
@@ -62,6 +64,8 @@ class WorkbenchApp(ModelActions, EditActions, HistoryActions, ReplayActions):
                 yield HistoryPane()
             with TabPane("Replay", id="tab-replay"):
                 yield ReplayPane()
+            with TabPane("Runs", id="tab-runs"):
+                yield RunsPane()
         yield JobStatus(id="job-status")
         yield Footer(compact=True)
 
@@ -72,6 +76,7 @@ class WorkbenchApp(ModelActions, EditActions, HistoryActions, ReplayActions):
     def on_mount(self) -> None:
         self.update_bar()
         self.open_store()
+        self.start_polling()
         if self.autoload:
             self.action_load_model()
 

@@ -37,6 +37,7 @@ from .panes.generation import GenerationPane
 from .panes.history import HistoryPane
 from .panes.model import ModelPane
 from .panes.replay import ReplayPane
+from .panes.runs import RunsPane
 from .panes.weights import WeightsPane
 from .widgets.job_status import JobStatus
 from .widgets.model_bar import ModelBar
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-TABS = ("model", "edit", "compare", "generate", "weights", "history", "replay")
+TABS = ("model", "edit", "compare", "generate", "weights", "history", "replay", "runs")
 TAB_TITLES = {
     "model": "Model",
     "edit": "Edit",
@@ -54,6 +55,7 @@ TAB_TITLES = {
     "weights": "Weights",
     "history": "History",
     "replay": "Replay",
+    "runs": "Runs",
 }
 #: actions that need the model to themselves (dimmed in the footer while a job runs)
 MODEL_ACTIONS = frozenset(
@@ -155,6 +157,10 @@ class AppBase(App[None]):
     @property
     def replay_pane(self) -> ReplayPane:
         return self.query_one(ReplayPane)
+
+    @property
+    def runs_pane(self) -> RunsPane:
+        return self.query_one(RunsPane)
 
     @property
     def job_status(self) -> JobStatus:
@@ -302,6 +308,18 @@ class AppBase(App[None]):
 
     def refresh_replay_runs(self) -> None:
         """Re-read the stored replay runs (``actions/replay.py``)."""
+        raise NotImplementedError
+
+    def open_store(self) -> None:
+        """Open the database at ``db_path`` in a worker (``actions/model.py``)."""
+        raise NotImplementedError
+
+    def close_session(self) -> None:
+        """End the session's run and close the database (``actions/model.py``)."""
+        raise NotImplementedError
+
+    def refresh_changed_series(self, runs: Any) -> None:
+        """Re-read the shown runs another process changed (``actions/runs.py``)."""
         raise NotImplementedError
 
     def refresh_weights(self) -> None:

@@ -23,6 +23,11 @@ PALETTE: tuple[tuple[str, str, str], ...] = (
     ("Start replay", "Run the Replay tab's CounterFact sequence", "start_replay"),
     ("Cancel job", "Stop the running job between two steps (Esc)", "cancel"),
     ("Refresh history", "Reload the stored edits", "refresh_history"),
+    (
+        "Open database…",
+        "Browse another results database in the Runs tab (Ctrl+O)",
+        "open_database",
+    ),
     ("Help", "Keys, tabs and the workflow (F1)", "help"),
 )
 
@@ -71,6 +76,14 @@ BINDINGS: list[Binding] = [
         tooltip="Cancel the running job between two steps",
     ),
     Binding("q", "quit", "Quit", id="quit", tooltip="Quit (asks first while a job runs)"),
+    Binding(
+        "ctrl+o",
+        "open_database",
+        "Open db",
+        id="open_database",
+        show=False,
+        tooltip="Open another results database and browse its runs (Runs tab)",
+    ),
     *[
         Binding(
             str(i + 1),

@@ -29,6 +29,7 @@ class ReadId(Enum):
     HISTORY = "history"
     REPLAY_RUNS = "replay-runs"
     RUN_SERIES = "run-series"
+    SERIES_REFRESH = "series-refresh"
 
 
 class JobEnd(Enum):

@@ -142,18 +142,31 @@ class HistoryLoaded(Message):
 
 
 class ReplayRunsLoaded(Message):
-    def __init__(self, runs: list[Any]) -> None:
+    """The database's replay runs; ``gone``: running ones whose writer process is gone."""
+
+    def __init__(self, runs: list[Any], gone: list[str] | None = None) -> None:
         super().__init__()
         self.runs = runs
+        self.gone = gone or []
+
+
+class SeriesRefreshed(Message):
+    """Shown runs read again because another process wrote them."""
+
+    def __init__(self, series: list[ReplaySeries]) -> None:
+        super().__init__()
+        self.series = series
 
 
 class RunSeriesLoaded(Message):
-    """A stored run's chart data, to show alone (open) or beside the others (overlay)."""
+    """A stored run's chart data, to show alone (open) or beside the others (overlay);
+    ``where``: the pane that asked (replay or runs)."""
 
-    def __init__(self, series: ReplaySeries, overlay: bool) -> None:
+    def __init__(self, series: ReplaySeries, overlay: bool, where: str = "replay") -> None:
         super().__init__()
         self.series = series
         self.overlay = overlay
+        self.where = where
 
 
 class ReplayOpened(Message):

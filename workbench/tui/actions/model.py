@@ -109,9 +109,9 @@ class ModelActions(AppBase):
             self.update_bar(f"loading {name}…")
 
     def _after_load(self, end: JobEnd) -> None:
+        self.update_bar()  # the "loading …" state goes, whether the load worked or not
         if not self.session.loaded:
             self.model_pane.show_unloaded()
-            self.update_bar()
             return
         self.model_pane.show_info(self.session.info())
         if end is JobEnd.CANCELLED:

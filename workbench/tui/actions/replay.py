@@ -7,8 +7,8 @@ from typing import Any
 from textual import on
 
 from evals.replay import CheckpointDone, EditDone, ReplayFinished, ReplayStarted
-from workbench.core.replay import make_config
-from workbench.core.stores import is_resumable, resumable
+from workbench.core.replay import edit_hparams, make_config
+from workbench.core.stores import can_resume, resumable, writer_gone
 
 from ..base import AppBase, guarded
 from ..jobs import JobContext, JobEnd, JobId, ReadId
@@ -20,6 +20,7 @@ from ..messages import (
     RunSeriesLoaded,
 )
 from ..panes.replay import ReplayPane
+from ..panes.replay_settings import ReplaySettings
 from ..replay_data import series_from_store
 
 
@@ -28,24 +29,35 @@ class ReplayActions(AppBase):
 
     # ----------------------------------------------------------- stored runs
     def refresh_replay_runs(self) -> None:
-        if self.session.store is None:
+        """Re-read the stored runs (every replay run of the database, whatever its model),
+        and which running ones lost their writer, in a worker."""
+        store = self.session.store
+        if store is None:
             return
 
         def work() -> ReplayRunsLoaded:
-            return ReplayRunsLoaded(self.session.replay_runs())
+            runs = store.list_runs(kind="replay")
+            gone = [r.id for r in runs if r.status == "running" and writer_gone(store, r)]
+            return ReplayRunsLoaded(runs, gone)
 
         self.read(ReadId.REPLAY_RUNS, "Reading the replay runs", work)
 
     @guarded("Showing the replay runs")
     def on_replay_runs_loaded(self, msg: ReplayRunsLoaded) -> None:
-        self.replay_pane.show_runs(msg.runs)
+        live = self.replay_pane.live
+        gone = [g for g in msg.gone if live is None or live.run_id != g]
+        self.replay_pane.show_runs(msg.runs, gone)
+        self.runs_pane.show_runs(msg.runs, gone)
+        self.runs_pane.show_database(str(self.session.store.path) if self.session.store else "")
+        self.refresh_changed_series(msg.runs)
         offered = self._offered_resume
-        for run in resumable(msg.runs):
-            if run.status == "interrupted" and run.id not in offered:
+        for run in resumable(msg.runs) + [r for r in msg.runs if r.id in gone]:
+            if run.status in ("interrupted", "running") and run.id not in offered:
                 offered.add(run.id)
+                why = "its writer is gone" if run.id in gone else "interrupted"
                 self.notify(
                     f"Replay {run.id} ({run.mode}) stopped at {run.n_edits}/"
-                    f"{run.n_edits_planned} edits. Replay tab → select it → Resume.",
+                    f"{run.n_edits_planned} edits ({why}). Replay tab → select it → Resume.",
                     title="Interrupted replay",
                     severity="warning",
                     timeout=10,
@@ -65,18 +77,29 @@ class ReplayActions(AppBase):
 
             self.read(ReadId.RUN_SERIES, "Reading the run", work)
             return
-        run = self.replay_pane.stored_run(msg.run_id)
-        if run is None or not is_resumable(run):
-            status = run.status if run is not None else "not listed"
-            self.notify(f"Run {msg.run_id} is {status}: nothing to resume.", severity="warning")
+        run = store.get_run(msg.run_id)
+        if not can_resume(store, run):
+            holder = store.writer_info(run.id) if run.status == "running" else None
+            why = f"being written by process {holder.pid}" if holder is not None else run.status
+            self.notify(f"Run {run.id} is {why}: nothing to resume.", severity="warning")
             return
         if self.refuse_busy() or not self.need_model():
+            return
+        lm = self.session.lm
+        if lm is not None and run.model != lm.name:
+            self.notify(
+                f"Run {run.id} was made with {run.model}; load that model to resume it.",
+                severity="warning",
+            )
             return
         self._start_replay(None, msg.run_id)
 
     @guarded("Showing the run")
     def on_run_series_loaded(self, msg: RunSeriesLoaded) -> None:
-        self.replay_pane.open_series(msg.series, msg.overlay)
+        if msg.where == "runs":
+            self.runs_pane.show_series(msg.series, msg.overlay)
+        else:
+            self.replay_pane.open_series(msg.series, msg.overlay)
 
     # ----------------------------------------------------------- a replay
     def action_start_replay(self) -> None:
@@ -92,16 +115,23 @@ class ReplayActions(AppBase):
         if self.session.store is None:
             self.notify("A replay needs the database, which is not open.", severity="error")
             return
-        self._start_replay(make_config(vals), None)
+        v_stop, anchor = self.replay_pane.query_one(ReplaySettings).stabilisers()
+        self._start_replay(make_config(vals), None, (v_stop, anchor))
 
-    def _start_replay(self, cfg: Any, resume: str | None) -> None:
+    def _start_replay(
+        self,
+        cfg: Any,
+        resume: str | None,
+        stabilisers: tuple[str | None, bool | None] = (None, None),
+    ) -> None:
         n = self.session.n_applied
         label = (
             f"Resuming replay {resume}" if resume else f"Replay ({cfg.mode}, {cfg.n_edits} edits)"
         )
 
         def go() -> None:
-            if self.start_job(JobId.REPLAY, label, self._replay_work(cfg, resume), self._ended):
+            work = self._replay_work(cfg, resume, stabilisers)
+            if self.start_job(JobId.REPLAY, label, work, self._ended):
                 self.show_tab("replay")
                 self.replay_pane.show_starting()
 
@@ -121,10 +151,14 @@ class ReplayActions(AppBase):
             lambda yes: go() if yes else None,
         )
 
-    def _replay_work(self, cfg: Any, resume: str | None) -> Any:
+    def _replay_work(
+        self, cfg: Any, resume: str | None, stabilisers: tuple[str | None, bool | None]
+    ) -> Any:
         """The replay job: revert the session's edits, run it, post its events as messages."""
 
         def work(ctx: JobContext) -> None:
+            lm, _ = self.session.require()
+            hparams = None if resume else edit_hparams(lm, *stabilisers)
             if self.session.n_applied:
                 k = self.session.revert_all()
                 ctx.post(ModelChanged(f"reverted {k} edit(s) for the replay"))
@@ -135,7 +169,7 @@ class ReplayActions(AppBase):
                 else:
                     ctx.post(ReplayProgress(ev))
 
-            self.session.run_replay(cfg, ctx.cancel_event, on_event, resume=resume)
+            self.session.run_replay(cfg, ctx.cancel_event, on_event, resume=resume, hparams=hparams)
 
         return work
 

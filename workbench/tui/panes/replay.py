@@ -12,14 +12,13 @@ from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import Button, DataTable, Label, ProgressBar, Static
 
+from evals.protocols import END_OF_STREAM, IMMEDIATE, RETENTION
 from evals.replay import CheckpointDone, EditDone, ReplayFinished, ReplayWarning
 from workbench.core.format import fnum, fseconds
 from workbench.core.stores import resumable
 
 from ..replay_data import ReplaySeries, metric
-from ..widgets.glue_chart import GlueChart
-from ..widgets.norm_chart import NormChart, NormSeries
-from ..widgets.probe_chart import ProbeChart, ProbeSeries
+from ..widgets.run_charts import RunCharts
 from .replay_settings import ReplaySettings
 
 MAX_LOG = 40
@@ -33,19 +32,30 @@ STATUS_STYLE = {
 }
 
 
-def summary_text(s: dict[str, Any]) -> str:
-    """A replay's end in one line: edits, survivors, ES/PS/NS/S (pre → post), ‖W − W₀‖."""
-    parts = [f"{s.get('edits_done', '?')} edits"]
-    if "survived" in s:
-        parts.append(f"{int(s['survived'])} survive (ES=1 at the end)")
-    pre = s.get("pre") if isinstance(s.get("pre"), dict) else {}
+def _scores(post: dict[str, Any], pre: dict[str, Any]) -> str:
+    out = []
     for k in ("es", "ps", "ns", "s"):
-        post = metric(s, k)
-        if post is None:
+        after = metric(post, k)
+        if after is None:
             continue
         before = metric(pre, k)
-        shown = fnum(post, 2) if before is None else f"{fnum(before, 2)}→{fnum(post, 2)}"
-        parts.append(f"{k.upper()} {shown}")
+        shown = fnum(after, 2) if before is None else f"{fnum(before, 2)}→{fnum(after, 2)}"
+        out.append(f"{k.upper()} {shown}")
+    return " ".join(out)
+
+
+def summary_text(s: dict[str, Any]) -> str:
+    """A replay's end in one line: edits, then ES/PS/NS/S under each protocol recorded
+    (immediate: pre → post; end of stream: with how many hold), ‖W − W₀‖."""
+    parts = [f"{s.get('edits_done', '?')} edits"]
+    post = s.get("post") if isinstance(s.get("post"), dict) else {}
+    pre: dict[str, Any] = s["pre"] if isinstance(s.get("pre"), dict) else {}
+    if post:
+        parts.append(f"{IMMEDIATE}: {_scores(post, pre)}")
+    final = s.get("final") if isinstance(s.get("final"), dict) else {}
+    if final:
+        held = f" ({int(s['survived'])} hold)" if "survived" in s else ""
+        parts.append(f"{END_OF_STREAM}: {_scores(final, {})}{held}")
     drift = metric(s, "w_delta_norm")
     if drift is not None:
         parts.append(f"‖W−W₀‖ {fnum(drift)}")
@@ -75,6 +85,8 @@ class ReplayPane(Vertical):
         self.log_lines: list[Text] = []
         self.total = 0
         self._auto_opened = False
+        self._offered: set[str] = set()
+        self.gone: set[str] = set()
 
     # ----------------------------------------------------------- layout
     def compose(self) -> ComposeResult:
@@ -85,16 +97,12 @@ class ReplayPane(Vertical):
             bar.display = False  # shown once a replay starts
             yield bar
             yield Static("", id="replay-current")
-            with Vertical(id="replay-charts"):
-                with Horizontal(id="replay-charts-top"):
-                    yield GlueChart("GLUE accuracy", id="replay-glue")
-                    yield ProbeChart("probes", id="replay-probes")
-                yield NormChart("‖ΔW‖ and ‖W − W₀‖", xlabel="edits", id="replay-norm")
+            yield RunCharts(id="replay-charts")
             yield Static("", id="replay-log")
         with Vertical(id="replay-stored"):
             yield Label("Stored replay runs", classes="section-title")
             table: DataTable = DataTable(id="replay-runs", cursor_type="row", zebra_stripes=True)
-            table.add_columns("run", "mode", "status", "edits", "⚠", "created")
+            table.add_columns("run", "label", "status", "edits", "⚠", "created")
             yield table
             with Horizontal(classes="buttons"):
                 yield Button(
@@ -126,16 +134,22 @@ class ReplayPane(Vertical):
         return self.query_one(ReplaySettings).check()
 
     # ----------------------------------------------------------- runs
-    def show_runs(self, runs: Sequence[Any]) -> None:
+    def show_runs(self, runs: Sequence[Any], gone: Sequence[str] = ()) -> None:
+        """List ``runs``; ``gone``: running runs whose writer process is gone."""
         self.runs = list(runs)
+        self.gone = set(gone)
         table = self.query_one("#replay-runs", DataTable)
+        selected = self.selected_run()
         table.clear()
         for r in runs:
             planned = f"/{r.n_edits_planned}" if r.n_edits_planned else ""
+            status = Text(r.status, style=STATUS_STYLE.get(r.status, ""))
+            if r.id in self.gone:
+                status = Text("writer gone", style="bold yellow")
             table.add_row(
                 r.id[:8],
-                r.mode or "",
-                Text(r.status, style=STATUS_STYLE.get(r.status, "")),
+                r.label[len(r.id) :].strip(),
+                status,
                 f"{r.n_edits}{planned}",
                 str(r.n_flagged) if r.n_flagged else "",
                 r.created_at[5:16].replace("T", " "),
@@ -144,12 +158,16 @@ class ReplayPane(Vertical):
         if runs and not self.overlays and self.live is None and not self._auto_opened:
             self._auto_opened = True  # show the newest run's charts once
             self.post_message(self.RunAction("open", runs[0].id))
-        waiting = resumable(runs)
-        if waiting and self.live is None:
+        if selected is not None and selected in {r.id for r in runs}:
+            table.move_cursor(row=table.get_row_index(selected))
+        waiting = resumable(runs) + [r for r in runs if r.id in self.gone]
+        if waiting and self.live is None and waiting[0].id not in self._offered:
+            self._offered.add(waiting[0].id)
             r = waiting[0]
             self._status(
                 f"Run {r.id} ({r.mode}) stopped at {r.n_edits}/{r.n_edits_planned} edits "
-                f"({r.status}): select it and press Resume to continue.",
+                f"({'its writer process is gone' if r.id in self.gone else r.status}): "
+                "select it and press Resume to continue.",
                 "bold yellow",
             )
             table.move_cursor(row=table.get_row_index(r.id))
@@ -194,19 +212,7 @@ class ReplayPane(Vertical):
         return out + ([self.live] if self.live is not None else [])
 
     def redraw(self) -> None:
-        series = self.all_series()
-        many = len(series) > 1
-        self.query_one(GlueChart).set_series([(s.label, s.glue) for s in series])
-        self.query_one(ProbeChart).set_series(
-            [ProbeSeries(s.label, s.perplexity, s.fluency) for s in series]
-        )
-        norms: list[NormSeries] = []
-        for s in series:
-            prefix = f"{s.label} " if many else ""
-            norms.append(NormSeries(f"{prefix}‖ΔW‖", s.norms, [n for n, _ in s.flags]))
-            if s.drift:
-                norms.append(NormSeries(f"{prefix}‖W−W₀‖", s.drift))
-        self.query_one(NormChart).set_series(norms)
+        self.query_one(RunCharts).show(self.all_series())
 
     # ----------------------------------------------------------- live events
     def _status(self, text: str, style: str) -> None:
@@ -265,7 +271,7 @@ class ReplayPane(Vertical):
         t.append(f" · ‖W−W₀‖ {fnum(ev.w_delta_norm)} · ‖W‖/‖W₀‖ {fnum(ev.w_norm_ratio, 4)}")
         es = metric(ev.metrics, "es")
         if es is not None:
-            t.append(f" · ES {fnum(es)}")
+            t.append(f" · ES {fnum(es)} ({IMMEDIATE})")
         t.append(f" · {fseconds(ev.seconds)}", style="dim")
         if ev.refused:
             t.append("  REFUSED", style="bold red")
@@ -283,6 +289,9 @@ class ReplayPane(Vertical):
             parts.append(f"fluency {fnum(ev.fluency)}")
         if ev.perplexity is not None:
             parts.append(f"perplexity {fnum(ev.perplexity)}")
+        if ev.retention:
+            held = ev.retention
+            parts.append(f"{RETENTION}: {held['n_hold']}/{held['m']} of the first edits hold")
         self.add_log(f"checkpoint after {ev.step} edits: " + " · ".join(parts), "cyan")
         self.redraw()
 

@@ -1,0 +1,39 @@
+"""``rome-workbench report``: a Markdown page (and its plot) for stored runs."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import DbOpt, app, err, handled, open_db, writing
+
+
+@app.command()
+def report(
+    run_ids: Annotated[list[str], typer.Argument(help="one or more run ids (or unique prefixes)")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="folder to write the page into")],
+    db: DbOpt = None,
+) -> None:
+    """Write DIR/README.md (settings, ES/PS/NS/S under the three protocols, retention,
+    flagged edits) and DIR/runs.png (the plot) for a run or runs to compare."""
+    from workbench.core.errors import OutputPathError
+    from workbench.core.report import report_markdown
+    from workbench.plot import plot_runs
+
+    with handled():
+        target = output.expanduser()
+        if target.exists() and not target.is_dir():
+            raise OutputPathError(f"{output} is a file; give a folder for the report")
+        store = open_db(db, create=False)
+        ids = [store.get_run(r).id for r in run_ids]
+        page, image = target / "README.md", target / "runs.png"
+        with writing(target):
+            target.mkdir(parents=True, exist_ok=True)
+            plot_runs(store, ids, image)
+            command = "rome-workbench report " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+            page.write_text(report_markdown(store, ids, image.name, command), encoding="utf-8")
+        err.print(f"wrote {page} and {image}", highlight=False)

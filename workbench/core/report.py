@@ -1,0 +1,258 @@
+"""A shareable page for one or more stored replay runs: the settings, the scores
+under the three evaluation protocols, the retention curve, the collapse probes,
+the flagged edits and the plot, as Markdown. The CLI's ``report`` writes it;
+:func:`edit_facts` is also what the app shows for a selected flagged edit."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from evals.protocols import DESCRIPTIONS, PROTOCOLS, RETENTION, RETENTION_TASK
+from workbench.store import Edit, Run, Store
+
+from .summary import (
+    SCORE_KEYS,
+    checkpoint_rows,
+    edit_rows,
+    figure_rows,
+    fmt,
+    protocol_scores,
+    retention_curve,
+)
+
+
+def _num(x: Any, digits: int = 3) -> str:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return "-"
+    return f"{x:.{digits}g}" if abs(x) >= 1000 else f"{x:.{digits}f}".rstrip("0").rstrip(".")
+
+
+def request_text(e: Edit) -> str:
+    """``"Crossfire premiered on" → CBS (was NBC)``: the edit's request in one line."""
+    req = e.request
+    prompt = str(req.get("prompt", "")).replace("{}", str(req.get("subject", "")))
+    true = req.get("target_true")
+    return f'"{prompt}" → {req.get("target_new", "")}' + (f" (was {true})" if true else "")
+
+
+def _scores(m: dict[str, Any]) -> str:
+    return " · ".join(f"{k.upper()} {_num(m.get(k), 2)}" for k in ("es", "ps", "ns"))
+
+
+def edit_facts(e: Edit) -> list[tuple[str, str]]:
+    """An edit's record as ``(label, value)`` rows: the request, cos(k*, k(s)), the
+    denominator, ‖ΔW‖, the flag's reason, and its metrics before and right after it."""
+    rows = [
+        ("edit", f"{e.seq} (case {e.case_id if e.case_id is not None else '-'})"),
+        ("request", request_text(e)),
+        ("update", f"{e.mode} · layer {e.layer}"),
+        ("cos(k*, k(s))", _num(e.cos_kstar_ks)),
+        ("denominator", _num(e.denominator)),
+        ("‖ΔW‖", f"{_num(e.update_norm)} ({_num(e.update_norm_ratio)}×‖W‖)"),
+    ]
+    if e.flag_reason:
+        rows.append(("flag", e.flag_reason))
+    if e.refused:
+        rows.append(("refused", "yes: not applied"))
+    m = e.metrics or {}
+    pre = m.get("pre")
+    if isinstance(pre, dict):
+        rows.append(("pre (just before)", _scores(pre)))
+    if any(k in m for k in ("es", "ps", "ns")):
+        rows.append(("post (immediate)", _scores(m)))
+    if "w_delta_norm" in m:
+        rows.append(
+            (
+                "weights after",
+                f"‖W−W₀‖ {_num(m['w_delta_norm'])} · ‖W‖/‖W₀‖ {_num(m.get('w_norm_ratio'))}",
+            )
+        )
+    return rows
+
+
+def _settings(run: Run) -> str:
+    cfg = (run.hparams or {}).get("replay") or {}
+    hp = (run.hparams or {}).get("hparams") or {}
+    parts = [
+        f"dataset {cfg.get('dataset', run.data_source)}",
+        f"method {cfg.get('method', 'rome')}",
+        f"key mode {run.mode}",
+        f"layer {cfg.get('layer') if cfg.get('layer') is not None else hp.get('layer', '-')}",
+        f"batch size {cfg.get('batch_size', 1)}",
+        f"GLUE every {cfg.get('glue_every', run.glue_every)} edits, "
+        f"{cfg.get('glue_limit', run.glue_limit) or 'all'} examples of "
+        f"{', '.join(cfg.get('glue_tasks', run.glue_tasks) or [])}, "
+        f"{cfg.get('glue_scoring', 'logprob')} scoring, "
+        f"calibration {cfg.get('glue_calibration', 'none')}",
+        f"retention size {cfg['retention_size']}" if "retention_size" in cfg else "no retention",
+        f"v* stop {hp.get('v_stop', 'loss')}",
+        f"norm anchor {'on' if hp.get('v_norm_anchor') else 'off'}",
+        f"guard {'on' if run.guard else 'off'}",
+    ]
+    return "; ".join(parts)
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    def cell(x: str) -> str:
+        return str(x).replace("|", "\\|").replace("\n", " ")
+
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return out
+
+
+def report_markdown(
+    store: Store, run_ids: Sequence[str], plot_file: str | None, command: str = ""
+) -> str:
+    """The Markdown page for ``run_ids`` (the plot, when given, is linked as ``plot_file``)."""
+    runs = [store.get_run(r) for r in run_ids]
+    models = sorted({r.model for r in runs})
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        f"# Replay report: {', '.join(r.label for r in runs)}",
+        "",
+        f"{len(runs)} run(s) of {', '.join(models)} from `{store.path}`, written {when}"
+        + (f" by `{command}`." if command else "."),
+        "",
+        "## Runs",
+        "",
+    ]
+    lines += _table(
+        ("run", "status", "edits", "created", "settings"),
+        [
+            (
+                r.label,
+                r.status,
+                f"{r.n_edits}/{r.n_edits_planned or '-'}",
+                r.created_at[:16],
+                _settings(r),
+            )
+            for r in runs
+        ],
+    )
+    lines += ["", "## Scores under the three protocols", ""]
+    lines += [f"- **{p}**: {DESCRIPTIONS[p]}." for p in PROTOCOLS]
+    lines += [
+        "",
+        "An edit *holds* when its edit prompt still prefers the new object (ES = 1). "
+        "S is the harmonic mean of ES, PS and NS.",
+        "",
+    ]
+    rows: list[list[str]] = []
+    missing_retention = []
+    for r in runs:
+        for p in protocol_scores(store, r.id):
+            if p.protocol == RETENTION and not p.recorded:
+                missing_retention.append(r.id)
+            hold = f"{p.hold}/{p.n}" if p.hold is not None else "-"
+            rows.append(
+                [r.label, p.protocol, *(fmt(getattr(p, k)) for k in SCORE_KEYS), hold, p.note]
+            )
+    lines += _table(("run", "protocol", "ES", "PS", "NS", "S", "hold", "what was scored"), rows)
+    if missing_retention:
+        lines += [
+            "",
+            f"Run(s) {', '.join(missing_retention)} stored no retention passes (they were "
+            "made before the workbench recorded the retention protocol, or with a retention "
+            "size of 0): their retention rows are left empty, not estimated. A resumed or "
+            "extended run records them from its next checkpoint on.",
+        ]
+    lines += _retention_section(store, runs)
+    lines += ["", "## Run figures", ""]
+    per_run = {
+        r.id: dict(
+            edit_rows(store, r.id)
+            + figure_rows(_figures(store, r.id))
+            + checkpoint_rows(store, r.id)
+        )
+        for r in runs
+    }
+    labels: list[str] = []
+    for figs in per_run.values():
+        labels += [k for k in figs if k not in labels]
+    lines += _table(
+        ("figure", *(r.label for r in runs)),
+        [[k, *(per_run[r.id].get(k, "-") for r in runs)] for k in labels],
+    )
+    lines += _flagged_section(store, runs)
+    if plot_file:
+        lines += [
+            "",
+            "## Plot",
+            "",
+            f"![{', '.join(r.id for r in runs)}]({plot_file})",
+            "",
+            "GLUE accuracy per task, update norm per edit (flagged edits marked with a red x), "
+            "cumulative change and norm growth of the edited matrix, held-out perplexity, "
+            "fluency"
+            + (", and the retention curve" if len(missing_retention) < len(runs) else "")
+            + ", against the number of edits applied.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _figures(store: Store, run_id: str) -> dict[str, Any]:
+    from evals.replay import run_summary
+
+    return run_summary(store, run_id)
+
+
+def _retention_section(store: Store, runs: Sequence[Run]) -> list[str]:
+    curves = {r.id: retention_curve(store.checkpoints(r.id, task=RETENTION_TASK)) for r in runs}
+    if not any(curves.values()):
+        return []
+    lines = ["", "### Retention curve", ""]
+    steps = sorted({p.step for c in curves.values() for p in c})
+    head = ["edits applied", *(r.label for r in runs)]
+    rows = []
+    for step in steps:
+        row = [str(step)]
+        for r in runs:
+            p = next((p for p in curves[r.id] if p.step == step), None)
+            row.append(f"{p.n_hold}/{p.m}" if p is not None else "-")
+        rows.append(row)
+    lines += _table(head, rows)
+    return lines
+
+
+def _flagged_section(store: Store, runs: Sequence[Run]) -> list[str]:
+    lines = ["", "## Flagged edits", ""]
+    for r in runs:
+        flagged = [e for e in store.edits(r.id) if e.flagged]
+        lines.append(f"### {r.label}: {len(flagged)} flagged")
+        lines.append("")
+        if not flagged:
+            lines.append("No edit was flagged.")
+            lines.append("")
+            continue
+        lines += _table(
+            (
+                "edit",
+                "case",
+                "request",
+                "cos(k*, k(s))",
+                "denominator",
+                "‖ΔW‖",
+                "pre ES/PS/NS",
+                "post ES/PS/NS",
+                "reason",
+            ),
+            [
+                [
+                    str(e.seq),
+                    str(e.case_id if e.case_id is not None else "-"),
+                    request_text(e),
+                    _num(e.cos_kstar_ks, 2),
+                    _num(e.denominator),
+                    _num(e.update_norm),
+                    _scores((e.metrics or {}).get("pre") or {}).replace(" · ", " "),
+                    _scores(e.metrics or {}).replace(" · ", " "),
+                    ("refused; " if e.refused else "") + (e.flag_reason or ""),
+                ]
+                for e in flagged
+            ],
+        )
+        lines.append("")
+    return lines

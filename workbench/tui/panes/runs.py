@@ -1,0 +1,203 @@
+"""The Runs tab: any results database browsed. Its replay runs with their labels;
+open or overlay runs to draw every panel the plot command draws; their scores under
+the three protocols; the flagged edits and the record of the one selected. Re-read
+while another process writes the database."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from rich.table import Table
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.widgets import Button, DataTable, Static
+
+from ..replay_data import ReplaySeries
+from ..widgets.flagged_edits import FlaggedEdits
+from ..widgets.run_charts import RunCharts
+from .replay import STATUS_STYLE
+
+ShowVerb = Literal["open", "overlay"]
+
+
+class RunsPane(Horizontal):
+    """Runs, scores and flagged edits on the left; the charts on the right."""
+
+    BINDINGS = [
+        Binding(
+            "o",
+            "overlay",
+            "Overlay",
+            id="runs.overlay",
+            tooltip="Add the selected run to the charts (Enter opens it alone)",
+        ),
+        Binding(
+            "g",
+            "next_glue_task",
+            "GLUE task",
+            id="runs.glue_task",
+            tooltip="Show the next GLUE task in the GLUE chart (all tasks, sst2, mrpc, ...)",
+        ),
+    ]
+
+    class Show(Message):
+        """Open (alone) or overlay a stored run in the charts."""
+
+        def __init__(self, verb: ShowVerb, run_id: str) -> None:
+            super().__init__()
+            self.verb: ShowVerb = verb
+            self.run_id = run_id
+
+    def __init__(self) -> None:
+        super().__init__(id="runs-pane")
+        self.runs: list[Any] = []
+        self.series: list[ReplaySeries] = []
+        self.gone: set[str] = set()
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="runs-left"):
+            yield Static(Text("No database open yet.", style="dim italic"), id="runs-db")
+            table: DataTable = DataTable(id="runs-table", cursor_type="row", zebra_stripes=True)
+            table.add_columns("run", "label", "status", "edits", "⚠")
+            yield table
+            with Horizontal(classes="buttons"):
+                yield Button(
+                    "Open", id="runs-open", compact=True, tooltip="Show the selected run alone"
+                )
+                yield Button(
+                    "Overlay",
+                    id="runs-overlay",
+                    compact=True,
+                    tooltip="Add the selected run to the charts (compare runs)",
+                )
+                yield Button(
+                    "Open database…",
+                    id="runs-open-db",
+                    compact=True,
+                    action="app.open_database",
+                    tooltip="Browse another results database (Ctrl+O)",
+                )
+            yield Static("", id="runs-scores")
+            yield FlaggedEdits(id="runs-flagged")
+        yield RunCharts(id="runs-charts")
+
+    def on_mount(self) -> None:
+        self.redraw()
+
+    def action_overlay(self) -> None:
+        run_id = self.selected_run()
+        if run_id is not None:
+            self.post_message(self.Show("overlay", run_id))
+
+    def action_next_glue_task(self) -> None:
+        self.query_one(RunCharts).next_glue_task()
+
+    # ----------------------------------------------------------- the list
+    def show_database(self, path: str, note: str = "") -> None:
+        t = Text("Database ", style="dim")
+        t.append(path, style="bold")
+        models = sorted({r.model for r in self.runs})
+        t.append(f" · {len(self.runs)} replay run(s)")
+        if models:
+            t.append(f" of {', '.join(models)}")
+        if note:
+            t.append(f" · {note}", style="dim")
+        self.query_one("#runs-db", Static).update(t)
+
+    def show_runs(self, runs: Sequence[Any], gone: Sequence[str] = ()) -> None:
+        self.runs = list(runs)
+        self.gone = set(gone)
+        table = self.query_one("#runs-table", DataTable)
+        selected = self.selected_run()
+        table.clear()
+        for r in runs:
+            planned = f"/{r.n_edits_planned}" if r.n_edits_planned else ""
+            status = Text(r.status, style=STATUS_STYLE.get(r.status, ""))
+            if r.id in self.gone:
+                status = Text("writer gone", style="bold yellow")
+            table.add_row(
+                r.id[:8],
+                r.label[len(r.id) :].strip(),
+                status,
+                f"{r.n_edits}{planned}",
+                str(r.n_flagged) if r.n_flagged else "",
+                key=r.id,
+            )
+        if selected is not None and selected in {r.id for r in runs}:
+            table.move_cursor(row=table.get_row_index(selected))
+
+    def selected_run(self) -> str | None:
+        table = self.query_one("#runs-table", DataTable)
+        if table.row_count == 0:
+            return None
+        try:
+            return str(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
+        except Exception:
+            return None
+
+    def select_run(self, run_id: str) -> None:
+        table = self.query_one("#runs-table", DataTable)
+        table.move_cursor(row=table.get_row_index(run_id))
+
+    @on(Button.Pressed, "#runs-open, #runs-overlay")
+    def _show_button(self, event: Button.Pressed) -> None:
+        event.stop()
+        run_id = self.selected_run()
+        if run_id is None:
+            self.app.notify("No run selected.", severity="warning")
+            return
+        verb: ShowVerb = "overlay" if event.button.id == "runs-overlay" else "open"
+        self.post_message(self.Show(verb, run_id))
+
+    @on(DataTable.RowSelected, "#runs-table")
+    def _row_selected(self, event: DataTable.RowSelected) -> None:
+        """Enter on a run opens it alone."""
+        event.stop()
+        self.post_message(self.Show("open", str(event.row_key.value)))
+
+    # ----------------------------------------------------------- the charts
+    def show_series(self, series: ReplaySeries, overlay: bool) -> None:
+        if overlay:
+            self.series = [s for s in self.series if s.run_id != series.run_id] + [series]
+        else:
+            self.series = [series]
+        self.redraw()
+
+    def replace_series(self, fresh: Sequence[ReplaySeries]) -> None:
+        """Series read again after another process wrote their runs."""
+        by_id = {s.run_id: s for s in fresh}
+        self.series = [by_id.get(s.run_id, s) for s in self.series]
+        self.redraw()
+
+    def redraw(self) -> None:
+        self.query_one(RunCharts).show(self.series)
+        self.query_one(FlaggedEdits).show(self.series)
+        self.query_one("#runs-scores", Static).update(scores_table(self.series))
+
+
+def scores_table(series: Sequence[ReplaySeries]) -> Table | Text:
+    """ES / PS / NS / S of the runs shown, one row per run and protocol."""
+    if not series:
+        return Text("Open a run (Enter, or Open) to see its charts and scores.", style="dim")
+    t = Table(
+        title="CounterFact scores by protocol",
+        title_style="bold",
+        box=None,
+        padding=(0, 1),
+        show_edge=False,
+    )
+    for col in ("run", "protocol", "ES", "PS", "NS", "S", "hold"):
+        t.add_column(col, justify="left" if col in ("run", "protocol") else "right")
+    for s in series:
+        for p in s.protocols:
+            if not p.recorded:
+                t.add_row(s.run_id[:8], p.protocol, Text("not recorded", style="dim"))
+                continue
+            hold = f"{p.hold}/{p.n}" if p.hold is not None else ""
+            t.add_row(s.run_id[:8], p.protocol, *p.scores().split(" / "), hold)
+    return t
