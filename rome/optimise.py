@@ -36,7 +36,7 @@ from .request import EditRequest
 from .scoring import module_device, pad_id_of
 from .update import weight_out_in
 from .upper import KL_PROMPT, Rows, UpperRun, build_rows, compute_prefix
-from .vstar import VStar, frozen, resolve_autocast
+from .vstar import VStar, frozen, resolve_autocast, work_dtype
 
 StepCallback = Callable[[int, int], None]  # (step, total)
 ClampReference = str | Sequence[float]
@@ -63,7 +63,7 @@ class _AddDelta:
             return None
         h = out[0] if isinstance(out, tuple) else out
         if self.first is not None and self.first_output is None:
-            self.first_output = h[self.first[0], self.first[1]].detach().float().clone()
+            self.first_output = h[self.first[0], self.first[1]].detach().clone()
         h = h.clone()
         h[self.rows, self.cols] = h[self.rows, self.cols] + self.deltas.to(h.dtype)
         return (h, *out[1:]) if isinstance(out, tuple) else h
@@ -122,6 +122,7 @@ def _activate(
     local = {r: j for j, r in enumerate(act_rows)}
     local_req = {r: j for j, r in enumerate(requests)}
     run = UpperRun(model, hp, layer, rows, act_rows, cuts, prefix, pad)
+    work = work_dtype(model)
     rewrite = [i for i in act_rows if not rows.is_kl[i]]
     rw_local = {r: j for j, r in enumerate(rewrite)}
     entries = [e for e in rows.loss if e[0] in local]
@@ -143,11 +144,9 @@ def _activate(
         ),
         labels=t([e[2] for e in entries]),
         row_tlen=torch.tensor(
-            [rows.target_len[rows.request[i]] for i in rewrite], device=device, dtype=torch.float32
+            [rows.target_len[rows.request[i]] for i in rewrite], device=device, dtype=work
         ),
-        n_rewrite=torch.tensor(
-            [rows.n_rewrite[r] for r in requests], device=device, dtype=torch.float32
-        ),
+        n_rewrite=torch.tensor([rows.n_rewrite[r] for r in requests], device=device, dtype=work),
         n_loss=len(entries),
     )
     d_rows = t([local[i] for i in act_rows])
@@ -164,14 +163,15 @@ def _losses(
     dev = logits.device
     logp = logits[:n_loss].log_softmax(-1)
     tok_lp = logp[torch.arange(n_loss, device=dev), act.labels]
-    per_row = torch.zeros(act.row_tlen.numel(), device=dev).index_add(0, act.loss_row, tok_lp)
+    per_row = torch.zeros(act.row_tlen.numel(), device=dev, dtype=logits.dtype)
+    per_row = per_row.index_add(0, act.loss_row, tok_lp)
     nll_each = -per_row / act.row_tlen
-    zeros = torch.zeros(n_req, device=dev)
+    zeros = torch.zeros(n_req, device=dev, dtype=logits.dtype)
     nll = zeros.index_add(0, act.row_req, nll_each) / act.n_rewrite
     p_target = zeros.index_add(0, act.row_req, torch.exp(-nll_each.detach())) / act.n_rewrite
     kl_logp = logits[n_loss:].log_softmax(-1)
     kl = hp.kl_factor * F.kl_div(kl_init, kl_logp, log_target=True, reduction="none").sum(-1)
-    wrong = (logits[:n_loss].detach().argmax(-1) != act.labels).float()
+    wrong = (logits[:n_loss].detach().argmax(-1) != act.labels).to(logits.dtype)
     argmax_all = zeros.index_add(0, act.loss_req, wrong) == 0
     return nll, kl, p_target, argmax_all
 
@@ -206,10 +206,12 @@ def optimise_targets(
     if not isinstance(clamp_reference, str) and len(clamp_reference) != n:
         raise ValueError("clamp_reference: one norm per request")
     device = module_device(model, name)
+    work = work_dtype(model)
     pad = pad_id_of(tok)
     cuts = list(rows.subject) if reuse else [0] * len(rows.seqs)
     deltas = [
-        torch.zeros(_output_width(model, name), device=device, requires_grad=True) for _ in range(n)
+        torch.zeros(_output_width(model, name), device=device, dtype=work, requires_grad=True)
+        for _ in range(n)
     ]
     opts = [torch.optim.Adam([d], lr=hp.v_lr) for d in deltas]
     autocast = torch.autocast(
@@ -241,14 +243,14 @@ def optimise_targets(
                 opts[r].zero_grad()
             state.deltas = torch.stack([deltas[r] for r in active])[d_req]
             with autocast:
-                logits = act.run.logits_at(act.loss_rows, act.loss_cols).float().to(device)
+                logits = act.run.logits_at(act.loss_rows, act.loss_cols).to(device, work)
             if v_init is None:
                 assert state.first_output is not None
-                v_init = state.first_output.to(device)
+                v_init = state.first_output.to(device, work)
                 if isinstance(clamp_reference, str):
                     ref = v_init.norm(dim=-1)
                 else:
-                    ref = torch.tensor(list(clamp_reference), device=device)
+                    ref = torch.tensor(list(clamp_reference), device=device, dtype=work)
                 kl_init = logits[act.n_loss :].log_softmax(-1).detach().clone()
             assert kl_init is not None and ref is not None
             nll, kl, p_target, argmax_all = _losses(act, logits, kl_init.index_select(0, sel), hp)
@@ -257,7 +259,7 @@ def optimise_targets(
             loss = nll + kl + wd
             with torch.no_grad():
                 table = torch.stack(
-                    [loss, nll, kl, wd, p_target, argmax_all.float()], dim=1
+                    [loss, nll, kl, wd, p_target, argmax_all.to(work)], dim=1
                 ).detach()
                 for j, r in enumerate(active):
                     trace[r].append(table[j])
