@@ -22,13 +22,14 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from . import anchor
+from . import anchor, bundle
 from . import covariance as cov
 from .errors import BadRequestError, LayerOutOfRangeError, NothingToUndoError, UnsafeUpdateError
 from .hparams import MODES, EditHparams
 from .keys import average_keys, keys_at_subject
 from .methods.base import LayerUpdate, Update
 from .nethook import get_module
+from .optimise import optimise_targets
 from .paths import cache_dir as default_cache_dir
 from .paths import slug
 from .progress import Progress
@@ -157,15 +158,29 @@ class Editor:
         """Second moment for ``layer``: from the disk cache, else collected (on the
         unedited weights, whatever has been applied since) and cached."""
         path = self.stats_file(layer, corpus)
+        width = cov.expected_width(self.model, self.hp.weight_module(layer))
         if path is not None and path.is_file():
-            width = cov.expected_width(self.model, self.hp.weight_module(layer))
             return cov.load_stats(path, expected_dim=width)
+        shipped = self._bundled_stats(layer, width) if corpus is None else None
+        if shipped is not None:
+            if progress:
+                progress("statistics (shipped with the package)", 1, 1)
+            return shipped
         prog = (lambda d, t: progress("covariance", d, t)) if progress else None
         with self._all_base_weights():
             stats = self._collect_stats(layer, prog, corpus)
         if path is not None:
             cov.save_stats(path, stats)
         return stats
+
+    def _bundled_stats(self, layer: int, width: int) -> cov.SecondMoment | None:
+        """The package's statistics for this model and layer, made with this preset's
+        corpus settings (rome/bundled), else ``None``."""
+        hp = self.hp
+        settings = bundle.stats_settings(
+            hp.mom2_dataset, hp.mom2_n_samples, hp.mom2_max_len, hp.mom2_dtype, hp.template_seed
+        )
+        return bundle.load_bundled_stats(self.model_key, hp.weight_module(layer), settings, width)
 
     def _collect_stats(
         self, layer: int, prog: Callable[[int, int], None] | None, corpus: str | None
@@ -201,7 +216,11 @@ class Editor:
     def prepare(self, layer: int | None = None, progress: Progress | None = None) -> None:
         """Compute templates and the covariance factor ahead of the first edit."""
         layer = self.check_layer(self.hp.layer if layer is None else layer)
+        if progress:
+            progress("context templates", 0, 1)
         self.templates()
+        if progress:
+            progress("context templates", 1, 1)
         self.factor(layer, progress)
 
     # ----------------------------------------------------------- compute
@@ -267,7 +286,13 @@ class Editor:
         before = self._probe(req, templates)
         lap("scoring")
         step_cb = (lambda d, t: progress("v*", d, t)) if progress else None
-        vs = compute_v_star(self.model, self.tok, self.hp, req, templates, layer, step_cb, fast)
+        reuse = fast and self.hp.v_prefix_reuse
+        if reuse:
+            vs = optimise_targets(
+                self.model, self.tok, self.hp, [req], [templates], layer, on_step=step_cb
+            )[0]
+        else:
+            vs = compute_v_star(self.model, self.tok, self.hp, req, templates, layer, step_cb, fast)
         lap("v_star")
         rho = self.norm_anchor(layer, progress) if self.hp.v_norm_anchor else None
         v_target = vs.v_star if rho is None else anchor.anchored(vs.v_star, rho)
@@ -323,6 +348,8 @@ class Editor:
                 k_v=k_v.cpu(),
                 v_star=v_target.cpu(),
                 v_stop=self.hp.v_stop,
+                v_prefix_reuse=reuse,
+                v_batch=1,
                 v_autocast=resolve_autocast(self.hp.v_autocast, vs.v_star.device),
                 norm_anchor=rho,
                 v_star_norm_raw=float(vs.v_star.norm()) if rho is not None else None,

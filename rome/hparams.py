@@ -47,6 +47,9 @@ class EditHparams:
     # Norm-anchor scaling (NAS): rescale each solved v* to a reference norm measured on
     # the unedited model (see rome/anchor.py and presets/README.md).
     v_norm_anchor: bool = False
+    # Exact speed-up of the v* loop: the positions before each prompt's subject token do not
+    # depend on δ, so the blocks above the edit run them once per edit (rome/upper.py)
+    v_prefix_reuse: bool = True
     v_norm_anchor_samples: int = 20  # the first N calibration requests of rome/anchor.py
     fact_token: str = "subject_last"
     key_averaging: KeyAveraging = "uniform"

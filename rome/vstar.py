@@ -51,6 +51,16 @@ def resolve_autocast(setting: str | None, device: torch.device) -> str | None:
     return None
 
 
+def work_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype δ and the loss are kept in: float32, or float64 for a float64 model
+    (so an equality test in float64 is not limited by a float32 loss)."""
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    w = getattr(head, "weight", None)
+    return (
+        torch.float64 if isinstance(w, torch.Tensor) and w.dtype == torch.float64 else torch.float32
+    )
+
+
 @dataclass
 class VStar:
     v_star: torch.Tensor
@@ -178,7 +188,8 @@ def compute_v_star(
     ids, mask = b.ids.to(model_device(model)), b.mask.to(model_device(model))
     width = nethook.get_module(model, module)
     d_out = _out_features(width)
-    delta = torch.zeros(d_out, device=device, dtype=torch.float32, requires_grad=True)
+    work = work_dtype(model)
+    delta = torch.zeros(d_out, device=device, dtype=work, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
     edit = nethook.OutputEdit(b.lookup_rows, b.lookup_cols, delta)
     kl_row = torch.tensor([b.n_rewrite], device=device)
@@ -202,16 +213,17 @@ def compute_v_star(
             opt.zero_grad()
             with autocast:
                 if upper is not None:
-                    logits = upper.logits_at(rows, cols).float().to(device)
+                    logits = upper.logits_at(rows, cols).to(device, work)
                 else:
                     full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                    logits = full.float()[rows.to(full.device), cols.to(full.device)].to(device)
+                    logits = full.to(work)[rows.to(full.device), cols.to(full.device)].to(device)
             if v_init is None:
                 assert edit.first_output is not None
-                v_init = edit.first_output.float()
+                v_init = edit.first_output.to(work)
             logp = logits[:n_loss].log_softmax(-1)
             tok_lp = logp[torch.arange(n_loss, device=device), b.loss_labels]
-            per_prompt = torch.zeros(b.n_rewrite, device=device).index_add(0, b.loss_rows, tok_lp)
+            per_prompt = torch.zeros(b.n_rewrite, device=device, dtype=work)
+            per_prompt = per_prompt.index_add(0, b.loss_rows, tok_lp)
             nll_each = -per_prompt / b.target_len
             nll = nll_each.mean()
             kl_logp = logits[n_loss:].log_softmax(-1)

@@ -1,0 +1,149 @@
+"""The v* loop on the same model, templates and requests: the published per-request structure,
+today's fast path, prefix reuse, and prefix reuse with many requests in one optimisation.
+
+  published: ``compute_v_star(fast=False)``: the whole model at every step, logits at
+             every position, parameters requiring grad (the published code's structure);
+  fast:      ``compute_v_star``: blocks from the edited layer up, logits only where read;
+  reuse:     ``optimise_targets``, one request: blocks from the edited layer up over the
+             positions from the subject's last token on (the prefix computed once);
+  batch B:   ``optimise_targets`` over B requests at once, with prefix reuse.
+
+Printed per path: v* seconds per request, request-steps per second, tokens the upper
+blocks run per request-step, the speed-up over the previous path and over the
+published one, and the largest relative δ disagreement with the published path (on
+the requests it ran) and with the fast path. ``--edit`` also times a whole ROME edit
+(``Editor.compute``) with everything on against the published structure.
+
+    OMP_NUM_THREADS=2 python benchmarks/optimise.py --n 16 --n-published 2 --batches 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+
+import torch
+
+from evals.counterfact import load_counterfact
+from rome import Editor, load_model
+from rome.optimise import optimise_targets
+from rome.request import EditRequest
+from rome.upper import build_rows
+from rome.vstar import VStar, compute_v_star
+
+
+def tokens_per_step(tok, reqs: Sequence[EditRequest], templates: list[str], reuse: bool) -> float:
+    """Tokens the upper blocks run per request-step (padding included) for one batch."""
+    rows = build_rows(tok, reqs, [templates] * len(reqs))
+    lens = [len(s) - (c if reuse else 0) for s, c in zip(rows.seqs, rows.subject, strict=True)]
+    return len(lens) * max(lens) / len(reqs)
+
+
+def run_path(lm, hp, reqs, templates, path: str, batch: int = 1) -> tuple[float, list[VStar]]:
+    t0 = time.perf_counter()
+    out: list[VStar] = []
+    if path in ("published", "fast"):
+        for r in reqs:
+            out.append(
+                compute_v_star(
+                    lm.model, lm.tokenizer, hp, r, templates, hp.layer, fast=path == "fast"
+                )
+            )
+    else:
+        for i in range(0, len(reqs), batch):
+            chunk = reqs[i : i + batch]
+            out += optimise_targets(
+                lm.model, lm.tokenizer, hp, chunk, [templates] * len(chunk), hp.layer
+            )
+    return time.perf_counter() - t0, out
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--n", type=int, default=16, help="requests for fast / reuse / batches")
+    ap.add_argument("--n-published", type=int, default=2, help="requests for the published path")
+    ap.add_argument("--batches", default="16", help="comma-separated batch sizes (e.g. 16,100)")
+    ap.add_argument("--edit", action="store_true", help="also time whole edits (Editor.compute)")
+    args = ap.parse_args()
+
+    lm = load_model(args.model, device="cpu")
+    hp = lm.hparams
+    ed = Editor(lm.model, lm.tokenizer, hp)
+    templates = ed.templates()
+    reqs = [r.to_request() for r in load_counterfact("sample", limit=args.n).records]
+    batches = [int(b) for b in args.batches.split(",") if b]
+    print(
+        f"model {lm.name} ({lm.dtype}), layer {hp.layer}, {len(templates)} templates, "
+        f"{len(reqs)} requests, {hp.v_num_grad_steps} steps max, "
+        f"{torch.get_num_threads()} thread(s)"
+    )
+    run_path(lm, hp, reqs[:1], templates[:3], "reuse")  # warm-up
+
+    paths: list[tuple[str, str, int, list[EditRequest]]] = [
+        ("published", "published", 1, reqs[: args.n_published]),
+        ("fast", "fast", 1, reqs),
+        ("reuse", "reuse", 1, reqs),
+    ] + [(f"reuse+batch {b}", "reuse", b, reqs) for b in batches]
+    results: dict[str, tuple[float, list[VStar], int]] = {}
+    for label, path, batch, rs in paths:
+        secs, out = run_path(lm, hp, rs, templates, path, batch)
+        results[label] = (secs, out, len(rs))
+
+    pub = results["published"][1]
+    fast = results["fast"][1]
+    print(
+        f"\n{'path':16s}{'requests':>9s}{'s/request':>11s}{'steps/s':>9s}{'tokens/step':>12s}"
+        f"{'vs prev':>9s}{'vs publ.':>9s}{'max dδ publ.':>14s}{'max dδ fast':>13s}{'steps eq':>9s}"
+    )
+    prev = None
+    for label, path, batch, rs in paths:
+        secs, out, n = results[label]
+        per = secs / n
+        steps = sum(v.steps for v in out)
+        tps = (
+            sum(
+                tokens_per_step(lm.tokenizer, rs[i : i + batch], templates, path == "reuse")
+                * len(rs[i : i + batch])
+                for i in range(0, n, batch)
+            )
+            / n
+        )
+        d_pub = max(rel(a.delta, b.delta) for a, b in zip(out, pub, strict=False))
+        d_fast = max(rel(a.delta, b.delta) for a, b in zip(out, fast, strict=False))
+        same = sum(a.steps == b.steps for a, b in zip(out, fast, strict=False))
+        pub_per = results["published"][0] / results["published"][2]
+        ratio = f"{prev / per:8.2f}x" if prev else f"{'':9s}"
+        print(
+            f"{label:16s}{n:9d}{per:11.2f}{steps / secs:9.2f}{tps:12.0f}{ratio}"
+            f"{pub_per / per:8.2f}x{d_pub:14.1e}{d_fast:13.1e}{same:>5d}/{min(n, len(fast))}"
+        )
+        prev = per
+    if args.edit:
+        edit_times(lm, reqs[: args.n_published])
+
+
+def edit_times(lm, reqs: list[EditRequest]) -> None:
+    """A whole ROME edit (keys, v*, update, scoring) with everything on vs the published
+    structure, on the same requests; templates and covariance prepared beforehand."""
+    ed = Editor(lm.model, lm.tokenizer, lm.hparams)
+    ed.prepare()
+    out = {}
+    for fast in (False, True):
+        t0 = time.perf_counter()
+        for r in reqs:
+            ed.compute(r, fast=fast)
+        out[fast] = (time.perf_counter() - t0) / len(reqs)
+    print(
+        f"\nwhole edit (Editor.compute, rrome): published structure {out[False]:.2f} s, "
+        f"fast + prefix reuse {out[True]:.2f} s: {out[False] / out[True]:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()

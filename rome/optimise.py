@@ -1,0 +1,307 @@
+"""Target vectors (ROME's v*, the z of MEMIT / EMMET / AlphaEdit) for many requests at once.
+
+A vector ``δ_r`` per request is added to the output of one module (ROME: the
+MLP down-projection; the family: the whole decoder block) at the subject's
+last token of each of its rows, and all requests are optimised together:
+one forward and one backward per step over the rows of the requests still
+running. Each request keeps exactly its own trajectory: its own Adam state
+(one optimiser per request), loss normalisation (its target length and
+template count), KL row, clamp and weight-decay reference norm, and stopping
+rule. A request that stops leaves the batch; its ``δ`` is never touched
+again. The loss of request ``r`` depends on ``δ_r`` only (rows do not
+interact), so the summed loss's gradient for ``δ_r`` is that of its own loss.
+
+With ``prefix_reuse`` the positions before each row's subject token are run
+once per optimisation (see :mod:`rome.upper`); each step runs the blocks
+from the edited layer up over the remaining positions only. Both levers are
+exact: the result equals one request at a time over whole sequences to
+float error (tests/test_vstar_fast.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import PreTrainedTokenizerBase
+
+from . import nethook
+from .batching import pad_id_of
+from .devices import module_device
+from .hparams import EditHparams
+from .request import EditRequest
+from .update import weight_out_in
+from .upper import KL_PROMPT, Rows, UpperRun, build_rows, compute_prefix
+from .vstar import VStar, frozen, resolve_autocast, work_dtype
+
+StepCallback = Callable[[int, int], None]  # (step, total)
+ClampReference = str | Sequence[float]
+
+_TRACE_KEYS = ("loss", "nll", "kl", "weight_decay", "p_target", "argmax_all")
+
+
+class _AddDelta:
+    """Forward hook state: ``δ`` of each row's request added at its subject token.
+
+    Handles a module returning a tensor (an MLP projection; a decoder block
+    under transformers 5) or a tuple whose first item is the hidden states.
+    """
+
+    def __init__(self) -> None:
+        self.rows = torch.zeros(0, dtype=torch.long)
+        self.cols = torch.zeros(0, dtype=torch.long)
+        self.deltas: torch.Tensor | None = None  # (rows, d): each row's request's δ
+        self.first: tuple[torch.Tensor, torch.Tensor] | None = None  # where v_init is read
+        self.first_output: torch.Tensor | None = None
+
+    def __call__(self, _mod: nn.Module, _args: tuple[Any, ...], out: Any) -> Any:
+        if self.deltas is None:
+            return None
+        h = out[0] if isinstance(out, tuple) else out
+        if self.first is not None and self.first_output is None:
+            self.first_output = h[self.first[0], self.first[1]].detach().clone()
+        h = h.clone()
+        h[self.rows, self.cols] = h[self.rows, self.cols] + self.deltas.to(h.dtype)
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+
+@contextlib.contextmanager
+def _hooked(model: nn.Module, name: str, state: _AddDelta) -> Iterator[None]:
+    handle = nethook.get_module(model, name).register_forward_hook(state)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _output_width(model: nn.Module, name: str) -> int:
+    """Width of the hooked module's output: a projection's out-features, else the hidden size."""
+    module = nethook.get_module(model, name)
+    if isinstance(getattr(module, "weight", None), torch.Tensor):
+        return int(weight_out_in(module).shape[0])
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    return int(head.weight.shape[1])
+
+
+@dataclass
+class _Active:
+    """The rows and loss entries of the requests still running, as device tensors."""
+
+    requests: list[int]
+    rows: list[int]
+    run: UpperRun
+    row_req: torch.Tensor  # local request index of each rewrite row
+    loss_row: torch.Tensor  # local rewrite-row index of each loss entry
+    loss_req: torch.Tensor
+    loss_rows: torch.Tensor  # local batch row / column of each loss entry, then each KL row
+    loss_cols: torch.Tensor
+    labels: torch.Tensor
+    row_tlen: torch.Tensor  # target length of each rewrite row
+    n_rewrite: torch.Tensor  # per local request
+    n_loss: int
+
+
+def _activate(
+    model: nn.Module,
+    hp: EditHparams,
+    layer: int,
+    rows: Rows,
+    requests: list[int],
+    cuts: list[int],
+    prefix: Any,
+    pad: int,
+    device: torch.device,
+) -> tuple[_Active, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch of the requests in ``requests``; also (rows, cols, row→request) for δ."""
+    keep = set(requests)
+    act_rows = [i for i in range(len(rows.seqs)) if rows.request[i] in keep]
+    local = {r: j for j, r in enumerate(act_rows)}
+    local_req = {r: j for j, r in enumerate(requests)}
+    run = UpperRun(model, hp, layer, rows, act_rows, cuts, prefix, pad)
+    work = work_dtype(model)
+    rewrite = [i for i in act_rows if not rows.is_kl[i]]
+    rw_local = {r: j for j, r in enumerate(rewrite)}
+    entries = [e for e in rows.loss if e[0] in local]
+    kl_rows = [i for i in act_rows if rows.is_kl[i]]
+
+    def t(x: list[int]) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.long, device=device)
+
+    act = _Active(
+        requests=requests,
+        rows=act_rows,
+        run=run,
+        row_req=t([local_req[rows.request[i]] for i in rewrite]),
+        loss_row=t([rw_local[e[0]] for e in entries]),
+        loss_req=t([local_req[rows.request[e[0]]] for e in entries]),
+        loss_rows=t([local[e[0]] for e in entries] + [local[i] for i in kl_rows]),
+        loss_cols=t(
+            [e[1] - cuts[e[0]] for e in entries] + [rows.subject[i] - cuts[i] for i in kl_rows]
+        ),
+        labels=t([e[2] for e in entries]),
+        row_tlen=torch.tensor(
+            [rows.target_len[rows.request[i]] for i in rewrite], device=device, dtype=work
+        ),
+        n_rewrite=torch.tensor([rows.n_rewrite[r] for r in requests], device=device, dtype=work),
+        n_loss=len(entries),
+    )
+    d_rows = t([local[i] for i in act_rows])
+    d_cols = t([rows.subject[i] - cuts[i] for i in act_rows])
+    d_req = t([local_req[rows.request[i]] for i in act_rows])
+    return act, d_rows, d_cols, d_req
+
+
+def _losses(
+    act: _Active, logits: torch.Tensor, kl_init: torch.Tensor, hp: EditHparams
+) -> tuple[torch.Tensor, ...]:
+    """Per request (local order): nll, kl, p_target, argmax_all, as ``compute_v_star`` has them."""
+    n_req, n_loss = len(act.requests), act.n_loss
+    dev = logits.device
+    logp = logits[:n_loss].log_softmax(-1)
+    tok_lp = logp[torch.arange(n_loss, device=dev), act.labels]
+    per_row = torch.zeros(act.row_tlen.numel(), device=dev, dtype=logits.dtype)
+    per_row = per_row.index_add(0, act.loss_row, tok_lp)
+    nll_each = -per_row / act.row_tlen
+    zeros = torch.zeros(n_req, device=dev, dtype=logits.dtype)
+    nll = zeros.index_add(0, act.row_req, nll_each) / act.n_rewrite
+    p_target = zeros.index_add(0, act.row_req, torch.exp(-nll_each.detach())) / act.n_rewrite
+    kl_logp = logits[n_loss:].log_softmax(-1)
+    kl = hp.kl_factor * F.kl_div(kl_init, kl_logp, log_target=True, reduction="none").sum(-1)
+    wrong = (logits[:n_loss].detach().argmax(-1) != act.labels).to(logits.dtype)
+    argmax_all = zeros.index_add(0, act.loss_req, wrong) == 0
+    return nll, kl, p_target, argmax_all
+
+
+def optimise_targets(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    hp: EditHparams,
+    requests: Sequence[EditRequest],
+    templates_per_request: Sequence[Sequence[str]],
+    layer: int,
+    hook_module_name: str | None = None,
+    clamp_reference: ClampReference = "init",
+    prefix_reuse: bool | None = None,
+    on_step: StepCallback | None = None,
+    kl_prompt: str = KL_PROMPT,
+) -> list[VStar]:
+    """Optimise one ``δ`` per request together; returns each request's :class:`VStar`.
+
+    ``hook_module_name``: where ``δ`` is added (default ROME's
+    ``hp.weight_module(layer)``; the family passes ``f"{hp.layers_module}.{layer}"``).
+    ``clamp_reference``: ``"init"`` (each request's ‖v_init‖, the hooked module's
+    output at the subject of its first row, which must be the bare ``"{}"``) or
+    one norm per request; it sets both the clamp radius and the weight-decay
+    normalisation. ``prefix_reuse`` defaults to ``hp.v_prefix_reuse``.
+    (Over 60 lines: one loop whose steps must stay in the reference order.)
+    """
+    name = hook_module_name or hp.weight_module(layer)
+    reuse = hp.v_prefix_reuse if prefix_reuse is None else prefix_reuse
+    rows = build_rows(tok, requests, templates_per_request, kl_prompt)
+    n = rows.n_requests
+    if not isinstance(clamp_reference, str) and len(clamp_reference) != n:
+        raise ValueError("clamp_reference: one norm per request")
+    device = module_device(model, name)
+    work = work_dtype(model)
+    pad = pad_id_of(tok)
+    cuts = list(rows.subject) if reuse else [0] * len(rows.seqs)
+    deltas = [
+        torch.zeros(_output_width(model, name), device=device, dtype=work, requires_grad=True)
+        for _ in range(n)
+    ]
+    opts = [torch.optim.Adam([d], lr=hp.v_lr) for d in deltas]
+    autocast = torch.autocast(
+        device_type=device.type,
+        dtype=torch.bfloat16,
+        enabled=resolve_autocast(hp.v_autocast, device) == "bf16",
+    )
+    state = _AddDelta()
+    trace: list[list[torch.Tensor]] = [[] for _ in range(n)]
+    active = list(range(n))
+    act: _Active | None = None
+    kl_init = v_init = ref = None
+    mpes = hp.v_stop == "most_probable"
+    with frozen(model), contextlib.ExitStack() as stack:
+        prefix = compute_prefix(model, rows, cuts, pad)
+        stack.enter_context(_hooked(model, name, state))
+        for step in range(hp.v_num_grad_steps):
+            if act is None or act.requests != active:
+                state.deltas = None  # the capture pass stops below the hooked module
+                act, d_rows, d_cols, d_req = _activate(
+                    model, hp, layer, rows, active, cuts, prefix, pad, device
+                )
+                state.rows, state.cols = d_rows, d_cols
+            if v_init is None:
+                firsts = [act.rows.index(rows.first_row[r]) for r in range(n)]
+                state.first = (d_rows[firsts], d_cols[firsts])
+            sel = torch.tensor(active, device=device)
+            for r in active:
+                opts[r].zero_grad()
+            state.deltas = torch.stack([deltas[r] for r in active])[d_req]
+            with autocast:
+                logits = act.run.logits_at(act.loss_rows, act.loss_cols).to(device, work)
+            if v_init is None:
+                assert state.first_output is not None
+                v_init = state.first_output.to(device, work)
+                if isinstance(clamp_reference, str):
+                    ref = v_init.norm(dim=-1)
+                else:
+                    ref = torch.tensor(list(clamp_reference), device=device, dtype=work)
+                kl_init = logits[act.n_loss :].log_softmax(-1).detach().clone()
+            assert kl_init is not None and ref is not None
+            nll, kl, p_target, argmax_all = _losses(act, logits, kl_init.index_select(0, sel), hp)
+            d_norm = torch.stack([deltas[r].norm() for r in active])
+            wd = hp.v_weight_decay * (d_norm / ref.index_select(0, sel) ** 2)
+            loss = nll + kl + wd
+            with torch.no_grad():
+                table = torch.stack(
+                    [loss, nll, kl, wd, p_target, argmax_all.to(work)], dim=1
+                ).detach()
+                for j, r in enumerate(active):
+                    trace[r].append(table[j])
+            if on_step is not None:
+                on_step(step + 1, hp.v_num_grad_steps)
+            if step == hp.v_num_grad_steps - 1:
+                break
+            # The one host sync per step: the stopping rule needs it.
+            stop = loss.detach() < hp.v_early_stop_loss
+            if mpes:
+                stop = stop | argmax_all
+            go = [j for j, s in enumerate(stop.tolist()) if not s]
+            if not go:
+                break
+            loss[go].sum().backward()
+            with torch.no_grad():
+                for j in go:
+                    r = active[j]
+                    opts[r].step()
+                    # the ball of radius clamp_norm_factor·reference; a factor of exactly 1
+                    # leaves δ bit for bit as it was
+                    max_norm = hp.clamp_norm_factor * ref[r]
+                    dn = deltas[r].norm()
+                    deltas[r].mul_(torch.where(dn > max_norm, max_norm / dn, torch.ones_like(dn)))
+            active = [active[j] for j in go]
+        state.deltas = None
+    assert v_init is not None
+    out = []
+    for r in range(n):
+        d = deltas[r].detach()
+        tr = _trace_rows(trace[r])
+        out.append(VStar(v_star=v_init[r] + d, v_init=v_init[r], delta=d, trace=tr, steps=len(tr)))
+    return out
+
+
+def _trace_rows(steps: list[torch.Tensor]) -> list[dict[str, float]]:
+    """The per-step figures of one request, copied to the host once."""
+    if not steps:
+        return []
+    table = torch.stack(steps).double().cpu().tolist()
+    return [
+        {"step": float(i), **dict(zip(_TRACE_KEYS, row, strict=True))}
+        for i, row in enumerate(table)
+    ]
