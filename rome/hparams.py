@@ -18,6 +18,8 @@ V_STOPS = ("loss", "most_probable")
 MODES = ("original", "rrome", "prompt")
 #: where a key is read: the subject's last token (the only position implemented)
 FACT_TOKENS = ("subject_last",)
+SUBJECT_INDEX = ("joined", "separate")
+FAMILY_METHODS = ("rome", "memit", "emmet", "alphaedit")
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,22 @@ class EditHparams:
     mom2_ridge: float = 1e-6
     max_update_ratio: float = 10.0
     default_mode: str = "rrome"
+    # --- the MEMIT / EMMET / AlphaEdit family (FAMILY.md); ROME reads none of these
+    method: str = "rome"  # the method the preset is tuned for
+    layers: list[int] | None = None  # the family's edited layers (ascending); None: [layer]
+    mom2_update_weight: float = 15000.0  # MEMIT's λ, EMMET's w
+    emmet_lambda: float = 0.1  # EMMET's μ (added to D only when n > 1)
+    update_norm_lambda: float = 0.0  # ν·I added to λC₀ (EMMET's; ENCORE's norm constraint)
+    nullspace_threshold: float = 0.02  # AlphaEdit: keep singular values of C₀ below this
+    alphaedit_l2: float = 10.0  # AlphaEdit's L2
+    memit_accumulate: bool = False  # MEMIT_seq: add the accumulated K Kᵀ of applied edits
+    subject_index: str = "joined"  # "joined" (AlphaEdit, EMMET) or "separate" (kmeng01/memit)
+    family_template_words: list[str] = field(
+        default_factory=lambda: ["The", "Therefore", "Because", "I", "You"]
+    )
+    family_template_length: int = 10  # tokens per prefix, start word included
+    family_template_top_k: int = 5
+    family_context_templates: list[str] | None = None  # explicit: "{}" + the prefixed ones
     aliases: list[str] = field(default_factory=list)
     extends: str | None = None  # a variant: the preset whose fields it starts from
     notes: str = ""
@@ -107,7 +125,40 @@ class EditHparams:
         if self.default_mode not in MODES:
             raise BadRequestError(f"default_mode must be one of {MODES}")
         _check_module_templates(self)
+        self._validate_family()
         return self
+
+    def _validate_family(self) -> None:
+        if self.method not in FAMILY_METHODS:
+            raise BadRequestError(
+                f"method must be one of {', '.join(FAMILY_METHODS)}, not {self.method!r}"
+            )
+        if self.layers is not None:
+            if not self.layers or list(self.layers) != sorted(set(self.layers)):
+                raise BadRequestError(
+                    f"layers must be a non-empty ascending list without repeats, not {self.layers}"
+                )
+            if min(self.layers) < 0:
+                raise BadRequestError(f"layers must be non-negative, not {self.layers}")
+        if self.subject_index not in SUBJECT_INDEX:
+            raise BadRequestError(
+                f"subject_index must be one of {', '.join(SUBJECT_INDEX)}, "
+                f"not {self.subject_index!r}"
+            )
+        for name in ("mom2_update_weight", "nullspace_threshold"):
+            if not getattr(self, name) > 0:
+                raise BadRequestError(f"{name} must be positive, not {getattr(self, name)}")
+        for name in ("emmet_lambda", "update_norm_lambda", "alphaedit_l2"):
+            if getattr(self, name) < 0:
+                raise BadRequestError(f"{name} must be >= 0, not {getattr(self, name)}")
+        if not self.family_template_words:
+            raise BadRequestError("family_template_words must name at least one start word")
+        if self.family_template_length < 1 or self.family_template_top_k < 1:
+            raise BadRequestError("family_template_length and family_template_top_k must be >= 1")
+
+    def edited_layers(self) -> list[int]:
+        """The family's edited layers: ``layers``, else the single ROME ``layer``."""
+        return list(self.layers) if self.layers is not None else [self.layer]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EditHparams:

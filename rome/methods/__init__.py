@@ -25,3 +25,6 @@ def get_method(name: str) -> Method:
 
 
 __all__ = ["METHODS", "LayerUpdate", "Method", "Update", "get_method", "register", "update_of"]
+
+# The family registers itself on import (after METHODS and register exist).
+from . import alphaedit, emmet, memit  # noqa: E402, F401

@@ -1,0 +1,189 @@
+"""z: the output of block ℓₘ (the last edited layer) the subject should produce.
+
+The reference, one request at a time, the whole model run at every step (a
+batched optimiser may replace it; it must give the same z). For each request:
+6 rewriting prompts (template ∘ prompt, then the target's tokens but its last)
+and the KL prompt ``"{} is a"``, right-padded; δ (float32, zeros) is added to
+the **block's output** (the residual stream) at the subject's last token of
+all 7 rows. Loss: the target's mean per-token NLL from final-norm(h of the loss
+layer) · LM head, averaged over the 6 rows; ``kl_factor`` · KL(current ‖
+initial) at the KL row; ``v_weight_decay`` · ‖δ‖ / ‖target_init‖². The loss is
+checked against ``v_early_stop_loss`` before the backward pass (so ``steps``
+forwards make at most ``steps − 1`` Adam updates); with ``v_stop =
+"most_probable"`` (ENCORE's MPES) the loop also stops once every target token is
+the argmax in every rewriting prompt. After each step δ is projected onto the
+ball of radius ``clamp_norm_factor`` · ‖target_init‖. z = target_init + δ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ... import nethook
+from ...batching import pad_id_of, pad_right, target_ids
+from ...devices import module_device
+from ...hparams import EditHparams
+from ...request import EditRequest
+from ...vstar import KL_PROMPT, frozen
+from .reprs import locate
+
+
+@dataclass
+class ZResult:
+    """One z per request (rows), with what the optimisation did."""
+
+    z: torch.Tensor  # (n, d) float32
+    target_init: torch.Tensor  # (n, d) float32
+    steps: list[int]  # forwards per request
+    traces: list[list[dict[str, float]]] = field(default_factory=list)
+
+
+def _hidden_width(model: nn.Module) -> int:
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    return int(head.weight.shape[1])
+
+
+def compute_zs(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    templates: Sequence[str],
+    layer: int,
+    block_name: str,
+    hp: EditHparams,
+    on_request: Callable[[int, int], None] | None = None,
+) -> ZResult:
+    """z for each request at block ``layer`` (module ``block_name``), model unchanged.
+
+    ``hp`` gives the loss and stopping settings (``v_*``, ``kl_factor``,
+    ``clamp_norm_factor``, ``v_loss_layer``, ``final_norm_module``,
+    ``layers_module``, ``subject_index``).
+    """
+    zs, inits, steps, traces = [], [], [], []
+    for j, req in enumerate(requests):
+        z, init, trace = compute_z(model, tok, req, templates, layer, block_name, hp)
+        zs.append(z)
+        inits.append(init)
+        steps.append(len(trace))
+        traces.append(trace)
+        if on_request is not None:
+            on_request(j + 1, len(requests))
+    return ZResult(torch.stack(zs), torch.stack(inits), steps, traces)
+
+
+def _loss_layer(model: nn.Module, hp: EditHparams, layer: int) -> int:
+    n_layers = len(nethook.get_module(model, hp.layers_module))  # type: ignore[arg-type]
+    loss_layer = n_layers - 1 if hp.v_loss_layer is None else min(hp.v_loss_layer, n_layers - 1)
+    return max(loss_layer, layer)
+
+
+def compute_z(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    req: EditRequest,
+    templates: Sequence[str],
+    layer: int,
+    block_name: str,
+    hp: EditHparams,
+) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, float]]]:
+    """(z, target_init, per-step trace) for one request. See the module docstring."""
+    device = module_device(model, block_name)
+    tgt = target_ids(tok, req.target_new)
+    seqs, idxs, loss_rows, loss_cols, labels = [], [], [], [], []
+    for i, t in enumerate(templates):
+        loc = locate(tok, t.format(req.prompt), req.subject, hp.subject_index)
+        seqs.append(loc.ids + tgt[:-1])
+        idxs.append(loc.index)
+        for j, tid in enumerate(tgt):
+            loss_rows.append(i)
+            loss_cols.append(len(loc.ids) - 1 + j)
+            labels.append(tid)
+    kl = locate(tok, KL_PROMPT, req.subject, hp.subject_index)
+    seqs.append(kl.ids)
+    idxs.append(kl.index)
+    ids, mask = pad_right(seqs, pad_id_of(tok), next(model.parameters()).device)
+
+    def long(x: list[int]) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.long, device=device)
+
+    rows, cols = long(list(range(len(seqs)))), long(idxs)
+    l_rows, l_cols, l_labels = long(loss_rows), long(loss_cols), long(labels)
+    n_rw, n_tgt = len(templates), len(tgt)
+    loss_block = f"{hp.layers_module}.{_loss_layer(model, hp, layer)}"
+    norm = nethook.get_module(model, hp.final_norm_module)
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    trunk: Any = model.base_model
+
+    delta = torch.zeros(_hidden_width(model), device=device, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hp.v_lr)
+    state: dict[str, Any] = {"init": None}
+
+    def add_delta(_mod: nn.Module, _args: Any, out: Any) -> Any:
+        h = out[0] if isinstance(out, tuple) else out
+        if state["init"] is None:  # the block output of the bare "{}" row, before δ
+            state["init"] = h[0, idxs[0]].detach().float().clone()
+        h = h.clone()
+        h[rows, cols] = h[rows, cols] + delta.to(h.dtype)
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    trace: list[dict[str, float]] = []
+    kl_init: torch.Tensor | None = None
+    handle = nethook.get_module(model, block_name).register_forward_hook(add_delta)
+    try:
+        with frozen(model):
+            for step in range(hp.v_num_grad_steps):
+                opt.zero_grad()
+                with nethook.capture(model, loss_block, detach=False) as rec:
+                    last = trunk(input_ids=ids, attention_mask=mask, use_cache=False)
+                assert rec.output is not None
+                h_loss = rec.output[l_rows, l_cols]
+                logp = head(norm(h_loss)).float().log_softmax(-1)
+                tok_lp = logp[torch.arange(len(labels), device=device), l_labels]
+                per_row = torch.zeros(n_rw, device=device).index_add(0, l_rows, tok_lp)
+                nll_each = -per_row / n_tgt
+                nll = nll_each.mean()
+                h_kl = last.last_hidden_state[rows[n_rw:], cols[n_rw:]]
+                kl_logp = head(h_kl).float().log_softmax(-1)
+                if kl_init is None:
+                    kl_init = kl_logp.detach().clone()
+                kl_loss = hp.kl_factor * torch.nn.functional.kl_div(
+                    kl_init, kl_logp, log_target=True, reduction="batchmean"
+                )
+                init = state["init"]
+                wd = hp.v_weight_decay * (delta.norm() / init.norm() ** 2)
+                loss = nll + kl_loss + wd
+                lv = float(loss.detach())
+                argmax_all = bool((logp.detach().argmax(-1) == l_labels).all())
+                trace.append(
+                    {
+                        "step": float(step),
+                        "loss": lv,
+                        "nll": float(nll.detach()),
+                        "kl": float(kl_loss.detach()),
+                        "weight_decay": float(wd.detach()),
+                        "p_target": float(torch.exp(-nll_each.detach()).mean()),
+                        "argmax_all": float(argmax_all),
+                    }
+                )
+                if lv < hp.v_early_stop_loss:
+                    break
+                if hp.v_stop == "most_probable" and argmax_all:
+                    break
+                if step == hp.v_num_grad_steps - 1:
+                    break
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    max_norm = hp.clamp_norm_factor * init.norm()
+                    if delta.norm() > max_norm:
+                        delta.mul_(max_norm / delta.norm())
+    finally:
+        handle.remove()
+    init = state["init"]
+    return init + delta.detach(), init, trace

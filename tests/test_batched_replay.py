@@ -1,0 +1,70 @@
+"""Batched replays (MEMIT, EMMET, AlphaEdit in steps of B requests): stored whole, killed
+and resumed onto weights equal to an uninterrupted run's, the method's state rebuilt."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from evals.replay import EditDone, ReplayConfig, ReplayFinished, replay
+from rome import Editor, load_model, load_preset
+from workbench.store import Store
+
+CFG = dict(
+    n_edits=6, glue_every=4, glue_tasks=("sst2",), glue_limit=4, fluency_tokens=8,
+    batch_size=2, retention_size=2, perplexity=False,
+)  # fmt: skip
+
+
+def weights(lm, layers):
+    ed = Editor(lm.model, lm.tokenizer, lm.hparams, keep_undo=False)
+    return {x: ed.module(x).weight.detach().clone() for x in layers}
+
+
+def straight(tmp_path, method):
+    lm = load_model("tiny-gpt2")
+    hp = load_preset("tiny-gpt2-family")
+    with Store.open(tmp_path / "straight.db") as store:
+        events = list(replay(lm, store, ReplayConfig(method=method, **CFG), hparams=hp))
+        assert isinstance(events[-1], ReplayFinished) and events[-1].status == "finished"
+        return weights(lm, hp.layers), store.edits(events[-1].run_id)
+
+
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_batched_replay_resumes_onto_the_same_weights(tmp_path, method):
+    want, want_edits = straight(tmp_path, method)
+    assert [e.step for e in want_edits] == [0, 0, 2, 2, 4, 4]
+    assert {e.method for e in want_edits} == {method}
+    lm = load_model("tiny-gpt2")
+    hp = load_preset("tiny-gpt2-family")
+    cancel = threading.Event()
+    with Store.open(tmp_path / "cut.db") as store:
+        run_id = None
+        for ev in replay(lm, store, ReplayConfig(method=method, **CFG), hparams=hp, cancel=cancel):
+            if isinstance(ev, EditDone) and ev.seq == 1:
+                cancel.set()  # stops before the second step
+            if isinstance(ev, ReplayFinished):
+                run_id = ev.run_id
+                assert ev.status == "cancelled"
+        assert run_id is not None and len(store.edits(run_id)) == 2
+        steps = list(store.iter_steps(run_id))
+        assert len(steps) == 1 and [x.layer for x in steps[0].layers] == hp.layers
+        if method == "alphaedit":  # the keys its carried K Kᵀ is rebuilt from
+            assert all(x.keys is not None and x.keys.shape[1] == 2 for x in steps[0].layers)
+        fresh = load_model("tiny-gpt2")  # a new process: base weights, nothing carried
+        events = list(replay(fresh, store, resume=run_id))
+        assert isinstance(events[-1], ReplayFinished) and events[-1].status == "finished"
+        got = weights(fresh, hp.layers)
+        for layer in hp.layers:
+            assert torch.equal(got[layer], want[layer]), f"layer {layer} differs after resume"
+        edits = store.edits(run_id)
+        assert [e.fingerprint for e in edits] == [e.fingerprint for e in want_edits]
+
+
+def test_batch_size_one_request_steps_for_rome_only(tmp_path):
+    lm = load_model("tiny-gpt2")
+    with Store.open(tmp_path / "r.db") as store:
+        with pytest.raises(Exception, match="one request at a time"):
+            list(replay(lm, store, ReplayConfig(method="rome", batch_size=2, n_edits=2)))
