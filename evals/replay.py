@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from rome import Editor, LoadedModel, RomeError
 from rome.errors import BadRequestError
-from rome.hparams import EditHparams
+from rome.hparams import EditHparams, method_preset
 from rome.methods import LayerUpdate, Update, get_method
 
 from .batches import batch_step
@@ -523,7 +523,7 @@ def replay(
     elif cfg is None:
         raise BadRequestError("replay needs a ReplayConfig or a run id to resume")
     else:
-        hp = hparams or lm.hparams
+        hp = hparams or method_preset(lm.hparams, cfg.method)
         ed = _editor_for(lm, hp, cfg)
     loaded = load_counterfact(cfg.dataset, limit=extend_to or cfg.n_edits, tokenizer=lm.tokenizer)
     records = loaded.records

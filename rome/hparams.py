@@ -347,6 +347,22 @@ def find_preset(name: str) -> EditHparams | None:
     return None
 
 
+def method_preset(hp: EditHparams, method: str) -> EditHparams:
+    """The settings ``method`` edits with on ``hp``'s model.
+
+    ROME, and a preset made for ``method``, keep ``hp``; otherwise the shipped variant
+    ``<preset>-<method>`` (``smollm2-135m-memit``: its sweep-chosen layers and λ) when
+    there is one for the same model, else ``hp`` itself (its single ``layer``).
+    """
+    if method == "rome" or hp.method == method:
+        return hp
+    base = hp.extends if hp.method != "rome" and hp.extends else hp.name
+    variant = list_presets().get(f"{base}-{method}")
+    if variant is not None and variant.model == hp.model:
+        return variant
+    return hp
+
+
 def load_preset(name_or_path: str | Path) -> EditHparams:
     """A shipped preset by name (``smollm2-135m``, ``gpt2-xl``...) or a JSON file path."""
     path = Path(name_or_path)

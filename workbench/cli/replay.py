@@ -165,7 +165,9 @@ def replay(
                     )
                 layer = stored_layer(run)
             lm = load(model, device, dtype, hparams, layer, device_map)
-            edit_hp = edit_hparams(lm, None if resume else v_stop, None if resume else norm_anchor)
+            edit_hp = edit_hparams(
+                lm, None if resume else v_stop, None if resume else norm_anchor, method
+            )
             if not resume:
                 store = new.open()
             with progress_bar() as bar:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rome import BadRequestError, Editor, EditRequest, LoadedModel, RomeError
+from rome.hparams import method_preset
 from rome.methods import METHODS, Update, get_method
 from rome.scoring import score_targets
 from rome.update import weight_out_in
@@ -140,6 +141,9 @@ def _run_method(
     lm: LoadedModel, editor: Editor, reqs: Sequence[EditRequest], method: str, mode: str | None
 ) -> MethodOutcome:
     out = MethodOutcome(method)
+    hp = method_preset(editor.hp, method)
+    if hp is not editor.hp:  # the method's own settings on this model (its shipped variant)
+        editor = Editor(lm.model, lm.tokenizer, hp)
     out.p_new_before, out.p_true_before = _probe(lm, reqs)
     groups = [[r] for r in reqs] if not get_method(method).batched else [list(reqs)]
     applied = 0

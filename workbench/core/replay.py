@@ -49,6 +49,7 @@ from evals.replay import (
 )
 from evals.spec import RunSpec
 from rome import MODES, BadRequestError, EditHparams, LoadedModel
+from rome.hparams import method_preset
 
 if TYPE_CHECKING:
     from workbench.store import Store
@@ -360,12 +361,17 @@ def run_replay(
 
 
 def edit_hparams(
-    lm: LoadedModel, v_stop: str | None = None, norm_anchor: bool | None = None
+    lm: LoadedModel,
+    v_stop: str | None = None,
+    norm_anchor: bool | None = None,
+    method: str = "rome",
 ) -> EditHparams:
-    """``lm``'s preset with the stabilisers a replay asks for (``None``: as the preset)."""
+    """The preset ``method`` edits ``lm`` with (:func:`rome.hparams.method_preset`), with
+    the stabilisers a replay asks for (``None``: as the preset)."""
+    base = method_preset(lm.hparams, method)
     changes: dict[str, Any] = {}
     if v_stop is not None:
         changes["v_stop"] = v_stop
     if norm_anchor is not None:
         changes["v_norm_anchor"] = norm_anchor
-    return lm.hparams.replace(**changes).validate() if changes else lm.hparams
+    return base.replace(**changes).validate() if changes else base

@@ -158,7 +158,7 @@ class ReplayActions(AppBase):
 
         def work(ctx: JobContext) -> None:
             lm, _ = self.session.require()
-            hparams = None if resume else edit_hparams(lm, *stabilisers)
+            hparams = None if resume else edit_hparams(lm, *stabilisers, cfg.method)
             if self.session.n_applied:
                 k = self.session.revert_all()
                 ctx.post(ModelChanged(f"reverted {k} edit(s) for the replay"))
