@@ -4,6 +4,11 @@ An :class:`Editor` wraps one loaded model. It holds what is worth computing
 once per model and layer (context templates, the covariance factor) and the
 stack of applied edits. Nothing here is global: two editors on two models
 share nothing.
+
+Over 500 lines on purpose: the one owner of edits (caches, compute, apply /
+undo / revert of multi-layer rank-k steps, drift, fingerprints) keeps them
+in one class; ROME's own arithmetic lives in update.py, keys.py and vstar.py,
+the other methods in rome/methods/.
 """
 
 from __future__ import annotations

@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from evals.replay import ReplayConfig, ReplayFinished
+from evals.spec import RunSpec
 from rome import EditHparams, Editor, EditResult, LoadedModel, RomeError, load_model
+from rome.hparams import method_preset
 from rome.progress import Progress
 from rome.scoring import score_targets
 from rome.update import restore, weight_of
@@ -487,6 +489,22 @@ class Session:
             hparams = self.store.get_run(resume).hparams or {}
         return replay_layer(lm, cfg, hparams)
 
+    def replay_layers(
+        self, cfg: ReplayConfig | None = None, resume: str | None = None
+    ) -> list[int]:
+        """Every layer the replay may write: ROME's layer and the method's edited layers."""
+        lm, ed = self.require()
+        layers = {self.replay_layer(cfg, resume)}
+        if resume is not None and self.store is not None:
+            spec = RunSpec.of(self.store.get_run(resume))
+            method, hp = spec.method, spec.edit_hparams(lm.hparams)
+        else:
+            method = cfg.method if cfg is not None else "rome"
+            hp = method_preset(lm.hparams, method)
+        if method != "rome":
+            layers |= set(hp.edited_layers())
+        return sorted(ed.check_layer(x) for x in layers)
+
     def run_replay(
         self,
         cfg: ReplayConfig | None,
@@ -513,27 +531,26 @@ class Session:
                     f"the model has {len(ed.applied)} applied edit(s) and a replay starts from "
                     "the base weights: revert them first (History → Revert all)"
                 )
-            layer = ed.check_layer(self.replay_layer(cfg, resume))
-            with self._weights_kept(layer):
+            with self._weights_kept(self.replay_layers(cfg, resume)):
                 return run_replay(
                     lm, self.store, on_event, cfg if resume is None else None, resume=resume,
                     cancel=cancel, hparams=hparams,
                 )  # fmt: skip
 
     @contextlib.contextmanager
-    def _weights_kept(self, layer: int) -> Iterator[None]:
-        """``layer``'s weight comes back bit for bit after the block (the engine's restore)."""
+    def _weights_kept(self, layers: Sequence[int]) -> Iterator[None]:
+        """Each of ``layers``' weights comes back bit for bit after the block."""
         _, ed = self.require()
-        module = ed.module(layer)
-        saved = weight_of(module).detach().to("cpu", copy=True)
-        fp = ed.fingerprint([layer])
+        saved = {x: weight_of(ed.module(x)).detach().to("cpu", copy=True) for x in layers}
+        fp = ed.fingerprint(layers)
         try:
             yield
         finally:
             self.version += 1
-            restore(module, saved)
-            if ed.fingerprint([layer]) != fp:  # pragma: no cover - defensive
-                log.error("the weights of layer %d differ after the replay's restore", layer)
+            for x, w in saved.items():
+                restore(ed.module(x), w)
+            if ed.fingerprint(layers) != fp:  # pragma: no cover - defensive
+                log.error("the weights of layers %s differ after the replay's restore", layers)
 
     # ----------------------------------------------------------- end
     def finish(self) -> None:
