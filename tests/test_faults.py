@@ -1,7 +1,8 @@
 """Faults a careful user found (issue 20): a preset that edited another model than
 ``--model``, runs left finished or running, half-written checkpoints, records past
-the token limit, and the one-line / exit-code cases of the CLI. Each test fails on
-the code before the fix. Tiny models, throwaway databases."""
+the token limit, and the replay's one-line / exit-code cases (the files the CLI
+writes are in ``test_faults_files.py``). Each test fails on the code before the
+fix. Tiny models, throwaway databases."""
 
 from __future__ import annotations
 
@@ -16,41 +17,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import runner
+from fault_helpers import (
+    PRESETS,
+    ROOT,
+    Done,
+    error_line,
+    invoke,
+    preset_file,
+    records,
+    replay_args,
+    run_of,
+)
 
 from rome import load_model
 from rome.hparams import load_preset
-from workbench.cli import app
 from workbench.store import Store
-
-ROOT = Path(__file__).resolve().parent.parent
-PRESETS = ROOT / "rome" / "presets"
-SAMPLE = ROOT / "evals" / "data" / "counterfact" / "sample.json"
-GLUE = ROOT / "evals" / "data" / "glue"
-
-
-def invoke(args: list) -> object:
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def error_line(res, code: int) -> str:
-    """The one ``error:`` line of a failed command (last on stderr), exit ``code``."""
-    assert res.exit_code == code, res.output
-    assert "Traceback" not in res.output
-    assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
-    lines = res.stderr.splitlines()
-    assert lines and lines[-1].startswith("error: "), res.stderr
-    assert sum("error:" in line for line in lines) == 1, res.stderr
-    return lines[-1]
-
-
-def preset_file(tmp_path: Path, base: str = "tiny-gpt2", name: str = "mine", **changes) -> Path:
-    data = json.loads((PRESETS / f"{base}.json").read_text())
-    data.update(name=name, **changes)
-    path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps(data))
-    return path
-
 
 # --------------------------------------------------------------------------- 1. --model decides
 
@@ -157,49 +138,9 @@ def test_the_shipped_presets_still_validate() -> None:
 # --------------------------------------------------------------------------- replays
 
 
-def records(n: int, start: int = 0) -> list[dict]:
-    return json.loads(SAMPLE.read_text())[start : start + n]
-
-
-def replay_args(db: Path, dataset: Path, glue: Path, n: int, every: int | None = None) -> list:
-    return [
-        "replay", "--model", "tiny-gpt2", "--dataset", dataset, "--n-edits", n,
-        "--glue-every", every or n, "--glue-limit", 2, "--glue-tasks", "sst2",
-        "--glue-dir", glue, "--no-perplexity", "--db", db,
-    ]  # fmt: skip
-
-
-class Done:
-    """A finished 2-edit replay (GLUE after each edit) on a 3-record file."""
-
-    def __init__(self, root: Path) -> None:
-        self.dataset = root / "records.json"
-        self.dataset.write_text(json.dumps(records(3)))
-        self.glue = root / "glue"
-        self.glue.mkdir()
-        (self.glue / "sst2.jsonl").write_text((GLUE / "sst2.jsonl").read_text())
-        self.db = root / "w.db"
-        res = invoke(replay_args(self.db, self.dataset, self.glue, 2, every=1))
-        assert res.exit_code == 0, res.output
-        with Store.open(self.db) as store:
-            (run,) = store.list_runs()
-            store._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self.run_id = run.id
-
-    def copy(self, tmp_path: Path) -> Path:
-        db = tmp_path / "copy.db"
-        db.write_bytes(self.db.read_bytes())
-        return db
-
-
 @pytest.fixture(scope="module")
 def done(tmp_path_factory: pytest.TempPathFactory) -> Done:
     return Done(tmp_path_factory.mktemp("done"))
-
-
-def run_of(db: Path, run_id: str | None = None):
-    with Store.open(db) as store:
-        return store.get_run(run_id) if run_id else store.list_runs()[0]
 
 
 def test_an_extension_interrupted_before_it_starts_leaves_the_run_as_it_was(
@@ -404,112 +345,3 @@ def test_sigterm_during_a_replay_marks_it_interrupted(done: Done, tmp_path: Path
     assert proc.returncode == 1, text
     assert "Traceback" not in text and f"resume with --resume {run.id}" in text
     assert run.status == "interrupted" and 1 <= run.n_edits < 8
-
-
-# --------------------------------------------------------------------------- save, stats, export
-
-FULL = (
-    "Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
-    'message: "No space left on device" })'
-)
-
-
-def full_disk(*args, **kwargs):
-    from safetensors import SafetensorError
-
-    raise SafetensorError(FULL)
-
-
-@pytest.fixture
-def umask_022():
-    old = os.umask(0o022)
-    yield
-    os.umask(old)
-
-
-def test_save_into_the_current_empty_folder(
-    done: Done, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, umask_022
-) -> None:
-    here = tmp_path / "empty"
-    here.mkdir()
-    monkeypatch.chdir(here)
-    res = invoke(["save", done.run_id, "-o", ".", "--db", done.db])
-    assert res.exit_code == 0, res.output
-    names = {p.name for p in here.iterdir()}
-    assert {"model.safetensors", "config.json", "README.md"} <= names
-    assert not any(n.endswith("partial") for n in names)
-    assert (here / "model.safetensors").stat().st_mode & 0o777 == 0o644
-
-
-def test_save_under_a_file_is_exit_2(done: Done, tmp_path: Path) -> None:
-    (tmp_path / "afile").write_text("x")
-    line = error_line(
-        invoke(["save", done.run_id, "-o", tmp_path / "afile" / "sub", "--db", done.db]), 2
-    )
-    assert "afile is a file, not a folder" in line
-
-
-def test_save_on_a_full_disk_is_one_line(
-    done: Done, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import transformers.modeling_utils
-
-    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
-    out = tmp_path / "model"
-    line = error_line(invoke(["save", done.run_id, "-o", out, "--db", done.db]), 1)
-    assert line == f"error: cannot write {out}: No space left on device"
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_stats_on_a_full_disk_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    import rome.covariance
-
-    monkeypatch.setattr(rome.covariance, "save_file", full_disk)
-    res = invoke(["stats", "--model", "tiny-gpt2", "--force", "--n-texts", 4])
-    line = error_line(res, 1)
-    assert line.startswith("error: cannot write ") and line.endswith(": No space left on device")
-
-
-def test_stats_n_texts_0_is_refused() -> None:
-    line = error_line(invoke(["stats", "--model", "tiny-gpt2", "--n-texts", 0]), 2)
-    assert "--n-texts must be at least 1" in line
-
-
-def test_export_to_standard_output_and_file_modes(
-    done: Done, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, umask_022
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    res = invoke(["export", done.run_id, "-o", "-", "--db", done.db])
-    assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout)["run"]["id"] == done.run_id
-    assert not (tmp_path / "-").exists()
-    res = invoke(["export", done.run_id, "-o", "run.csv", "--db", done.db])
-    assert res.exit_code == 0, res.output
-    assert (tmp_path / "run.csv").stat().st_mode & 0o777 == 0o644
-
-
-def test_a_short_run_prefix_is_too_short(done: Done) -> None:
-    line = error_line(invoke(["history", done.run_id[:3], "--db", done.db]), 2)
-    assert "is too short" in line and "at least 4 characters" in line
-
-
-def test_a_schema_version_that_is_not_a_number(done: Done, tmp_path: Path) -> None:
-    import sqlite3
-
-    db = done.copy(tmp_path)
-    with sqlite3.connect(db) as conn:
-        conn.execute("UPDATE meta SET value = 'two' WHERE key = 'schema_version'")
-    line = error_line(invoke(["runs", "--db", db]), 1)
-    assert "schema version 'two' is not a number" in line
-
-
-def test_an_unsafe_update_refused_by_edit_exits_1(tmp_path: Path) -> None:
-    strict = preset_file(tmp_path, name="strict", max_update_ratio=1e-6)
-    res = invoke(
-        [
-            "edit", "--model", "tiny-gpt2", "--hparams", strict, "--prompt", "The city of {}",
-            "--subject", "the Eiffel Tower", "--target-new", "Rome", "--generate-tokens", "1",
-        ]
-    )  # fmt: skip
-    line = error_line(res, 1)
-    assert "update not applied (rrome: " in line and "not applied" in res.stdout

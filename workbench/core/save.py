@@ -207,9 +207,13 @@ def write_folder(rebuilt: Rebuilt, out_dir: str | Path, *, overwrite: bool = Fal
             if f.is_file():
                 f.chmod(mode)
         if inside:
-            for old in out.iterdir():
-                if old != tmp:
-                    shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+            for old in out.iterdir():  # only with overwrite: the folder was empty else
+                if old == tmp:
+                    continue
+                if old.is_dir() and not old.is_symlink():
+                    shutil.rmtree(old)
+                else:
+                    old.unlink()
             for new in tmp.iterdir():
                 new.rename(out / new.name)
             tmp.rmdir()
