@@ -51,7 +51,12 @@ def test_replay_writes_its_run(tmp_path):
     stored = store.edits(run.id)
     assert [e.seq for e in stored] == [0, 1, 2, 3, 4]
     assert stored[-1].fingerprint == final_fingerprint(lm)
-    assert {c.task for c in store.checkpoints(run.id)} == {"sst2", "fluency", "perplexity", "retention"}
+    assert {c.task for c in store.checkpoints(run.id)} == {
+        "sst2",
+        "fluency",
+        "perplexity",
+        "retention",
+    }
     assert len(store.rescores(run.id)) == 5
     assert "survived" in fin.summary
 
