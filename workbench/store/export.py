@@ -17,7 +17,6 @@ from typing import Any
 from .codec import nan_to_none
 from .records import Checkpoint, Edit, Generation, Run
 
-
 #: where each evaluation protocol's figures are in an export (the names of
 #: ``evals.protocols``; the store does not import evals)
 PROTOCOL_FIELDS = {
