@@ -154,6 +154,15 @@ def test_report_writes_the_page_and_the_plot(overwrite_run, tmp_path) -> None:
     assert "## Flagged edits" in page
 
 
+def test_the_export_says_where_each_protocol_is(overwrite_run, tmp_path) -> None:
+    store, run_id, _ = overwrite_run
+    store.export_run(run_id, "json", tmp_path / "run.json")
+    doc = json.loads((tmp_path / "run.json").read_text())
+    assert tuple(doc["protocols"]) == PROTOCOLS
+    retention = [c for c in doc["checkpoints"] if c["task"] == RETENTION_TASK]
+    assert [retention_of(c).n_hold for c in retention][:3] == [1, 2, 1]
+
+
 def test_report_says_when_runs_have_no_retention(tmp_path) -> None:
     from workbench.cli import app
 

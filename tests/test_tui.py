@@ -501,7 +501,7 @@ async def test_small_terminal_layout(app_factory) -> None:
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_idle(app, pilot)
         assert app.screen.has_class("-narrow")
-        for tab in ("model", "edit", "compare", "generate", "weights", "history", "replay"):
+        for tab in ("model", "edit", "compare", "generate", "weights", "history", "replay", "runs"):
             app.show_tab(tab)
             await pilot.pause()
         app.action_example("eiffel")

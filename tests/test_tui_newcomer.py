@@ -129,7 +129,7 @@ async def test_tab_keys_work_in_a_text_field(app_factory) -> None:
         assert app.query_one("#tabs").active == "tab-model"
         await pilot.press("f3")  # wraps around
         await pilot.pause()
-        assert app.query_one("#tabs").active == "tab-replay"
+        assert app.query_one("#tabs").active == "tab-runs"
         app.show_tab("edit")
         app.query_one("#f-subject", Input).focus()
         await pilot.pause()  # the focus settles first (it would bring its tab back)
@@ -277,8 +277,14 @@ def test_history_details_show_pre_and_post() -> None:
     assert dict(metric_lines({"es": 1.0}))["CounterFact"] == "ES 1"
 
 
-def test_replay_summary_shows_pre_and_post() -> None:
+def test_replay_summary_names_the_protocols() -> None:
     text = summary_text(
-        {"edits_done": 3, "survived": 2.0, "es": 1.0, "s": 0.8, "pre": {"es": 0.0, "s": 0.1}}
+        {
+            "edits_done": 3,
+            "survived": 2.0,
+            "post": {"es": 1.0, "s": 0.8},
+            "pre": {"es": 0.0, "s": 0.1},
+            "final": {"es": 0.67, "s": 0.5},
+        }
     )
-    assert text == "3 edits · 2 survive (ES=1 at the end) · ES 0→1 · S 0.1→0.8"
+    assert text == "3 edits · immediate: ES 0→1 S 0.1→0.8 · end of stream: ES 0.67 S 0.5 (2 hold)"

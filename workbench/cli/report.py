@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -34,6 +33,8 @@ def report(
         with writing(target):
             target.mkdir(parents=True, exist_ok=True)
             plot_runs(store, ids, image)
-            command = "rome-workbench report " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+            words = ["rome-workbench", "report", *run_ids, "-o", str(output)]
+            words += ["--db", str(db)] if db is not None else []
+            command = " ".join(shlex.quote(w) for w in words)
             page.write_text(report_markdown(store, ids, image.name, command), encoding="utf-8")
         err.print(f"wrote {page} and {image}", highlight=False)

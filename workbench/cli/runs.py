@@ -59,7 +59,10 @@ def history(
     with handled():
         store = open_db(db, create=False)
         r = store.get_run(run)
-        t = Table(title=f"run {r.id}: {r.model}, {r.mode}, {r.status}")
+        t = Table(
+            title=f"run {r.id}: {r.model}, {r.mode}, {r.status}",
+            caption="ES / PS / NS: the immediate protocol (each record right after its edit)",
+        )
         for col in (
             "#",
             "case",

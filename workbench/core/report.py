@@ -26,7 +26,9 @@ from .summary import (
 def _num(x: Any, digits: int = 3) -> str:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return "-"
-    return f"{x:.{digits}g}" if abs(x) >= 1000 else f"{x:.{digits}f}".rstrip("0").rstrip(".")
+    if abs(x) >= 100:
+        return f"{x:.1f}"
+    return f"{x:.{digits}f}".rstrip("0").rstrip(".")
 
 
 def request_text(e: Edit) -> str:

@@ -153,6 +153,7 @@ def writer_gone(store: Store, run: Run) -> bool:
 
 
 def can_resume(store: Store, run: Run) -> bool:
-    """What the CLI resumes: a stopped run short of its plan, or one whose writer is gone."""
-    short = run.n_edits_planned is None or run.n_edits < run.n_edits_planned
-    return is_resumable(run) or (short and writer_gone(store, run))
+    """What the CLI resumes: a run that stopped before it finished (interrupted,
+    cancelled, failed, even after its last edit: the resume re-scores and finishes
+    it), or a ``running`` one whose writer is gone."""
+    return run.status in RESUMABLE_STATUSES or writer_gone(store, run)

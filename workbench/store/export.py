@@ -17,6 +17,16 @@ from typing import Any
 from .codec import nan_to_none
 from .records import Checkpoint, Edit, Generation, Run
 
+#: where each evaluation protocol's figures are in an export (the names of
+#: ``evals.protocols``; the store does not import evals)
+PROTOCOL_FIELDS = {
+    "immediate": "edits[].metrics (scored right after the edit; .pre: just before it); "
+    "CSV columns metric.*",
+    "end of stream": "rescore[].metrics (re-scored on the final model); CSV columns rescore.*",
+    "retention": "checkpoints[] with task 'retention' (the first M edits re-scored at "
+    "each checkpoint: value = fraction holding, extra = ES/PS/NS/S, n_hold, m, lost)",
+}
+
 
 def run_json(
     schema_version: int,
@@ -29,6 +39,7 @@ def run_json(
     """The JSON document of a run (factors left out, NaN written as null)."""
     doc = {
         "schema_version": schema_version,
+        "protocols": PROTOCOL_FIELDS,
         "run": dataclasses.asdict(run),
         "edits": [dataclasses.asdict(e) for e in edits],
         "checkpoints": [dataclasses.asdict(c) for c in checkpoints],

@@ -128,6 +128,7 @@ class AppBase(App[None]):
         self._store_opening = True  # until the database is open (or failed to open)
         self._first_load = True
         self._offered_resume: set[str] = set()
+        self._listed: tuple[Any, ...] = ()  # the run list last shown (unchanged: not redrawn)
 
     # ----------------------------------------------------------- panes
     @property

@@ -47,6 +47,11 @@ class ReplaySeries:
     signature: tuple[Any, ...] = ()  # the stored run's state when read (a change: read again)
     protocols: list[ProtocolScores] = field(default_factory=list)  # ES/PS/NS/S under each
 
+    @property
+    def short(self) -> str:
+        """The label without its stabilisers (``"7b8ef94e original"``), for chart legends."""
+        return self.label.split(" + ")[0]
+
     def add_edit(self, ev: EditDone) -> None:
         n = ev.seq + 1
         self.norms.append((n, float(ev.update_norm)))

@@ -21,7 +21,7 @@ from ..messages import (
 )
 from ..panes.replay import ReplayPane
 from ..panes.replay_settings import ReplaySettings
-from ..replay_data import series_from_store
+from ..replay_data import run_signature, series_from_store
 
 
 class ReplayActions(AppBase):
@@ -46,6 +46,10 @@ class ReplayActions(AppBase):
     def on_replay_runs_loaded(self, msg: ReplayRunsLoaded) -> None:
         live = self.replay_pane.live
         gone = [g for g in msg.gone if live is None or live.run_id != g]
+        listed = (tuple(run_signature(r) + (r.id,) for r in msg.runs), tuple(gone))
+        if listed == self._listed:  # nothing changed since the last reading: keep the tables
+            return
+        self._listed = listed
         self.replay_pane.show_runs(msg.runs, gone)
         self.runs_pane.show_runs(msg.runs, gone)
         self.runs_pane.show_database(str(self.session.store.path) if self.session.store else "")

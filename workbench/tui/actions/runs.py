@@ -103,6 +103,7 @@ class RunsActions(AppBase):
             return
         self.close_session()
         self.session.store = None
+        self._listed = ()
         self.db_path = path
         self._given_store = None
         self.replay_pane.overlays = []

@@ -50,10 +50,26 @@ Once a model is loaded the cursor is in the Edit tab's Prompt field.
    replay's CounterFact scores pre → post); undo, revert to the base
    weights, re-apply stored edits onto the loaded model, and "Save
    model…": the base model plus a run's edits as a Hugging Face folder.
-7. **Replay**: a CounterFact edit sequence with live charts: GLUE, the
-   perplexity and fluency probes, ‖ΔW‖ and ‖W − W₀‖ per edit; cancel keeps
-   finished edits; interrupted runs can be resumed; finished runs can be
-   opened and overlaid.
+7. **Replay**: every setting of the CLI's `replay`, with its defaults
+   (method, batch size, key mode, layer, GLUE tasks / interval / limit /
+   scoring / calibration, the perplexity probe, the stabilisers, --guard,
+   the retention size M); live charts: GLUE, perplexity and fluency,
+   ‖ΔW‖ and ‖W − W₀‖, ‖W‖ / ‖W₀‖, retention; cancel keeps finished edits;
+   interrupted runs, and runs whose writer process is gone, can be resumed.
+8. **Runs**: any results database (`--db`, or Ctrl+O "Open database…"):
+   its replay runs with their labels; Enter opens a run, `o` overlays it,
+   `g` steps the GLUE chart through its tasks. Every panel of the `plot`
+   command, the CounterFact scores under the three protocols, and the
+   flagged edits: select one for its record. The list and the charts
+   follow a replay another process is writing.
+
+## Evaluation protocols
+
+- **immediate**: each record scored right after its own edit (pre: just
+  before it).
+- **end of stream**: every record re-scored on the final model.
+- **retention**: at every checkpoint, the first M edits re-scored on the
+  model as it is then; an edit holds when its prompt prefers the new object.
 
 ## Key modes
 

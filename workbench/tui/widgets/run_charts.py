@@ -88,7 +88,7 @@ class RunCharts(Vertical):
         many = len(self.series) > 1
         self._draw_glue()
         self.query_one(ProbeChart).set_series(
-            [ProbeSeries(s.label, s.perplexity, s.fluency) for s in self.series]
+            [ProbeSeries(s.short, s.perplexity, s.fluency) for s in self.series]
         )
         norms: list[NormSeries] = []
         for s in self.series:
@@ -98,13 +98,13 @@ class RunCharts(Vertical):
                 norms.append(NormSeries(f"{prefix}‖W−W₀‖", s.drift))
         self.query_one(NormChart).set_series(norms)
         self.query_one(".growth", LineChart).set_series(
-            [Line(s.label, s.ratio) for s in self.series]
+            [Line(s.short, s.ratio) for s in self.series]
         )
         sizes = sorted({s.retention_size for s in self.series if s.retention_size})
         retention = self.query_one(".retention", LineChart)
         m = "/".join(str(x) for x in sizes) or "M"
         retention.title = f"{RETENTION}: fraction of the first {m} edits holding"
-        retention.set_series([Line(s.label, s.retention) for s in self.series])
+        retention.set_series([Line(s.short, s.retention) for s in self.series])
 
     def _draw_glue(self) -> None:
         task = self.glue_task
@@ -113,7 +113,7 @@ class RunCharts(Vertical):
         chart.set_series(
             [
                 (
-                    s.label[:8] if len(self.series) > 1 and task == ALL_TASKS else s.label,
+                    s.label[:8] if len(self.series) > 1 and task == ALL_TASKS else s.short,
                     s.glue if task == ALL_TASKS else {task: s.glue.get(task, [])},
                 )
                 for s in self.series
