@@ -130,8 +130,10 @@ def load(
 ) -> LoadedModel:
     """Load a model (preset, hub id or folder) with a spinner on stderr."""
     from rome import load_model
+    from rome.bundle import CONVERSION_PHASE, conversion_pending
 
-    with err.status(f"loading {model}..."):
+    what = f"{CONVERSION_PHASE}, then loading" if conversion_pending(model) else "loading"
+    with err.status(f"{what} {model}..."):
         return load_model(
             model, device=device, dtype=dtype, hparams=hparams, layer=layer, device_map=device_map
         )

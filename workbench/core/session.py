@@ -24,6 +24,7 @@ import torch
 
 from evals.replay import ReplayConfig, ReplayFinished
 from rome import Editor, EditResult, LoadedModel, RomeError, load_model
+from rome.bundle import CONVERSION_PHASE, conversion_pending
 from rome.scoring import score_targets
 from rome.update import restore, weight_of
 
@@ -101,10 +102,17 @@ class Session:
         device: str = "auto",
         dtype: str | None = None,
         device_map: str | None = None,
+        progress: Progress | None = None,
     ) -> ModelInfo:
         """Load ``name`` (``device_map``: spread it over devices with accelerate); the
-        previous model (if any) and its session end."""
+        previous model (if any) and its session end. ``progress`` hears the first
+        start's conversion of the embedded model as its own phase."""
+        phase = CONVERSION_PHASE if progress and conversion_pending(name) else None
+        if progress and phase:
+            progress(phase, 0, 1)
         lm = load_model(name, device=device, dtype=dtype, device_map=device_map)
+        if progress and phase:
+            progress(phase, 1, 1)
         with self._lock:
             self.finish()
             self.lm = lm
