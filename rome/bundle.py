@@ -49,6 +49,21 @@ from .devices import model_device
 log = logging.getLogger(__name__)
 
 INDEX = "index.json"
+CONVERSION_PHASE = "converting the embedded model (once)"
+
+
+def conversion_pending(name: str) -> bool:
+    """Whether loading ``name`` first converts the embedded model's GGUF to safetensors
+    (the first phase of a first start; the other two, templates and statistics, come
+    from the package)."""
+    from .hparams import find_preset
+    from .paths import cache_root
+
+    preset = find_preset(name)
+    if preset is None or not preset.model.startswith("embedded:"):
+        return False
+    target = cache_root() / "models" / "smollm2-135m"
+    return not ((target / "config.json").is_file() and (target / "model.safetensors").is_file())
 
 
 def bundle_dir(model_key: str) -> Traversable:
@@ -130,14 +145,17 @@ def write_bundled_stats(folder: Path, stats: SecondMoment, settings: dict[str, A
     """Write one layer's upper triangle and metadata; returns its index entry."""
     m = stats.meta
     name = f"{m.module}_{m.dtype}_mom2_{m.n_texts}"
-    save_file({"mom2_triu": triu_pack(stats.matrix)}, str(folder / f"{name}.safetensors"))
+    packed = triu_pack(stats.matrix)
+    save_file({"mom2_triu": packed}, str(folder / f"{name}.safetensors"))
     (folder / f"{name}.json").write_text(json.dumps(m.__dict__, indent=1))
     return {
         "file": f"{name}.safetensors",
         "meta": f"{name}.json",
         "dim": int(stats.matrix.shape[0]),
         "settings": settings,
-        "fingerprint": _tensor_digest(stats.matrix),
+        # of the matrix as it loads (the upper triangle mirrored): a float32 k kᵀ sum
+        # need not be bit-symmetric
+        "fingerprint": _tensor_digest(triu_unpack(packed, int(stats.matrix.shape[0]))),
         "storage": "upper triangle, row-major, float32",
     }
 

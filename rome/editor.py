@@ -278,6 +278,8 @@ class Editor:
             into[name] = into.get(name, 0.0) + now - clock
             clock = now
 
+        if progress and self._templates is None:
+            progress("context templates", 0, 1)
         templates = self.templates()
         lap("templates")
         factor = self.factor(layer, progress)
@@ -373,7 +375,8 @@ class Editor:
             fields = {
                 k: v
                 for k, v in hp.to_dict().items()
-                if k.startswith("v_") or k in ("kl_factor", "clamp_norm_factor", "fact_token")
+                if (k.startswith("v_") and k != "v_prefix_reuse")  # exact: not part of the key
+                or k in ("kl_factor", "clamp_norm_factor", "fact_token")
             }
             fields.update(
                 layer=layer,

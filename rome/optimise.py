@@ -35,8 +35,9 @@ from .batching import pad_id_of
 from .devices import module_device
 from .hparams import EditHparams
 from .request import EditRequest
+from .tokens import encode_with_subject
 from .update import weight_out_in
-from .upper import KL_PROMPT, Rows, UpperRun, build_rows, compute_prefix
+from .upper import KL_PROMPT, Encoder, Rows, UpperRun, build_rows, compute_prefix
 from .vstar import VStar, frozen, resolve_autocast, work_dtype
 
 StepCallback = Callable[[int, int], None]  # (step, total)
@@ -189,6 +190,8 @@ def optimise_targets(
     prefix_reuse: bool | None = None,
     on_step: StepCallback | None = None,
     kl_prompt: str = KL_PROMPT,
+    encode: Encoder = encode_with_subject,
+    target_tokens: Sequence[Sequence[int]] | None = None,
 ) -> list[VStar]:
     """Optimise one ``δ`` per request together; returns each request's :class:`VStar`.
 
@@ -197,12 +200,14 @@ def optimise_targets(
     ``clamp_reference``: ``"init"`` (each request's ‖v_init‖, the hooked module's
     output at the subject of its first row, which must be the bare ``"{}"``) or
     one norm per request; it sets both the clamp radius and the weight-decay
-    normalisation. ``prefix_reuse`` defaults to ``hp.v_prefix_reuse``.
+    normalisation. ``prefix_reuse`` defaults to ``hp.v_prefix_reuse``. ``encode`` and
+    ``target_tokens``: the subject-index rule and explicit target ids (see
+    :func:`rome.upper.build_rows`), for methods whose published code differs.
     (Over 60 lines: one loop whose steps must stay in the reference order.)
     """
     name = hook_module_name or hp.weight_module(layer)
     reuse = hp.v_prefix_reuse if prefix_reuse is None else prefix_reuse
-    rows = build_rows(tok, requests, templates_per_request, kl_prompt)
+    rows = build_rows(tok, requests, templates_per_request, kl_prompt, encode, target_tokens)
     n = rows.n_requests
     if not isinstance(clamp_reference, str) and len(clamp_reference) != n:
         raise ValueError("clamp_reference: one norm per request")

@@ -21,7 +21,7 @@ exactly its row's prefix and the suffix tokens up to itself.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +34,7 @@ from .batching import pad_right, target_ids
 from .devices import model_device
 from .hparams import EditHparams
 from .request import EditRequest
-from .tokens import encode_with_subject
+from .tokens import Encoded, encode_with_subject
 
 KL_PROMPT = "{} is a"
 
@@ -58,28 +58,40 @@ class Rows:
         return len(self.n_rewrite)
 
 
+Encoder = Callable[[PreTrainedTokenizerBase, str, str], Encoded]
+
+
 def build_rows(
     tok: PreTrainedTokenizerBase,
     requests: Sequence[EditRequest],
     templates_per_request: Sequence[Sequence[str]],
     kl_prompt: str = KL_PROMPT,
+    encode: Encoder = encode_with_subject,
+    target_tokens: Sequence[Sequence[int]] | None = None,
 ) -> Rows:
-    """The rows of ``requests``; request ``r`` is filled into ``templates_per_request[r]``."""
+    """The rows of ``requests``; request ``r`` is filled into ``templates_per_request[r]``.
+
+    ``encode`` tokenises a filled template and finds the subject's last token
+    (default: the joined-string rule); ``target_tokens`` overrides each request's
+    target ids (default: ``target_new`` with a leading space).
+    """
     if len(requests) != len(templates_per_request):
         raise ValueError("one templates list per request")
+    if target_tokens is not None and len(target_tokens) != len(requests):
+        raise ValueError("one target token list per request")
     rows = Rows()
     for r, (req, templates) in enumerate(zip(requests, templates_per_request, strict=True)):
-        tgt = target_ids(tok, req.target_new)
+        tgt = list(target_tokens[r]) if target_tokens else target_ids(tok, req.target_new)
         rows.first_row.append(len(rows.seqs))
         for t in templates:
-            enc = encode_with_subject(tok, t.format(req.prompt), req.subject)
+            enc = encode(tok, t.format(req.prompt), req.subject)
             row = len(rows.seqs)
             rows.seqs.append(enc.ids + tgt[:-1])
             rows.subject.append(enc.subject_last)
             rows.request.append(r)
             rows.is_kl.append(False)
             rows.loss += [(row, len(enc.ids) - 1 + j, tid) for j, tid in enumerate(tgt)]
-        kl = encode_with_subject(tok, kl_prompt, req.subject)
+        kl = encode(tok, kl_prompt, req.subject)
         rows.seqs.append(kl.ids)
         rows.subject.append(kl.subject_last)
         rows.request.append(r)

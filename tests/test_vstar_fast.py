@@ -15,6 +15,7 @@ from rome import load_model
 from rome.editor import Editor
 from rome.optimise import optimise_targets
 from rome.request import EditRequest
+from rome.scoring import target_ids
 from rome.upper import build_rows
 from rome.vstar import compute_v_star
 
@@ -159,15 +160,36 @@ def test_a_request_that_stops_at_once_is_never_moved(tiny_gpt2):
 
 
 def test_most_probable_stop_per_request(tiny_gpt2):
+    """MPES per request: one request whose target is already the model's top token on
+    its only prompt stops at step 0, the others run on; each as it would alone."""
     lm = tiny_gpt2
     lm.model.double()
     hp = lm.hparams.replace(v_stop="most_probable")
-    refs = reference(lm, hp)
-    got = optimise_targets(lm.model, lm.tokenizer, hp, REQUESTS, [TEMPLATES] * 4, hp.layer)
-    for g, r in zip(got, refs, strict=True):
-        assert g.steps == r.steps
-        assert rel(g.delta, r.delta) < 1e-10
-    assert any(r.trace[-1]["argmax_all"] == 1.0 for r in refs)
+    req = REQUESTS[0]
+    ids = lm.tokenizer(req.text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        top = int(lm.model(input_ids=ids).logits[0, -1].argmax())
+    reqs = [req, *REQUESTS[1:3]]
+    templates = [["{}"], TEMPLATES, TEMPLATES]
+    targets = [[top], *(target_ids(lm.tokenizer, r.target_new) for r in REQUESTS[1:3])]
+    got = optimise_targets(
+        lm.model, lm.tokenizer, hp, reqs, templates, hp.layer, target_tokens=targets
+    )
+    alone = [
+        optimise_targets(
+            lm.model, lm.tokenizer, hp, [r], [t], hp.layer, prefix_reuse=False, target_tokens=[g]
+        )[0]
+        for r, t, g in zip(reqs, templates, targets, strict=True)
+    ]
+    assert got[0].steps == 1 and got[0].trace[0]["argmax_all"] == 1.0
+    assert torch.count_nonzero(got[0].delta) == 0
+    assert min(g.steps for g in got[1:]) > 1
+    for g, a in zip(got, alone, strict=True):
+        assert g.steps == a.steps
+        assert rel(g.delta, a.delta) < 1e-10 if a.steps > 1 else torch.equal(g.delta, a.delta)
+    refs = reference(lm, hp, REQUESTS[1:3])  # the published loop agrees on the others
+    for g, r in zip(got[1:], refs, strict=True):
+        assert g.steps == r.steps and rel(g.delta, r.delta) < 1e-10
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

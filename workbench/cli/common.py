@@ -141,12 +141,14 @@ def load(
     """Load a model (preset, hub id or folder) with a spinner on stderr. ``--model``
     decides which weights load; without it, a ``--hparams`` file's own model does."""
     from rome import load_model
+    from rome.bundle import CONVERSION_PHASE, conversion_pending
     from rome.hparams import load_preset
 
     if model is None:
         model = load_preset(hparams).name if hparams is not None else DEFAULT_MODEL
 
-    with err.status(f"loading {model}..."):
+    what = f"{CONVERSION_PHASE}, then loading" if conversion_pending(model) else "loading"
+    with err.status(f"{what} {model}..."):
         return load_model(
             model, device=device, dtype=dtype, hparams=hparams, layer=layer, device_map=device_map
         )

@@ -25,6 +25,7 @@ import torch
 from evals.replay import ReplayConfig, ReplayFinished
 from evals.spec import RunSpec
 from rome import EditHparams, Editor, EditResult, LoadedModel, RomeError, load_model
+from rome.bundle import CONVERSION_PHASE, conversion_pending
 from rome.hparams import method_preset
 from rome.progress import Progress
 from rome.scoring import score_targets
@@ -102,10 +103,17 @@ class Session:
         device: str = "auto",
         dtype: str | None = None,
         device_map: str | None = None,
+        progress: Progress | None = None,
     ) -> ModelInfo:
         """Load ``name`` (``device_map``: spread it over devices with accelerate); the
-        previous model (if any) and its session end."""
+        previous model (if any) and its session end. ``progress`` hears the first
+        start's conversion of the embedded model as its own phase."""
+        phase = CONVERSION_PHASE if progress and conversion_pending(name) else None
+        if progress and phase:
+            progress(phase, 0, 1)
         lm = load_model(name, device=device, dtype=dtype, device_map=device_map)
+        if progress and phase:
+            progress(phase, 1, 1)
         with self._lock:
             self.finish()
             self.lm = lm

@@ -94,7 +94,7 @@ class ModelActions(AppBase):
     def _load(self, name: str, device: str, dtype: str | None, device_map: str | None) -> None:
         def work(ctx: JobContext) -> None:
             ctx.progress("loading", 0, None, name)
-            info = self.session.load(name, device, dtype, device_map)
+            info = self.session.load(name, device, dtype, device_map, ctx.engine_callback())
             ctx.post(ModelLoaded(info))
             t0 = time.monotonic()
             corpus = info.covariance
