@@ -68,7 +68,11 @@ def _model(name: str, seed: int) -> tuple[Any, Any, Any]:
         cfg = GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=768, n_layer=12, n_head=12)
         model = GPT2LMHeadModel(cfg).eval()
         hp = load_preset("tiny-gpt2-family").replace(
-            name="gpt2-small-random", model="gpt2-small-random", layers=[3, 4, 5], layer=5
+            name="gpt2-small-random",
+            model="gpt2-small-random",
+            layers=[3, 4, 5],
+            layer=5,
+            mom2_n_samples=256,  # 8k tokens: C₀ of rank 3,072
         )
         return model, tok, hp
     lm = load_model(name)
