@@ -181,7 +181,10 @@ class FamilyMethod:
             **{k: v for k, v in settings.items() if not k.startswith("_")},
             "per_layer": [{"layer": lu.layer, **inf} for lu, inf in zip(out, infos, strict=True)],
         }
-        upd = Update(self.name, out, records, options=opts)
+        results = [
+            {"z": zr.z[j].cpu(), "target_init": zr.target_init[j].cpu()} for j in range(len(reqs))
+        ]
+        upd = Update(self.name, out, records, options=opts, results=results)
         upd.unsafe_reason = editor.update_unsafe_reason(upd)
         return upd
 

@@ -1,0 +1,390 @@
+"""Parity with the published code: MEMIT, EMMET or AlphaEdit, both sides fed the same inputs.
+
+    python benchmarks/parity.py --method memit --reference-src ~/src/memit
+    python benchmarks/parity.py --method emmet --reference-src ~/src/unified-model-editing
+    python benchmarks/parity.py --method alphaedit --reference-src ~/src/AlphaEdit
+
+``--reference-src`` is the user's own checkout of the published repository
+(kmeng01/memit, scalable-model-editing/unified-model-editing,
+jianghoucheng/AlphaEdit); it is imported at run time, in a subprocess (its
+top-level ``rome`` package would clash with ours), never vendored. Both sides
+get the same model (saved to a temporary folder), the same 6 context templates
+(sampled once here and injected into the reference's template cache), the same
+C₀ per layer (injected into its covariance cache), the same requests and
+settings. Printed: the worst relative difference ‖a − b‖/‖b‖ of ΔW per layer,
+of the keys K per layer, and of z over the requests; for AlphaEdit also the
+kept-direction count of each projector on both sides.
+
+Run-time shims in the reference subprocess (nothing in the checkout is changed):
+on a machine without CUDA, ``"cuda"`` devices become the CPU (the published
+code hard-codes ``"cuda"``); under transformers 5 a decoder block returns a
+bare tensor, so the reference's ``nethook`` sees it as a one-element tuple
+(its edit functions and ``.output[0]`` assume the tuple of transformers 4);
+``config.n_embd`` is set to ``hidden_size`` for Llama-family models
+(kmeng01/memit reads ``n_embd``). For AlphaEdit the projector comes from the
+reference's ``experiments.evaluate.get_project`` when that module imports, else
+from the same rule computed in the subprocess (said in the output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MAIN = {
+    "memit": ("memit.memit_main", "memit", "MEMITHyperParams"),
+    "emmet": ("emmet.emmet_main", "emmet", "EMMETHyperParams"),
+    "alphaedit": ("AlphaEdit.AlphaEdit_main", "AlphaEdit", "AlphaEditHyperParams"),
+}
+REQUESTS = [
+    ("{} is located in the city of", "The Eiffel Tower", "Rome"),
+    ("The capital of {} is", "Japan", "London"),
+    ("{} was written by", "Hamlet", "Charles Dickens"),
+    ("{} is a company from", "Toyota", "Brazil"),
+    ("The mother tongue of {} is", "Danielle Darrieux", "English"),
+    ("{} plays the sport of", "Lionel Messi", "basketball"),
+]
+
+
+# ------------------------------------------------------------------ our side
+def _model(name: str, seed: int) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, preset) for ``tiny-gpt2``, ``gpt2-small-random`` or ``smollm2-135m``."""
+    from rome import load_model, load_preset
+    from rome.testing import tiny_tokenizer
+
+    if name == "gpt2-small-random":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        tok = tiny_tokenizer()
+        torch.manual_seed(seed)
+        cfg = GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=768, n_layer=12, n_head=12)
+        model = GPT2LMHeadModel(cfg).eval()
+        hp = load_preset("tiny-gpt2-family").replace(
+            name="gpt2-small-random",
+            model="gpt2-small-random",
+            layers=[3, 4, 5],
+            layer=5,
+            mom2_n_samples=256,  # 8k tokens: C₀ of rank 3,072
+        )
+        return model, tok, hp
+    lm = load_model(name)
+    preset = "tiny-gpt2-family" if name == "tiny-gpt2" else f"{name}-memit"
+    return lm.model, lm.tokenizer, load_preset(preset)
+
+
+def _head_name(model: Any) -> str:
+    """The LM head's module name; the input embedding's when tied (no lm_head.weight then)."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    target = emb if head.weight is emb.weight else head
+    return next(n for n, m in model.named_modules() if m is target)
+
+
+def _reference_hparams(hp: Any, method: str, n_layers: int, head: str) -> dict[str, Any]:
+    out = {
+        "layers": hp.edited_layers(),
+        "layer_selection": "all",
+        "fact_token": "subject_last",
+        "v_num_grad_steps": hp.v_num_grad_steps,
+        "v_lr": hp.v_lr,
+        "v_loss_layer": n_layers - 1 if hp.v_loss_layer is None else hp.v_loss_layer,
+        "v_weight_decay": hp.v_weight_decay,
+        "clamp_norm_factor": hp.clamp_norm_factor,
+        "kl_factor": hp.kl_factor,
+        "mom2_adjustment": True,
+        "mom2_update_weight": hp.mom2_update_weight,
+        "rewrite_module_tmp": hp.mlp_out_module,
+        "layer_module_tmp": hp.layers_module + ".{}",
+        "mlp_module_tmp": hp.layers_module + ".{}.mlp",
+        "attn_module_tmp": hp.layers_module + ".{}.attn",
+        "ln_f_module": hp.final_norm_module,
+        "lm_head_module": head,
+        "mom2_dataset": hp.mom2_dataset,
+        "mom2_n_samples": hp.mom2_n_samples,
+        "mom2_dtype": "float32",
+    }
+    if method == "emmet":
+        out.update(
+            calculate_objective_value=False,
+            update_norm_lambda=hp.update_norm_lambda,
+            emmet_lambda=hp.emmet_lambda,
+        )
+    if method == "alphaedit":
+        out.update(
+            nullspace_threshold=hp.nullspace_threshold, L2=hp.alphaedit_l2, model_name=hp.name
+        )
+    return out
+
+
+def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Our update, keys and z; writes the reference's inputs into ``work``."""
+    import rome.methods
+    from rome import Editor, EditRequest
+    from rome.methods.family import family_templates, moment
+
+    model, tok, hp = _model(args.model, args.seed)
+    changes: dict[str, Any] = {"subject_index": "separate" if args.method == "memit" else "joined"}
+    if args.layers:
+        layers = [int(x) for x in args.layers.split(",")]
+        changes.update(layers=layers, layer=layers[-1])
+    if args.steps:
+        changes["v_num_grad_steps"] = args.steps
+    if args.threshold is not None:
+        changes["nullspace_threshold"] = args.threshold
+    hp = hp.replace(**changes, v_stop="loss")
+    ed = Editor(model, tok, hp)
+    reqs = [EditRequest(p, s, t) for p, s, t in REQUESTS[: args.n]]
+    templates = family_templates(ed)
+    c0 = {layer: moment(ed, layer) for layer in hp.edited_layers()}
+    method = rome.methods.get_method(args.method)
+    seen: list[Any] = []
+    solve = method.solve  # type: ignore[attr-defined]
+
+    def spy(editor: Any, ctx: Any, settings: Any) -> Any:
+        seen.append(ctx)
+        return solve(editor, ctx, settings)
+
+    method.solve = spy  # type: ignore[attr-defined]
+    try:
+        upd = ed.edit(reqs, args.method)
+    finally:
+        del method.solve  # type: ignore[attr-defined]
+    model.save_pretrained(work / "model", safe_serialization=True)
+    tok.save_pretrained(work / "model")
+    n_layers = len(ed.model.get_submodule(hp.layers_module))
+    spec = {
+        "method": args.method,
+        "templates": templates,
+        "requests": [
+            {
+                "case_id": i,
+                "prompt": r.prompt,
+                "subject": r.subject,
+                "target_new": {"str": r.target_new},
+            }
+            for i, r in enumerate(reqs)
+        ],
+        "hparams": _reference_hparams(hp, args.method, n_layers, _head_name(model)),
+    }
+    (work / "spec.json").write_text(json.dumps(spec, indent=1))
+    torch.save({k: v.float().cpu() for k, v in c0.items()}, work / "c0.pt")
+    return {
+        "delta": {lu.layer: (lu.V.double() @ lu.U.double()).cpu() for lu in upd.layers},
+        "keys": {ctx.layer: ctx.keys.double().cpu() for ctx in seen},
+        "z": torch.stack([r["z"] for r in upd.results]).double(),
+        "kept": {x["layer"]: x.get("kept_directions") for x in upd.options["per_layer"]},
+        "layers": hp.edited_layers(),
+    }
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--method", choices=sorted(MAIN), required=True)
+    ap.add_argument("--reference-src", type=Path, required=True)
+    ap.add_argument(
+        "--model", default="tiny-gpt2", help="tiny-gpt2, gpt2-small-random, smollm2-135m"
+    )
+    ap.add_argument(
+        "--layers", default="", help="comma-separated edited layers (default: preset's)"
+    )
+    ap.add_argument("--n", type=int, default=3, help="requests in the batch (at most 6)")
+    ap.add_argument("--steps", type=int, default=0, help="z steps (default: preset's)")
+    ap.add_argument("--threshold", type=float, default=None, help="AlphaEdit nullspace_threshold")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker is not None:
+        reference_worker(args.worker, args.reference_src.resolve())
+        return
+    with tempfile.TemporaryDirectory(prefix="parity-") as tmp:
+        work = Path(tmp)
+        ours = run_ours(args, work)
+        env = dict(os.environ, PYTHONPATH=str(args.reference_src.resolve()))
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--method", args.method]
+        cmd += ["--reference-src", str(args.reference_src), "--worker", str(work)]
+        with open(work / "reference.log", "w") as log:
+            done = subprocess.run(cmd, cwd=args.reference_src, env=env, stdout=log, stderr=log)
+        if done.returncode != 0:
+            sys.stdout.write((work / "reference.log").read_text()[-4000:])
+            raise SystemExit(f"the reference run failed (exit {done.returncode})")
+        ref = torch.load(work / "reference.pt")
+    report(args, ours, ref)
+
+
+def report(args: argparse.Namespace, ours: dict[str, Any], ref: dict[str, Any]) -> None:
+    lines = [f"method {args.method}, model {args.model}, n {args.n}, layers {ours['layers']}"]
+    worst = {"dW": 0.0, "K": 0.0}
+    for i, layer in enumerate(ours["layers"]):
+        d = rel(ours["delta"][layer], ref["delta"][i])
+        k = rel(ours["keys"][layer], ref["keys"][i])
+        worst["dW"], worst["K"] = max(worst["dW"], d), max(worst["K"], k)
+        extra = ""
+        if args.method == "alphaedit":
+            extra = f"  kept directions ours {ours['kept'][layer]} reference {ref['kept'][i]}"
+        lines.append(f"layer {layer}: dW rel {d:.2e}  K rel {k:.2e}{extra}")
+    z = max(rel(ours["z"][j], ref["z"][j]) for j in range(ours["z"].shape[0]))
+    lines.append(f"z rel (worst request) {z:.2e}")
+    lines.append(f"worst: dW {worst['dW']:.2e}  K {worst['K']:.2e}  z {z:.2e}")
+    if ref.get("projector_source"):
+        lines.append(f"reference projector: {ref['projector_source']}")
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+# ------------------------------------------------------------------ the reference side
+def reference_worker(work: Path, src: Path) -> None:
+    """Runs inside the published checkout (cwd and PYTHONPATH): never imports our package."""
+    here = str(Path(__file__).resolve().parent)
+    sys.path[:] = [str(src)] + [p for p in sys.path if p not in ("", here, str(Path(here).parent))]
+    spec = json.loads((work / "spec.json").read_text())
+    method = spec["method"]
+    if not torch.cuda.is_available():
+        _cpu_shim()
+    import importlib
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    nethook = importlib.import_module("util.nethook")
+    _tuple_shim(nethook)
+    mod_name, pkg, hp_cls = MAIN[method]
+    main_mod = importlib.import_module(mod_name)
+    hparams = getattr(importlib.import_module(pkg), hp_cls)(**spec["hparams"])
+    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32).eval()
+    if not hasattr(model.config, "n_embd"):
+        model.config.n_embd = model.config.hidden_size
+    tok = AutoTokenizer.from_pretrained(work / "model")
+    tok.padding_side = "right"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    main_mod.CONTEXT_TEMPLATES_CACHE = [["{}"], spec["templates"][1:]]
+    c0 = torch.load(work / "c0.pt")
+    name = model.config._name_or_path.replace("/", "_")
+    for layer in hparams.layers:
+        module = hparams.rewrite_module_tmp.format(layer)
+        main_mod.COV_CACHE[(name, module)] = c0[layer]
+        main_mod.COV_CACHE[(name, module, "preserved_keys")] = None
+    rec: dict[str, list[Any]] = {"keys": [], "z": [], "upd": []}
+    _spy(main_mod, "compute_ks", lambda out: rec["keys"].append(out.T.double().cpu()))
+    _spy(main_mod, "compute_z", lambda out: rec["z"].append(out.detach().double().cpu()))
+    orig_match = main_mod.upd_matrix_match_shape
+
+    def match(matrix: torch.Tensor, shape: Any) -> torch.Tensor:
+        rec["upd"].append(matrix.detach().double().cpu())
+        return orig_match(matrix, shape)
+
+    main_mod.upd_matrix_match_shape = match
+    requests = spec["requests"]
+    out: dict[str, Any] = {}
+    if method == "memit":
+        main_mod.execute_memit(model, tok, requests, hparams)
+    elif method == "emmet":
+        main_mod.execute_emmet(model, tok, requests, hparams)
+    else:
+        p, kept, source = _projectors(model, tok, hparams, c0)
+        width = c0[hparams.layers[0]].shape[0]
+        cache_c = torch.zeros((len(hparams.layers), width, width))
+        main_mod.apply_AlphaEdit_to_model(model, tok, requests, hparams, cache_c=cache_c, P=p)
+        rec["upd"] = [u.T for u in rec["upd"]]  # AlphaEdit solves for (in, out)
+        out.update(kept=kept, projector_source=source)
+    m = len(hparams.layers)
+    out.update(delta=rec["upd"][:m], keys=rec["keys"][:m], z=torch.stack(rec["z"]))
+    torch.save(out, work / "reference.pt")
+
+
+def _spy(module: Any, name: str, record: Any) -> None:
+    fn = getattr(module, name)
+
+    def wrapped(*a: Any, **k: Any) -> Any:
+        res = fn(*a, **k)
+        record(res)
+        return res
+
+    setattr(module, name, wrapped)
+
+
+def _projectors(model: Any, tok: Any, hparams: Any, c0: dict[int, torch.Tensor]) -> Any:
+    try:
+        from experiments.evaluate import get_project
+
+        ps = [get_project(model, tok, layer, hparams) for layer in hparams.layers]
+        source = "experiments.evaluate.get_project"
+    except Exception as exc:  # its imports (GLUE, baselines) may not all be installed
+        ps = []
+        for layer in hparams.layers:
+            u, s, _ = torch.linalg.svd(c0[layer].cpu(), full_matrices=False)
+            keep = (s < hparams.nullspace_threshold).nonzero(as_tuple=True)[0]
+            ps.append(u[:, keep] @ u[:, keep].T)
+        source = f"the same rule in the subprocess (get_project did not import: {exc!r:.80})"
+    kept = [round(float(p.trace())) for p in ps]
+    return torch.stack([p.cpu() for p in ps]), kept, source
+
+
+def _cpu_shim() -> None:
+    """Map the published code's hard-coded "cuda" to the CPU (no CUDA here)."""
+
+    def fix(dev: Any) -> Any:
+        if isinstance(dev, str) and dev.startswith("cuda"):
+            return "cpu"
+        if isinstance(dev, torch.device) and dev.type == "cuda":
+            return torch.device("cpu")
+        return dev
+
+    orig_to = torch.Tensor.to
+
+    def to(self: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
+        a = tuple(fix(x) for x in a)
+        if "device" in k:
+            k["device"] = fix(k["device"])
+        return orig_to(self, *a, **k)
+
+    torch.Tensor.to = to  # type: ignore[method-assign]
+    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
+    for name in ("zeros", "ones", "tensor", "eye", "full", "arange", "empty", "randn"):
+        orig = getattr(torch, name)
+
+        def factory(*a: Any, _orig: Any = orig, **k: Any) -> Any:
+            if "device" in k:
+                k["device"] = fix(k["device"])
+            return _orig(*a, **k)
+
+        setattr(torch, name, factory)
+
+
+def _tuple_shim(nethook: Any) -> None:
+    """Under transformers 5 a block returns a tensor: show it to the reference as ``(h,)``."""
+    orig_invoke = nethook.invoke_with_optional_args
+    orig_copy = nethook.recursive_copy
+    depth = [0]
+
+    def invoke(fn: Any, *a: Any, **k: Any) -> Any:
+        out = k.get("output")
+        if isinstance(out, torch.Tensor):
+            k["output"] = (out,)
+            res = orig_invoke(fn, *a, **k)
+            return res[0] if isinstance(res, tuple) else res
+        return orig_invoke(fn, *a, **k)
+
+    def copy(x: Any, *a: Any, **k: Any) -> Any:
+        depth[0] += 1
+        try:
+            y = orig_copy(x, *a, **k)
+        finally:
+            depth[0] -= 1
+        return (y,) if depth[0] == 0 and isinstance(y, torch.Tensor) else y
+
+    nethook.invoke_with_optional_args = invoke
+    nethook.recursive_copy = copy
+
+
+if __name__ == "__main__":
+    main()
