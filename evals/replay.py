@@ -445,9 +445,9 @@ def _extend(store: Store, run: Any, cfg: ReplayConfig, records: list[CounterFact
     planned = cfg.n_edits
     cfg.n_edits = len(records)
     cfg.dataset_fingerprint = dataset_fingerprint(records)
-    store.update_run(
+    store.set_status(
         run.id,
-        status="running",
+        "running",
         n_edits_planned=len(records),
         hparams={**_stored(store.get_run(run.id)), "replay": cfg.to_dict()},
     )

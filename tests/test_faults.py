@@ -167,7 +167,8 @@ def test_an_extension_interrupted_before_it_starts_leaves_the_run_as_it_was(
 def test_the_plan_and_the_status_change_in_one_transaction(done: Done, tmp_path: Path) -> None:
     db = done.copy(tmp_path)
     with Store.open(db) as store:
-        run = store.update_run(done.run_id, status="running", n_edits_planned=3)
+        store.set_status(done.run_id, "running", n_edits_planned=3)
+        run = store.get_run(done.run_id)
     assert (run.status, run.n_edits_planned) == ("running", 3)
 
 

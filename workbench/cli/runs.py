@@ -204,11 +204,12 @@ def save(
     """Save a run's edited model as a Hugging Face folder (safetensors, config,
     tokenizer, a README.md listing the edits): the base model plus the run's
     applied edits in order, fingerprints checked as on resume."""
-    from workbench.core.save import save_run
+    from workbench.core.save import check_output_folder, save_run
 
     with handled(), sigterm_as_interrupt():
         store = open_db(db, create=False)
         r = store.get_run(run)
+        check_output_folder(output, overwrite)
         err.print(f"rebuilding run {r.id} on {r.model}...")
         with progress_bar() as bar:
             path = save_run(

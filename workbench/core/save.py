@@ -153,11 +153,12 @@ def model_card(rebuilt: Rebuilt) -> str:
     return "\n".join(lines)
 
 
-def _check_output(out_dir: Path, overwrite: bool) -> None:
+def check_output_folder(out_dir: str | Path, overwrite: bool = False) -> None:
     """Refuse a file, a non-empty folder unless ``overwrite``, or a place where no
     folder can be made (a file in the way, no permission); nothing is touched."""
     from .errors import OutputPathError, where_problem
 
+    out_dir = Path(out_dir).expanduser().absolute()
     if out_dir.exists() and not out_dir.is_dir():
         raise BadRequestError(f"{out_dir} is a file, not a folder; give a folder to save into")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
@@ -187,7 +188,7 @@ def write_folder(rebuilt: Rebuilt, out_dir: str | Path, *, overwrite: bool = Fal
     :class:`~workbench.core.errors.WriteError` line.
     """
     out = Path(out_dir).expanduser().absolute()
-    _check_output(out, overwrite)
+    check_output_folder(out, overwrite)
     inside = out.is_dir()
     tmp = out / ".rome-workbench-partial" if inside else out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -240,7 +241,7 @@ def save_run(
     """Load the run's base model (or use ``lm``, which must hold the base weights),
     rebuild its edits, and write the folder; returns its path."""
     run = store.get_run(run_id)
-    _check_output(Path(out_dir).expanduser().absolute(), overwrite)  # refuse before a long load
+    check_output_folder(out_dir, overwrite)  # refuse before a long load
     if lm is None:
         lm = load_model(run.model, device=device, dtype=dtype, layer=stored_layer(run))
     rebuilt = rebuild(store, run.id, lm, progress)

@@ -203,40 +203,47 @@ class Store(ResultTables, StepTables):
             )
             return [Run.from_row(r) for r in rows]
 
-    def set_status(self, run_id: str, status: RunStatus, error: str | None = None) -> None:
-        """Set a run's status (and error text, for ``failed``/``interrupted``)."""
+    def set_status(
+        self, run_id: str, status: RunStatus, error: str | None = None, **fields: Any
+    ) -> None:
+        """Set a run's status (and error text, for ``failed``/``interrupted``); the
+        ``fields`` :meth:`update_run` takes change in the same transaction."""
         if status not in RUN_STATUSES:
             raise InvalidFieldError(f"run status must be one of {RUN_STATUSES}, not {status!r}")
+        values = self._run_values(fields) if fields else {}
         self._require_run(run_id)
         self._check_writable(run_id)
         with self._write() as conn:
-            values = {"status": status, "error": error, "updated_at": now()}
+            values.update(status=status, error=error, updated_at=now())
             self._update(conn, "runs", {"id": run_id}, values)
         log.info("run %s is now %s%s", run_id, status, f": {error}" if error else "")
 
-    def update_run(self, run_id: str, *, status: RunStatus | None = None, **fields: Any) -> Run:
-        """Change descriptive fields of a run (notes, base_fingerprint, ...); with
-        ``status``, the status too, in the same transaction."""
-        bad = set(fields) - _UPDATABLE_RUN_FIELDS
-        if bad:
-            raise InvalidFieldError(
-                f"cannot update run field(s) {sorted(bad)}; "
-                f"updatable: {sorted(_UPDATABLE_RUN_FIELDS)} (status: use set_status)"
-            )
-        if status is not None and status not in RUN_STATUSES:
-            raise InvalidFieldError(f"run status must be one of {RUN_STATUSES}, not {status!r}")
-        values = dict(fields) if status is None else {**fields, "status": status, "error": None}
-        for key in ("hparams", "glue_tasks"):
-            if key in values:
-                values[key] = dumps(values[key])
-        if "guard" in values:
-            values["guard"] = bool(values["guard"])
+    def update_run(self, run_id: str, **fields: Any) -> Run:
+        """Change descriptive fields of a run (notes, base_fingerprint, ...)."""
+        values = self._run_values(fields)
         values["updated_at"] = now()
         self._require_run(run_id)
         self._check_writable(run_id)
         with self._write() as conn:
             self._update(conn, "runs", {"id": run_id}, values)
         return self.get_run(run_id)
+
+    @staticmethod
+    def _run_values(fields: dict[str, Any]) -> dict[str, Any]:
+        """Updatable run fields as stored (JSON encoded where they are)."""
+        bad = set(fields) - _UPDATABLE_RUN_FIELDS
+        if bad:
+            raise InvalidFieldError(
+                f"cannot update run field(s) {sorted(bad)}; "
+                f"updatable: {sorted(_UPDATABLE_RUN_FIELDS)} (status: use set_status)"
+            )
+        values = dict(fields)
+        for key in ("hparams", "glue_tasks"):
+            if key in values:
+                values[key] = dumps(values[key])
+        if "guard" in values:
+            values["guard"] = bool(values["guard"])
+        return values
 
     def delete_run(self, run_id: str) -> None:
         """Delete a run and everything recorded under it (one transaction)."""
