@@ -87,7 +87,8 @@ def run(lm: Any, ed: Editor, method: str, reqs: list[Any], records: list[Any], *
     t0 = time.perf_counter()
     upd = ed.edit(reqs, method, **opts)
     ratios = [
-        lu.norm / float(weight_out_in(ed.module(lu.layer)).float().norm()) for lu in upd.layers
+        lu.norm / float(weight_out_in(ed.module(lu.layer)).detach().float().norm())
+        for lu in upd.layers
     ]
     resid = statistics.mean(r["residual_after"] / max(r["delta_norm"], 1e-9) for r in upd.records)
     ed.apply_step(upd, force=True)
