@@ -15,8 +15,11 @@ edited layers; resid = ‖z − cur_z‖ after the edit over ‖z − target_ini
 from __future__ import annotations
 
 import argparse
+import hashlib
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,15 +32,27 @@ from rome.scoring import score_targets
 from rome.update import weight_out_in
 
 
-def cached_z() -> None:
-    """Compute z once per (z-layer, requests): every λ and method reuses it."""
+def cached_z(folder: Path | None) -> None:
+    """Compute z once per (z-layer, requests, templates): every λ and method reuses it,
+    and a rerun with ``--z-cache DIR`` reads it from disk."""
     memo: dict[Any, Any] = {}
     compute = loop.compute_zs
 
     def wrapped(model, tok, reqs, templates, layer, block, hp, cb=None):  # type: ignore[no-untyped-def]
         key = (layer, tuple(reqs), tuple(templates))
+        digest = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+        path = folder / f"z_{layer}_{digest}.pt" if folder is not None else None
+        if key not in memo and path is not None and path.is_file():
+            memo[key] = torch.load(path, weights_only=False)
         if key not in memo:
-            memo[key] = compute(model, tok, reqs, templates, layer, block, hp, cb)
+
+            def tick(done: int, total: int) -> None:
+                print(f"  z at layer {layer}: {done}/{total}", file=sys.stderr, flush=True)
+
+            memo[key] = compute(model, tok, reqs, templates, layer, block, hp, tick)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(memo[key], path)
         return memo[key]
 
     loop.compute_zs = wrapped  # type: ignore[assignment]
@@ -72,7 +87,8 @@ def run(lm: Any, ed: Editor, method: str, reqs: list[Any], records: list[Any], *
     t0 = time.perf_counter()
     upd = ed.edit(reqs, method, **opts)
     ratios = [
-        lu.norm / float(weight_out_in(ed.module(lu.layer)).float().norm()) for lu in upd.layers
+        lu.norm / float(weight_out_in(ed.module(lu.layer)).detach().float().norm())
+        for lu in upd.layers
     ]
     resid = statistics.mean(r["residual_after"] / max(r["delta_norm"], 1e-9) for r in upd.records)
     ed.apply_step(upd, force=True)
@@ -97,11 +113,12 @@ def main() -> None:
     ap.add_argument("--lambdas", default="1e3,1e4,1.5e4")
     ap.add_argument("--emmet-w", default="1,1000")
     ap.add_argument("--n", type=int, default=12)
+    ap.add_argument("--z-cache", type=Path, default=None, help="folder keeping z between runs")
     args = ap.parse_args()
     lm = load_model(args.model)
     records = load_counterfact("sample", limit=args.n).records
     reqs = [r.to_request() for r in records]
-    cached_z()
+    cached_z(args.z_cache)
     es, ps, ns = score(lm, records)
     print(
         f"{lm.name}: {len(records)} records, one batch. "

@@ -310,25 +310,20 @@ def test_reprs_out_is_block_output(gpt2_family):
 
 
 # ------------------------------------------------------------ SmolLM2 (ci)
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2-135m")
+
+
 @pytest.mark.slow
 @pytest.mark.ci
 @pytest.mark.parametrize("method", ["memit", "emmet", "alphaedit"])
-def test_one_edit_holds_on_smollm2(method):
-    lm = _smollm2()
-    hp = load_preset(f"smollm2-135m-{method}")
-    ed = Editor(lm.model, lm.tokenizer, hp)
+def test_one_edit_holds_on_smollm2(smollm2, method):
+    lm = smollm2
+    ed = Editor(lm.model, lm.tokenizer, load_preset(f"smollm2-135m-{method}"))
     req = EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
     upd = ed.edit([req], method)
     rec = upd.records[0]
     assert upd.unsafe_reason is None
     assert rec["p_new_before"] < 0.01 < 0.5 < rec["p_new_after"]
     assert rec["p_true_after"] < rec["p_new_after"]
-
-
-_SMOL: list = []
-
-
-def _smollm2():
-    if not _SMOL:
-        _SMOL.append(load_model("smollm2-135m"))
-    return _SMOL[0]

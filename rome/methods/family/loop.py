@@ -150,7 +150,8 @@ class FamilyMethod:
                 cur_z = reprs_at(model, tok, bare, block, "out").to(zr.z.device)
                 err = zr.z - cur_z  # (n, d)
                 resid_norms.append(err.norm(dim=1).tolist())
-                ctx = LayerContext(layer, i, len(layers), keys, (err / (len(layers) - i)).T)
+                resid = (err / (len(layers) - i)).T.to(keys.device)  # under a device map
+                ctx = LayerContext(layer, i, len(layers), keys, resid)
                 solved = self.solve(editor, ctx, settings)
                 lu = LayerUpdate(layer, name, solved.U.float(), solved.V.float())
                 saved.append((layer, add_delta(editor.module(layer), lu.delta())))

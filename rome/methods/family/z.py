@@ -92,7 +92,11 @@ def compute_z(
     block_name: str,
     hp: EditHparams,
 ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, float]]]:
-    """(z, target_init, per-step trace) for one request. See the module docstring."""
+    """(z, target_init, per-step trace) for one request. See the module docstring.
+
+    Long on purpose: the reference optimiser, kept as one loop that reads step for
+    step against the published ``compute_z``.
+    """
     device = module_device(model, block_name)
     tgt = target_ids(tok, req.target_new)
     seqs, idxs, loss_rows, loss_cols, labels = [], [], [], [], []
