@@ -34,6 +34,10 @@ def writes_to_terminal(handler: logging.Handler) -> bool:
         return False
     if stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         return True
+    if getattr(stream, "closed", False):
+        # a stale stream (e.g. left by an in-process CLI run): a handler that re-binds to
+        # the stderr of the moment, as the CLI's does, would write to the terminal
+        return True
     try:
         return stream.fileno() in (1, 2)
     except (AttributeError, OSError, ValueError):  # StringIO, closed or detached streams
