@@ -15,7 +15,7 @@ COMMON=(--model smollm2-135m --dataset val --n-edits 1000 --glue-every 100 --glu
         --glue-tasks sst2 --glue-calibration none --retention-size 100 --db "$DB")
 launch() {  # name, args...
   local name=$1; shift
-  OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nohup "$PY" -m workbench.cli replay "$@" \
+  OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nohup nice -n "${NICE:-0}" "$PY" -m workbench.cli replay "$@" \
     >>"$LOGS/$name.log" 2>&1 &
   echo "$name: pid $!"
 }
