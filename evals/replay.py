@@ -547,6 +547,10 @@ def replay(
             # Sampled templates depend on the machine (thread count, BLAS): kept with the
             # run, so a resume anywhere edits with the same ones.
             ed.hp = ed.hp.replace(context_templates=ed.templates())
+        if cfg.method != "rome" and ed.hp.family_context_templates is None:
+            from rome.methods.family.templates import family_templates
+
+            ed.hp = ed.hp.replace(family_context_templates=family_templates(ed))
         hp = ed.hp if cfg.layer is None else ed.hp.replace(layer=hp.layer)
         cfg.covariance_fingerprint = covariance_fingerprint(ed, cfg)
         run = store.create_run(
