@@ -17,10 +17,12 @@ from rome import Editor
 from rome.methods import Update
 
 from .counterfact import CounterFactRecord
+from .events import EditDone
+from .flags import norm_flag
 from .metrics import record_metrics
 
 if TYPE_CHECKING:
-    from .replay import EditDone, _Run
+    from .replay import _Run
 
 
 def layer_drift(ed: Editor, layers: Sequence[int]) -> dict[str, Any]:
@@ -47,8 +49,6 @@ def batch_step(
     st: _Run, first_seq: int, recs: Sequence[CounterFactRecord], total: int
 ) -> list[EditDone]:
     """Edit ``recs`` as one step starting at ``first_seq``; store it; one event per request."""
-    from .replay import EditDone, norm_flag
-
     ed, store, run_id, cfg, layers, norms = (
         st.editor,
         st.store,

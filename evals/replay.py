@@ -17,11 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import statistics
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from rome import Editor, LoadedModel, RomeError
@@ -31,6 +29,15 @@ from rome.methods import LayerUpdate, Update, get_method
 
 from .batches import batch_step
 from .counterfact import CounterFactRecord, load_counterfact
+from .events import (
+    CheckpointDone,
+    EditDone,
+    ReplayEvent,
+    ReplayFinished,
+    ReplayStarted,
+    ReplayWarning,
+)
+from .flags import fluency_flag, norm_flag, perplexity_flag
 from .glue import evaluate_glue, load_glue
 from .metrics import aggregate, record_metrics
 from .probes import FLUENCY_PROMPTS, fluency, perplexity
@@ -65,84 +72,6 @@ PERPLEXITY_TASK = "perplexity"
 
 class ReplayError(RomeError):
     """A replay that cannot start or resume (wrong model, fingerprint mismatch...)."""
-
-
-@dataclass
-class ReplayStarted:
-    run_id: str
-    total: int
-    start_seq: int
-
-
-@dataclass
-class EditDone:
-    seq: int
-    total: int
-    case_id: int
-    subject: str
-    target_new: str
-    update_norm: float
-    update_norm_ratio: float
-    metrics: dict[str, Any]
-    flagged: bool
-    flag_reason: str | None
-    refused: bool
-    seconds: float
-    w_delta_norm: float = 0.0  # ‖W_n − W_0‖_F after this edit
-    w_norm_ratio: float = 1.0  # ‖W_n‖_F / ‖W_0‖_F after this edit
-    cos_kstar_ks: float | None = None
-    denominator: float | None = None
-
-
-@dataclass
-class CheckpointDone:
-    step: int
-    glue: dict[str, dict[str, Any]]
-    fluency: float | None
-    perplexity: float | None = None
-    retention: dict[str, Any] | None = None  # evals.retention.RetentionResult.as_dict()
-
-
-@dataclass
-class ReplayWarning:
-    message: str
-
-
-@dataclass
-class ReplayFinished:
-    run_id: str
-    status: str
-    summary: dict[str, Any] = field(default_factory=dict)
-
-
-ReplayEvent = ReplayStarted | EditDone | CheckpointDone | ReplayWarning | ReplayFinished
-
-
-def norm_flag(norm: float, history: list[float], cfg: ReplayConfig) -> str | None:
-    """Why an update norm looks disabling, measured against the run's running median."""
-    if len(history) < cfg.flag_min_history:
-        return None
-    med = statistics.median(history)
-    if med > 0 and norm > cfg.flag_norm_factor * med:
-        return f"update norm {norm:.3g} is {norm / med:.1f}x the running median {med:.3g}"
-    return None
-
-
-def fluency_flag(entropy: float, base: float | None, cfg: ReplayConfig) -> str | None:
-    """Why a checkpoint's fluency looks broken: its entropy fell under a share of the start's."""
-    if base and entropy < cfg.flag_entropy_ratio * base:
-        return f"fluency entropy fell to {entropy:.2f} from {base:.2f} at the start"
-    return None
-
-
-def perplexity_flag(ppl: float, base: float | None, cfg: ReplayConfig) -> str | None:
-    """Why a checkpoint's perplexity looks broken: it rose over a multiple of the start's."""
-    if base and ppl > cfg.flag_ppl_ratio * base:
-        return (
-            f"perplexity rose to {ppl:.1f} from {base:.1f} at the start "
-            f"(over {cfg.flag_ppl_ratio:g}x)"
-        )
-    return None
 
 
 def _digest(obj: Any) -> str:

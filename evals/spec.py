@@ -101,8 +101,17 @@ class RunSpec:
         return hp if isinstance(hp, dict) else {}
 
     def edit_hparams(self, fallback: EditHparams) -> EditHparams:
-        """The preset the run edits with (a resume edits exactly as before)."""
-        return EditHparams.from_dict(self.hparams) if self.hparams else fallback
+        """The preset the run edits with (a resume edits exactly as before).
+
+        A run stored before prefix reuse existed resumes without it: its v* steps
+        stay the whole-sequence computation its edits were made with, bit for bit
+        (prefix reuse agrees to float error, not to the bit).
+        """
+        if not self.hparams:
+            return fallback
+        stored = dict(self.hparams)
+        stored.setdefault("v_prefix_reuse", False)
+        return EditHparams.from_dict(stored)
 
     def layer(self) -> int | None:
         """The ROME layer the run edits: the replay's ``layer``, else its preset's."""

@@ -135,6 +135,13 @@ class Editor:
                     self.hp.context_template_length_params,
                     self.hp.template_seed,
                     self.cache / "templates" if isinstance(self.cache, Path) else None,
+                    shipped=bundle.bundled_templates(
+                        self.model_key,
+                        "rome",
+                        bundle.rome_template_settings(
+                            self.hp.context_template_length_params, self.hp.template_seed
+                        ),
+                    ),
                 )
         return self._templates
 

@@ -96,19 +96,17 @@ def cached_templates(
     length_params: Sequence[Sequence[int]],
     seed: int,
     cache_dir: Path | None,
+    shipped: Sequence[str] | None = None,
 ) -> list[str]:
     """Sample once per (model, lengths, seed); reuse the file in ``cache_dir`` after.
 
-    Without a cached file, the templates shipped with the package for this model and
-    settings (rome/bundled) are used when there are any.
+    Without a cached file, ``shipped`` (the templates the package ships for this model
+    and settings, rome/bundled; the editor looks them up) are used when given.
     """
     lengths = "_".join(f"{a}x{b}" for a, b in length_params)
     path = cache_dir / f"templates_{model_key}_{lengths}_seed{seed}.json" if cache_dir else None
     if path is not None and path.is_file():
         return normalise_templates(json.loads(path.read_text()))
-    from .bundle import bundled_templates, rome_template_settings
-
-    shipped = bundled_templates(model_key, "rome", rome_template_settings(length_params, seed))
     if shipped is not None:
         return normalise_templates(shipped)
     templates = sample_templates(model, tok, length_params, seed)

@@ -1,30 +1,14 @@
-"""The editing methods, by name: each implements :class:`~rome.methods.base.Method`."""
+"""The editing methods, by name: each implements :class:`~rome.methods.base.Method`.
+
+Importing this package registers every method (the family modules register
+themselves in :mod:`rome.methods.registry` on import).
+"""
 
 from __future__ import annotations
 
-from ..errors import BadRequestError
+from . import alphaedit, emmet, memit  # noqa: F401  (they register themselves)
 from .base import LayerUpdate, Method, Update
-from .rome import Rome, update_of
-
-METHODS: dict[str, Method] = {"rome": Rome()}
-
-
-def register(method: Method) -> Method:
-    """Add a method to the registry (the family modules call this on import)."""
-    METHODS[method.name] = method
-    return method
-
-
-def get_method(name: str) -> Method:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise BadRequestError(
-            f"unknown method {name!r}: use one of {', '.join(sorted(METHODS))}"
-        ) from None
-
+from .registry import METHODS, get_method, register
+from .rome import update_of
 
 __all__ = ["METHODS", "LayerUpdate", "Method", "Update", "get_method", "register", "update_of"]
-
-# The family registers itself on import (after METHODS and register exist).
-from . import alphaedit, emmet, memit  # noqa: E402, F401

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import BadRequestError
-from . import register
 from .base import Update
 from .family import FamilyMethod, LayerContext, Solved, moment
 from .memit import accumulated, add_keys
+from .registry import register
 
 if TYPE_CHECKING:
     from ..editor import Editor

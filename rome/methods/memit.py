@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import register
 from .base import Update
 from .family import FamilyMethod, LayerContext, Solved, moment
+from .registry import register
 
 if TYPE_CHECKING:
     from ..editor import Editor
