@@ -1,6 +1,6 @@
 """Sequential replay: N CounterFact edits applied in order to one model, evaluated as it goes.
 
-(Over 500 lines: the loop, its events, its resume checks and the run summary
+(Over 500 lines: the loop, its resume checks and the run summary
 read and write the same run state; the probes live in evals/probes.py.)
 
 ``replay`` is a generator of events (a CLI or a TUI consumes them). Every
