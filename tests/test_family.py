@@ -12,10 +12,12 @@ from rome.methods import get_method
 from rome.methods.alphaedit import alphaedit_solve, null_space_projector
 from rome.methods.emmet import emmet_solve
 from rome.methods.family import (
+    compute_zs,
     family_templates,
     group_average,
     locate,
     moment,
+    optimise_zs,
     reprs_at,
     subject_last_index,
     use_templates,
@@ -307,6 +309,51 @@ def test_reprs_out_is_block_output(gpt2_family):
     with torch.no_grad():
         hs = lm.model(input_ids=ids, output_hidden_states=True).hidden_states
     assert torch.allclose(out[0], hs[2][0, loc.index], atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("rule", ["joined", "separate"])
+def test_batched_z_equals_the_reference_loop(arch, rule):
+    """optimise_zs (all requests together, prefix reuse) gives the reference loop's z,
+    step count and trace per request, with requests stopping at different steps. The
+    reference keeps δ in float32 whatever the model, so both run in float32."""
+    lm = load_model(f"tiny-{arch}")
+    ed = Editor(lm.model, lm.tokenizer, load_preset(f"tiny-{arch}-family"), cache_dir=None)
+    hp = ed.hp.replace(subject_index=rule)
+    templates = family_templates(ed)
+    layer = hp.edited_layers()[-1]
+    block = f"{hp.layers_module}.{layer}"
+    ref = compute_zs(lm.model, lm.tokenizer, REQS, templates, layer, block, hp)
+    # a threshold between the requests' losses at step 5 makes them stop apart
+    losses = sorted(t[min(5, len(t) - 1)]["loss"] for t in ref.traces)
+    hp = hp.replace(v_early_stop_loss=(losses[0] + losses[1]) / 2)
+    ref = compute_zs(lm.model, lm.tokenizer, REQS, templates, layer, block, hp)
+    assert len(set(ref.steps)) > 1
+    got, loop = optimise_zs(lm.model, lm.tokenizer, REQS, templates, layer, block, hp)
+    assert loop == "batched"
+    assert got.steps == ref.steps
+    assert rel(got.target_init, ref.target_init) < 1e-6
+    assert rel(got.z, ref.z) < 1e-5
+    assert rel(got.z - got.target_init, ref.z - ref.target_init) < 1e-4
+    for a, b in zip(got.traces, ref.traces, strict=True):
+        assert [x["loss"] for x in a] == pytest.approx([x["loss"] for x in b], rel=1e-4)
+
+
+def test_z_loop_is_recorded_and_reference_when_loss_layer_is_lower(gpt2_family):
+    lm, ed = gpt2_family
+    upd = ed.edit(REQS[:1], "memit")
+    assert upd.options["z_loop"] == "batched"
+    assert upd.options["v_prefix_reuse"] is True
+    ref = ed.edit(REQS[:1], "memit", z_loop="reference")
+    assert ref.options["z_loop"] == "reference"
+    assert rel(upd.layers[0].delta(), ref.layers[0].delta()) < 1e-4
+    hp = ed.hp.replace(v_loss_layer=ed.hp.edited_layers()[-1])
+    n = len(list(lm.model.transformer.h))
+    if hp.v_loss_layer < n - 1:
+        templates = family_templates(ed)
+        block = f"{hp.layers_module}.{hp.v_loss_layer}"
+        _, loop = optimise_zs(lm.model, lm.tokenizer, REQS[:1], templates, hp.v_loss_layer, block, hp)
+        assert loop == "reference"
 
 
 # ------------------------------------------------------------ SmolLM2 (ci)

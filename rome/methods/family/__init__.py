@@ -3,7 +3,7 @@
 from .loop import FamilyMethod, LayerContext, Solved, moment, use_moment
 from .reprs import Located, group_average, locate, reprs_at, subject_last_index
 from .templates import family_templates, sample_family_templates, use_templates
-from .z import ZResult, compute_z, compute_zs
+from .z import Z_LOOPS, ZResult, compute_z, compute_zs, optimise_zs
 
 __all__ = [
     "FamilyMethod",
@@ -13,6 +13,8 @@ __all__ = [
     "ZResult",
     "compute_z",
     "compute_zs",
+    "optimise_zs",
+    "Z_LOOPS",
     "family_templates",
     "group_average",
     "locate",

@@ -25,7 +25,7 @@ from ...update import add_delta, restore
 from ..base import LayerUpdate, Update
 from .reprs import Located, group_average, locate, reprs_at
 from .templates import family_templates
-from .z import compute_zs
+from .z import optimise_zs
 
 if TYPE_CHECKING:
     from ...editor import Editor
@@ -138,7 +138,9 @@ class FamilyMethod:
         ]
         before = _probe(editor, reqs)
         z_cb = (lambda d, t: progress("z", d, t)) if progress else None
-        zr = compute_zs(model, tok, reqs, templates, z_layer, block, hp, z_cb)
+        zr, z_loop = optimise_zs(
+            model, tok, reqs, templates, z_layer, block, hp, z_cb, options.get("z_loop", "batched")
+        )
         saved: list[tuple[int, torch.Tensor]] = []
         out: list[LayerUpdate] = []
         infos: list[dict[str, Any]] = []
@@ -177,6 +179,8 @@ class FamilyMethod:
             "layers": layers,
             "subject_index": hp.subject_index,
             "v_stop": hp.v_stop,
+            "z_loop": z_loop,
+            "v_prefix_reuse": hp.v_prefix_reuse if z_loop == "batched" else False,
             "n_requests": len(reqs),
             "templates": templates,
             **{k: v for k, v in settings.items() if not k.startswith("_")},

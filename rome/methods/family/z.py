@@ -1,7 +1,11 @@
 """z: the output of block ℓₘ (the last edited layer) the subject should produce.
 
-The reference, one request at a time, the whole model run at every step (a
-batched optimiser may replace it; it must give the same z). For each request:
+:func:`optimise_zs` is what the methods run: every request of a batch in one
+optimisation, with prefix reuse (:func:`rome.optimise.optimise_targets`, δ on
+the block's output). :func:`compute_zs` is the reference it must equal, one
+request at a time with the whole model run at every step, read step for step
+against the published ``compute_z`` (and used when the loss layer is not the
+last, which the batched optimiser does not model). For each request:
 6 rewriting prompts (template ∘ prompt, then the target's tokens but its last)
 and the KL prompt ``"{} is a"``, right-padded; δ (float32, zeros) is added to
 the **block's output** (the residual stream) at the subject's last token of
@@ -29,9 +33,14 @@ from ... import nethook
 from ...batching import pad_id_of, pad_right, target_ids
 from ...devices import module_device
 from ...hparams import EditHparams
+from ...optimise import optimise_targets
 from ...request import EditRequest
+from ...tokens import Encoded
 from ...vstar import KL_PROMPT, frozen
 from .reprs import locate
+
+#: how z is optimised: all requests together with prefix reuse, or the reference loop
+Z_LOOPS = ("batched", "reference")
 
 
 @dataclass
@@ -75,6 +84,55 @@ def compute_zs(
         if on_request is not None:
             on_request(j + 1, len(requests))
     return ZResult(torch.stack(zs), torch.stack(inits), steps, traces)
+
+
+def optimise_zs(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    templates: Sequence[str],
+    layer: int,
+    block_name: str,
+    hp: EditHparams,
+    on_step: Callable[[int, int], None] | None = None,
+    loop: str = "batched",
+) -> tuple[ZResult, str]:
+    """z for each request, and the loop that computed it (``loop`` unless the loss
+    layer is below the last block, where only the reference applies).
+
+    The batched loop equals :func:`compute_zs` to float error (tests/test_family.py):
+    the same rows (``locate``'s subject index, the target's ids), the same loss,
+    clamp on ‖target_init‖ of the bare row, and stopping rule, per request.
+    """
+    if loop not in Z_LOOPS:
+        raise ValueError(f"z loop must be one of {', '.join(Z_LOOPS)}, not {loop!r}")
+    n_layers = len(nethook.get_module(model, hp.layers_module))  # type: ignore[arg-type]
+    if loop == "reference" or _loss_layer(model, hp, layer) != n_layers - 1:
+        return compute_zs(model, tok, requests, templates, layer, block_name, hp), "reference"
+
+    def encode(t: PreTrainedTokenizerBase, template: str, subject: str) -> Encoded:
+        loc = locate(t, template, subject, hp.subject_index)
+        return Encoded(ids=loc.ids, subject_last=loc.index, text=template.replace("{}", subject))
+
+    out = optimise_targets(
+        model,
+        tok,
+        hp,
+        requests,
+        [list(templates)] * len(requests),
+        layer,
+        hook_module_name=block_name,
+        clamp_reference="init",
+        on_step=on_step,
+        encode=encode,
+    )
+    z = ZResult(
+        torch.stack([v.v_star.float() for v in out]),
+        torch.stack([v.v_init.float() for v in out]),
+        [v.steps for v in out],
+        [v.trace for v in out],
+    )
+    return z, "batched"
 
 
 def _loss_layer(model: nn.Module, hp: EditHparams, layer: int) -> int:
