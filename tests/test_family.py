@@ -352,7 +352,9 @@ def test_z_loop_is_recorded_and_reference_when_loss_layer_is_lower(gpt2_family):
     if hp.v_loss_layer < n - 1:
         templates = family_templates(ed)
         block = f"{hp.layers_module}.{hp.v_loss_layer}"
-        _, loop = optimise_zs(lm.model, lm.tokenizer, REQS[:1], templates, hp.v_loss_layer, block, hp)
+        _, loop = optimise_zs(
+            lm.model, lm.tokenizer, REQS[:1], templates, hp.v_loss_layer, block, hp
+        )
         assert loop == "reference"
 
 
