@@ -123,3 +123,18 @@ async def test_compare_shows_the_methods_beside_the_key_modes(app_factory) -> No
             assert "→" in line and "%" in line  # p(new) and the efficacy before → after
         # the key-mode apply buttons still work after it
         assert app.compare_pane.outcomes
+
+
+async def test_the_replay_tab_key_mode_is_rome_only(app_factory) -> None:
+    app = app_factory(autoload=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        app.show_tab("replay")
+        method, mode = app.query_one("#r-method", Select), app.query_one("#r-mode", Select)
+        assert method.value == "rome" and not mode.disabled
+        method.value = "alphaedit"
+        await pilot.pause()
+        assert mode.disabled and "alphaedit has none" in str(mode.tooltip)
+        method.value = "rome"
+        await pilot.pause()
+        assert not mode.disabled
