@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,3 +139,44 @@ async def test_the_replay_tab_key_mode_is_rome_only(app_factory) -> None:
         method.value = "rome"
         await pilot.pause()
         assert not mode.disabled
+
+
+def test_a_method_preset_of_its_own_edits_its_layers_and_undo_restores_its_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The headless part: a method whose preset is not the session's (here the tiny
+    family preset, layers 0-1) gets its own editor; the session's editor applies and
+    undoes its step over both layers, and AlphaEdit's carried K Kᵀ goes back on undo."""
+    from rome import load_preset
+    from workbench.core.method_edits import MethodEdits
+    from workbench.core.session import Session
+
+    monkeypatch.setenv("ROME_WORKBENCH_CACHE", str(tmp_path / "cache"))
+    with Store.open(tmp_path / "s.db") as store:
+        session = Session(store)
+        session.load("tiny-gpt2", device="cpu")
+        lm, ed = session.require()
+        lm.hparams = load_preset("tiny-gpt2-family")  # memit, emmet, alphaedit on layers 0-1
+        methods = MethodEdits(session)
+        assert methods.layers()["alphaedit"] == ("tiny-gpt2-family", [0, 1])
+        base = {x: ed.module(x).weight.detach().clone() for x in (0, 1)}
+        form = EditForm(
+            "{} is located in the city of", "The Eiffel Tower", "Rome", "Paris", method="alphaedit"
+        )
+        outcome = methods.compute(form)
+        med = methods.editor_for("alphaedit")
+        assert med is not ed and med.hp.name == "tiny-gpt2-family"
+        assert sorted(outcome.row.layer_norms) == [0, 1]
+        assert all(torch.equal(base[x], ed.module(x).weight) for x in (0, 1))
+        assert not med.method_state.get("alphaedit")
+        info = methods.apply(outcome, generate=False)
+        assert info.run_id is not None and session.n_applied == 1
+        assert all(not torch.equal(base[x], ed.module(x).weight) for x in (0, 1))
+        assert sorted(med.method_state["alphaedit"]) == [0, 1]  # K Kᵀ carried per layer
+        session.undo()
+        methods.sync()
+        assert all(torch.equal(base[x], ed.module(x).weight) for x in (0, 1))
+        assert not med.method_state.get("alphaedit")
+        (step,) = list(store.iter_steps(info.run_id, applied_only=False))
+        assert step.method == "alphaedit" and [lu.layer for lu in step.layers] == [0, 1]
+        session.finish()
