@@ -13,7 +13,8 @@ get the same model (saved to a temporary folder), the same 6 context templates
 C₀ per layer (injected into its covariance cache), the same requests and
 settings. Printed: the worst relative difference ‖a − b‖/‖b‖ of ΔW per layer,
 of the keys K per layer, and of z over the requests; for AlphaEdit also the
-kept-direction count of each projector on both sides.
+kept-direction count of each projector on both sides; and the CPU seconds of
+the batch's edit on each side (one thread each: run with OMP_NUM_THREADS=1).
 
 Run-time shims in the reference subprocess (nothing in the checkout is changed):
 on a machine without CUDA, ``"cuda"`` devices become the CPU (the published
@@ -34,6 +35,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +146,7 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     templates = family_templates(ed)
     c0 = {layer: moment(ed, layer) for layer in hp.edited_layers()}
     method = rome.methods.get_method(args.method)
+    method.prepare(ed, hp.edited_layers(), method.settings(ed, {}))  # type: ignore[attr-defined]
     seen: list[Any] = []
     solve = method.solve  # type: ignore[attr-defined]
 
@@ -153,7 +156,9 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     method.solve = spy  # type: ignore[attr-defined]
     try:
+        t0 = time.process_time()
         upd = ed.edit(reqs, args.method)
+        seconds = time.process_time() - t0
     finally:
         del method.solve  # type: ignore[attr-defined]
     model.save_pretrained(work / "model", safe_serialization=True)
@@ -181,6 +186,7 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "z": torch.stack([r["z"] for r in upd.results]).double(),
         "kept": {x["layer"]: x.get("kept_directions") for x in upd.options["per_layer"]},
         "layers": hp.edited_layers(),
+        "seconds": seconds,
     }
 
 
@@ -236,6 +242,12 @@ def report(args: argparse.Namespace, ours: dict[str, Any], ref: dict[str, Any]) 
     z = max(rel(ours["z"][j], ref["z"][j]) for j in range(ours["z"].shape[0]))
     lines.append(f"z rel (worst request) {z:.2e}")
     lines.append(f"worst: dW {worst['dW']:.2e}  K {worst['K']:.2e}  z {z:.2e}")
+    if "seconds" in ref:
+        lines.append(
+            f"CPU s for the batch (templates, C0 and projector prepared): ours "
+            f"{ours['seconds']:.1f}, published {ref['seconds']:.1f}, "
+            f"{ref['seconds'] / ours['seconds']:.2f}x"
+        )
     if ref.get("projector_source"):
         lines.append(f"reference projector: {ref['projector_source']}")
     sys.stdout.write("\n".join(lines) + "\n")
@@ -285,6 +297,7 @@ def reference_worker(work: Path, src: Path) -> None:
     main_mod.upd_matrix_match_shape = match
     requests = spec["requests"]
     out: dict[str, Any] = {}
+    t0 = time.process_time()
     if method == "memit":
         main_mod.execute_memit(model, tok, requests, hparams)
     elif method == "emmet":
@@ -293,9 +306,11 @@ def reference_worker(work: Path, src: Path) -> None:
         p, kept, source = _projectors(model, tok, hparams, c0)
         width = c0[hparams.layers[0]].shape[0]
         cache_c = torch.zeros((len(hparams.layers), width, width))
+        t0 = time.process_time()  # P is prepared, as ours is before the timed edit
         main_mod.apply_AlphaEdit_to_model(model, tok, requests, hparams, cache_c=cache_c, P=p)
         rec["upd"] = [u.T for u in rec["upd"]]  # AlphaEdit solves for (in, out)
         out.update(kept=kept, projector_source=source)
+    out["seconds"] = time.process_time() - t0
     m = len(hparams.layers)
     out.update(delta=rec["upd"][:m], keys=rec["keys"][:m], z=torch.stack(rec["z"]))
     torch.save(out, work / "reference.pt")
