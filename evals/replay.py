@@ -1,7 +1,8 @@
 """Sequential replay: N CounterFact edits applied in order to one model, evaluated as it goes.
 
-(Over 500 lines: the loop, its resume checks and the run summary
-read and write the same run state; the probes live in evals/probes.py.)
+(Over 500 lines: the loop and its resume checks read and write the same
+run state; the steps live in evals/steps.py, the probes in evals/probes.py,
+the run's figures in evals/figures.py.)
 
 ``replay`` is a generator of events (a CLI or a TUI consumes them). Every
 finished edit is committed to the store with its factors, the weight

@@ -119,9 +119,10 @@ class EditActions(AppBase):
 
         def work(ctx: JobContext) -> None:
             cb = ctx.engine_callback(self._phase_text)
-            outcome = self.session.compute(form, progress=cb)
-            ctx.post(EditComputed(outcome))
-            if outcome.verdict.disabling:
+            # no trial: the update is written once, by the apply (probes after, then)
+            outcome = self.session.compute(form, progress=cb, trial=False)
+            if outcome.verdict.disabling:  # not applied: its probes after from a trial
+                ctx.post(EditComputed(self.session.tried(outcome)))
                 ctx.post(
                     Notice(
                         "Not applied. Review it in the Edit tab; F7 applies it anyway.",
@@ -130,7 +131,7 @@ class EditActions(AppBase):
                     )
                 )
                 return
-            ctx.check()
+            ctx.check()  # the pane shows the outcome once applied (EditApplied)
             ctx.post(EditApplied(self.session.apply(outcome, progress=cb)))
 
         label = f"Computing and applying the {form.mode} edit"
