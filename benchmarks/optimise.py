@@ -14,7 +14,8 @@ published one, and the largest relative δ disagreement with the published path 
 the requests it ran) and with the fast path. ``--edit`` also times a whole ROME edit
 (``Editor.compute``) with everything on against the published structure.
 
-    OMP_NUM_THREADS=2 python benchmarks/optimise.py --n 16 --n-published 2 --batches 16
+    OMP_NUM_THREADS=1 python benchmarks/optimise.py --n 16 --n-fast 4 --n-published 2 \
+        --batches 4,16 --edit
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--n", type=int, default=16, help="requests for fast / reuse / batches")
     ap.add_argument("--n-published", type=int, default=2, help="requests for the published path")
+    ap.add_argument(
+        "--n-fast", type=int, default=0, help="requests for the fast path (default: --n)"
+    )
     ap.add_argument("--batches", default="16", help="comma-separated batch sizes (e.g. 16,100)")
     ap.add_argument("--edit", action="store_true", help="also time whole edits (Editor.compute)")
     args = ap.parse_args()
@@ -90,7 +94,7 @@ def main() -> None:
 
     paths: list[tuple[str, str, int, list[EditRequest]]] = [
         ("published", "published", 1, reqs[: args.n_published]),
-        ("fast", "fast", 1, reqs),
+        ("fast", "fast", 1, reqs[: args.n_fast or None]),
         ("reuse", "reuse", 1, reqs),
     ] + [(f"reuse+batch {b}", "reuse", b, reqs) for b in batches]
     results: dict[str, tuple[float, list[VStar], int]] = {}

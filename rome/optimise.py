@@ -38,12 +38,10 @@ from .request import EditRequest
 from .tokens import encode_with_subject
 from .update import weight_out_in
 from .upper import KL_PROMPT, Encoder, Rows, UpperRun, build_rows, compute_prefix
-from .vstar import VStar, frozen, resolve_autocast, work_dtype
+from .vstar import VStar, frozen, resolve_autocast, trace_rows, work_dtype
 
 StepCallback = Callable[[int, int], None]  # (step, total)
 ClampReference = str | Sequence[float]
-
-_TRACE_KEYS = ("loss", "nll", "kl", "weight_decay", "p_target", "argmax_all")
 
 
 class _AddDelta:
@@ -296,17 +294,6 @@ def optimise_targets(
     out = []
     for r in range(n):
         d = deltas[r].detach()
-        tr = _trace_rows(trace[r])
+        tr = trace_rows(trace[r])
         out.append(VStar(v_star=v_init[r] + d, v_init=v_init[r], delta=d, trace=tr, steps=len(tr)))
     return out
-
-
-def _trace_rows(steps: list[torch.Tensor]) -> list[dict[str, float]]:
-    """The per-step figures of one request, copied to the host once."""
-    if not steps:
-        return []
-    table = torch.stack(steps).double().cpu().tolist()
-    return [
-        {"step": float(i), **dict(zip(_TRACE_KEYS, row, strict=True))}
-        for i, row in enumerate(table)
-    ]

@@ -266,23 +266,22 @@ def compute_v_star(
                 max_norm = hp.clamp_norm_factor * v_init.norm()
                 n = delta.norm()
                 delta.mul_(torch.where(n > max_norm, max_norm / n, torch.ones_like(n)))
-    trace = _trace_rows(steps)
+    trace = trace_rows(steps)
     assert v_init is not None
     d = delta.detach()
     return VStar(v_star=v_init + d, v_init=v_init, delta=d, trace=trace, steps=len(trace))
 
 
-_TRACE_KEYS = ("loss", "nll", "kl", "weight_decay", "p_target", "argmax_all")
+TRACE_KEYS = ("loss", "nll", "kl", "weight_decay", "p_target", "argmax_all")
 
 
-def _trace_rows(steps: list[torch.Tensor]) -> list[dict[str, float]]:
-    """The per-step figures, copied to the host once."""
+def trace_rows(steps: list[torch.Tensor]) -> list[dict[str, float]]:
+    """The per-step figures (rows of :data:`TRACE_KEYS`), copied to the host once."""
     if not steps:
         return []
     table = torch.stack(steps).double().cpu().tolist()
     return [
-        {"step": float(i), **dict(zip(_TRACE_KEYS, row, strict=True))}
-        for i, row in enumerate(table)
+        {"step": float(i), **dict(zip(TRACE_KEYS, row, strict=True))} for i, row in enumerate(table)
     ]
 
 

@@ -268,7 +268,7 @@ async def test_actions_before_a_model_is_loaded(app_factory) -> None:
         titles = {c.title for c in app.get_system_commands(app.screen)}
         assert {
             "Compute edit",
-            "Compare key modes",
+            "Compare key modes and methods",
             "Apply edit",
             "Undo last edit",
             "Start replay",

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from rome import MODES, BadRequestError, EditRequest
+from rome.methods import METHODS
+
+#: the editing methods the form offers, ROME first (its key mode applies to it alone),
+#: then the batch methods in the order the family grew
+_ORDER = ("rome", "memit", "emmet", "alphaedit")
+FORM_METHODS = (
+    *(m for m in _ORDER if m in METHODS),
+    *sorted(m for m in METHODS if m not in _ORDER),
+)
 
 FIELDS = (
     "prompt",
@@ -19,7 +28,10 @@ FIELDS = (
 
 @dataclass(frozen=True)
 class EditForm:
-    """What the user typed: the request plus the probes and the key mode / layer."""
+    """What the user typed: the request plus the probes, the method and ROME's key mode / layer.
+
+    ``mode`` and ``layer`` are ROME's; another ``method`` edits its preset's layers.
+    """
 
     prompt: str
     subject: str
@@ -30,6 +42,11 @@ class EditForm:
     mode: str = "rrome"
     layer: int | None = None
     generation_prompts: tuple[str, ...] = field(default_factory=tuple)
+    method: str = "rome"
+
+    @property
+    def is_rome(self) -> bool:
+        return self.method == "rome"
 
     def request(self) -> EditRequest:
         return EditRequest(self.prompt, self.subject, self.target_new, self.target_true)
@@ -65,24 +82,15 @@ class EditForm:
         return seen[:limit]
 
     def with_mode(self, mode: str) -> EditForm:
-        return EditForm(
-            self.prompt,
-            self.subject,
-            self.target_new,
-            self.target_true,
-            self.paraphrase,
-            self.neighbourhood,
-            mode,
-            self.layer,
-            self.generation_prompts,
-        )
+        return replace(self, mode=mode)
 
     def same_edit(self, other: EditForm | None) -> bool:
-        """Same request, layer and mode (probes may differ)."""
-        return other is not None and (
-            self.request() == other.request()
-            and self.layer == other.layer
-            and self.mode == other.mode
+        """Same request and method, and for ROME the same layer and mode (probes may differ)."""
+        return (
+            other is not None
+            and self.request() == other.request()
+            and self.method == other.method
+            and (not self.is_rome or (self.layer == other.layer and self.mode == other.mode))
         )
 
 
@@ -116,7 +124,8 @@ def field_errors(values: dict[str, str], n_layers: int | None = None) -> dict[st
     true = values.get("target_true", "")
     if true.strip() and true.strip() == new.strip():
         errors["target_true"] = "equals the new target: nothing to edit"
-    layer = values.get("layer", "").strip()
+    rome_only = values.get("method", "rome") == "rome"  # another method edits its preset's layers
+    layer = values.get("layer", "").strip() if rome_only else ""
     if layer:
         try:
             value = int(layer)
@@ -126,8 +135,11 @@ def field_errors(values: dict[str, str], n_layers: int | None = None) -> dict[st
             if value < 0 or (n_layers is not None and value >= n_layers):
                 top = f"0..{n_layers - 1}" if n_layers is not None else "≥ 0"
                 errors["layer"] = f"must be in {top}"
+    method = values.get("method", "rome")
+    if method not in FORM_METHODS:
+        errors["method"] = f"must be one of {', '.join(FORM_METHODS)}"
     mode = values.get("mode", "rrome")
-    if mode not in MODES:
+    if method == "rome" and mode not in MODES:
         errors["mode"] = f"must be one of {', '.join(MODES)}"
     if not errors:
         try:
@@ -140,6 +152,7 @@ def field_errors(values: dict[str, str], n_layers: int | None = None) -> dict[st
 def form_from_values(values: dict[str, str], generation_prompts: tuple[str, ...] = ()) -> EditForm:
     """An :class:`EditForm` from raw values that passed :func:`field_errors`."""
     true = values.get("target_true", "").strip()
+    method = values.get("method", "rome")
     return EditForm(
         prompt=values["prompt"],
         subject=values["subject"],
@@ -148,6 +161,7 @@ def form_from_values(values: dict[str, str], generation_prompts: tuple[str, ...]
         paraphrase=values.get("paraphrase", ""),
         neighbourhood=values.get("neighbourhood", ""),
         mode=values.get("mode", "rrome"),
-        layer=parse_layer(values.get("layer", "")),
+        layer=parse_layer(values.get("layer", "")) if method == "rome" else None,
         generation_prompts=generation_prompts,
+        method=method,
     )

@@ -47,4 +47,5 @@ def history_row(run: Run, e: Edit, in_session: bool) -> HistoryRow:
         in_session=in_session,
         metrics=dict(e.metrics or {}),
         record=dict(e.record or {}),
+        method=e.method_name,
     )

@@ -42,6 +42,8 @@ class MethodOutcome:
     """One method's update on the requests, and p(target) before and with it."""
 
     method: str
+    label: str = ""  # the row's name: the method, or ``rome/<mode>`` for a ROME key mode
+    preset: str = ""  # the settings it edited with (``method_preset``)
     layer_norms: dict[int, float] = field(default_factory=dict)
     norm: float = 0.0
     ratio: float = 0.0  # ‖ΔW‖ / ‖W‖ over the edited layers
@@ -54,6 +56,9 @@ class MethodOutcome:
     reasons: list[str] = field(default_factory=list)
     updates: list[Update] = field(default_factory=list, repr=False)
 
+    def __post_init__(self) -> None:
+        self.label = self.label or self.method
+
     @property
     def efficacy(self) -> float:
         """The fraction of requests whose target_new beats target_true (or gained) after."""
@@ -63,9 +68,20 @@ class MethodOutcome:
         ]
         return sum(wins) / len(wins) if wins else math.nan
 
+    @property
+    def efficacy_before(self) -> float:
+        """The same fraction on the unedited model (a request without target_true: 0)."""
+        wins = [
+            t is not None and b > t
+            for b, t in zip(self.p_new_before, self.p_true_before, strict=True)
+        ]
+        return sum(wins) / len(wins) if wins else math.nan
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "method": self.method,
+            "label": self.label,
+            "preset": self.preset,
             "layer_norms": {str(k): v for k, v in self.layer_norms.items()},
             "update_norm": self.norm,
             "update_norm_ratio": self.ratio,
@@ -73,6 +89,7 @@ class MethodOutcome:
             "p_new_after": self.p_new_after,
             "p_true_before": self.p_true_before,
             "p_true_after": self.p_true_after,
+            "efficacy_before": self.efficacy_before,
             "efficacy": self.efficacy,
             "verdict": self.verdict,
             "reasons": self.reasons,
@@ -137,13 +154,23 @@ def _probe(lm: LoadedModel, reqs: Sequence[EditRequest]) -> tuple[list[float], l
     return new, true
 
 
-def _run_method(
-    lm: LoadedModel, editor: Editor, reqs: Sequence[EditRequest], method: str, mode: str | None
+def run_method(
+    lm: LoadedModel,
+    editor: Editor,
+    reqs: Sequence[EditRequest],
+    method: str,
+    mode: str | None,
+    label: str = "",
 ) -> MethodOutcome:
-    out = MethodOutcome(method)
+    """One method's update on ``reqs``, applied for a moment to score them, then undone.
+
+    ``editor`` edits with the method's own settings when its preset is already the
+    method's (``method_preset``); otherwise an editor with the shipped variant is made.
+    """
     hp = method_preset(editor.hp, method)
     if hp is not editor.hp:  # the method's own settings on this model (its shipped variant)
         editor = Editor(lm.model, lm.tokenizer, hp)
+    out = MethodOutcome(method, label=label, preset=hp.name)
     out.p_new_before, out.p_true_before = _probe(lm, reqs)
     groups = [[r] for r in reqs] if not get_method(method).batched else [list(reqs)]
     applied = 0
@@ -186,10 +213,16 @@ def compare_methods(
     mode: str | None = None,
 ) -> list[MethodOutcome]:
     """Each method's update on ``reqs`` (model unchanged afterwards), with a verdict."""
-    outs = [_run_method(lm, editor, reqs, m, mode) for m in methods]
-    limit = DISABLING_FRACTION * editor.hp.max_update_ratio
+    outs = [run_method(lm, editor, reqs, m, mode) for m in methods]
+    return judge_outcomes(outs, editor.hp.max_update_ratio)
+
+
+def judge_outcomes(outs: list[MethodOutcome], max_update_ratio: float) -> list[MethodOutcome]:
+    """Set each outcome's verdict, judged against the weight and the others (in place)."""
+    limit = DISABLING_FRACTION * max_update_ratio
     smallest = min((o.norm for o in outs if o.norm > 0 and o.error is None), default=0.0)
     for o in outs:
+        o.verdict, o.reasons = "", []
         if o.error:
             o.verdict, o.reasons = "REFUSED", [o.error]
             continue

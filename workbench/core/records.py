@@ -124,6 +124,12 @@ class HistoryRow:
     in_session: bool
     metrics: dict[str, Any] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)
+    method: str = "rome"
+
+    @property
+    def how(self) -> str:
+        """The method, with ROME's key mode: ``rome/rrome``, ``memit``."""
+        return f"rome/{self.mode}" if self.method == "rome" and self.mode else self.method
 
     @property
     def key(self) -> str:

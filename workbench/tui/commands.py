@@ -15,7 +15,11 @@ PALETTE: tuple[tuple[str, str, str], ...] = (
         "prepare_covariance",
     ),
     ("Compute edit", "Compute the Edit tab's update; model unchanged (F5)", "compute"),
-    ("Compare key modes", "original vs rrome vs prompt side by side (F6)", "compare"),
+    (
+        "Compare key modes and methods",
+        "ROME's original / rrome / prompt beside memit, emmet, alphaedit (F6)",
+        "compare",
+    ),
     ("Apply edit", "Apply the Edit tab's edit to the model (F7)", "apply"),
     ("Undo last edit", "Restore the weights before the last edit (F8)", "undo"),
     ("Revert to base weights", "Undo every applied edit", "revert_all"),
@@ -57,7 +61,13 @@ BINDINGS: list[Binding] = [
     step_tab_key("ctrl+pageup", -1, "tab.previous.page", shown=False, also="; as F3"),
     step_tab_key("ctrl+pagedown", 1, "tab.next.page", shown=False, also="; as F4"),
     Binding("f5", "compute", "Compute", id="compute", tooltip="Compute the edit; model unchanged"),
-    Binding("f6", "compare", "Compare", id="compare", tooltip="Compute the three key modes"),
+    Binding(
+        "f6",
+        "compare",
+        "Compare",
+        id="compare",
+        tooltip="Compute the three key modes and the methods",
+    ),
     Binding("f7", "apply", "Apply", id="apply", tooltip="Apply the edit to the model"),
     Binding("f8", "undo", "Undo", id="undo", tooltip="Undo the last applied edit"),
     Binding(

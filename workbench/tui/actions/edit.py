@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from textual import on
 
+from rome.progress import Progress
 from workbench.core.forms import EditForm
+from workbench.core.method_edits import MethodEditOutcome
 from workbench.core.records import EditOutcome
 
 from ..base import AppBase, guarded
 from ..jobs import JobContext, JobEnd, JobId
-from ..messages import CompareComputed, EditApplied, EditComputed, Notice, OwnGenerated
+from ..messages import (
+    CompareComputed,
+    EditApplied,
+    EditComputed,
+    MethodEditApplied,
+    MethodEditComputed,
+    MethodsCompared,
+    Notice,
+    OwnGenerated,
+)
 from ..panes.compare import ComparePane
 from ..panes.edit import EditPane
 
@@ -24,7 +37,14 @@ class EditActions(AppBase):
             return f"covariance over {corpus} texts (first time for this layer; cached after)"
         if phase == "v*":
             return "optimising v*"
+        if phase in ("memit", "emmet", "alphaedit"):
+            return f"computing the {phase} update"
         return ""
+
+    @staticmethod
+    def _what(form: EditForm) -> str:
+        """The edit in words: ``rrome`` (ROME's key mode) or the method."""
+        return form.mode if form.is_rome else form.method
 
     def _job_form(self) -> EditForm | None:
         """The form's values when a model job may start now (idle, loaded, valid form)."""
@@ -39,7 +59,7 @@ class EditActions(AppBase):
             return None
         return form
 
-    def ready_outcome(self, form: EditForm) -> EditOutcome | None:
+    def ready_outcome(self, form: EditForm) -> EditOutcome | MethodEditOutcome | None:
         """An update already computed for ``form`` on the current weights, if one is on screen.
 
         The Edit tab's result counts when its request, layer and mode match; a
@@ -50,7 +70,7 @@ class EditActions(AppBase):
         if o is not None and self.edit_pane.applied is None and form.same_edit(o.form):
             if o.version == version:
                 return o
-        c = self.compare_pane.outcomes.get(form.mode)
+        c = self.compare_pane.outcomes.get(form.mode) if form.is_rome else None
         if c is not None and c.form == form and c.version == version:
             return c
         return None
@@ -62,32 +82,48 @@ class EditActions(AppBase):
             return
 
         def work(ctx: JobContext) -> None:
-            outcome = self.session.compute(form, progress=ctx.engine_callback(self._phase_text))
-            ctx.post(EditComputed(outcome))
+            cb = ctx.engine_callback(self._phase_text)
+            if form.is_rome:
+                ctx.post(EditComputed(self.session.compute(form, progress=cb)))
+            else:
+                ctx.post(MethodEditComputed(self.methods.compute(form, progress=cb)))
 
         def ended(end: JobEnd) -> None:
             if end is not JobEnd.DONE:
                 self.edit_pane.show_computing(f"Computing {end.value}")
 
-        label = f"Computing the {form.mode} edit"
+        label = f"Computing the {self._what(form)} edit"
         if self.start_job(JobId.COMPUTE, label, work, on_end=ended):
-            self.edit_pane.show_computing(f"Computing the {form.mode} update")
+            self.edit_pane.show_computing(f"Computing the {self._what(form)} update")
 
     def action_compare(self) -> None:
         form = self._job_form()
         if form is None:
             return
 
+        rome_form = replace(form, method="rome")  # the key modes are ROME's
+        family = self.methods.family()
+
         def work(ctx: JobContext) -> None:
-            outcomes = self.session.compare(form, progress=ctx.engine_callback(self._phase_text))
+            cb = ctx.engine_callback(self._phase_text)
+            outcomes = self.session.compare(rome_form, progress=cb)
             ctx.post(CompareComputed(outcomes))
+
+            def check(method: str) -> None:
+                ctx.progress(method, family.index(method), len(family), self._phase_text(method))
+
+            rows = self.methods.compare(rome_form, outcomes, family, check=check)
+            ctx.post(MethodsCompared(rows))
 
         def ended(end: JobEnd) -> None:
             if end is not JobEnd.DONE:
                 self.compare_pane.show_computing(f"Comparing {end.value}")
 
-        if self.start_job(JobId.COMPARE, "Comparing key modes", work, on_end=ended):
-            self.compare_pane.show_computing("Computing the update in the three key modes")
+        label = "Comparing key modes and methods"
+        if self.start_job(JobId.COMPARE, label, work, on_end=ended):
+            self.compare_pane.show_computing(
+                f"Computing ROME's three key modes, then {', '.join(family)}"
+            )
             self.show_tab("compare")
 
     def on_edit_computed(self, msg: EditComputed) -> None:
@@ -102,6 +138,20 @@ class EditActions(AppBase):
 
     def on_compare_computed(self, msg: CompareComputed) -> None:
         self.compare_pane.show(msg.outcomes)
+
+    def on_methods_compared(self, msg: MethodsCompared) -> None:
+        self.compare_pane.show_methods(msg.rows)
+
+    def on_method_edit_computed(self, msg: MethodEditComputed) -> None:
+        o = msg.outcome
+        self.edit_pane.show_method_outcome(o)
+        if o.verdict.disabling:
+            self.notify(
+                f"{o.method}: {o.verdict.summary}",
+                title="This update looks disabling",
+                severity="warning",
+                timeout=8,
+            )
 
     @on(EditPane.Submitted)
     def _form_submitted(self) -> None:
@@ -119,10 +169,16 @@ class EditActions(AppBase):
 
         def work(ctx: JobContext) -> None:
             cb = ctx.engine_callback(self._phase_text)
-            # no trial: the update is written once, by the apply (probes after, then)
-            outcome = self.session.compute(form, progress=cb, trial=False)
-            if outcome.verdict.disabling:  # not applied: its probes after from a trial
-                ctx.post(EditComputed(self.session.tried(outcome)))
+            outcome: EditOutcome | MethodEditOutcome
+            if form.is_rome:
+                # no trial: the update is written once, by the apply (probes after, then)
+                outcome = self.session.compute(form, progress=cb, trial=False)
+                if outcome.verdict.disabling:  # not applied: its probes after from a trial
+                    ctx.post(EditComputed(self.session.tried(outcome)))
+            else:
+                outcome = self.methods.compute(form, progress=cb)
+                ctx.post(MethodEditComputed(outcome))
+            if outcome.verdict.disabling:
                 ctx.post(
                     Notice(
                         "Not applied. Review it in the Edit tab; F7 applies it anyway.",
@@ -131,14 +187,24 @@ class EditActions(AppBase):
                     )
                 )
                 return
-            ctx.check()  # the pane shows the outcome once applied (EditApplied)
-            ctx.post(EditApplied(self.session.apply(outcome, progress=cb)))
+            ctx.check()  # a ROME outcome is shown once applied (EditApplied)
+            self._apply_in_job(ctx, outcome, cb)
 
-        label = f"Computing and applying the {form.mode} edit"
+        what = self._what(form)
+        label = f"Computing and applying the {what} edit"
         if self.start_job(JobId.APPLY, label, work):
-            self.edit_pane.show_computing(f"Computing the {form.mode} update, then applying it")
+            self.edit_pane.show_computing(f"Computing the {what} update, then applying it")
 
-    def apply_outcome(self, o: EditOutcome, confirmed: bool = False) -> None:
+    def _apply_in_job(
+        self, ctx: JobContext, o: EditOutcome | MethodEditOutcome, progress: Progress
+    ) -> None:
+        """In a job: apply ``o`` through the session (ROME) or the batch methods."""
+        if isinstance(o, MethodEditOutcome):
+            ctx.post(MethodEditApplied(self.methods.apply(o, progress=progress)))
+        else:
+            ctx.post(EditApplied(self.session.apply(o, progress=progress)))
+
+    def apply_outcome(self, o: EditOutcome | MethodEditOutcome, confirmed: bool = False) -> None:
         if self.refuse_busy() or not self.need_model():
             return
         if o.version != self.session.version:
@@ -155,11 +221,11 @@ class EditActions(AppBase):
             return
 
         def work(ctx: JobContext) -> None:
-            ctx.post(EditApplied(self.session.apply(o, progress=ctx.engine_callback())))
+            self._apply_in_job(ctx, o, ctx.engine_callback())
 
         self.start_job(JobId.APPLY, f"Applying the {o.mode} edit", work)
 
-    def _confirm_disabling(self, o: EditOutcome) -> None:
+    def _confirm_disabling(self, o: EditOutcome | MethodEditOutcome) -> None:
         from ..screens.dialogs import ConfirmDialog
 
         def answer(yes: bool | None) -> None:
@@ -199,6 +265,33 @@ class EditActions(AppBase):
         self.refresh_history()
         self.notify(
             f"{r.request.subject} → {r.request.target_new} ({r.mode}, ‖ΔW‖ {r.update_norm:.3g}).",
+            title=f"Edit #{info.number} applied",
+            timeout=4,
+        )
+        if info.store_error:
+            self.notify(
+                f"The edit is on the model but not in the history: {info.store_error}",
+                title="Not saved",
+                severity="warning",
+                timeout=10,
+            )
+
+    @guarded("Showing the applied edit")
+    def on_method_edit_applied(self, msg: MethodEditApplied) -> None:
+        info = msg.info
+        o = info.outcome
+        req = o.form.request()
+        self.edit_pane.show_method_outcome(o, info)
+        self.compare_pane.mark_applied(o.method, info.number)
+        self.generation_pane.show_pairs(
+            info.generations,
+            f"Edit #{info.number}: {req.subject} → {req.target_new} ({o.method}), before | after",
+        )
+        self.refresh_weights()
+        self.update_bar()
+        self.refresh_history()
+        self.notify(
+            f"{req.subject} → {req.target_new} ({o.method}, ‖ΔW‖ {o.row.norm:.3g}).",
             title=f"Edit #{info.number} applied",
             timeout=4,
         )

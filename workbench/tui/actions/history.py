@@ -26,7 +26,9 @@ class HistoryActions(AppBase):
             return
 
         def work(ctx: JobContext) -> None:
-            ctx.post(ModelChanged(self.session.undo()))
+            what = self.session.undo()
+            self.methods.sync()  # a batch method's carried state without the undone step
+            ctx.post(ModelChanged(what))
 
         self.start_job(JobId.UNDO, "Undoing the last edit", work)
 
@@ -41,6 +43,7 @@ class HistoryActions(AppBase):
 
         def work(ctx: JobContext) -> None:
             k = self.session.revert_all()
+            self.methods.sync()
             ctx.post(ModelChanged(f"reverted {k} edit(s): base weights restored"))
 
         def answer(yes: bool | None) -> None:

@@ -1,4 +1,5 @@
-"""The Compare tab: one edit in the three key modes, side by side; apply one or none."""
+"""The Compare tab: one edit in ROME's three key modes, side by side (apply one or none),
+and every method beside them (``edit --method all``'s figures, nothing applied)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,51 @@ from textual.widgets import Button, Static
 
 from rome import MODES
 from workbench.core.format import farrow, fnum
+from workbench.core.methods import MethodOutcome
 from workbench.core.records import EditOutcome
 
 from .edit import verdict_text
 
 VERDICT_STYLE = {"ok": "green", "warn": "yellow", "bad": "bold red", "refused": "bold red"}
+#: a method row's verdict word -> its style
+METHOD_VERDICT_STYLE = {"ok": "green", "check": "yellow", "DISABLING": "bold red"}
+
+
+def _fraction(x: float) -> str:
+    return "–" if x != x else f"{x:.0%}"  # NaN: no request to count
+
+
+def methods_table(rows: list[MethodOutcome]) -> Table:
+    """One row per method (ROME once per key mode): ‖ΔW‖ per edited layer, p(new) on the
+    bare prompt and the efficacy before → after, the verdict judged across the rows."""
+    t = Table(box=None, padding=(0, 1), show_edge=False, header_style="bold", expand=False)
+    for name, justify in (
+        ("method", "left"),
+        ("preset", "left"),
+        ("‖ΔW‖ per layer", "left"),
+        ("‖ΔW‖", "right"),
+        ("‖ΔW‖ / ‖W‖", "right"),
+        ("p(new) prompt", "right"),
+        ("efficacy", "right"),
+        ("verdict", "left"),
+    ):
+        t.add_column(name, no_wrap=True, justify=justify)  # type: ignore[arg-type]
+    for o in rows:
+        per_layer = " ".join(f"L{layer} {fnum(n)}" for layer, n in o.layer_norms.items())
+        p_before = o.p_new_before[0] if o.p_new_before else None
+        p_after = o.p_new_after[0] if o.p_new_after else None
+        style = METHOD_VERDICT_STYLE.get(o.verdict, "bold red")
+        t.add_row(
+            Text(o.label, style="bold"),
+            Text(o.preset, style="dim"),
+            per_layer or "–",
+            fnum(o.norm),
+            fnum(o.ratio),
+            farrow(p_before, p_after),
+            f"{_fraction(o.efficacy_before)}→{_fraction(o.efficacy)}",
+            Text(o.verdict, style=style),
+        )
+    return t
 
 
 def compare_table(outcomes: dict[str, EditOutcome]) -> Table:
@@ -70,11 +111,13 @@ class ComparePane(VerticalScroll):
     def __init__(self) -> None:
         super().__init__(id="compare-pane")
         self.outcomes: dict[str, EditOutcome] = {}
+        self.method_rows: list[MethodOutcome] = []
 
     def compose(self) -> ComposeResult:
         yield Static(
             Text(
-                "F6 computes the Edit tab's request in the three key modes (nothing is applied).",
+                "F6 computes the Edit tab's request in ROME's three key modes and with "
+                "every method (nothing is applied).",
                 style="dim italic",
             ),
             id="compare-head",
@@ -97,11 +140,14 @@ class ComparePane(VerticalScroll):
             )
         yield Static("", id="compare-warnings")
         yield Static("", id="compare-body")
+        yield Static("", id="compare-methods")
 
     def show_computing(self, text: str) -> None:
         self.query_one("#compare-head", Static).update(Text(text + "…", style="italic"))
         self.query_one("#compare-body", Static).update("")
         self.query_one("#compare-warnings", Static).update("")
+        self.query_one("#compare-methods", Static).update("")
+        self.method_rows = []
         self._buttons(False)
 
     def _buttons(self, enabled: bool) -> None:
@@ -148,7 +194,38 @@ class ComparePane(VerticalScroll):
         if not lines:
             lines.append(Text("All three updates look safe; pick one to apply.", style="green"))
         self.query_one("#compare-warnings", Static).update(Group(*lines))
+        self.query_one("#compare-methods", Static).update(
+            Text("Computing the batch methods beside them…", style="italic")
+        )
         self._buttons(True)
+
+    def show_methods(self, rows: list[MethodOutcome]) -> None:
+        """Every method beside ROME's key modes, judged together (as ``edit --method all``)."""
+        self.method_rows = list(rows)
+        title = Text("\nMethods on the bare prompt", style="bold")
+        title.append(
+            "  (‖ΔW‖ over the edited layers; efficacy: target_new above target_true, "
+            "before→after; verdict across these rows)",
+            style="dim",
+        )
+        notes = []
+        for o in rows:
+            if o.verdict != "ok" and o.reasons:
+                style = METHOD_VERDICT_STYLE.get(o.verdict, "bold red")
+                line = Text(f"{o.label}: ", style="bold")
+                line.append(
+                    f"{o.verdict}: {'; '.join(o.reasons)}", style=style.replace("bold ", "")
+                )
+                notes.append(line)
+        notes.append(
+            Text(
+                "To apply a batch method, choose it in the Edit tab's Method field (F7).",
+                style="dim italic",
+            )
+        )
+        self.query_one("#compare-methods", Static).update(
+            Group(title, methods_table(rows), Text(""), *notes)
+        )
 
     def mark_applied(self, mode: str, number: int) -> None:
         """An edit was applied: these updates were computed on the weights before it."""
@@ -167,6 +244,8 @@ class ComparePane(VerticalScroll):
         )
         self.query_one("#compare-body", Static).update("")
         self.query_one("#compare-warnings", Static).update("")
+        self.query_one("#compare-methods", Static).update("")
+        self.method_rows = []
         self._buttons(False)
 
     def on_button_pressed(self, event: Button.Pressed) -> None:

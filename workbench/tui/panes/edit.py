@@ -13,7 +13,8 @@ from textual.widgets import Button, Input, Select, Static
 
 from rome import MODES
 from workbench.core.format import farrow, fnum, fseconds
-from workbench.core.forms import EditForm, field_errors, form_from_values
+from workbench.core.forms import FORM_METHODS, EditForm, field_errors, form_from_values
+from workbench.core.method_edits import MethodApplied, MethodEditOutcome
 from workbench.core.records import AppliedInfo, EditOutcome
 from workbench.core.verdict import Verdict
 
@@ -48,12 +49,20 @@ KEY_MODE_HINT = Text.assemble(
     ": r-ROME, k* for both; small norms, the bare prompt may get less of the edit.\n",
     ("prompt", "bold"),
     ": k(s) for both; the edit holds on the prompt, weaker on paraphrases.\n\n",
+    ("memit, emmet, alphaedit", "bold"),
+    ": the batch editors, on their preset's layers (no key mode).\n\n",
     ("Enter", "bold"),
     " in a field computes · ",
     ("F6", "bold"),
-    " compares the three · examples: Ctrl+P, type 'Example'",
+    " compares the key modes and the methods · examples: Ctrl+P, type 'Example'",
     style="dim",
 )
+METHOD_HELP = {
+    "rome": "rome: one layer, rank one (key mode below)",
+    "memit": "memit: several layers, least squares",
+    "emmet": "emmet: several layers, equality-constrained",
+    "alphaedit": "alphaedit: memit in C's null space",
+}
 MODE_HELP = {
     "original": "original (ROME): k* direction, k(s) in Λ",
     "rrome": "rrome (r-ROME): k* for both",
@@ -92,7 +101,7 @@ def outcome_table(o: EditOutcome) -> Table:
     return t
 
 
-def probes_table(o: EditOutcome) -> Table:
+def probes_table(o: EditOutcome | MethodEditOutcome) -> Table:
     t = Table(box=None, padding=(0, 1), show_edge=False, header_style="dim")
     t.add_column("probe", no_wrap=True)
     t.add_column("p(new) before→after", no_wrap=True)
@@ -115,8 +124,9 @@ class EditPane(Vertical):
 
     def __init__(self) -> None:
         super().__init__(id="edit-pane")
-        self.outcome: EditOutcome | None = None
-        self.applied: AppliedInfo | None = None
+        self.outcome: EditOutcome | MethodEditOutcome | None = None
+        self.applied: AppliedInfo | MethodApplied | None = None
+        self.method_layers: dict[str, tuple[str, list[int]]] = {}  # method -> (preset, layers)
         self.generation_prompts: tuple[str, ...] = ()
         self.n_layers: int | None = None
         self.preset_layer: int | None = None
@@ -141,6 +151,20 @@ class EditPane(Vertical):
                     key=key,
                     id=f"ff-{key}",
                 )
+            yield FormField(
+                "Method",
+                Select(
+                    [(METHOD_HELP.get(m, m), m) for m in FORM_METHODS],
+                    value="rome",
+                    allow_blank=False,
+                    id="f-method",
+                    compact=True,
+                    tooltip="The editing method: ROME (one layer, key mode below) or a batch "
+                    "editor on its preset's layers",
+                ),
+                key="method",
+                id="ff-method",
+            )
             yield FormField(
                 "Key mode",
                 Select(
@@ -180,7 +204,7 @@ class EditPane(Vertical):
                     id="btn-compare",
                     compact=True,
                     action="app.compare",
-                    tooltip="Compute the update in all three key modes",
+                    tooltip="Compute ROME's three key modes and the batch methods side by side",
                 )
                 yield Button(
                     "Apply F7",
@@ -195,7 +219,7 @@ class EditPane(Vertical):
             yield Static(
                 Text(
                     "Fill the form (or pick an example) and press F5 to compute the edit, "
-                    "F6 to compare key modes, F7 to apply it.",
+                    "F6 to compare key modes and methods, F7 to apply it.",
                     style="dim italic",
                 ),
                 id="edit-result-body",
@@ -206,7 +230,49 @@ class EditPane(Vertical):
         values = {k: self.query_one(f"#f-{k}", Input).value for k in TEXT_FIELDS}
         values["layer"] = self.query_one("#f-layer", Input).value
         values["mode"] = str(self.query_one("#f-mode", Select).value)
+        values["method"] = str(self.query_one("#f-method", Select).value)
         return values
+
+    @property
+    def method(self) -> str:
+        return str(self.query_one("#f-method", Select).value)
+
+    def set_methods(self, layers: dict[str, tuple[str, list[int]]]) -> None:
+        """Each method's preset and edited layers on the loaded model (for the Layer field)."""
+        self.method_layers = dict(layers)
+        self._method_fields()
+
+    def choose_method(self, method: str) -> None:
+        self.query_one("#f-method", Select).value = method
+
+    @on(Select.Changed, "#f-method")
+    def _method_chosen(self, event: Select.Changed) -> None:
+        self._method_fields()
+
+    def _method_fields(self) -> None:
+        """ROME's key mode and layer apply to ROME alone: off for another method."""
+        method = self.method
+        rome = method == "rome"
+        mode = self.query_one("#f-mode", Select)
+        layer = self.query_one("#f-layer", Input)
+        mode.disabled = not rome
+        layer.disabled = not rome
+        if rome:
+            mode.tooltip = "Which keys build the update (see F1)"
+            layer.tooltip = "Empty: the preset's layer"
+            if self.preset_layer is not None and self.n_layers is not None:
+                layer.placeholder = f"preset: {self.preset_layer} (0..{self.n_layers - 1})"
+            else:
+                layer.placeholder = "preset's layer"
+        else:
+            mode.tooltip = f"ROME's key mode: {method} has none"
+            preset, layers = self.method_layers.get(method, ("", []))
+            span = ", ".join(str(x) for x in layers) or "its preset's"
+            layer.placeholder = f"{method}: layers {span}" + (f" ({preset})" if preset else "")
+            layer.tooltip = f"{method} edits the layers of its preset" + (
+                f" {preset}" if preset else ""
+            )
+        self.show_errors({})
 
     def set_model(self, n_layers: int, layer: int, default_mode: str) -> None:
         self.n_layers = n_layers
@@ -214,10 +280,11 @@ class EditPane(Vertical):
         self.query_one("#f-layer", Input).placeholder = f"preset: {layer} (0..{n_layers - 1})"
         if default_mode in MODES:
             self.query_one("#f-mode", Select).value = default_mode
+        self._method_fields()
 
     def show_errors(self, errors: dict[str, str]) -> None:
         for ff in self.query(FormField):
-            if ff.key in TEXT_FIELDS or ff.key in ("layer", "mode"):
+            if ff.key in TEXT_FIELDS or ff.key in ("layer", "mode", "method"):
                 ff.set_error(errors.get(ff.key))
 
     def read_form(self) -> EditForm | None:
@@ -225,7 +292,7 @@ class EditPane(Vertical):
         errors = field_errors(self.raw_values(), self.n_layers)
         self.show_errors(errors)
         if errors:
-            first = next(k for k in (*TEXT_FIELDS, "mode", "layer") if k in errors)
+            first = next(k for k in (*TEXT_FIELDS, "method", "mode", "layer") if k in errors)
             self.query_one(f"#f-{first}").focus()
             return None
         return form_from_values(self.raw_values(), self.generation_prompts)
@@ -266,20 +333,23 @@ class EditPane(Vertical):
         self.query_one("#edit-result-body", Static).update(Text(what + "…", style="italic"))
         self.reveal_result()
 
-    def show_outcome(self, outcome: EditOutcome, applied: AppliedInfo | None = None) -> None:
+    def show_outcome(
+        self,
+        outcome: EditOutcome | MethodEditOutcome,
+        applied: AppliedInfo | MethodApplied | None = None,
+    ) -> None:
+        if isinstance(outcome, MethodEditOutcome):
+            self.show_method_outcome(outcome, applied)
+            return
         self.outcome = outcome
         self.applied = applied
         r = outcome.result
         head = Text()
         head.append(f"{r.request.subject} → {r.request.target_new}", style="bold")
-        head.append(f"   {r.mode} · layer {r.layer} · {fseconds(outcome.seconds)}\n", style="dim")
-        if applied is not None:
-            head.append(f"Applied as session edit #{applied.number}", style="bold green")
-            if applied.run_id is not None:
-                head.append(f" (run {applied.run_id}, seq {applied.seq})", style="dim")
-            head.append(" · F8 undoes it", style="dim")
-        else:
-            head.append("Computed, not applied: F7 applies it", style="bold yellow")
+        head.append(
+            f"   rome/{r.mode} · layer {r.layer} · {fseconds(outcome.seconds)}\n", style="dim"
+        )
+        self._applied_line(head, applied)
         verdict = Text("verdict  ", style="dim")
         verdict.append_text(verdict_text(outcome.verdict))
         body = Group(
@@ -287,6 +357,45 @@ class EditPane(Vertical):
         )
         self.query_one("#edit-result-body", Static).update(body)
         self.reveal_result()
+
+    def show_method_outcome(
+        self, outcome: MethodEditOutcome, applied: AppliedInfo | MethodApplied | None = None
+    ) -> None:
+        """A batch method's update: per-layer norms, probes, verdict."""
+        self.outcome = outcome
+        self.applied = applied
+        req = outcome.form.request()
+        row = outcome.row
+        head = Text()
+        head.append(f"{req.subject} → {req.target_new}", style="bold")
+        layers = ", ".join(str(x) for x in row.layer_norms)
+        head.append(
+            f"   {outcome.method} · layers {layers} · {row.preset} · {fseconds(outcome.seconds)}\n",
+            style="dim",
+        )
+        self._applied_line(head, applied)
+        verdict = Text("verdict  ", style="dim")
+        verdict.append_text(verdict_text(outcome.verdict))
+        t = Table.grid(padding=(0, 2))
+        t.add_column(style="dim", no_wrap=True)
+        t.add_column()
+        t.add_row("method", f"{outcome.method} (preset {row.preset})")
+        t.add_row("‖ΔW‖", f"{fnum(row.norm)}  ({fnum(row.ratio)} × ‖W‖ of the edited layers)")
+        for layer, norm in row.layer_norms.items():
+            t.add_row(f"  layer {layer}", fnum(norm))
+        body = Group(head, Text(""), verdict, t, Text(""), probes_table(outcome))
+        self.query_one("#edit-result-body", Static).update(body)
+        self.reveal_result()
+
+    @staticmethod
+    def _applied_line(head: Text, applied: AppliedInfo | MethodApplied | None) -> None:
+        if applied is not None:
+            head.append(f"Applied as session edit #{applied.number}", style="bold green")
+            if applied.run_id is not None:
+                head.append(f" (run {applied.run_id}, seq {applied.seq})", style="dim")
+            head.append(" · F8 undoes it", style="dim")
+        else:
+            head.append("Computed, not applied: F7 applies it", style="bold yellow")
 
     def reveal_result(self) -> None:
         """Bring the result into view (below the form when the screen is narrow)."""

@@ -123,7 +123,7 @@ class HistoryPane(Vertical):
     def compose(self) -> ComposeResult:
         yield Static(Text("Loading the history…", style="dim italic"), id="history-note")
         table: DataTable = DataTable(id="history-table", cursor_type="row", zebra_stripes=True)
-        table.add_columns("run", "#", "edit", "state", "mode", "L", "‖ΔW‖", "×‖W‖", "cos", "when")
+        table.add_columns("run", "#", "edit", "state", "method", "L", "‖ΔW‖", "×‖W‖", "cos", "when")
         yield table
         with VerticalScroll(id="history-details"):
             yield Static("", id="history-detail")
@@ -192,7 +192,7 @@ class HistoryPane(Vertical):
                 str(r.seq),
                 short(f"{r.subject} → {r.target_new}", 26),
                 Text(state, style=style),
-                r.mode,
+                r.how,
                 str(r.layer),
                 fnum(r.norm),
                 fnum(r.ratio),
@@ -241,7 +241,7 @@ class HistoryPane(Vertical):
         )
         t.add_row(
             "update",
-            f"{r.mode} · layer {r.layer} · ‖ΔW‖ {fnum(r.norm)} ({fnum(r.ratio)}×‖W‖) · "
+            f"{r.how} · layer {r.layer} · ‖ΔW‖ {fnum(r.norm)} ({fnum(r.ratio)}×‖W‖) · "
             f"denominator {fnum(r.denominator)} · cos {fnum(r.cos)}",
         )
         if r.flag_reason:

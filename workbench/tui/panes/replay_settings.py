@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.text import Text
+from textual import on
 from textual.app import ComposeResult
 from textual.containers import Grid, Horizontal, Vertical
 from textual.widgets import Button, Checkbox, Input, Label, Select, Static
@@ -184,6 +185,16 @@ class ReplaySettings(Vertical):
             id=f"r-{key}",
             compact=True,
             tooltip=tip,
+        )
+
+    @on(Select.Changed, "#r-method")
+    def _method_chosen(self, event: Select.Changed) -> None:
+        """The key mode is ROME's: off for a batch method (its value is then not used)."""
+        method = str(event.value)
+        mode = self.query_one("#r-mode", Select)
+        mode.disabled = method != "rome"
+        mode.tooltip = (
+            CHOICE_FIELDS["mode"][2] if method == "rome" else f"ROME's key mode: {method} has none"
         )
 
     def values(self) -> dict[str, Any]:

@@ -20,7 +20,7 @@ Rank-one model editing (ROME) and the r-ROME correction, on a model you load.
 | F1 | this help (Esc closes it) |
 | F2 | load the model named in the Model tab |
 | F5 | compute the edit in the Edit tab (model unchanged) |
-| F6 | compare the three key modes side by side |
+| F6 | compare the three key modes and the methods side by side |
 | F7 | apply the edit: the F5 or F6 result on screen if the form is unchanged |
 | F8 | undo the last applied edit |
 | F9 | generate from the Generate tab's prompt |
@@ -39,10 +39,14 @@ Once a model is loaded the cursor is in the Edit tab's Prompt field.
 1. **Model**: choose a preset, hub id or local folder, device and dtype;
    the covariance statistics are prepared once per layer and cached.
 2. **Edit**: prompt template with `{}` for the subject, targets, optional
-   paraphrase and neighbour probes, key mode and layer. Examples fill it.
+   paraphrase and neighbour probes, the method (rome, memit, emmet,
+   alphaedit), and ROME's key mode and layer (off for the other methods,
+   which edit their preset's layers). Examples fill it.
 3. **Compare**: the update in the three key modes: ‖ΔW‖, its ratio to
    ‖W‖, the denominator, cos(k*, k(s)) and the probes before → after.
-   A mode flagged DISABLING would likely damage the model.
+   A mode flagged DISABLING would likely damage the model. Below, every
+   method beside the key modes (as `edit --method all`): ‖ΔW‖ per edited
+   layer, p(new) and the efficacy before → after, a verdict across them.
 4. **Generate**: greedy continuations before / after the last applied
    edit, changed words highlighted.
 5. **Weights**: log10 ‖ΔW‖ of this session's edits, and ‖W − W₀‖.

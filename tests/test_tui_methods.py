@@ -1,0 +1,182 @@
+"""The app's methods: MEMIT, EMMET and AlphaEdit chosen in the Edit tab and compared
+beside ROME's key modes, driven with Pilot on the tiny random GPT-2 (real models)."""
+
+# ruff: noqa: F811  (the fixtures imported from test_tui are used as arguments)
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("textual")
+pytest.importorskip("textual_plotext")
+
+from test_tui import SIZE, app_factory, cache_dir, text_of, wait_idle  # noqa: E402, F401
+from textual.widgets import DataTable, Input, Select  # noqa: E402
+
+from workbench.core.forms import FORM_METHODS, EditForm, field_errors  # noqa: E402
+from workbench.store import Store  # noqa: E402
+
+ROWS = ("rome/original", "rome/rrome", "rome/prompt", "memit", "emmet", "alphaedit")
+
+
+def weights(app) -> dict[int, torch.Tensor]:
+    _, ed = app.session.require()
+    return {x: ed.module(x).weight.detach().clone() for x in range(ed.n_layers)}
+
+
+def same(a: dict[int, torch.Tensor], b: dict[int, torch.Tensor]) -> bool:
+    return all(torch.equal(a[x], b[x]) for x in a)
+
+
+def test_the_form_carries_the_method() -> None:
+    assert FORM_METHODS == ("rome", "memit", "emmet", "alphaedit")
+    ok = {"prompt": "{} is in", "subject": "X", "target_new": "Rome", "mode": "rrome"}
+    assert "method" in field_errors({**ok, "method": "nope"})
+    # ROME's layer and key mode are not checked for another method (it edits its preset's)
+    assert field_errors({**ok, "method": "memit", "layer": "99", "mode": "?"}, n_layers=4) == {}
+    a = EditForm("{} is in", "X", "Rome", method="memit")
+    assert a.same_edit(EditForm("{} is in", "X", "Rome", mode="prompt", method="memit"))
+    assert not a.same_edit(EditForm("{} is in", "X", "Rome"))
+    assert a.with_mode("prompt").method == "memit"
+
+
+async def test_a_memit_edit_from_the_edit_tab(app_factory) -> None:
+    app = app_factory()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_idle(app, pilot)
+        app.action_example("eiffel")
+        await pilot.pause()
+        mode, layer = app.query_one("#f-mode", Select), app.query_one("#f-layer", Input)
+        assert not mode.disabled and not layer.disabled
+        app.edit_pane.choose_method("memit")
+        await pilot.pause()
+        # ROME's key mode and layer are off; the layer field names memit's layers
+        assert mode.disabled and layer.disabled
+        assert "memit: layers 1" in layer.placeholder
+        assert mode.tooltip and "memit has none" in str(mode.tooltip)
+        base = weights(app)
+        await pilot.press("f5")
+        await wait_idle(app, pilot)
+        body = text_of(app.query_one("#edit-result-body"))
+        assert "Computed, not applied" in body and "memit" in body and "layer 1" in body
+        assert same(base, weights(app)), "computing must not change the model"
+        await pilot.press("f7")
+        await wait_idle(app, pilot)
+        if app.session.n_applied == 0:  # looked disabling: confirm in the dialog
+            await pilot.press("y")
+            await wait_idle(app, pilot)
+        assert app.session.n_applied == 1
+        assert "Applied as session edit #1" in text_of(app.query_one("#edit-result-body"))
+        after = weights(app)
+        assert not same(base, after), "the memit edit did not change the model"
+        assert app.session.timeline[-1].mode == "memit"
+        assert app.session.editor.applied[-1].update.method == "memit"
+        await pilot.pause(0.2)
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        table = app.query_one("#history-table", DataTable)
+        assert table.row_count == 1
+        assert "memit" in [str(c) for c in table.get_row_at(0)]
+        # F8 undoes it bit for bit, whatever the method
+        await pilot.press("f8")
+        await wait_idle(app, pilot)
+        assert app.session.n_applied == 0
+        assert same(base, weights(app))
+        run_id = app.session.run_id
+    with Store.open(app_factory.db) as store:
+        (edit,) = store.edits(run_id)
+        assert edit.method_name == "memit" and not edit.applied
+        assert edit.record["layer_norms"] and edit.metrics["verdict"]
+        (step,) = list(store.iter_steps(run_id, applied_only=False))
+        assert step.method == "memit" and [lu.layer for lu in step.layers] == [1]
+
+
+async def test_compare_shows_the_methods_beside_the_key_modes(app_factory) -> None:
+    app = app_factory()
+    async with app.run_test(size=(180, 50)) as pilot:
+        await wait_idle(app, pilot)
+        app.action_example("eiffel")
+        await pilot.pause()
+        base = weights(app)
+        await pilot.press("f6")
+        await wait_idle(app, pilot, timeout=300)
+        assert app.query_one("#tabs").active == "tab-compare"
+        assert same(base, weights(app)), "compare must not change the model"
+        rows = app.compare_pane.method_rows
+        assert [r.label for r in rows] == list(ROWS)
+        for r in rows:
+            assert r.layer_norms and all(math.isfinite(n) and n > 0 for n in r.layer_norms.values())
+            assert math.isfinite(r.ratio) and r.p_new_before and r.p_new_after
+            assert r.verdict in ("ok", "check", "DISABLING", "REFUSED")
+            assert r.preset == "tiny-gpt2"  # no <preset>-<method> variant for the tiny model
+        # the key modes' rows are the key-mode comparison's own updates (not recomputed)
+        for mode in ("original", "rrome", "prompt"):
+            row = rows[ROWS.index(f"rome/{mode}")]
+            assert row.norm == pytest.approx(app.compare_pane.outcomes[mode].result.update_norm)
+        text = text_of(app.query_one("#compare-methods"))
+        for label in ROWS:
+            line = next(x for x in text.splitlines() if x.strip().startswith(label + " "))
+            assert re.search(r"L1 \d", line), line  # the norm per layer, computed
+            assert "→" in line and "%" in line  # p(new) and the efficacy before → after
+        # the key-mode apply buttons still work after it
+        assert app.compare_pane.outcomes
+
+
+async def test_the_replay_tab_key_mode_is_rome_only(app_factory) -> None:
+    app = app_factory(autoload=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        app.show_tab("replay")
+        method, mode = app.query_one("#r-method", Select), app.query_one("#r-mode", Select)
+        assert method.value == "rome" and not mode.disabled
+        method.value = "alphaedit"
+        await pilot.pause()
+        assert mode.disabled and "alphaedit has none" in str(mode.tooltip)
+        method.value = "rome"
+        await pilot.pause()
+        assert not mode.disabled
+
+
+def test_a_method_preset_of_its_own_edits_its_layers_and_undo_restores_its_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The headless part: a method whose preset is not the session's (here the tiny
+    family preset, layers 0-1) gets its own editor; the session's editor applies and
+    undoes its step over both layers, and AlphaEdit's carried K Kᵀ goes back on undo."""
+    from rome import load_preset
+    from workbench.core.method_edits import MethodEdits
+    from workbench.core.session import Session
+
+    monkeypatch.setenv("ROME_WORKBENCH_CACHE", str(tmp_path / "cache"))
+    with Store.open(tmp_path / "s.db") as store:
+        session = Session(store)
+        session.load("tiny-gpt2", device="cpu")
+        lm, ed = session.require()
+        lm.hparams = load_preset("tiny-gpt2-family")  # memit, emmet, alphaedit on layers 0-1
+        methods = MethodEdits(session)
+        assert methods.layers()["alphaedit"] == ("tiny-gpt2-family", [0, 1])
+        base = {x: ed.module(x).weight.detach().clone() for x in (0, 1)}
+        form = EditForm(
+            "{} is located in the city of", "The Eiffel Tower", "Rome", "Paris", method="alphaedit"
+        )
+        outcome = methods.compute(form)
+        med = methods.editor_for("alphaedit")
+        assert med is not ed and med.hp.name == "tiny-gpt2-family"
+        assert sorted(outcome.row.layer_norms) == [0, 1]
+        assert all(torch.equal(base[x], ed.module(x).weight) for x in (0, 1))
+        assert not med.method_state.get("alphaedit")
+        info = methods.apply(outcome, generate=False)
+        assert info.run_id is not None and session.n_applied == 1
+        assert all(not torch.equal(base[x], ed.module(x).weight) for x in (0, 1))
+        assert sorted(med.method_state["alphaedit"]) == [0, 1]  # K Kᵀ carried per layer
+        session.undo()
+        methods.sync()
+        assert all(torch.equal(base[x], ed.module(x).weight) for x in (0, 1))
+        assert not med.method_state.get("alphaedit")
+        (step,) = list(store.iter_steps(info.run_id, applied_only=False))
+        assert step.method == "alphaedit" and [lu.layer for lu in step.layers] == [0, 1]
+        session.finish()

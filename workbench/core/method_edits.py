@@ -1,0 +1,404 @@
+"""The session's edits by MEMIT, EMMET and AlphaEdit, and every method beside ROME's key modes.
+
+:class:`~workbench.core.session.Session` computes, applies and records ROME
+edits (an :class:`~rome.EditResult`). The batch methods go through the public
+:class:`~rome.Editor` API here instead (``Editor.edit`` for the update,
+``Editor.apply_update`` on the session's editor, so F8 undo and revert restore
+their weights bit for bit, and ``Method.after_apply`` for the carried state),
+and are stored as one step (``Store.add_step``) in the session's run. Each
+method edits with its shipped ``<preset>-<method>`` variant when there is one
+(:func:`rome.hparams.method_preset`), through an editor kept per method whose
+templates and statistics come from the base weights.
+
+No Textual and no rich here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from rome import MODES, Editor, EditRequest
+from rome.hparams import method_preset
+from rome.methods import Update, get_method
+from rome.methods.family.templates import family_templates
+from rome.progress import Progress
+from rome.update import weight_out_in
+
+from .forms import EditForm
+from .generation import GenerationPair
+from .methods import MethodOutcome, judge_outcomes, run_method
+from .records import EditOutcome
+from .verdict import Probe, Verdict
+
+if TYPE_CHECKING:
+    from rome.editor import AppliedEdit
+
+    from .session import Session
+
+log = logging.getLogger(__name__)
+
+#: a comparison's verdict word -> the Edit tab's verdict level
+VERDICT_LEVELS = {"ok": "ok", "check": "warn", "DISABLING": "bad", "REFUSED": "refused"}
+
+
+@dataclass
+class MethodEditOutcome:
+    """A batch method's computed (not yet applied) update on the form's request."""
+
+    form: EditForm
+    update: Update
+    row: MethodOutcome  # per-layer norms, ‖ΔW‖ / ‖W‖, p(target) on the bare prompt
+    before: list[Probe]
+    after: list[Probe] | None
+    verdict: Verdict
+    seconds: float = 0.0
+    version: int = 0  # Session.version when computed
+
+    @property
+    def method(self) -> str:
+        return self.update.method
+
+    @property
+    def mode(self) -> str:
+        """What the status lines name the edit by (ROME's outcomes: the key mode)."""
+        return self.update.method
+
+    def probe(self, name: str, after: bool) -> Probe | None:
+        for p in (self.after or []) if after else self.before:
+            if p.name == name:
+                return p
+        return None
+
+    def metrics(self) -> dict[str, Any]:
+        """What the store keeps besides the method's record (as a ROME edit's)."""
+        out: dict[str, Any] = {
+            "source": "session",
+            "verdict": self.verdict.level,
+            "verdict_reasons": list(self.verdict.reasons),
+        }
+        for when, probes in (("before", self.before), ("after", self.after or [])):
+            for p in probes:
+                out[f"{p.name}_p_new_{when}"] = p.p_new
+                if p.p_true is not None:
+                    out[f"{p.name}_p_true_{when}"] = p.p_true
+        for name, text in self.form.probes():
+            out[f"{name}_text"] = text
+        return out
+
+
+@dataclass
+class MethodApplied:
+    """A batch method's edit on the model: what :class:`~.records.AppliedInfo` is to ROME's."""
+
+    number: int  # this session's edit number (1-based)
+    outcome: MethodEditOutcome
+    generations: list[GenerationPair]
+    fingerprint: str
+    run_id: str | None
+    seq: int | None
+    store_error: str | None = None
+
+
+@dataclass
+class _Applied:
+    """One of our steps on the session's editor, and its method's state before it."""
+
+    entry: AppliedEdit
+    editor: Editor
+    state: dict[str, Any]
+
+
+def _copy_state(editor: Editor) -> dict[str, Any]:
+    # the carried tensors are replaced, never changed in place: a shallow copy per method
+    return {k: dict(v) if isinstance(v, dict) else v for k, v in editor.method_state.items()}
+
+
+def rome_row(mode: str, outcome: EditOutcome, preset: str = "") -> MethodOutcome:
+    """A ROME key mode's computed edit as a row of the method comparison (no recompute)."""
+    r = outcome.result
+    row = MethodOutcome("rome", label=f"rome/{mode}", preset=preset)
+    row.layer_norms = {r.layer: float(r.update_norm)}
+    row.norm = float(r.update_norm)
+    row.ratio = float(r.update_norm_ratio)
+    b, a = outcome.probe("prompt", after=False), outcome.probe("prompt", after=True)
+    if b is not None:
+        row.p_new_before, row.p_true_before = [b.p_new], [b.p_true]
+    if a is not None:
+        row.p_new_after, row.p_true_after = [a.p_new], [a.p_true]
+    if r.unsafe_reason or a is None:
+        row.error = f"not applied: {r.unsafe_reason or 'a non-finite update'}"
+        row.p_new_after, row.p_true_after = list(row.p_new_before), list(row.p_true_before)
+    return row
+
+
+class MethodEdits:
+    """The batch methods of one :class:`Session`: compute, apply, compare."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self._for: Editor | None = None  # the session editor the caches below belong to
+        self._editors: dict[str, Editor] = {}
+        self._applied: list[_Applied] = []
+
+    # ----------------------------------------------------------- editors
+    def _fresh(self) -> Editor:
+        _, ed = self.session.require()
+        if self._for is not ed:  # a model was (re)loaded: nothing of ours is on it
+            self._for, self._editors, self._applied = ed, {}, []
+        return ed
+
+    def preset(self, method: str) -> str:
+        """The preset ``method`` edits the loaded model with."""
+        lm, _ = self.session.require()
+        return method_preset(lm.hparams, method).name
+
+    @staticmethod
+    def family() -> list[str]:
+        """The batch methods, in the order the app shows them."""
+        return _family_methods()
+
+    def layers(self) -> dict[str, tuple[str, list[int]]]:
+        """Each batch method's preset and edited layers on the loaded model."""
+        lm, _ = self.session.require()
+        out = {}
+        for m in _family_methods():
+            hp = method_preset(lm.hparams, m)
+            out[m] = (hp.name, hp.edited_layers())
+        return out
+
+    def editor_for(self, method: str, progress: Progress | None = None) -> Editor:
+        """The editor that computes ``method``'s updates (its templates and second moments
+        taken on the base weights, once)."""
+        lm, ed = self.session.require()
+        self._fresh()
+        hp = method_preset(lm.hparams, method)
+        if hp is ed.hp:
+            return ed
+        med = self._editors.get(method)
+        if med is None:
+            med = Editor(lm.model, lm.tokenizer, hp)
+            with ed.base_weights():  # the session's edits out of the way for a moment
+                family_templates(med)
+                for layer in hp.edited_layers():
+                    med.factor(layer, progress)
+            self._editors[method] = med
+        return med
+
+    def sync(self) -> None:
+        """After an undo or a revert: a method's carried state goes back to what it was
+        before the first of our steps no longer on the model."""
+        _, ed = self.session.require()
+        self._fresh()
+        on_model = {id(e) for e in ed.applied}
+        keep = [a for a in self._applied if id(a.entry) in on_model]
+        gone = [a for a in self._applied if id(a.entry) not in on_model]
+        restored: set[int] = set()
+        for a in gone:  # oldest first: that one's state is the one to go back to
+            if id(a.editor) not in restored:
+                a.editor.method_state.clear()
+                a.editor.method_state.update(a.state)
+                restored.add(id(a.editor))
+        self._applied = keep
+
+    # ----------------------------------------------------------- compute
+    def _row(self, ed: Editor, form: EditForm, upd: Update, before: list[Probe]) -> MethodOutcome:
+        lm, _ = self.session.require()
+        row = MethodOutcome(upd.method, preset=method_preset(lm.hparams, upd.method).name)
+        row.layer_norms = upd.layer_norms()
+        row.norm = upd.norm
+        w = math.sqrt(
+            sum(
+                float(weight_out_in(ed.module(lu.layer)).detach().float().norm()) ** 2
+                for lu in upd.layers
+            )
+        )
+        row.ratio = row.norm / w if w else math.inf
+        b = next(p for p in before if p.name == "prompt")
+        row.p_new_before, row.p_true_before = [b.p_new], [b.p_true]
+        return row
+
+    def compute(self, form: EditForm, progress: Progress | None = None) -> MethodEditOutcome:
+        """``form.method``'s update on the form's request, with probes before and after."""
+        with self.session._lock:  # the session's one lock on the weights
+            _, ed = self.session.require()
+            t0 = time.perf_counter()
+            med = self.editor_for(form.method, progress)
+            before = self.session.score_probes(form)
+            upd = med.edit([form.request()], form.method)
+            row = self._row(ed, form, upd, before)
+            reason = upd.unsafe_reason or ed.update_unsafe_reason(upd)
+            after: list[Probe] | None = None
+            if reason:
+                row.error = f"not applied: {reason}"
+                row.p_new_after, row.p_true_after = row.p_new_before, row.p_true_before
+            else:
+                ed.apply_update(upd, force=True)  # for a moment: no state folded in
+                try:
+                    after = self.session.score_probes(form)
+                finally:
+                    ed.undo()
+                a = next(p for p in after if p.name == "prompt")
+                row.p_new_after, row.p_true_after = [a.p_new], [a.p_true]
+            judge_outcomes([row], med.hp.max_update_ratio)
+            level = VERDICT_LEVELS[row.verdict]
+            if level == "ok" and after is not None:
+                level = self._probe_level(before, after, row)
+            verdict = Verdict(level, tuple(row.reasons))
+            secs = time.perf_counter() - t0
+            version = self.session.version
+            return MethodEditOutcome(form, upd, row, before, after, verdict, secs, version)
+
+    @staticmethod
+    def _probe_level(before: list[Probe], after: list[Probe], row: MethodOutcome) -> str:
+        """As a ROME edit's verdict: the neighbour's true answer should not collapse."""
+        b = {p.name: p for p in before}
+        for p in after:
+            q = b.get(p.name)
+            if p.name == "neighbour" and q and q.p_true is not None and p.p_true is not None:
+                if q.p_true > 0.05 and p.p_true < 0.5 * q.p_true:
+                    row.reasons.append(f"neighbour p(true) fell {q.p_true:.2f}→{p.p_true:.2f}")
+                    return "warn"
+        return "ok"
+
+    # ----------------------------------------------------------- apply
+    def apply(
+        self, outcome: MethodEditOutcome, progress: Progress | None = None, generate: bool = True
+    ) -> MethodApplied:
+        """Apply a computed update: generations before / after, one stored step, an undo entry.
+
+        ``progress`` may raise to cancel only before the weights change.
+        """
+        s = self.session
+        with s._lock:
+            _, ed = s.require()
+            self._fresh()
+            med = self.editor_for(outcome.method)
+            upd = outcome.update
+            prompts = outcome.form.generation_texts() if generate else []
+            if progress:
+                progress("generating before", 0, 2)
+            before = s.generate(prompts) if prompts else []
+            if progress:
+                progress("applying", 1, 2)
+            state = _copy_state(med)
+            entry = ed.apply_update(upd)  # raises UnsafeUpdateError, weights unchanged
+            get_method(upd.method).after_apply(med, upd)
+            s.version += 1
+            try:
+                after = s.generate(prompts) if prompts else []
+                if outcome.after is None:
+                    outcome.after = s.score_probes(outcome.form)
+            except BaseException:
+                ed.undo()
+                med.method_state.clear()
+                med.method_state.update(state)
+                s.version += 1
+                raise
+            self._applied.append(_Applied(entry, med, state))
+            layers = [lu.layer for lu in upd.layers]
+            fp = ed.fingerprint(layers)
+            pairs = [
+                GenerationPair(p, b, a) for p, b, a in zip(prompts, before, after, strict=True)
+            ]
+            run_id, seq, err = self._store(outcome, fp, pairs)
+            s.refs.append((run_id, seq) if run_id is not None and seq is not None else None)
+            req = outcome.form.request()
+            s._add_point(
+                f"{req.subject} → {req.target_new}",
+                upd.method,
+                layers[-1],
+                upd.norm,
+                outcome.row.ratio,
+                outcome.verdict.disabling,
+                outcome.verdict.summary,
+            )
+            return MethodApplied(len(s.timeline), outcome, pairs, fp, run_id, seq, err)
+
+    def _store(
+        self, outcome: MethodEditOutcome, fp: str, pairs: list[GenerationPair]
+    ) -> tuple[str | None, int | None, str | None]:
+        s = self.session
+        if s.store is None:
+            return None, None, s.store_error or "no database open"
+        from workbench.store import StoreError
+
+        upd = outcome.update
+        last = upd.layers[-1]
+        record = dict(upd.records[0]) if upd.records else {}
+        record.update(
+            method=upd.method,
+            preset=outcome.row.preset,
+            method_options={k: v for k, v in upd.options.items() if _jsonable(v)},
+            layer_norms={str(k): v for k, v in upd.layer_norms().items()},
+            batch_size=1,
+        )
+        try:
+            run_id = s._ensure_run()
+            seq = s.store.next_seq(run_id)
+            row = dict(
+                seq=seq,
+                request=outcome.form.request().to_dict(),
+                mode="",
+                layer=last.layer,
+                weight_name=last.weight_name,
+                update_norm=upd.norm,
+                update_norm_ratio=outcome.row.ratio,
+                record=record,
+                metrics=outcome.metrics(),
+                flagged=outcome.verdict.disabling,
+                flag_reason=outcome.verdict.summary or None,
+                fingerprint=fp,
+                method=upd.method,
+            )
+            s.store.add_step(run_id, seq, [row], upd.layers)
+            for g in pairs:
+                s.store.add_generation(run_id, seq, g.prompt, g.before, g.after)
+            return run_id, seq, None
+        except StoreError as exc:
+            log.warning("could not store the %s edit: %s", upd.method, exc)
+            return None, None, str(exc)
+
+    # ----------------------------------------------------------- compare
+    def compare(
+        self,
+        form: EditForm,
+        modes: dict[str, EditOutcome],
+        methods: Sequence[str] = (),
+        check: Callable[[str], None] | None = None,
+    ) -> list[MethodOutcome]:
+        """ROME's key modes (already computed, in ``modes``) and each batch method on the
+        form's request, judged together as ``edit --method all`` judges them.
+
+        ``check(method)`` is called before each method (it may raise to stop there).
+        """
+        lm, ed = self.session.require()
+        family = list(methods) or _family_methods()
+        rows = [rome_row(m, modes[m], lm.hparams.name) for m in MODES if m in modes]
+        reqs: list[EditRequest] = [form.request()]
+        with self.session._lock:
+            for m in family:
+                if check:
+                    check(m)
+                med = self.editor_for(m)
+                state = _copy_state(med)
+                try:
+                    rows.append(run_method(lm, med, reqs, m, None))
+                finally:  # the preview leaves the carried state as it found it
+                    med.method_state.clear()
+                    med.method_state.update(state)
+        return judge_outcomes(rows, ed.hp.max_update_ratio)
+
+
+def _family_methods() -> list[str]:
+    from .forms import FORM_METHODS
+
+    return [m for m in FORM_METHODS if m != "rome"]
+
+
+def _jsonable(v: Any) -> bool:
+    return isinstance(v, (str, int, float, bool, type(None), list, dict))
