@@ -19,6 +19,9 @@ PROTOCOLS = (IMMEDIATE, END_OF_STREAM, RETENTION)
 
 #: the checkpoint task under which a retention pass is stored
 RETENTION_TASK = "retention"
+#: the checkpoint task of the fluency probe (generation entropy in ``value``; the
+#: store names it too, as ``workbench.store.FLUENCY_TASK``)
+FLUENCY_TASK = "fluency"
 
 #: one line per protocol, for legends, table notes and help texts
 DESCRIPTIONS = {
@@ -27,4 +30,12 @@ DESCRIPTIONS = {
     RETENTION: "the first M edits re-scored at every checkpoint",
 }
 
-__all__ = ["DESCRIPTIONS", "END_OF_STREAM", "IMMEDIATE", "PROTOCOLS", "RETENTION", "RETENTION_TASK"]
+__all__ = [
+    "DESCRIPTIONS",
+    "END_OF_STREAM",
+    "FLUENCY_TASK",
+    "IMMEDIATE",
+    "PROTOCOLS",
+    "RETENTION",
+    "RETENTION_TASK",
+]

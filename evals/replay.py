@@ -1,7 +1,8 @@
 """Sequential replay: N CounterFact edits applied in order to one model, evaluated as it goes.
 
-(Over 500 lines: the loop, its resume checks and the run summary
-read and write the same run state; the probes live in evals/probes.py.)
+(Over 500 lines: the loop and its resume checks read and write the same
+run state; the steps live in evals/steps.py, the probes in evals/probes.py,
+the run's figures in evals/figures.py.)
 
 ``replay`` is a generator of events (a CLI or a TUI consumes them). Every
 finished edit is committed to the store with its factors, the weight
@@ -18,16 +19,14 @@ import hashlib
 import json
 import logging
 import threading
-import time
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rome import Editor, LoadedModel, RomeError
 from rome.errors import BadRequestError
 from rome.hparams import EditHparams, method_preset
 from rome.methods import LayerUpdate, Update, get_method
 
-from .batches import batch_step
 from .counterfact import CounterFactRecord, load_counterfact
 from .events import (
     CheckpointDone,
@@ -37,15 +36,16 @@ from .events import (
     ReplayStarted,
     ReplayWarning,
 )
+from .figures import stored_figures
 from .flags import fluency_flag, norm_flag, perplexity_flag
 from .glue import evaluate_glue, load_glue
 from .metrics import aggregate, record_metrics
 from .probes import FLUENCY_PROMPTS, fluency, perplexity
+from .protocols import FLUENCY_TASK
 from .retention import retention_checkpoint
+from .sink import ReplaySink, RunRow
 from .spec import ReplayConfig, RunSpec
-
-if TYPE_CHECKING:  # the store lives in workbench/, which depends on evals
-    from workbench.store import Store
+from .steps import batch_step, rome_step
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,9 @@ def _record_of(data: dict[str, Any]) -> CounterFactRecord:
 class _Run:
     """State of one replay while it runs (kept out of the generator for readability)."""
 
-    def __init__(self, lm: LoadedModel, store: Store, cfg: ReplayConfig, run_id: str, ed: Editor):
+    def __init__(
+        self, lm: LoadedModel, store: ReplaySink, cfg: ReplayConfig, run_id: str, ed: Editor
+    ):
         self.lm, self.store, self.cfg, self.run_id = lm, store, cfg, run_id
         self.editor = ed
         self.layer = ed.hp.layer
@@ -135,7 +137,7 @@ class _Run:
                 replace=True,
             )
         ent = fluency(model, tok, cfg.fluency_tokens)
-        self.store.add_fluency(self.run_id, step, ent, replace=True)
+        self.store.add_checkpoint(self.run_id, step, FLUENCY_TASK, value=ent, replace=True)
         reasons = []
         if step == 0:
             self.base_fluency = ent
@@ -166,71 +168,6 @@ class _Run:
         retention = held.as_dict() if held is not None else None
         yield CheckpointDone(step, {t: _glue_row(r) for t, r in glue.items()}, ent, ppl, retention)
 
-    def edit(self, seq: int, rec: CounterFactRecord, total: int) -> EditDone:
-        t0 = time.perf_counter()
-        cfg, model, tok = self.cfg, self.lm.model, self.lm.tokenizer
-        pre = record_metrics(model, tok, rec) if cfg.pre_metrics else None
-        t_pre = time.perf_counter() - t0
-        result = self.editor.compute(rec.to_request(), cfg.mode, self.layer)
-        reason = norm_flag(result.update_norm, self.norms, cfg)
-        refused_reason = result.unsafe_reason or (reason if cfg.guard and reason else None)
-        if refused_reason is None:
-            self.editor.apply(result)
-            self.norms.append(result.update_norm)
-        t1 = time.perf_counter()
-        post = record_metrics(model, tok, rec, generation=cfg.generation_metrics)
-        w_delta, w_ratio = self.editor.drift(self.layer)
-        metrics = post.as_dict()
-        metrics.update(w_delta_norm=w_delta, w_norm_ratio=w_ratio)
-        if pre is not None:
-            metrics["pre"] = {k: v for k, v in pre.as_dict().items() if k != "generations"}
-        timings = dict(result.timings)
-        timings.update(pre_metrics=t_pre, post_metrics=time.perf_counter() - t1)
-        flag = reason or result.unsafe_reason
-        record = result.to_dict(factors=False)
-        record["counterfact"] = rec.to_dict()
-        self.store.add_edit(
-            self.run_id,
-            seq,
-            request=result.request,
-            mode=result.mode,
-            layer=result.layer,
-            weight_name=result.weight_name,
-            u=result.u,
-            v=result.v,
-            case_id=rec.case_id,
-            update_norm=result.update_norm,
-            update_norm_ratio=result.update_norm_ratio,
-            denominator=result.denominator,
-            cos_kstar_ks=result.cos_kstar_ks,
-            record=record,
-            metrics=metrics,
-            timings=timings,
-            flagged=flag is not None,
-            flag_reason=flag,
-            refused=refused_reason is not None,
-            applied=refused_reason is None,
-            fingerprint=self.editor.fingerprint([self.layer]),
-        )
-        return EditDone(
-            seq=seq,
-            total=total,
-            case_id=rec.case_id,
-            subject=rec.subject,
-            target_new=rec.target_new,
-            update_norm=result.update_norm,
-            update_norm_ratio=result.update_norm_ratio,
-            metrics=metrics,
-            flagged=flag is not None,
-            flag_reason=flag,
-            refused=refused_reason is not None,
-            seconds=time.perf_counter() - t0,
-            w_delta_norm=w_delta,
-            w_norm_ratio=w_ratio,
-            cos_kstar_ks=result.cos_kstar_ks,
-            denominator=result.denominator,
-        )
-
     def stored_records(self, records: list[CounterFactRecord]) -> Iterator[tuple[int, Any]]:
         """(seq, record) of every applied edit, from the record stored with it.
 
@@ -257,50 +194,27 @@ class _Run:
         return agg
 
 
-def run_summary(store: Store, run_id: str) -> dict[str, Any]:
-    """Run-level figures from what is stored: pre → post means at edit time, the
-    final re-scoring, S as the published harmonic mean of the run-level means."""
-    edits = store.edits(run_id)
-    post = [e.metrics for e in edits if e.applied and e.metrics]
-    pre = [e.metrics["pre"] for e in edits if e.applied and (e.metrics or {}).get("pre")]
-    out: dict[str, Any] = {"edits_done": len(edits), "post": aggregate(post)}
-    if pre:
-        out["pre"] = aggregate(pre)
-    rescored = [r.metrics for r in store.rescores(run_id)]
-    if rescored:
-        out["final"] = aggregate(rescored)
-        out["survived"] = float(sum(1 for m in rescored if (m.get("es") or 0) >= 1.0))
-    # the headline figures: after the final re-scoring when there was one
-    head = out.get("final") or out["post"]
-    out.update({k: head.get(k) for k in ("es", "ps", "ns", "s")})
-    last = edits[-1] if edits else None
-    if last is not None and last.metrics and "w_delta_norm" in last.metrics:
-        out["w_delta_norm"] = last.metrics["w_delta_norm"]
-        out["w_norm_ratio"] = last.metrics["w_norm_ratio"]
-    return out
-
-
 def _glue_row(r: Any) -> dict[str, Any]:
     return {"accuracy": r.accuracy, "f1": r.f1, "mcc": r.mcc, "invalid": r.invalid, "n": r.n}
 
 
-def _stored(run: Any) -> dict[str, Any]:
+def _stored(run: RunRow) -> dict[str, Any]:
     return RunSpec.of(run).raw
 
 
-def _config_of(run: Any) -> ReplayConfig:
+def _config_of(run: RunRow) -> ReplayConfig:
     cfg = RunSpec.of(run).replay
     if cfg is None:
         raise ReplayError(f"run {run.id} has no replay configuration; it cannot be resumed")
     return cfg
 
 
-def _hparams_of(run: Any, lm: LoadedModel) -> EditHparams:
+def _hparams_of(run: RunRow, lm: LoadedModel) -> EditHparams:
     """The preset the run was started with (so a resume edits exactly as before)."""
     return RunSpec.of(run).edit_hparams(lm.hparams)
 
 
-def _freeze_templates(store: Store, run: Any, ed: Editor) -> Editor:
+def _freeze_templates(store: ReplaySink, run: RunRow, ed: Editor) -> Editor:
     """Store the context templates in use with a run that has none stored."""
     hp = ed.hp.replace(context_templates=list(ed.templates()))
     store.update_run(run.id, hparams={**_stored(run), "hparams": hp.to_dict()})
@@ -308,7 +222,7 @@ def _freeze_templates(store: Store, run: Any, ed: Editor) -> Editor:
     return ed
 
 
-def _check_covariance(store: Store, run: Any, ed: Editor, cfg: ReplayConfig) -> list[str]:
+def _check_covariance(store: ReplaySink, run: RunRow, ed: Editor, cfg: ReplayConfig) -> list[str]:
     """Warn when the statistics here are not the ones the run started with (they are
     sampled, so another machine may have others); a run without a record gets one."""
     now = covariance_fingerprint(ed, cfg)
@@ -357,7 +271,7 @@ def _editor_for(lm: LoadedModel, hp: EditHparams, cfg: ReplayConfig) -> Editor:
     return Editor(lm.model, lm.tokenizer, hp, keep_undo=False)
 
 
-def _check_extension(run: Any, cfg: ReplayConfig, records: list[CounterFactRecord]) -> list[str]:
+def _check_extension(run: RunRow, cfg: ReplayConfig, records: list[CounterFactRecord]) -> list[str]:
     """Whether the run can go on to ``records``: the ones it edited must come first,
     unchanged. Writes nothing (:func:`_extend` does, under the writer lock)."""
     planned = cfg.n_edits
@@ -368,7 +282,9 @@ def _check_extension(run: Any, cfg: ReplayConfig, records: list[CounterFactRecor
     return _check_same_data(cfg, records[:planned])
 
 
-def _extend(store: Store, run: Any, cfg: ReplayConfig, records: list[CounterFactRecord]) -> str:
+def _extend(
+    store: ReplaySink, run: RunRow, cfg: ReplayConfig, records: list[CounterFactRecord]
+) -> str:
     """Plan the run's next records, with the status ``running``, in one transaction
     (a run killed after it is resumable: never ``finished`` with edits to go)."""
     planned = cfg.n_edits
@@ -407,7 +323,7 @@ def _check_same_data(cfg: ReplayConfig, records: list[CounterFactRecord]) -> lis
 
 def replay(
     lm: LoadedModel,
-    store: Store,
+    store: ReplaySink,
     cfg: ReplayConfig | None = None,
     *,
     cancel: threading.Event | None = None,
@@ -440,7 +356,7 @@ def replay(
             )
         if run.status == "finished" and not rescore_finished and extend_to is None:
             yield ReplayWarning(f"run {run.id} is already finished; nothing to do")
-            yield ReplayFinished(run.id, "finished", run_summary(store, run.id))
+            yield ReplayFinished(run.id, "finished", stored_figures(store, run.id))
             return
         ed = _editor_for(lm, hp, cfg)
         if hp.context_templates is None:
@@ -539,12 +455,12 @@ def _rebuild(st: _Run) -> int:
             f"{last.seq}; the run cannot be resumed onto the same weights"
         )
     for c in store.checkpoints(run_id):
-        if c.step == 0 and c.task == "fluency":
+        if c.step == 0 and c.task == FLUENCY_TASK:
             st.base_fluency = c.value
         if c.step == 0 and c.task == PERPLEXITY_TASK:
             st.base_ppl = (c.extra or {}).get("perplexity")
     store.set_status(run_id, "running")
-    return store.next_seq(run_id)
+    return 0 if last is None else last.seq + 1
 
 
 def _drive(
@@ -562,7 +478,7 @@ def _drive(
     yield ReplayStarted(run_id, total, start)
     # A checkpoint killed or failed half-way lacks some rows: done again, on the
     # weights it measures (the last step's, where the run stopped).
-    expected = {*cfg.glue_tasks, "fluency", *([PERPLEXITY_TASK] if cfg.perplexity else [])}
+    expected = {*cfg.glue_tasks, FLUENCY_TASK, *([PERPLEXITY_TASK] if cfg.perplexity else [])}
     rows: dict[int, set[str]] = {}
     for c in store.checkpoints(run_id):
         rows.setdefault(c.step, set()).add(c.task)
@@ -584,7 +500,7 @@ def _drive(
         if st.method.batched:
             events = batch_step(st, seq, batch, total)
         else:
-            events = [st.edit(seq, batch[0], total)]
+            events = rome_step(st, seq, batch[0], total)
         for ev in events:
             yield ev
         if events[-1].flagged:
@@ -598,4 +514,4 @@ def _drive(
     if cfg.rescore:
         st.rescore(records)
     store.set_status(run_id, "finished")
-    yield ReplayFinished(run_id, "finished", run_summary(store, run_id))
+    yield ReplayFinished(run_id, "finished", stored_figures(store, run_id))

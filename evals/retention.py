@@ -20,11 +20,11 @@ from .counterfact import CounterFactRecord
 from .metrics import aggregate, record_metrics
 from .protocols import RETENTION_TASK
 
-if TYPE_CHECKING:  # the store lives in workbench/, which depends on evals
+if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedTokenizerBase
 
-    from workbench.store import Checkpoint, Store
+    from .sink import CheckpointRow, ReplayReader, ReplaySink
 
 __all__ = [
     "RetentionResult",
@@ -60,7 +60,7 @@ class RetentionResult:
         return {**asdict(self), "value": self.value}
 
 
-def first_edits(store: Store, run_id: str, size: int) -> list[tuple[int, CounterFactRecord]]:
+def first_edits(store: ReplayReader, run_id: str, size: int) -> list[tuple[int, CounterFactRecord]]:
     """``(seq, record)`` of the run's first ``size`` applied edits that stored their record."""
     out: list[tuple[int, CounterFactRecord]] = []
     if size <= 0:
@@ -100,7 +100,7 @@ def score_retention(
     )
 
 
-def store_retention(store: Store, run_id: str, result: RetentionResult) -> None:
+def store_retention(store: ReplaySink, run_id: str, result: RetentionResult) -> None:
     """Write ``result`` as the run's retention checkpoint at its step (replacing one)."""
     extra = {k: v for k, v in result.as_dict().items() if k not in ("step", "value")}
     store.add_checkpoint(
@@ -117,7 +117,7 @@ def store_retention(store: Store, run_id: str, result: RetentionResult) -> None:
 def retention_checkpoint(
     model: nn.Module,
     tok: PreTrainedTokenizerBase,
-    store: Store,
+    store: ReplaySink,
     run_id: str,
     step: int,
     size: int,
@@ -133,7 +133,7 @@ def retention_checkpoint(
     return result
 
 
-def retention_of(c: Checkpoint | Mapping[str, Any]) -> RetentionResult:
+def retention_of(c: CheckpointRow | Mapping[str, Any]) -> RetentionResult:
     """A stored retention checkpoint (or its JSON export) read back."""
     if isinstance(c, Mapping):
         step, n, value, extra = c.get("step", 0), c.get("n"), c.get("value"), c.get("extra")

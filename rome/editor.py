@@ -243,14 +243,18 @@ class Editor:
         layer: int | None = None,
         progress: Progress | None = None,
         fast: bool = True,
+        probe_after: bool = True,
     ) -> EditResult:
         """The update for one key mode. The model is unchanged afterwards.
 
         ``fast=False`` switches off the speed-ups (stop-at-layer keys, upper-layer
         v* steps, logits only where read, frozen parameters): for benchmarks.
+        ``probe_after=False`` skips the trial that scores the edit with the update
+        added for a moment (the ``*_after`` fields are NaN until
+        :meth:`score_applied` fills them once the update is applied for real).
         """
         mode = mode or self.hp.default_mode
-        return self._compute(req, [mode], layer, progress, fast)[mode]
+        return self._compute(req, [mode], layer, progress, fast, probe_after)[mode]
 
     def compare(
         self,
@@ -259,9 +263,10 @@ class Editor:
         progress: Progress | None = None,
         modes: Sequence[str] = MODES,
         fast: bool = True,
+        probe_after: bool = True,
     ) -> dict[str, EditResult]:
         """The update in every key mode, sharing templates, keys and v*. Nothing applied."""
-        return self._compute(req, list(modes), layer, progress, fast)
+        return self._compute(req, list(modes), layer, progress, fast, probe_after)
 
     def _compute(
         self,
@@ -270,11 +275,12 @@ class Editor:
         layer: int | None,
         progress: Progress | None,
         fast: bool = True,
+        probe_after: bool = True,
     ) -> dict[str, EditResult]:
         for m in modes:
             if m not in MODES:
                 raise BadRequestError(f"unknown key mode {m!r}: use one of {', '.join(MODES)}")
-        req.validate()
+        req.validate()  # returns at once for a request validated at the caller's boundary
         layer = self.check_layer(self.hp.layer if layer is None else layer)
         timings: dict[str, float] = {}
         clock = time.perf_counter()
@@ -322,7 +328,7 @@ class Editor:
             r1 = rank_one(module, factor, k_u, k_v, v_target)
             lap("update", own)
             finite = bool(torch.isfinite(r1.u).all() and torch.isfinite(r1.v).all())
-            if finite:
+            if finite and probe_after:
                 saved = add_update(module, r1.u, r1.v)
                 try:
                     after = self._probe(req, templates)
@@ -407,9 +413,22 @@ class Editor:
         """Take ρ as given (a resumed replay keeps the value its earlier edits used)."""
         self._anchors[layer] = float(rho)
 
-    def base_weights(self) -> contextlib.AbstractContextManager[None]:
-        """Inside, every edited layer holds its unedited weight (public form)."""
-        return self._all_base_weights()
+    def base_weights(
+        self, layers: Iterable[int] | None = None
+    ) -> contextlib.AbstractContextManager[None]:
+        """Inside, every edited layer (or each of ``layers``) holds its unedited weight;
+        after, each holds again what it held before, bit for bit, whatever was written
+        inside (a replay on the same model gives the session's weights back this way)."""
+        if layers is None:
+            return self._all_base_weights()
+        return self._held([self.check_layer(x) for x in layers])
+
+    @contextlib.contextmanager
+    def _held(self, layers: Sequence[int]) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for layer in sorted(set(layers)):
+                stack.enter_context(self._base_weights(layer, always=True))
+            yield
 
     @contextlib.contextmanager
     def _all_base_weights(self) -> Iterator[None]:
@@ -421,14 +440,16 @@ class Editor:
             yield
 
     @contextlib.contextmanager
-    def _base_weights(self, layer: int) -> Iterator[None]:
-        """Inside, ``layer`` holds its unedited weight; the edited one comes back after."""
-        if layer not in self._base:
+    def _base_weights(self, layer: int, always: bool = False) -> Iterator[None]:
+        """Inside, ``layer`` holds its unedited weight; the edited one comes back after
+        (``always``: an unedited layer's weight is kept and put back too)."""
+        if layer not in self._base and not always:
             yield
             return
         module = self.module(layer)
-        edited = weight_of(module).detach().clone()
-        restore(module, self._base[layer])
+        edited = weight_of(module).detach().to("cpu", copy=True)
+        if layer in self._base:
+            restore(module, self._base[layer])
         try:
             yield
         finally:
@@ -457,6 +478,15 @@ class Editor:
         p_true = scores[-1].prob if req.target_true is not None else None
         templ = [s.prob for s in scores[1 : 1 + len(prefixed)]]
         return _Probe(scores[0].prob, p_true, sum(templ) / len(templ) if templ else scores[0].prob)
+
+    def score_applied(self, result: EditResult) -> EditResult:
+        """Fill ``result``'s after-edit probabilities from the model as it is (its update
+        applied): what compute's trial measures, on the same weights, without the trial."""
+        after = self._probe(result.request, self.templates())
+        result.p_new_after = after.p_new
+        result.p_true_after = after.p_true
+        result.p_new_after_templated = after.p_new_templated
+        return result
 
     def unsafe_reason(self, u: torch.Tensor, v: torch.Tensor, weight_norm: float) -> str | None:
         """Why a rank-one update must not be applied: non-finite, or far larger than the weight."""

@@ -22,7 +22,14 @@ class EditRequest:
     target_true: str | None = None
 
     def validate(self) -> EditRequest:
-        """Raise :class:`BadRequestError` on a request that cannot be run."""
+        """Raise :class:`BadRequestError` on a request that cannot be run; returns it.
+
+        Checked once: the request is frozen, so one that passed is remembered as
+        valid and carried on, and validating it again (the editor does, for
+        callers that did not) returns at once.
+        """
+        if self.validated:
+            return self
         n = self.prompt.count("{}")
         if n != 1:
             raise BadRequestError(
@@ -40,7 +47,13 @@ class EditRequest:
             raise BadRequestError("target_true is empty (leave it out instead)")
         if self.target_true is not None and self.target_true.strip() == self.target_new.strip():
             raise BadRequestError("target_new equals target_true: nothing to edit")
+        object.__setattr__(self, "_validated", True)  # not a field: equality and to_dict unchanged
         return self
+
+    @property
+    def validated(self) -> bool:
+        """Whether :meth:`validate` passed on this request."""
+        return bool(self.__dict__.get("_validated", False))
 
     def length_problem(self, tokenizer: Any, limit: int = MAX_REQUEST_TOKENS) -> str | None:
         """Why the request is too long for ``tokenizer`` (``None``: within ``limit``)."""

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import pytest
 from typer.testing import CliRunner
 
+from rome import BadRequestError, EditRequest, load_model
 from workbench.cli import app
 
 runner = CliRunner()
@@ -63,6 +66,35 @@ def test_bad_input_exits_2_with_one_line():
     assert res.exit_code == 2 and "out of range" in res.stderr
     res = runner.invoke(app, [*EDIT, "--mode", "fancy"])
     assert res.exit_code == 2
+
+
+@dataclasses.dataclass(frozen=True)
+class _CountedRequest(EditRequest):
+    """A request that counts how often its checks run (``validate`` on a fresh request)."""
+
+    checks: list[int] = dataclasses.field(default_factory=list, compare=False)
+
+    def validate(self) -> EditRequest:
+        if not self.validated:
+            self.checks.append(1)
+        return super().validate()
+
+
+def test_an_edit_request_is_validated_once_and_carried():
+    """The CLI validates at its boundary; the core and the engine carry that request."""
+    from workbench.core.edits import make_editor, preview_edit
+
+    bad = EditRequest("The city of", "x", "Rome")
+    with pytest.raises(BadRequestError, match="exactly one"):
+        bad.validate()
+    assert not bad.validated
+    req = _CountedRequest("The city of {}", "the Eiffel Tower", "Rome", "Paris")
+    assert req.validate() is req and req.validated and req.checks == [1]
+    assert not dataclasses.replace(req, subject=" ").validated  # a changed request: checked again
+    lm = load_model("tiny-gpt2")
+    pv = preview_edit(lm, make_editor(lm), req, ["rrome", "original"], 2)
+    assert req.checks == [1]  # preview, compare and the engine's guard ran no check again
+    assert all(r.request is req for r in pv.results.values())
 
 
 def test_replay_runs_history_export_plot(tmp_path):

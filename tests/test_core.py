@@ -314,3 +314,67 @@ def test_replay_settings_refused_before_a_run(tmp_path):
 def test_open_store_path(tmp_path: Path):
     with open_and_recover(tmp_path / "sub" / "w.db") as s:
         assert s.path == tmp_path / "sub" / "w.db"
+
+
+# --------------------------------------------------------------------------- one write per apply
+
+
+def test_an_apply_writes_the_weight_once(tmp_path):
+    """The app's Apply computes the update once (no trial) and writes it once; its probes
+    after, scored on the applied weights, and its stored record are a trial's, bit for bit."""
+    from rome.update import weight_of
+    from workbench.core.forms import EditForm
+    from workbench.core.session import Session
+
+    with Store.open(tmp_path / "w.db") as store:
+        session = Session(store)
+        session.load("tiny-gpt2", device="cpu")
+        _, ed = session.require()
+        w = weight_of(ed.module(ed.hp.layer))
+        form = EditForm(
+            "The city of {}", "the Eiffel Tower", "Rome", "Paris",
+            "The Eiffel Tower stands in", "The Louvre is in the city of",
+        )  # fmt: skip
+        engine = ed.compute(form.request(), mode=form.mode)  # with the engine's own trial
+        v0 = w._version
+        tried = session.compute(form)  # Compute: one trial, the engine's probes and the session's
+        assert tried.after is not None and w._version == v0 + 2  # added, then put back
+        for k in ("p_new_after", "p_true_after", "p_new_after_templated"):  # the same figures
+            assert getattr(tried.result, k) == getattr(engine, k)
+        start = w._version
+        outcome = session.compute(form, trial=False)
+        assert w._version == start and outcome.after is None
+        assert outcome.verdict == tried.verdict  # the norms decide; the probes only warn
+        info = session.apply(outcome, generate=False)
+        assert w._version == start + 1  # one in-place write: the update
+        res, want = info.outcome.result, tried.result
+        assert torch.equal(res.u, want.u) and torch.equal(res.v, want.v)
+        assert info.outcome.after == tried.after and info.outcome.verdict == tried.verdict
+        for k in ("p_new_after", "p_true_after", "p_new_after_templated"):
+            assert getattr(res, k) == getattr(want, k)
+        assert store.edit(info.run_id, info.seq).record["p_new_after"] == want.p_new_after
+        session.undo()
+        assert w._version == start + 2  # the undo writes the weight back, once
+        session.finish()
+
+
+def test_base_weights_of_given_layers_come_back_bit_for_bit():
+    """Editor.base_weights(layers): inside, the edited layers hold their base weight; after,
+    every given layer holds what it held before, whatever was written inside."""
+    from rome import Editor, EditRequest, load_model
+    from rome.update import weight_of
+
+    lm = load_model("tiny-gpt2")
+    ed = Editor(lm.model, lm.tokenizer, lm.hparams, cache_dir=None)
+    layer, other = ed.hp.layer, 0
+    base = weight_of(ed.module(layer)).detach().clone()
+    ed.apply(ed.compute(EditRequest("The city of {}", "the Eiffel Tower", "Rome", "Paris")))
+    edited = weight_of(ed.module(layer)).detach().clone()
+    untouched = weight_of(ed.module(other)).detach().clone()
+    with ed.base_weights([layer, other]):
+        assert torch.equal(weight_of(ed.module(layer)), base)
+        with torch.no_grad():
+            weight_of(ed.module(layer)).add_(1.0)
+            weight_of(ed.module(other)).mul_(2.0)
+    assert torch.equal(weight_of(ed.module(layer)), edited)
+    assert torch.equal(weight_of(ed.module(other)), untouched)

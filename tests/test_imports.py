@@ -151,3 +151,39 @@ def test_module_imports_alone(module: str):
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_evals_names_no_workbench_module_even_in_type_hints():
+    """``evals`` reaches its store only through ``evals.sink``'s protocols."""
+    graph = _graph(typing=True)
+    reach = {m: sorted(w for w in ws if w.startswith("workbench")) for m, ws in graph.items()}
+    assert {m: ws for m, ws in reach.items() if m.startswith("evals") and ws} == {}
+
+
+def test_importing_the_replay_imports_no_store():
+    code = (
+        "import sys, evals.replay, evals.figures, evals.retention; "
+        "print(sorted(m for m in sys.modules if m.startswith('workbench')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_the_store_has_every_call_of_the_replay_sink():
+    """mypy checks the signatures (``workbench.core.replay.replay_sink``); this, the names."""
+    from evals.protocols import FLUENCY_TASK
+    from evals.sink import ReplayReader, ReplaySink
+    from workbench.store import FLUENCY_TASK as STORE_FLUENCY_TASK
+    from workbench.store import Store
+
+    calls = {
+        name
+        for proto in (ReplayReader, ReplaySink)
+        for name, value in vars(proto).items()
+        if callable(value) and not name.startswith("_")
+    }
+    assert calls and all(callable(getattr(Store, name, None)) for name in calls), calls
+    assert FLUENCY_TASK == STORE_FLUENCY_TASK

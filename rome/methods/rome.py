@@ -14,7 +14,8 @@ if TYPE_CHECKING:
 
 
 class Rome:
-    """The reference ROME / r-ROME update (``options``: ``mode``, ``layer``, ``fast``)."""
+    """The reference ROME / r-ROME update (``options``: ``mode``, ``layer``, ``fast``,
+    ``probe_after``, ``progress``)."""
 
     name = "rome"
     batched = False
@@ -37,6 +38,7 @@ class Rome:
             layer=options.get("layer"),
             progress=options.get("progress"),
             fast=options.get("fast", True),
+            probe_after=options.get("probe_after", True),
         )
         return update_of(res)
 

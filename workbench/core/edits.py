@@ -81,7 +81,11 @@ def preview_edit(
     tokens: int,
     progress: Progress | None = None,
 ) -> Preview:
-    """Compute ``req`` in ``modes`` (one v* shared) and the text before and after each."""
-    results = editor.compare(req.validate(), progress=progress, modes=list(modes))
+    """Compute ``req`` in ``modes`` (one v* shared) and the text before and after each.
+
+    ``req`` is checked once: by the caller at its boundary (the CLI validates it
+    before loading the model), else by the editor; a validated request is not
+    checked again."""
+    results = editor.compare(req, progress=progress, modes=list(modes))
     before, after = generations_with(lm, editor, results, req.text, tokens)
     return Preview(req, results, before, after)

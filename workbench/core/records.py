@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rome import EditResult
+from rome.methods import Update
 
 from .forms import EditForm
 from .generation import GenerationPair
@@ -23,6 +24,8 @@ class EditOutcome:
     verdict: Verdict
     seconds: float = 0.0
     version: int = 0  # Session.version when computed: the weights it was computed on
+    # the engine's update (Editor.edit), applied as it is: computed once, written once
+    update: Update | None = field(default=None, repr=False)
 
     @property
     def mode(self) -> str:

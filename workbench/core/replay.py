@@ -47,6 +47,7 @@ from evals.replay import (
     ReplayWarning,
     replay,
 )
+from evals.sink import ReplaySink
 from evals.spec import RunSpec
 from rome import MODES, BadRequestError, EditHparams, LoadedModel
 from rome.hparams import method_preset
@@ -327,6 +328,12 @@ def drive(events: Iterable[ReplayEvent], handler: EventSink) -> ReplayFinished |
     return finished
 
 
+def replay_sink(store: Store) -> ReplaySink:
+    """The store as a replay's sink: ``evals`` reads and writes a run only through
+    :class:`evals.sink.ReplaySink`, and mypy checks here that a ``Store`` is one."""
+    return store
+
+
 def run_replay(
     lm: LoadedModel,
     store: Store,
@@ -349,7 +356,7 @@ def run_replay(
     the weights back)."""
     events = replay(
         lm,
-        store,
+        replay_sink(store),
         None if resume else cfg,
         cancel=cancel,
         resume=resume,

@@ -196,9 +196,9 @@ def report_markdown(
 
 
 def _figures(store: Store, run_id: str) -> dict[str, Any]:
-    from evals.replay import run_summary
+    from evals.figures import stored_figures
 
-    return run_summary(store, run_id)
+    return stored_figures(store, run_id)
 
 
 def _retention_section(store: Store, runs: Sequence[Run]) -> list[str]:

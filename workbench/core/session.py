@@ -13,11 +13,12 @@ history rows and the replay driver live in their own modules.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import logging
+import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,16 +28,17 @@ from evals.spec import RunSpec
 from rome import EditHparams, Editor, EditResult, LoadedModel, RomeError, load_model
 from rome.bundle import CONVERSION_PHASE, conversion_pending
 from rome.hparams import method_preset
+from rome.methods import Update
+from rome.methods.rome import update_of
 from rome.progress import Progress
 from rome.scoring import score_targets
-from rome.update import restore, weight_of
 
 from .forms import EditForm
 from .generation import GenerationPair, greedy
 from .history import history_rows
 from .records import AppliedInfo, EditOutcome, HistoryRow, ModelInfo, NormPoint
 from .replay import ReplayHandler, replay_layer, run_replay
-from .verdict import DISABLING_FRACTION, Probe, judge
+from .verdict import DISABLING_FRACTION, Probe, Verdict, judge
 
 if TYPE_CHECKING:
     from workbench.store import Edit, Run, Store
@@ -189,16 +191,30 @@ class Session:
             out.append(Probe(name, text, p_new, p_true))
         return out
 
-    def _after(self, result: EditResult, form: EditForm) -> list[Probe] | None:
+    def _after(self, update: Update, form: EditForm) -> list[Probe] | None:
         """Probes with the update applied for a moment (then undone, bit for bit)."""
         _, ed = self.require()
-        if not (torch.isfinite(result.u).all() and torch.isfinite(result.v).all()):
+        if not all(lu.is_finite() for lu in update.layers):
             return None
-        ed.apply(result, force=True)
+        ed.apply_update(update, force=True)
         try:
+            for res in update.results:
+                if math.isnan(res.p_new_after):  # the engine's probes, in the same trial
+                    ed.score_applied(res)
             return self.score_probes(form)
         finally:
             ed.undo()
+
+    def tried(self, outcome: EditOutcome) -> EditOutcome:
+        """``outcome`` with its probes after from a trial (the update added for a moment,
+        then undone), judged with them: for an outcome computed without one and not
+        applied. Nothing applied."""
+        with self._lock:
+            if outcome.after is not None or outcome.update is None:
+                return outcome
+            after = self._after(outcome.update, outcome.form)
+            verdict = self._judge(outcome.result, outcome.before, after)
+            return dataclasses.replace(outcome, after=after, verdict=verdict)
 
     @property
     def disabling_ratio(self) -> float:
@@ -208,38 +224,70 @@ class Session:
     def history_norms(self, layer: int) -> list[float]:
         return [p.norm for p in self.timeline if p.active and p.layer == layer]
 
-    def compute(self, form: EditForm, progress: Progress | None = None) -> EditOutcome:
-        """The update for the form's mode, with probes before and after. Nothing applied."""
+    def compute(
+        self, form: EditForm, progress: Progress | None = None, *, trial: bool = True
+    ) -> EditOutcome:
+        """The update for the form's mode, with probes before and after. Nothing applied.
+
+        The probes after (the session's and the engine's) come from one trial: the
+        update added for a moment, then undone. ``trial=False`` (computing to apply at
+        once) skips it: the outcome has no probes after until :meth:`apply` scores
+        them on the applied weights, so computing and applying write the weight once."""
         with self._lock:
             _, ed = self.require()
             t0 = time.perf_counter()
             before = self.score_probes(form)
-            res = ed.compute(form.request(), mode=form.mode, layer=form.layer, progress=progress)
-            return self._outcome(form, res, before, [res], t0)
+            upd = ed.edit(
+                [form.request()],
+                "rome",
+                mode=form.mode,
+                layer=form.layer,
+                progress=progress,
+                probe_after=False,  # the engine's probes after: in the session's trial
+            )
+            return self._outcome(form, upd, before, upd.results, t0, trial)
 
     def compare(self, form: EditForm, progress: Progress | None = None) -> dict[str, EditOutcome]:
-        """The update in every key mode (one v* shared), each probed. Nothing applied."""
+        """The update in every key mode (one v* shared), each probed in one trial.
+        Nothing applied."""
         with self._lock:
             _, ed = self.require()
             t0 = time.perf_counter()
             before = self.score_probes(form)
-            results = ed.compare(form.request(), layer=form.layer, progress=progress)
+            results = ed.compare(
+                form.request(), layer=form.layer, progress=progress, probe_after=False
+            )
             return {
-                mode: self._outcome(form.with_mode(mode), res, before, results.values(), t0)
+                mode: self._outcome(
+                    form.with_mode(mode), update_of(res), before, results.values(), t0
+                )
                 for mode, res in results.items()
             }
 
     def _outcome(
         self,
         form: EditForm,
-        res: EditResult,
+        update: Update,
         before: list[Probe],
         results: Iterable[EditResult],
         t0: float,
+        trial: bool = True,
     ) -> EditOutcome:
-        after = self._after(res, form)
+        res = update.results[0]
+        after = self._after(update, form) if trial else None
         others = [r for r in results if r is not res]
-        verdict = judge(
+        verdict = self._judge(res, before, after, others)
+        secs = time.perf_counter() - t0
+        return EditOutcome(form, res, before, after, verdict, secs, self.version, update)
+
+    def _judge(
+        self,
+        res: EditResult,
+        before: list[Probe],
+        after: list[Probe] | None,
+        others: Sequence[EditResult] = (),
+    ) -> Verdict:
+        return judge(
             res,
             before,
             after,
@@ -247,8 +295,6 @@ class Session:
             history_norms=self.history_norms(res.layer),
             disabling_ratio=self.disabling_ratio,
         )
-        secs = time.perf_counter() - t0
-        return EditOutcome(form, res, before, after, verdict, secs, self.version)
 
     # ----------------------------------------------------------- apply / undo
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 24) -> list[str]:
@@ -268,6 +314,8 @@ class Session:
     ) -> AppliedInfo:
         """Apply a computed edit: generations before/after, store record, undo entry.
 
+        The outcome's update is written once (``Editor.apply_step``); an outcome
+        computed without a trial is scored after it, on the applied weights.
         ``progress`` may raise to cancel only before the weights change.
         """
         with self._lock:
@@ -279,12 +327,13 @@ class Session:
             before = self.generate(prompts) if prompts else []
             if progress:
                 progress("applying", 1, 2)
-            ed.apply(res)  # raises UnsafeUpdateError for a refused update, weights unchanged
+            # raises UnsafeUpdateError for a refused update, weights unchanged
+            ed.apply_step(outcome.update or update_of(res))
             self.version += 1
             try:
                 after = self.generate(prompts) if prompts else []
                 if outcome.after is None:
-                    outcome.after = self.score_probes(outcome.form)
+                    outcome = self._scored_after(outcome)
             except BaseException:
                 ed.undo()
                 self.version += 1
@@ -305,6 +354,17 @@ class Session:
                 outcome.verdict.summary,
             )
             return AppliedInfo(len(self.timeline), outcome, pairs, fp, run_id, seq, err)
+
+    def _scored_after(self, outcome: EditOutcome) -> EditOutcome:
+        """The outcome with its probes after scored on the applied weights (the engine's
+        too, when it computed without a trial), judged again with them."""
+        _, ed = self.require()
+        res = outcome.result
+        if math.isnan(res.p_new_after):
+            ed.score_applied(res)
+        after = self.score_probes(outcome.form)
+        verdict = self._judge(res, outcome.before, after)
+        return dataclasses.replace(outcome, after=after, verdict=verdict)
 
     def _add_point(
         self,
@@ -539,26 +599,14 @@ class Session:
                     f"the model has {len(ed.applied)} applied edit(s) and a replay starts from "
                     "the base weights: revert them first (History → Revert all)"
                 )
-            with self._weights_kept(self.replay_layers(cfg, resume)):
-                return run_replay(
-                    lm, self.store, on_event, cfg if resume is None else None, resume=resume,
-                    cancel=cancel, hparams=hparams,
-                )  # fmt: skip
-
-    @contextlib.contextmanager
-    def _weights_kept(self, layers: Sequence[int]) -> Iterator[None]:
-        """Each of ``layers``' weights comes back bit for bit after the block."""
-        _, ed = self.require()
-        saved = {x: weight_of(ed.module(x)).detach().to("cpu", copy=True) for x in layers}
-        fp = ed.fingerprint(layers)
-        try:
-            yield
-        finally:
-            self.version += 1
-            for x, w in saved.items():
-                restore(ed.module(x), w)
-            if ed.fingerprint(layers) != fp:  # pragma: no cover - defensive
-                log.error("the weights of layers %s differ after the replay's restore", layers)
+            try:
+                with ed.base_weights(self.replay_layers(cfg, resume)):
+                    return run_replay(
+                        lm, self.store, on_event, cfg if resume is None else None,
+                        resume=resume, cancel=cancel, hparams=hparams,
+                    )  # fmt: skip
+            finally:
+                self.version += 1
 
     # ----------------------------------------------------------- end
     def finish(self) -> None:

@@ -9,9 +9,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from evals.figures import stored_figures
 from evals.protocols import END_OF_STREAM, IMMEDIATE, RETENTION, RETENTION_TASK
 from evals.replay import PERPLEXITY_TASK
-from evals.replay import run_summary as stored_figures
 from evals.retention import RetentionResult, retention_of
 from workbench.store import FLUENCY_TASK, Checkpoint, Store
 

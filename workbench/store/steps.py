@@ -12,7 +12,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Required, TypedDict, Unpack
 
 import torch
 
@@ -22,73 +22,78 @@ from .errors import DuplicateEditError, InvalidFieldError, MissingFactorsError
 from .records import Edit
 
 
-def edit_row(
-    run_id: str,
-    seq: int,
-    *,
-    request: Any,
-    mode: str,
-    layer: int,
-    weight_name: str,
-    u: torch.Tensor | None = None,
-    v: torch.Tensor | None = None,
-    case_id: int | None = None,
-    update_norm: float | None = None,
-    update_norm_ratio: float | None = None,
-    denominator: float | None = None,
-    cos_kstar_ks: float | None = None,
-    record: Any = None,
-    metrics: Mapping[str, Any] | None = None,
-    timings: Mapping[str, Any] | None = None,
-    flagged: bool = False,
-    flag_reason: str | None = None,
-    refused: bool = False,
-    applied: bool = True,
-    fingerprint: str | None = None,
-    step: int | None = None,
-    method: str | None = None,
-) -> dict[str, Any]:
-    """The ``edits`` row of one request (see :meth:`Store.add_edit` for the fields)."""
+class EditFields(TypedDict, total=False):
+    """The fields of one stored edit besides its run and seq: the one signature of
+    :meth:`Store.add_edit`, :func:`edit_row` and each edit of :meth:`add_step`."""
+
+    request: Required[Any]  # a dict or an EditRequest-like object
+    mode: Required[str]
+    layer: Required[int]
+    weight_name: Required[str]
+    u: torch.Tensor | None  # ROME's factors, kept in the row (both or neither)
+    v: torch.Tensor | None
+    case_id: int | None
+    update_norm: float | None
+    update_norm_ratio: float | None
+    denominator: float | None
+    cos_kstar_ks: float | None
+    record: Any  # the engine's result or its dict; top-level factor keys dropped
+    metrics: Mapping[str, Any] | None
+    timings: Mapping[str, Any] | None
+    flagged: bool  # default False
+    flag_reason: str | None
+    refused: bool  # default False; a refused edit was not applied
+    applied: bool  # default True
+    fingerprint: str | None
+    step: int | None  # None: its own seq
+    method: str | None  # None: rome
+
+
+def edit_row(run_id: str, seq: int, **f: Unpack[EditFields]) -> dict[str, Any]:
+    """The ``edits`` row of one request (see :class:`EditFields` for the fields)."""
+    refused, applied = f.get("refused", False), f.get("applied", True)
     if refused and applied:
         raise InvalidFieldError("a refused edit was not applied: pass applied=False")
+    u, v = f.get("u"), f.get("v")
     if (u is None) != (v is None):
         raise InvalidFieldError("pass both factors u and v, or neither")
     seq = int(seq)
     if seq < 0:
         raise InvalidFieldError(f"seq must be >= 0, not {seq}")
+    record = f.get("record")
     rec = jsonable(record) if record is not None else {}
     if isinstance(rec, dict):
         rec = {k: val for k, val in rec.items() if k not in FACTOR_KEYS}
+    layer, weight_name = f["layer"], f["weight_name"]
     blob = None
     if u is not None and v is not None:
         meta = {"run_id": run_id, "seq": str(seq), "layer": str(layer)}
         blob = pack_factors(u, v, {**meta, "weight_name": weight_name})
-    row = {
+    return {
         "run_id": run_id,
         "seq": seq,
-        "request": dumps(request),
-        "mode": str(mode),
+        "request": dumps(f["request"]),
+        "mode": str(f["mode"]),
         "layer": int(layer),
         "weight_name": str(weight_name),
         "factors": blob,
-        "case_id": opt_int(case_id),
-        "update_norm": opt_float(update_norm),
-        "update_norm_ratio": opt_float(update_norm_ratio),
-        "denominator": opt_float(denominator),
-        "cos_kstar_ks": opt_float(cos_kstar_ks),
+        "case_id": opt_int(f.get("case_id")),
+        "update_norm": opt_float(f.get("update_norm")),
+        "update_norm_ratio": opt_float(f.get("update_norm_ratio")),
+        "denominator": opt_float(f.get("denominator")),
+        "cos_kstar_ks": opt_float(f.get("cos_kstar_ks")),
         "record": dumps(rec),
-        "metrics": dumps(dict(metrics or {})),
-        "timings": dumps(dict(timings or {})),
-        "flagged": bool(flagged),
-        "flag_reason": flag_reason,
+        "metrics": dumps(dict(f.get("metrics") or {})),
+        "timings": dumps(dict(f.get("timings") or {})),
+        "flagged": bool(f.get("flagged", False)),
+        "flag_reason": f.get("flag_reason"),
         "refused": bool(refused),
         "applied": bool(applied),
-        "fingerprint": fingerprint,
+        "fingerprint": f.get("fingerprint"),
         "created_at": now(),
-        "step": opt_int(step),
-        "method": method,
+        "step": opt_int(f.get("step")),
+        "method": f.get("method"),
     }
-    return row
 
 
 @dataclass
@@ -209,4 +214,4 @@ class StepTables(StoreBase):
             yield StoredStep(step, members[0].method_name, members, layers)
 
 
-__all__ = ["StepTables", "StoredLayer", "StoredStep", "edit_row"]
+__all__ = ["EditFields", "StepTables", "StoredLayer", "StoredStep", "edit_row"]

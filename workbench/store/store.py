@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Unpack
 
 from .codec import (
     check_run_id,
@@ -45,7 +45,7 @@ from .records import (
 )
 from .results import ResultTables
 from .schema import SCHEMA_VERSION
-from .steps import StepTables, edit_row
+from .steps import EditFields, StepTables, edit_row
 
 if TYPE_CHECKING:
     import torch
@@ -293,69 +293,18 @@ class Store(ResultTables, StepTables):
             ).fetchone()
             return 0 if row[0] is None else int(row[0]) + 1
 
-    def add_edit(
-        self,
-        run_id: str,
-        seq: int,
-        *,
-        request: Any,
-        mode: str,
-        layer: int,
-        weight_name: str,
-        u: torch.Tensor | None,
-        v: torch.Tensor | None,
-        case_id: int | None = None,
-        update_norm: float | None = None,
-        update_norm_ratio: float | None = None,
-        denominator: float | None = None,
-        cos_kstar_ks: float | None = None,
-        record: Any = None,
-        metrics: Mapping[str, Any] | None = None,
-        timings: Mapping[str, Any] | None = None,
-        flagged: bool = False,
-        flag_reason: str | None = None,
-        refused: bool = False,
-        applied: bool = True,
-        fingerprint: str | None = None,
-        step: int | None = None,
-        method: str | None = None,
-    ) -> Edit:
+    def add_edit(self, run_id: str, seq: int, **fields: Unpack[EditFields]) -> Edit:
         """Store one edit and its factors, committed before returning.
 
-        ``request`` is a dict or an ``EditRequest``-like object (dataclass or
-        ``to_dict()``); ``record`` the engine's result (``EditResult`` or its
-        dict) whose top-level ``u``/``v``/``factors`` keys are dropped (the
-        factors go in the safetensors blob, bit-exact). A refused edit must
-        have ``applied=False``. Raises :class:`DuplicateEditError` if
-        ``(run_id, seq)`` exists, :class:`RunLockedError` if another process
-        holds the run's writer lock.
+        ``fields`` are :class:`~workbench.store.steps.EditFields`: ``request`` is a
+        dict or an ``EditRequest``-like object (dataclass or ``to_dict()``);
+        ``record`` the engine's result (``EditResult`` or its dict) whose top-level
+        ``u``/``v``/``factors`` keys are dropped (the factors go in the safetensors
+        blob, bit-exact). A refused edit must have ``applied=False``. Raises
+        :class:`DuplicateEditError` if ``(run_id, seq)`` exists,
+        :class:`RunLockedError` if another process holds the run's writer lock.
         """
-        row = edit_row(
-            run_id,
-            seq,
-            request=request,
-            mode=mode,
-            layer=layer,
-            weight_name=weight_name,
-            u=u,
-            v=v,
-            case_id=case_id,
-            update_norm=update_norm,
-            update_norm_ratio=update_norm_ratio,
-            denominator=denominator,
-            cos_kstar_ks=cos_kstar_ks,
-            record=record,
-            metrics=metrics,
-            timings=timings,
-            flagged=flagged,
-            flag_reason=flag_reason,
-            refused=refused,
-            applied=applied,
-            fingerprint=fingerprint,
-            step=step,
-            method=method,
-        )
-        return self._insert_edit(row)
+        return self._insert_edit(edit_row(run_id, seq, **fields))
 
     def _insert_edit(self, row: dict[str, Any]) -> Edit:
         run_id, seq = row["run_id"], row["seq"]

@@ -171,8 +171,10 @@ class EditActions(AppBase):
             cb = ctx.engine_callback(self._phase_text)
             outcome: EditOutcome | MethodEditOutcome
             if form.is_rome:
-                outcome = self.session.compute(form, progress=cb)
-                ctx.post(EditComputed(outcome))
+                # no trial: the update is written once, by the apply (probes after, then)
+                outcome = self.session.compute(form, progress=cb, trial=False)
+                if outcome.verdict.disabling:  # not applied: its probes after from a trial
+                    ctx.post(EditComputed(self.session.tried(outcome)))
             else:
                 outcome = self.methods.compute(form, progress=cb)
                 ctx.post(MethodEditComputed(outcome))
@@ -185,7 +187,7 @@ class EditActions(AppBase):
                     )
                 )
                 return
-            ctx.check()
+            ctx.check()  # a ROME outcome is shown once applied (EditApplied)
             self._apply_in_job(ctx, outcome, cb)
 
         what = self._what(form)
