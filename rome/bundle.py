@@ -37,7 +37,6 @@ from .batching import pad_id_of, pad_right
 from .covariance import (
     ACCUMULATE_DTYPES,
     MomentSum,
-    Progress,
     SecondMoment,
     StatsMeta,
     _batches,
@@ -45,6 +44,7 @@ from .covariance import (
     check_matrix,
 )
 from .devices import model_device
+from .progress import StepProgress
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def collect_moment_sums(
     n_texts: int,
     max_len: int = 128,
     batch_tokens: int = 4096,
-    progress: Progress | None = None,
+    progress: StepProgress | None = None,
     accumulate: str = "float64",
 ) -> dict[str, MomentSum]:
     """:func:`rome.covariance.collect_moment_sum` for several modules in one pass.

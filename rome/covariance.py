@@ -25,7 +25,7 @@ import json
 import logging
 import time
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,11 +42,11 @@ from .batching import pad_id_of, pad_right
 from .devices import model_device, module_device
 from .errors import BadRequestError, BadStatsError, CorruptStatsError, WeightsUnavailableError
 from .paths import atomic_write_text, temp_path_beside
+from .progress import StepProgress
 from .templates import seed_token_id
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int, int], None]  # (done, total) in texts
 
 FORWARD_PRECISIONS = ("float32", "bf16", "tf32")
 ACCUMULATE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -146,7 +146,7 @@ def collect_moment_sum(
     n_texts: int,
     max_len: int = 128,
     batch_tokens: int = 4096,
-    progress: Progress | None = None,
+    progress: StepProgress | None = None,
     stop_at_layer: bool = True,
     forward: str = "float32",
     accumulate: str = "float64",
@@ -497,7 +497,7 @@ def compute_stats(
     max_len: int,
     dtype: str = "float32",
     seed: int = 0,
-    progress: Progress | None = None,
+    progress: StepProgress | None = None,
     text_cache: Path | None = None,
     batch_tokens: int = 4096,
     forward: str = "float32",

@@ -21,7 +21,7 @@ float error (tests/test_vstar_fast.py).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,13 +34,13 @@ from . import nethook
 from .batching import pad_id_of
 from .devices import module_device
 from .hparams import EditHparams
+from .progress import StepProgress
 from .request import EditRequest
 from .tokens import encode_with_subject
 from .update import weight_out_in
 from .upper import KL_PROMPT, Encoder, Rows, UpperRun, build_rows, compute_prefix
 from .vstar import VStar, frozen, resolve_autocast, trace_rows, work_dtype
 
-StepCallback = Callable[[int, int], None]  # (step, total)
 ClampReference = str | Sequence[float]
 
 
@@ -186,7 +186,7 @@ def optimise_targets(
     hook_module_name: str | None = None,
     clamp_reference: ClampReference = "init",
     prefix_reuse: bool | None = None,
-    on_step: StepCallback | None = None,
+    on_step: StepProgress | None = None,
     kl_prompt: str = KL_PROMPT,
     encode: Encoder = encode_with_subject,
     target_tokens: Sequence[Sequence[int]] | None = None,

@@ -10,7 +10,7 @@ the edited layer up, then the LM head only at the positions the loss reads.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +22,11 @@ from . import nethook
 from .batching import pad_id_of, pad_right, target_ids
 from .devices import model_device, module_device
 from .hparams import EditHparams
+from .progress import StepProgress
 from .request import EditRequest
 from .tokens import encode_with_subject
 from .update import weight_out_in
 
-StepCallback = Callable[[int, int], None]  # (step, total)
 KL_PROMPT = "{} is a"
 
 
@@ -173,7 +173,7 @@ def compute_v_star(
     req: EditRequest,
     templates: Sequence[str],
     layer: int,
-    on_step: StepCallback | None = None,
+    on_step: StepProgress | None = None,
     fast: bool = True,
 ) -> VStar:
     """Optimise ``δ`` as ROME's ``compute_v`` does (same loss, clamp and stopping rule).
