@@ -52,6 +52,10 @@ class EditHparams:
     # Exact speed-up of the v* loop: the positions before each prompt's subject token do not
     # depend on δ, so the blocks above the edit run them once per edit (rome/upper.py)
     v_prefix_reuse: bool = True
+    # The most requests one target-vector optimisation takes at once (a batch of more is
+    # optimised in chunks of this many; each request's trajectory is its own either way).
+    # Memory grows with it: on SmolLM2 each request adds ~0.1 GB of activations.
+    v_max_requests: int = 16
     v_norm_anchor_samples: int = 20  # the first N calibration requests of rome/anchor.py
     fact_token: str = "subject_last"
     key_averaging: KeyAveraging = "uniform"
@@ -178,6 +182,7 @@ class EditHparams:
 _NUMBERS: dict[str, tuple[bool, float, bool]] = {
     "layer": (True, 0, True),
     "v_num_grad_steps": (True, 1, True),
+    "v_max_requests": (True, 1, True),
     "v_norm_anchor_samples": (True, 1, True),
     "template_seed": (True, -(2**63), True),
     "mom2_n_samples": (True, 1, True),

@@ -68,3 +68,24 @@ def test_batch_size_one_request_steps_for_rome_only(tmp_path):
     with Store.open(tmp_path / "r.db") as store:
         with pytest.raises(Exception, match="one request at a time"):
             list(replay(lm, store, ReplayConfig(method="rome", batch_size=2, n_edits=2)))
+
+
+def test_report_names_a_batched_runs_method_and_layers(tmp_path):
+    from typer.testing import CliRunner
+
+    from workbench.cli import app
+
+    lm = load_model("tiny-gpt2")
+    hp = load_preset("tiny-gpt2-family")
+    cfg = ReplayConfig(method="memit", **{**CFG, "n_edits": 2, "glue_every": 2})
+    with Store.open(tmp_path / "r.db") as store:
+        events = list(replay(lm, store, cfg, hparams=hp))
+    run_id = events[-1].run_id
+    out = tmp_path / "page"
+    res = CliRunner().invoke(
+        app, ["report", run_id, "-o", str(out), "--db", str(tmp_path / "r.db")]
+    )
+    assert res.exit_code == 0, res.output
+    page = (out / "README.md").read_text()
+    assert "method memit; preset tiny-gpt2-family; layers 0, 1; batch size 2" in page
+    assert "key mode" not in page.split("## Runs")[1].split("## Scores")[0]

@@ -18,6 +18,7 @@ from test_tui import SIZE, app_factory, cache_dir, text_of, wait_idle  # noqa: E
 from textual.widgets import DataTable, Input, Select  # noqa: E402
 
 from workbench.core.forms import FORM_METHODS, EditForm, field_errors  # noqa: E402
+from workbench.core.session import NotReapplicableError  # noqa: E402
 from workbench.store import Store  # noqa: E402
 
 ROWS = ("rome/original", "rome/rrome", "rome/prompt", "memit", "emmet", "alphaedit")
@@ -87,6 +88,11 @@ async def test_a_memit_edit_from_the_edit_tab(app_factory) -> None:
         assert app.session.n_applied == 0
         assert same(base, weights(app))
         run_id = app.session.run_id
+        # History cannot put one request of a batch method back: a clear refusal, no change
+        (stored,) = app.session.store.edits(run_id)
+        with pytest.raises(NotReapplicableError, match="memit batch"):
+            app.session.reapply([(run_id, stored.seq)])
+        assert same(base, weights(app)) and app.session.n_applied == 0
     with Store.open(app_factory.db) as store:
         (edit,) = store.edits(run_id)
         assert edit.method_name == "memit" and not edit.applied

@@ -77,11 +77,17 @@ def edit_facts(e: Edit) -> list[tuple[str, str]]:
 def _settings(run: Run) -> str:
     cfg = (run.hparams or {}).get("replay") or {}
     hp = (run.hparams or {}).get("hparams") or {}
+    method = cfg.get("method", "rome")
+    if method == "rome":
+        layer = cfg.get("layer") if cfg.get("layer") is not None else hp.get("layer", "-")
+        where = [f"key mode {run.mode}", f"layer {layer}"]
+    else:  # the family edits its preset's layer range; ROME's key mode is not its
+        layers = hp.get("layers") or [hp.get("layer", "-")]
+        where = [f"preset {hp.get('name', '-')}", f"layers {', '.join(map(str, layers))}"]
     parts = [
         f"dataset {cfg.get('dataset', run.data_source)}",
-        f"method {cfg.get('method', 'rome')}",
-        f"key mode {run.mode}",
-        f"layer {cfg.get('layer') if cfg.get('layer') is not None else hp.get('layer', '-')}",
+        f"method {method}",
+        *where,
         f"batch size {cfg.get('batch_size', 1)}",
         f"GLUE every {cfg.get('glue_every', run.glue_every)} edits, "
         f"{cfg.get('glue_limit', run.glue_limit) or 'all'} examples of "
@@ -143,11 +149,15 @@ def report_markdown(
         "",
     ]
     rows: list[list[str]] = []
-    missing_retention = []
+    missing_retention, retention_pending = [], []
     for r in runs:
         for p in protocol_scores(store, r.id):
             if p.protocol == RETENTION and not p.recorded:
-                missing_retention.append(r.id)
+                cfg = (r.hparams or {}).get("replay") or {}
+                if cfg.get("retention_size"):
+                    retention_pending.append(r.id)
+                else:
+                    missing_retention.append(r.id)
             hold = f"{p.hold}/{p.n}" if p.hold is not None else "-"
             rows.append(
                 [r.label, p.protocol, *(fmt(getattr(p, k)) for k in SCORE_KEYS), hold, p.note]
@@ -160,6 +170,12 @@ def report_markdown(
             "made before the workbench recorded the retention protocol, or with a retention "
             "size of 0): their retention rows are left empty, not estimated. A resumed or "
             "extended run records them from its next checkpoint on.",
+        ]
+    if retention_pending:
+        lines += [
+            "",
+            f"Run(s) {', '.join(retention_pending)} record retention but have no checkpoint "
+            "after the start yet (there is no retention pass at step 0).",
         ]
     lines += _retention_section(store, runs)
     lines += ["", "## Run figures", ""]

@@ -69,6 +69,10 @@ class ReplayNeedsBaseError(RomeError):
     """A replay asked while the session has edits on the model."""
 
 
+class NotReapplicableError(RomeError):
+    """A stored edit History cannot put back on the model by itself."""
+
+
 class Session:
     """One loaded model, its editor, the applied edits and their store records."""
 
@@ -485,11 +489,18 @@ class Session:
             lm, ed = self.require()
             if self.store is None:
                 raise NoModelError("no database is open: nothing to re-apply from")
+            edits = [self.store.edit(run_id, seq) for run_id, seq in keys]
+            for edit in edits:  # checked before any weight changes
+                if edit.method not in (None, "rome"):
+                    raise NotReapplicableError(
+                        f"edit {edit.seq} of run {edit.run_id} is one request of a {edit.method} "
+                        "batch: its update is the batch's, over several layers, and is not "
+                        "re-applied from History; replay or extend its run instead"
+                    )
             done = 0
-            for i, (run_id, seq) in enumerate(keys):
+            for i, edit in enumerate(edits):
                 if progress:
                     progress("re-applying", i, len(keys))
-                edit = self.store.edit(run_id, seq)
                 u, v = self.store.load_factors(edit, device=lm.device)
                 ed.apply_factors(edit.layer, u, v)
                 self.version += 1

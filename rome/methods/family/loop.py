@@ -181,6 +181,7 @@ class FamilyMethod:
             "v_stop": hp.v_stop,
             "z_loop": z_loop,
             "v_prefix_reuse": hp.v_prefix_reuse if z_loop == "batched" else False,
+            "v_max_requests": hp.v_max_requests if z_loop == "batched" else 1,
             "n_requests": len(reqs),
             "templates": templates,
             **{k: v for k, v in settings.items() if not k.startswith("_")},

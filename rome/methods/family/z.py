@@ -102,7 +102,8 @@ def optimise_zs(
 
     The batched loop equals :func:`compute_zs` to float error (tests/test_family.py):
     the same rows (``locate``'s subject index, the target's ids), the same loss,
-    clamp on ‖target_init‖ of the bare row, and stopping rule, per request.
+    clamp on ‖target_init‖ of the bare row, and stopping rule, per request. At most
+    ``hp.v_max_requests`` requests are optimised together (memory).
     """
     if loop not in Z_LOOPS:
         raise ValueError(f"z loop must be one of {', '.join(Z_LOOPS)}, not {loop!r}")
@@ -114,18 +115,22 @@ def optimise_zs(
         loc = locate(t, template, subject, hp.subject_index)
         return Encoded(ids=loc.ids, subject_last=loc.index, text=template.replace("{}", subject))
 
-    out = optimise_targets(
-        model,
-        tok,
-        hp,
-        requests,
-        [list(templates)] * len(requests),
-        layer,
-        hook_module_name=block_name,
-        clamp_reference="init",
-        on_step=on_step,
-        encode=encode,
-    )
+    out = []
+    step = max(1, hp.v_max_requests)
+    for start in range(0, len(requests), step):  # chunks bound the activations' memory
+        chunk = requests[start : start + step]
+        out += optimise_targets(
+            model,
+            tok,
+            hp,
+            chunk,
+            [list(templates)] * len(chunk),
+            layer,
+            hook_module_name=block_name,
+            clamp_reference="init",
+            on_step=on_step,
+            encode=encode,
+        )
     z = ZResult(
         torch.stack([v.v_star.float() for v in out]),
         torch.stack([v.v_init.float() for v in out]),
