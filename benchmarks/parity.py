@@ -271,6 +271,8 @@ def reference_worker(work: Path, src: Path) -> None:
     mod_name, pkg, hp_cls = MAIN[method]
     main_mod = importlib.import_module(mod_name)
     hparams = getattr(importlib.import_module(pkg), hp_cls)(**spec["hparams"])
+    if not torch.cuda.is_available():
+        _cpu_factories(src)
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32).eval()
     if not hasattr(model.config, "n_embd"):
         model.config.n_embd = model.config.hidden_size
@@ -344,35 +346,56 @@ def _projectors(model: Any, tok: Any, hparams: Any, c0: dict[int, torch.Tensor])
     return torch.stack([p.cpu() for p in ps]), kept, source
 
 
+def _fix_device(dev: Any) -> Any:
+    if isinstance(dev, str) and dev.startswith("cuda"):
+        return "cpu"
+    if isinstance(dev, torch.device) and dev.type == "cuda":
+        return torch.device("cpu")
+    return dev
+
+
+class _TorchOnCpu:
+    """``torch`` as the published modules see it: factories given ``device="cuda"`` make
+    CPU tensors. Only those modules get it; replacing ``torch.tensor`` itself with a Python
+    wrapper changes transformers' Llama forward (keys 0.86 apart on SmolLM2)."""
+
+    FACTORIES = ("zeros", "ones", "tensor", "eye", "full", "arange", "empty", "randn")
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(torch, name)
+        if name not in self.FACTORIES:
+            return attr
+
+        def factory(*a: Any, **k: Any) -> Any:
+            if "device" in k:
+                k["device"] = _fix_device(k["device"])
+            return attr(*a, **k)
+
+        return factory
+
+
 def _cpu_shim() -> None:
-    """Map the published code's hard-coded "cuda" to the CPU (no CUDA here)."""
-
-    def fix(dev: Any) -> Any:
-        if isinstance(dev, str) and dev.startswith("cuda"):
-            return "cpu"
-        if isinstance(dev, torch.device) and dev.type == "cuda":
-            return torch.device("cpu")
-        return dev
-
+    """Map the published code's hard-coded "cuda" to the CPU (no CUDA here): ``.to`` and
+    ``.cuda`` of tensors everywhere (transparent for every other device)."""
     orig_to = torch.Tensor.to
 
     def to(self: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
-        a = tuple(fix(x) for x in a)
+        a = tuple(_fix_device(x) for x in a)
         if "device" in k:
-            k["device"] = fix(k["device"])
+            k["device"] = _fix_device(k["device"])
         return orig_to(self, *a, **k)
 
     torch.Tensor.to = to  # type: ignore[method-assign]
     torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
-    for name in ("zeros", "ones", "tensor", "eye", "full", "arange", "empty", "randn"):
-        orig = getattr(torch, name)
 
-        def factory(*a: Any, _orig: Any = orig, **k: Any) -> Any:
-            if "device" in k:
-                k["device"] = fix(k["device"])
-            return _orig(*a, **k)
 
-        setattr(torch, name, factory)
+def _cpu_factories(src: Path) -> None:
+    """Give every imported module of the checkout the CPU-mapping ``torch``."""
+    proxy = _TorchOnCpu()
+    for mod in list(sys.modules.values()):
+        path = getattr(mod, "__file__", None) or ""
+        if path.startswith(str(src)) and getattr(mod, "torch", None) is torch:
+            mod.torch = proxy  # type: ignore[attr-defined]
 
 
 def _tuple_shim(nethook: Any) -> None:
