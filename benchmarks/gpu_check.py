@@ -8,6 +8,11 @@ trained tokenizer of ``rome.testing``, and prints one table:
   autocast in v*; GPT-J in bf16), and v* steps per second;
 - covariance tokens per second at the preset layer (fp32 and bf16 forward);
 - the seconds of a 20-edit replay on GPT-2 XL (GLUE SST-2 at the start and end);
+- the family's z for 100 requests (δ on the block output, 6 templates, all
+  steps): seconds per request one at a time over whole sequences (the
+  published structure), one at a time with prefix reuse, and all 100 in one
+  optimisation with prefix reuse; the ratio of the last to one at a time, and
+  the δ agreement of the batch with the whole-sequence path;
 - peak GPU memory.
 
 It asserts the update's identity (W + ΔW) k_v + b = v* on the device (fp32 to
@@ -251,6 +256,73 @@ def edits(
     return out
 
 
+SUBJECTS = ("The Eiffel Tower", "Japan", "Hamlet", "Danielle Darrieux", "Toyota", "BBC One",
+            "Mount Everest", "The Louvre", "Apple", "Barack Obama")  # fmt: skip
+RELATIONS = ("{} is located in the city of", "The capital of {} is", "{} was written by",
+             "The mother tongue of {} is", "{} is owned by")  # fmt: skip
+TARGETS = ("Rome", "Berlin", "Charles Dickens", "English", "Sega", "Paris", "London")
+
+
+def z_requests(n: int) -> list[Any]:
+    """``n`` distinct requests (subject × relation), the targets cycling."""
+    from rome import EditRequest
+
+    pairs = [(r, s) for s in SUBJECTS for r in RELATIONS]
+    return [
+        EditRequest(pairs[i % len(pairs)][0], pairs[i % len(pairs)][1], TARGETS[i % len(TARGETS)])
+        for i in range(n)
+    ]
+
+
+def z_levers(lm, n_batch: int, n_single: int, steps: int | None) -> dict[str, Any]:
+    """The family's z (δ on the block output of the preset layer) for ``n_batch`` requests:
+    one request at a time over whole sequences (the published structure), one at a time
+    with prefix reuse, and all ``n_batch`` in one optimisation with prefix reuse. The
+    one-at-a-time paths run ``n_single`` requests (seconds per request)."""
+    from rome.optimise import optimise_targets
+
+    hp = lm.hparams.replace(v_stop="loss", v_early_stop_loss=0.0)  # every request: all steps
+    if steps is not None:
+        hp = hp.replace(v_num_grad_steps=steps)
+    block = f"{hp.layers_module}.{hp.layer}"
+    reqs = z_requests(n_batch)
+    templates = TEMPLATES[:6]
+
+    def run(rs: list[Any], reuse: bool) -> tuple[float, list[Any]]:
+        sync(lm.device)
+        t0 = time.perf_counter()
+        out = optimise_targets(
+            lm.model, lm.tokenizer, hp, rs, [templates] * len(rs), hp.layer,
+            hook_module_name=block, prefix_reuse=reuse,
+        )  # fmt: skip
+        sync(lm.device)
+        return time.perf_counter() - t0, out
+
+    run(reqs[:1], True)  # warm-up
+    whole = [run([r], False) for r in reqs[:n_single]]
+    reuse = [run([r], True) for r in reqs[:n_single]]
+    t_batch, batched = run(reqs, True)
+    per_whole = sum(t for t, _ in whole) / n_single
+    per_reuse = sum(t for t, _ in reuse) / n_single
+    per_batch = t_batch / n_batch
+    agree = max(
+        float((b.delta - w[1][0].delta).float().norm() / w[1][0].delta.float().norm())
+        for b, w in zip(batched, whole, strict=False)
+    )
+    return {
+        "requests": n_batch,
+        "steps": hp.v_num_grad_steps,
+        "s_per_request_whole": per_whole,
+        "s_per_request_reuse": per_reuse,
+        "s_per_request_batch": per_batch,
+        "batch_seconds": t_batch,
+        "reuse_vs_whole": per_whole / per_reuse,
+        "batch_vs_one_at_a_time": per_reuse / per_batch,
+        "batch_vs_whole": per_whole / per_batch,
+        "delta_rel_diff_batch_vs_whole": agree,
+    }
+
+
 def tiny_agreement(device: torch.device) -> float | None:
     """Max relative difference of (u, v) for one edit on tiny-gpt2: ``device`` vs the CPU."""
     if device.type == "cpu":
@@ -321,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replay-edits", type=int, default=None, help="replay length (20)")
     ap.add_argument("--steps", type=int, default=None, help="v* steps (the preset's 20)")
     ap.add_argument("--cov-texts", type=int, default=None, help="texts for the covariance rate")
+    ap.add_argument("--z-requests", type=int, default=None, help="z batch (100; 4 --small)")
     ap.add_argument("--json-out", type=Path, default=None)
     args = ap.parse_args(argv)
     os.environ.setdefault("ROME_WORKBENCH_CACHE", tempfile.mkdtemp(prefix="gpu_check_"))
@@ -384,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
             assert e["identity_rel_err"] < tol, (
                 f"{shape.name} {label}: (W+dW)k_v + b != v* ({e['identity_rel_err']:.2e})"
             )
+        n_z = args.z_requests or (4 if cpu_small else 100)
+        note(f"{shape.name}: z for {n_z} requests (the two levers)")
+        entry["z"] = z_levers(lm, n_z, min(n_z, 2 if cpu_small else 10), steps)
         if i == 0:
             note(f"{shape.name}: a {n_replay}-edit replay")
             entry["replay"] = replay_seconds(lm, c, n_replay, 16 if on_gpu else 4, steps)
@@ -429,6 +505,15 @@ def print_table(r: dict[str, Any]) -> None:
         w(
             f"{name:26s} {m['params_M']:9.0f} {m['layer']:5d} {rates['float32']:15.0f} "
             f"{rates['bf16']:15.0f} {peak}\n"
+        )
+    head = ("model", "z requests", "whole s/req", "reuse s/req", "batch s/req", "batch vs 1")
+    w("{:26s} {:>10s} {:>12s} {:>12s} {:>12s} {:>11s} {:>9s}\n".format(*head, "dδ"))
+    for name, m in r["models"].items():
+        z = m["z"]
+        w(
+            f"{name:26s} {z['requests']:10d} {z['s_per_request_whole']:12.3f} "
+            f"{z['s_per_request_reuse']:12.3f} {z['s_per_request_batch']:12.3f} "
+            f"{z['batch_vs_one_at_a_time']:10.2f}x {z['delta_rel_diff_batch_vs_whole']:9.1e}\n"
         )
     for name, m in r["models"].items():
         if "replay" in m:
