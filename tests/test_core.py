@@ -378,3 +378,26 @@ def test_base_weights_of_given_layers_come_back_bit_for_bit():
             weight_of(ed.module(other)).mul_(2.0)
     assert torch.equal(weight_of(ed.module(layer)), edited)
     assert torch.equal(weight_of(ed.module(other)), untouched)
+
+
+def _outcome(label: str, norm: float, holds: bool):
+    from workbench.core.methods import MethodOutcome
+
+    o = MethodOutcome(label.split("/")[0], label=label, norm=norm, ratio=norm / 100.0)
+    o.p_new_before, o.p_true_before = [0.01], [0.5]
+    o.p_new_after, o.p_true_after = ([0.6], [0.1]) if holds else ([0.02], [0.5])
+    return o
+
+
+def test_methods_are_judged_against_an_update_that_took():
+    """A small update that did not take is no yardstick for the others' norms."""
+    from workbench.core.methods import judge_outcomes
+
+    rows = [_outcome("rome/rrome", 5.0, True), _outcome("memit", 0.5, False)]
+    judge_outcomes(rows, max_update_ratio=10.0)
+    assert [r.verdict for r in rows] == ["ok", "check"]
+    rows.append(_outcome("alphaedit", 1.0, True))
+    judge_outcomes(rows, max_update_ratio=10.0)
+    assert rows[0].verdict == "DISABLING"
+    assert "5.0× alphaedit's, the smallest update whose edit holds" in rows[0].reasons[0]
+    assert [r.verdict for r in rows[1:]] == ["check", "ok"]

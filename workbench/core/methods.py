@@ -218,9 +218,15 @@ def compare_methods(
 
 
 def judge_outcomes(outs: list[MethodOutcome], max_update_ratio: float) -> list[MethodOutcome]:
-    """Set each outcome's verdict, judged against the weight and the others (in place)."""
+    """Set each outcome's verdict, judged against the weight and the others (in place).
+
+    The relative rule compares a row's ‖ΔW‖ with the smallest update among the rows
+    whose edit holds (efficacy 1 after): an update that did not take is no yardstick,
+    however small it is.
+    """
     limit = DISABLING_FRACTION * max_update_ratio
-    smallest = min((o.norm for o in outs if o.norm > 0 and o.error is None), default=0.0)
+    held = [o for o in outs if o.norm > 0 and o.error is None and o.efficacy >= 1.0]
+    ref = min(held, key=lambda o: o.norm) if len(outs) > 1 and held else None
     for o in outs:
         o.verdict, o.reasons = "", []
         if o.error:
@@ -228,8 +234,11 @@ def judge_outcomes(outs: list[MethodOutcome], max_update_ratio: float) -> list[M
             continue
         if o.ratio >= limit:
             o.reasons.append(f"‖ΔW‖ is {o.ratio:.2f}× ‖W‖")
-        if smallest and len(outs) > 1 and o.norm >= MODE_NORM_FACTOR * smallest:
-            o.reasons.append(f"‖ΔW‖ is {o.norm / smallest:.1f}× the smallest method's")
+        if ref is not None and ref is not o and o.norm >= MODE_NORM_FACTOR * ref.norm:
+            o.reasons.append(
+                f"‖ΔW‖ is {o.norm / ref.norm:.1f}× {ref.label}'s, "
+                "the smallest update whose edit holds"
+            )
         eff = o.efficacy
         if o.reasons:
             o.verdict = "DISABLING"
