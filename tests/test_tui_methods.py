@@ -20,6 +20,7 @@ from textual.widgets import DataTable, Input, Select  # noqa: E402
 from workbench.core.forms import FORM_METHODS, EditForm, field_errors  # noqa: E402
 from workbench.core.session import NotReapplicableError  # noqa: E402
 from workbench.store import Store  # noqa: E402
+from workbench.tui.screens.dialogs import ConfirmDialog  # noqa: E402
 
 ROWS = ("rome/original", "rome/rrome", "rome/prompt", "memit", "emmet", "alphaedit")
 
@@ -123,13 +124,140 @@ async def test_compare_shows_the_methods_beside_the_key_modes(app_factory) -> No
         for mode in ("original", "rrome", "prompt"):
             row = rows[ROWS.index(f"rome/{mode}")]
             assert row.norm == pytest.approx(app.compare_pane.outcomes[mode].result.update_norm)
-        text = text_of(app.query_one("#compare-methods"))
-        for label in ROWS:
-            line = next(x for x in text.splitlines() if x.strip().startswith(label + " "))
+        table = app.query_one("#compare-methods-table", DataTable)
+        assert table.display and table.row_count == len(ROWS)
+        for i, label in enumerate(ROWS):
+            line = " ".join(str(c) for c in table.get_row_at(i))
+            assert line.startswith(label + " "), line
             assert re.search(r"L1 \d", line), line  # the norm per layer, computed
             assert "→" in line and "%" in line  # p(new) and the efficacy before → after
+        assert "Methods on the bare prompt" in text_of(app.query_one("#compare-methods"))
         # the key-mode apply buttons still work after it
         assert app.compare_pane.outcomes
+
+
+async def compare_eiffel(app, pilot) -> DataTable:
+    """F6 on the Eiffel example; the method table, focused (its ``a`` applies a row)."""
+    app.action_example("eiffel")
+    await pilot.pause()
+    await pilot.press("f6")
+    await wait_idle(app, pilot, timeout=300)
+    assert [r.label for r in app.compare_pane.method_rows] == list(ROWS)
+    table = app.query_one("#compare-methods-table", DataTable)
+    table.focus()
+    await pilot.pause()
+    return table
+
+
+async def apply_row(app, pilot, label: str) -> None:
+    """Select the comparison's row ``label`` and press ``a`` (confirming a DISABLING one)."""
+    app.compare_pane.select_row(label)
+    await pilot.pause()
+    assert app.compare_pane.selected_row().label == label
+    n = app.session.n_applied
+    await pilot.press("a")
+    await wait_idle(app, pilot)
+    if app.session.n_applied == n and isinstance(app.screen, ConfirmDialog):
+        await pilot.press("y")  # looked disabling: confirmed in the dialog
+        await wait_idle(app, pilot)
+
+
+async def test_compare_applies_the_selected_method_row(app_factory) -> None:
+    """Compare, select memit's row, ``a``: the compared update itself is applied (not
+    recomputed), recorded as the Edit tab's apply records it, equal to the Edit tab's
+    memit edit, undone bit for bit; a row of a comparison the model has moved on from
+    applies nothing; a ROME key mode's row applies that mode."""
+    app = app_factory()
+    async with app.run_test(size=(180, 50)) as pilot:
+        await wait_idle(app, pilot)
+        base = weights(app)
+        await compare_eiffel(app, pilot)
+        binding = next(b for b in app.compare_pane.BINDINGS if b.id == "compare.apply_row")
+        assert binding.key == "a" and binding.tooltip
+        row = next(r for r in app.compare_pane.method_rows if r.label == "memit")
+        assert row.verdict != "REFUSED", row.reasons
+        await apply_row(app, pilot, "memit")
+        assert app.session.n_applied == 1
+        step = app.session.editor.applied[-1]
+        assert step.update is row.updates[0], "the compared update, not a recomputed one"
+        from_compare = weights(app)
+        assert not same(base, from_compare), "the memit row did not change the model"
+        assert [x for x in base if not torch.equal(base[x], from_compare[x])] == [1]
+        assert app.session.timeline[-1].mode == "memit"
+        body = text_of(app.query_one("#edit-result-body"))
+        assert "Applied as session edit #1" in body and "memit" in body
+        await pilot.pause(0.2)
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        history = app.query_one("#history-table", DataTable)
+        assert history.row_count == 1
+        assert "memit" in [str(c) for c in history.get_row_at(0)]
+        run_id = app.session.run_id
+        # F8 undoes it bit for bit
+        await pilot.press("f8")
+        await wait_idle(app, pilot)
+        assert app.session.n_applied == 0 and same(base, weights(app))
+        # the comparison was computed before that edit and its undo: stale, nothing applied
+        app.notices.clear()
+        app.query_one("#compare-methods-table", DataTable).focus()
+        for label in ("alphaedit", "rome/rrome"):
+            await apply_row(app, pilot, label)
+            assert app.session.n_applied == 0 and same(base, weights(app)), label
+        assert any("model changed since" in n for n in app.notices), app.notices
+        assert any("rome/rrome: this comparison is out of date" in n for n in app.notices)
+        # the Edit tab's memit edit on the same weights is the same edit, bit for bit
+        app.show_tab("edit")
+        app.edit_pane.choose_method("memit")
+        await pilot.pause()
+        await pilot.press("f7")
+        await wait_idle(app, pilot)
+        if app.session.n_applied == 0:
+            await pilot.press("y")
+            await wait_idle(app, pilot)
+        assert app.session.n_applied == 1
+        assert same(from_compare, weights(app))
+        await pilot.press("f8")
+        await wait_idle(app, pilot)
+        assert same(base, weights(app))
+        # a ROME key mode's row applies that mode's update from the comparison
+        app.show_tab("edit")
+        app.edit_pane.choose_method("rome")
+        await pilot.pause()
+        await compare_eiffel(app, pilot)
+        rrome = app.compare_pane.outcomes["rrome"]
+        await apply_row(app, pilot, "rome/rrome")
+        assert app.session.n_applied == 1 and app.session.timeline[-1].mode == "rrome"
+        assert app.session.editor.applied[-1].update is rrome.update
+    with Store.open(app_factory.db) as store:
+        edits = store.edits(run_id)
+        assert [e.method_name for e in edits] == ["memit", "memit", "rome"]
+        assert [e.applied for e in edits] == [False, False, True]
+        assert {"prompt_p_new_before", "prompt_p_new_after"} <= set(edits[0].metrics)
+
+
+async def test_compare_applies_no_refused_row(app_factory) -> None:
+    """Every row REFUSED (the preset's max_update_ratio made tiny): ``a`` on a method row
+    or a key mode's row says why, and nothing is applied or stored."""
+    app = app_factory()
+    async with app.run_test(size=(180, 50)) as pilot:
+        await wait_idle(app, pilot)
+        lm, ed = app.session.require()
+        # a preset that refuses every update: the real engine computes them, then refuses
+        lm.hparams = ed.hp = lm.hparams.replace(max_update_ratio=1e-9)
+        base = weights(app)
+        await compare_eiffel(app, pilot)
+        assert {r.verdict for r in app.compare_pane.method_rows} == {"REFUSED"}
+        rows = {r.label: r for r in app.compare_pane.method_rows}
+        for label in ("memit", "alphaedit", "rome/rrome"):
+            app.notices.clear()
+            await apply_row(app, pilot, label)
+            assert app.session.n_applied == 0 and same(base, weights(app)), label
+            # refused before any job: the outcome's own reason, not the engine's apply error
+            mode = label.removeprefix("rome/")
+            o = app.compare_pane.outcomes.get(mode) if mode != label else None
+            reason = o.verdict.summary if o else "; ".join(rows[label].reasons)
+            assert "limit 1e-09" in reason and app.notices == [reason], app.notices
+        assert app.session.timeline == [] and app.session.run_id is None
 
 
 async def test_the_replay_tab_key_mode_is_rome_only(app_factory) -> None:

@@ -15,7 +15,7 @@ No Textual and no rich here.
 
 from __future__ import annotations
 
-import logging
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from rome import MODES, Editor, EditRequest
 from rome.hparams import method_preset
-from rome.methods import Update, get_method
+from rome.methods import Update
 from rome.methods.family.templates import family_templates
 from rome.progress import Progress
 from rome.update import weight_out_in
@@ -33,14 +33,14 @@ from .forms import EditForm
 from .generation import GenerationPair
 from .methods import MethodOutcome, judge_outcomes, run_method
 from .records import EditOutcome
+from .session import carried_state
 from .verdict import Probe, Verdict
 
 if TYPE_CHECKING:
     from rome.editor import AppliedEdit
+    from workbench.store import Store
 
     from .session import Session
-
-log = logging.getLogger(__name__)
 
 #: a comparison's verdict word -> the Edit tab's verdict level
 VERDICT_LEVELS = {"ok": "ok", "check": "warn", "DISABLING": "bad", "REFUSED": "refused"}
@@ -111,11 +111,6 @@ class _Applied:
     entry: AppliedEdit
     editor: Editor
     state: dict[str, Any]
-
-
-def _copy_state(editor: Editor) -> dict[str, Any]:
-    # the carried tensors are replaced, never changed in place: a shallow copy per method
-    return {k: dict(v) if isinstance(v, dict) else v for k, v in editor.method_state.items()}
 
 
 def rome_row(mode: str, outcome: EditOutcome, preset: str = "") -> MethodOutcome:
@@ -224,8 +219,7 @@ class MethodEdits:
 
     def compute(self, form: EditForm, progress: Progress | None = None) -> MethodEditOutcome:
         """``form.method``'s update on the form's request, with probes before and after."""
-        with self.session._lock:  # the session's one lock on the weights
-            _, ed = self.session.require()
+        with self.session.locked() as ed:  # the session's one lock on the weights
             t0 = time.perf_counter()
             med = self.editor_for(form.method, progress)
             before = self.session.score_probes(form)
@@ -266,67 +260,56 @@ class MethodEdits:
         return "ok"
 
     # ----------------------------------------------------------- apply
+    def outcome_of(self, form: EditForm, row: MethodOutcome, version: int) -> MethodEditOutcome:
+        """A comparison row's update (:meth:`compare`, on the weights of Session.version
+        ``version``) as an outcome to apply, not recomputed: the row's verdict; its probes
+        before are scored by :meth:`apply` (the row has the bare prompt's only)."""
+        if len(row.updates) != 1:
+            raise ValueError(f"the {row.label} row holds {len(row.updates)} updates, not one")
+        form = dataclasses.replace(form, method=row.method)
+        verdict = Verdict(VERDICT_LEVELS[row.verdict], tuple(row.reasons))
+        return MethodEditOutcome(form, row.updates[0], row, [], None, verdict, version=version)
+
     def apply(
         self, outcome: MethodEditOutcome, progress: Progress | None = None, generate: bool = True
     ) -> MethodApplied:
-        """Apply a computed update: generations before / after, one stored step, an undo entry.
+        """Apply a computed update through :meth:`Session.apply_step`: generations before /
+        after, one stored step, an undo entry, the method's carried state folded in.
 
-        ``progress`` may raise to cancel only before the weights change.
+        An outcome without probes before (:meth:`outcome_of`) is scored first, on the
+        weights it is applied to. ``progress`` may raise to cancel only before the
+        weights change.
         """
         s = self.session
-        with s._lock:
-            _, ed = s.require()
+        upd = outcome.update
+        with s.locked():
             self._fresh()
             med = self.editor_for(outcome.method)
-            upd = outcome.update
-            prompts = outcome.form.generation_texts() if generate else []
-            if progress:
-                progress("generating before", 0, 2)
-            before = s.generate(prompts) if prompts else []
-            if progress:
-                progress("applying", 1, 2)
-            state = _copy_state(med)
-            entry = ed.apply_update(upd)  # raises UnsafeUpdateError, weights unchanged
-            get_method(upd.method).after_apply(med, upd)
-            s.version += 1
-            try:
-                after = s.generate(prompts) if prompts else []
+            if not outcome.before:
+                outcome.before = s.score_probes(outcome.form)
+
+            def settle() -> Verdict:
                 if outcome.after is None:
                     outcome.after = s.score_probes(outcome.form)
-            except BaseException:
-                ed.undo()
-                med.method_state.clear()
-                med.method_state.update(state)
-                s.version += 1
-                raise
-            self._applied.append(_Applied(entry, med, state))
-            layers = [lu.layer for lu in upd.layers]
-            fp = ed.fingerprint(layers)
-            pairs = [
-                GenerationPair(p, b, a) for p, b, a in zip(prompts, before, after, strict=True)
-            ]
-            run_id, seq, err = self._store(outcome, fp, pairs)
-            s.refs.append((run_id, seq) if run_id is not None and seq is not None else None)
-            req = outcome.form.request()
-            s._add_point(
-                f"{req.subject} → {req.target_new}",
-                upd.method,
-                layers[-1],
-                upd.norm,
-                outcome.row.ratio,
-                outcome.verdict.disabling,
-                outcome.verdict.summary,
-            )
-            return MethodApplied(len(s.timeline), outcome, pairs, fp, run_id, seq, err)
+                return outcome.verdict
 
-    def _store(
-        self, outcome: MethodEditOutcome, fp: str, pairs: list[GenerationPair]
-    ) -> tuple[str | None, int | None, str | None]:
-        s = self.session
-        if s.store is None:
-            return None, None, s.store_error or "no database open"
-        from workbench.store import StoreError
+            def write(store: Store, run_id: str, seq: int, fp: str) -> None:
+                store.add_step(run_id, seq, [self._row_of(outcome, seq, fp)], upd.layers)
 
+            step = s.apply_step(
+                outcome.form, upd, settle, write,
+                mode=upd.method, norm=upd.norm, ratio=outcome.row.ratio, carrier=med,
+                progress=progress, generate=generate,
+            )  # fmt: skip
+            self._applied.append(_Applied(step.entry, med, step.state))
+            return MethodApplied(
+                step.number, outcome, step.generations, step.fingerprint, step.run_id, step.seq,
+                step.store_error,
+            )  # fmt: skip
+
+    @staticmethod
+    def _row_of(outcome: MethodEditOutcome, seq: int, fp: str) -> dict[str, Any]:
+        """The stored edit row of a one-request step (``Store.add_step``)."""
         upd = outcome.update
         last = upd.layers[-1]
         record = dict(upd.records[0]) if upd.records else {}
@@ -337,31 +320,21 @@ class MethodEdits:
             layer_norms={str(k): v for k, v in upd.layer_norms().items()},
             batch_size=1,
         )
-        try:
-            run_id = s._ensure_run()
-            seq = s.store.next_seq(run_id)
-            row = dict(
-                seq=seq,
-                request=outcome.form.request().to_dict(),
-                mode="",
-                layer=last.layer,
-                weight_name=last.weight_name,
-                update_norm=upd.norm,
-                update_norm_ratio=outcome.row.ratio,
-                record=record,
-                metrics=outcome.metrics(),
-                flagged=outcome.verdict.disabling,
-                flag_reason=outcome.verdict.summary or None,
-                fingerprint=fp,
-                method=upd.method,
-            )
-            s.store.add_step(run_id, seq, [row], upd.layers)
-            for g in pairs:
-                s.store.add_generation(run_id, seq, g.prompt, g.before, g.after)
-            return run_id, seq, None
-        except StoreError as exc:
-            log.warning("could not store the %s edit: %s", upd.method, exc)
-            return None, None, str(exc)
+        return dict(
+            seq=seq,
+            request=outcome.form.request().to_dict(),
+            mode="",
+            layer=last.layer,
+            weight_name=last.weight_name,
+            update_norm=upd.norm,
+            update_norm_ratio=outcome.row.ratio,
+            record=record,
+            metrics=outcome.metrics(),
+            flagged=outcome.verdict.disabling,
+            flag_reason=outcome.verdict.summary or None,
+            fingerprint=fp,
+            method=upd.method,
+        )
 
     # ----------------------------------------------------------- compare
     def compare(
@@ -380,12 +353,12 @@ class MethodEdits:
         family = list(methods) or _family_methods()
         rows = [rome_row(m, modes[m], lm.hparams.name) for m in MODES if m in modes]
         reqs: list[EditRequest] = [form.request()]
-        with self.session._lock:
+        with self.session.locked():
             for m in family:
                 if check:
                     check(m)
                 med = self.editor_for(m)
-                state = _copy_state(med)
+                state = carried_state(med)
                 try:
                     rows.append(run_method(lm, med, reqs, m, None))
                 finally:  # the preview leaves the carried state as it found it

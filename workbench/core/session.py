@@ -4,7 +4,9 @@ record, undo, revert, re-apply, and a replay that gives the weights back.
 No Textual and no rich here: the app calls these methods from thread workers,
 and tests can call them directly. The engine and the store are reached only
 through their public functions. Methods that change the weights hold the
-session's lock and bump :attr:`Session.version`.
+session's lock and bump :attr:`Session.version`; :meth:`Session.apply_step`
+applies and records an edit of any method (ROME's here, the batch methods'
+from :mod:`.method_edits`, which holds the lock through :meth:`Session.locked`).
 
 Over 500 lines on purpose: one class whose methods share that lock, the
 version counter and the session run's writer lease; its records, verdicts,
@@ -18,7 +20,8 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,7 +31,7 @@ from evals.spec import RunSpec
 from rome import EditHparams, Editor, EditResult, LoadedModel, RomeError, load_model
 from rome.bundle import CONVERSION_PHASE, conversion_pending
 from rome.hparams import method_preset
-from rome.methods import Update
+from rome.methods import Update, get_method
 from rome.methods.rome import update_of
 from rome.progress import Progress
 from rome.scoring import score_targets
@@ -41,6 +44,7 @@ from .replay import ReplayHandler, replay_layer, run_replay
 from .verdict import DISABLING_FRACTION, Probe, Verdict, judge
 
 if TYPE_CHECKING:
+    from rome.editor import AppliedEdit
     from workbench.store import Edit, Run, Store
 
 log = logging.getLogger(__name__)
@@ -59,6 +63,27 @@ _COPIED_EDIT_FIELDS = (
     "cos_kstar_ks",
     "record",
 )
+
+
+@dataclasses.dataclass
+class AppliedStep:
+    """What :meth:`Session.apply_step` did: the edit's number, its undo entry, the carrier's
+    method state before it (what an undo goes back to), generations, where it is stored."""
+
+    number: int  # this session's edit number (1-based)
+    entry: AppliedEdit
+    state: dict[str, Any]
+    generations: list[GenerationPair]
+    fingerprint: str
+    run_id: str | None
+    seq: int | None
+    store_error: str | None = None
+
+
+def carried_state(editor: Editor) -> dict[str, Any]:
+    """A copy of ``editor.method_state`` to put back later (its tensors are replaced, never
+    changed in place: a shallow copy per method)."""
+    return {k: dict(v) if isinstance(v, dict) else v for k, v in editor.method_state.items()}
 
 
 class NoModelError(RomeError):
@@ -98,6 +123,13 @@ class Session:
         if self.lm is None or self.editor is None:
             raise NoModelError("load a model first (F2, or the Model tab)")
         return self.lm, self.editor
+
+    @contextmanager
+    def locked(self) -> Iterator[Editor]:
+        """The session's one lock on the weights (re-entrant) held over the block, which
+        gets the session's editor; for code beside the session that reads or writes them."""
+        with self._lock:
+            yield self.require()[1]
 
     @property
     def n_applied(self) -> int:
@@ -316,48 +348,96 @@ class Session:
         progress: Progress | None = None,
         generate: bool = True,
     ) -> AppliedInfo:
-        """Apply a computed edit: generations before/after, store record, undo entry.
+        """Apply a computed ROME edit through :meth:`apply_step`: its update written once
+        (``Editor.apply_update``), an outcome computed without a trial scored after it, on
+        the applied weights. ``progress`` may raise to cancel only before the weights change.
+        """
+        res = outcome.result
+        done = outcome
 
-        The outcome's update is written once (``Editor.apply_step``); an outcome
-        computed without a trial is scored after it, on the applied weights.
-        ``progress`` may raise to cancel only before the weights change.
+        def settle() -> Verdict:
+            nonlocal done
+            if done.after is None:
+                done = self._scored_after(done)
+            return done.verdict
+
+        def write(store: Store, run_id: str, seq: int, fp: str) -> None:
+            v = done.verdict
+            store.add_edit_result(
+                run_id, seq, res, metrics=done.metrics(), flagged=v.disabling,
+                flag_reason=v.summary or None, fingerprint=fp,
+            )  # fmt: skip
+
+        step = self.apply_step(
+            outcome.form, outcome.update or update_of(res), settle, write,
+            mode=res.mode, norm=res.update_norm, ratio=res.update_norm_ratio,
+            progress=progress, generate=generate,
+        )  # fmt: skip
+        return AppliedInfo(
+            step.number, done, step.generations, step.fingerprint, step.run_id, step.seq,
+            step.store_error,
+        )  # fmt: skip
+
+    def apply_step(
+        self,
+        form: EditForm,
+        update: Update,
+        settle: Callable[[], Verdict],
+        write: Callable[[Store, str, int, str], None],
+        *,
+        mode: str,
+        norm: float,
+        ratio: float,
+        carrier: Editor | None = None,
+        progress: Progress | None = None,
+        generate: bool = True,
+    ) -> AppliedStep:
+        """Apply a computed ``update`` of any method as one session edit: generations
+        before / after, one write of the weights (one undo entry on the session's editor),
+        one stored step, one point (``mode``, ``norm``, ``ratio``) on the timeline.
+
+        ``carrier``: the editor whose carried method state the step folds into (default
+        the session's; a method with a preset of its own computes with another editor on
+        the same model). ``settle()``, on the applied weights, scores what is missing and
+        returns the verdict to record; ``write(store, run_id, seq, fingerprint)`` stores
+        the step's rows (the generations are stored here). ``progress`` may raise to
+        cancel only before the weights change; a failure after undoes the step.
         """
         with self._lock:
             _, ed = self.require()
-            res = outcome.result
-            prompts = outcome.form.generation_texts() if generate else []
+            carrier = carrier or ed
+            prompts = form.generation_texts() if generate else []
             if progress:
                 progress("generating before", 0, 2)
             before = self.generate(prompts) if prompts else []
             if progress:
                 progress("applying", 1, 2)
-            # raises UnsafeUpdateError for a refused update, weights unchanged
-            ed.apply_step(outcome.update or update_of(res))
+            state = carried_state(carrier)
+            entry = ed.apply_update(update)  # raises UnsafeUpdateError, weights unchanged
+            get_method(update.method).after_apply(carrier, update)
             self.version += 1
             try:
                 after = self.generate(prompts) if prompts else []
-                if outcome.after is None:
-                    outcome = self._scored_after(outcome)
+                verdict = settle()
             except BaseException:
                 ed.undo()
+                carrier.method_state.clear()
+                carrier.method_state.update(state)
                 self.version += 1
                 raise
-            fp = ed.fingerprint([res.layer])
+            layers = [lu.layer for lu in update.layers]
+            fp = ed.fingerprint(layers)
             pairs = [
                 GenerationPair(p, b, a) for p, b, a in zip(prompts, before, after, strict=True)
             ]
-            run_id, seq, err = self._store_result(outcome, fp, pairs)
+            run_id, seq, err = self._record(write, fp, pairs, mode)
             self.refs.append((run_id, seq) if run_id is not None and seq is not None else None)
+            req = form.request()
+            label = f"{req.subject} → {req.target_new}"
             self._add_point(
-                f"{res.request.subject} → {res.request.target_new}",
-                res.mode,
-                res.layer,
-                res.update_norm,
-                res.update_norm_ratio,
-                outcome.verdict.disabling,
-                outcome.verdict.summary,
+                label, mode, layers[-1], norm, ratio, verdict.disabling, verdict.summary
             )
-            return AppliedInfo(len(self.timeline), outcome, pairs, fp, run_id, seq, err)
+            return AppliedStep(len(self.timeline), entry, state, pairs, fp, run_id, seq, err)
 
     def _scored_after(self, outcome: EditOutcome) -> EditOutcome:
         """The outcome with its probes after scored on the applied weights (the engine's
@@ -413,9 +493,15 @@ class Session:
             self.run_id = run.id
         return self.run_id
 
-    def _store_result(
-        self, outcome: EditOutcome, fp: str, pairs: list[GenerationPair]
+    def _record(
+        self,
+        write: Callable[[Store, str, int, str], None],
+        fp: str,
+        pairs: Sequence[GenerationPair] = (),
+        what: str = "",
     ) -> tuple[str | None, int | None, str | None]:
+        """Store a step in the session's run: ``write``'s rows at the next seq, then the
+        generations; ``(run_id, seq, None)``, or ``(None, None, why not)``."""
         if self.store is None:
             return None, None, self.store_error or "no database open"
         from workbench.store import StoreError
@@ -423,20 +509,12 @@ class Session:
         try:
             run_id = self._ensure_run()
             seq = self.store.next_seq(run_id)
-            self.store.add_edit_result(
-                run_id,
-                seq,
-                outcome.result,
-                metrics=outcome.metrics(),
-                flagged=outcome.verdict.disabling,
-                flag_reason=outcome.verdict.summary or None,
-                fingerprint=fp,
-            )
+            write(self.store, run_id, seq, fp)
             for g in pairs:
                 self.store.add_generation(run_id, seq, g.prompt, g.before, g.after)
             return run_id, seq, None
         except StoreError as exc:
-            log.warning("could not store the edit: %s", exc)
+            log.warning("could not store the %s edit: %s", what, exc)
             return None, None, str(exc)
 
     def undo(self) -> str:
@@ -523,26 +601,14 @@ class Session:
     ) -> tuple[str, int] | None:
         """Store a re-applied edit in this session's run; its ``(run_id, seq)``, or None."""
         _, ed = self.require()
-        assert self.store is not None
-        from workbench.store import StoreError
+        copied = {k: getattr(edit, k) for k in _COPIED_EDIT_FIELDS}
+        metrics = {"source": "reapplied", "from": f"{edit.run_id}:{edit.seq}"}
 
-        try:
-            run_id = self._ensure_run()
-            seq = self.store.next_seq(run_id)
-            copied = {k: getattr(edit, k) for k in _COPIED_EDIT_FIELDS}
-            self.store.add_edit(
-                run_id,
-                seq,
-                u=u,
-                v=v,
-                metrics={"source": "reapplied", "from": f"{edit.run_id}:{edit.seq}"},
-                fingerprint=ed.fingerprint([edit.layer]),
-                **copied,
-            )
-            return run_id, seq
-        except StoreError as exc:
-            log.warning("could not store the re-applied edit: %s", exc)
-            return None
+        def write(store: Store, run_id: str, seq: int, fp: str) -> None:
+            store.add_edit(run_id, seq, u=u, v=v, metrics=metrics, fingerprint=fp, **copied)
+
+        run_id, seq, _ = self._record(write, ed.fingerprint([edit.layer]), what="re-applied")
+        return (run_id, seq) if run_id is not None and seq is not None else None
 
     # ----------------------------------------------------------- store reads
     def history(self, model: str | None = None) -> list[HistoryRow]:

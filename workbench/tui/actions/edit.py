@@ -248,6 +248,34 @@ class EditActions(AppBase):
         if o is not None:
             self.apply_outcome(o)
 
+    @on(ComparePane.ApplyRow)
+    def _compare_apply_row(self, msg: ComparePane.ApplyRow) -> None:
+        self.apply_compare_row(msg.label)
+
+    def apply_compare_row(self, label: str) -> None:
+        """Apply the comparison's method row ``label`` as the Edit tab's F7 would, with the
+        update the comparison computed (not recomputed): a ``rome/<mode>`` row is that key
+        mode's outcome, a batch method's row its update (``MethodEdits.outcome_of``; its
+        probes before are scored in the apply job). ``apply_outcome`` refuses a stale
+        (``Session.version`` moved on) or REFUSED one with a notice, nothing applied, and
+        asks before a DISABLING one."""
+        pane = self.compare_pane
+        row = next((r for r in pane.method_rows if r.label == label), None)
+        o: EditOutcome | MethodEditOutcome | None = None
+        if row is not None and row.method == "rome":
+            o = pane.outcomes.get(label.removeprefix("rome/"))  # emptied once one is applied
+        elif row is not None and len(row.updates) == 1 and pane.version is not None and pane.form:
+            o = self.methods.outcome_of(pane.form, row, pane.version)
+        if o is None:
+            self.notify(
+                f"{label}: this comparison is out of date (the model changed since it was "
+                "computed): compare again (F6).",
+                title="Not applied",
+                severity="warning",
+            )
+            return
+        self.apply_outcome(o)
+
     @guarded("Showing the applied edit")
     def on_edit_applied(self, msg: EditApplied) -> None:
         info = msg.info

@@ -1,18 +1,20 @@
 """The Compare tab: one edit in ROME's three key modes, side by side (apply one or none),
-and every method beside them (``edit --method all``'s figures, nothing applied)."""
+and every method beside them (``edit --method all``'s figures): select a row, apply it."""
 
 from __future__ import annotations
 
-from rich.console import Group
+from rich.console import Group, JustifyMethod
 from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.message import Message
-from textual.widgets import Button, Static
+from textual.widgets import Button, DataTable, Static
 
 from rome import MODES
 from workbench.core.format import farrow, fnum
+from workbench.core.forms import EditForm
 from workbench.core.methods import MethodOutcome
 from workbench.core.records import EditOutcome
 
@@ -27,37 +29,39 @@ def _fraction(x: float) -> str:
     return "–" if x != x else f"{x:.0%}"  # NaN: no request to count
 
 
-def methods_table(rows: list[MethodOutcome]) -> Table:
-    """One row per method (ROME once per key mode): ‖ΔW‖ per edited layer, p(new) on the
+#: the method rows' columns: (name, justify)
+METHOD_COLUMNS: tuple[tuple[str, JustifyMethod], ...] = (
+    ("method", "left"),
+    ("preset", "left"),
+    ("‖ΔW‖ per layer", "left"),
+    ("‖ΔW‖", "right"),
+    ("‖ΔW‖ / ‖W‖", "right"),
+    ("p(new) prompt", "right"),
+    ("efficacy", "right"),
+    ("verdict", "left"),
+)
+
+
+def method_cells(o: MethodOutcome) -> tuple[str | Text, ...]:
+    """One method's row (ROME once per key mode): ‖ΔW‖ per edited layer, p(new) on the
     bare prompt and the efficacy before → after, the verdict judged across the rows."""
-    t = Table(box=None, padding=(0, 1), show_edge=False, header_style="bold", expand=False)
-    for name, justify in (
-        ("method", "left"),
-        ("preset", "left"),
-        ("‖ΔW‖ per layer", "left"),
-        ("‖ΔW‖", "right"),
-        ("‖ΔW‖ / ‖W‖", "right"),
-        ("p(new) prompt", "right"),
-        ("efficacy", "right"),
-        ("verdict", "left"),
-    ):
-        t.add_column(name, no_wrap=True, justify=justify)  # type: ignore[arg-type]
-    for o in rows:
-        per_layer = " ".join(f"L{layer} {fnum(n)}" for layer, n in o.layer_norms.items())
-        p_before = o.p_new_before[0] if o.p_new_before else None
-        p_after = o.p_new_after[0] if o.p_new_after else None
-        style = METHOD_VERDICT_STYLE.get(o.verdict, "bold red")
-        t.add_row(
-            Text(o.label, style="bold"),
-            Text(o.preset, style="dim"),
-            per_layer or "–",
-            fnum(o.norm),
-            fnum(o.ratio),
-            farrow(p_before, p_after),
-            f"{_fraction(o.efficacy_before)}→{_fraction(o.efficacy)}",
-            Text(o.verdict, style=style),
-        )
-    return t
+    per_layer = " ".join(f"L{layer} {fnum(n)}" for layer, n in o.layer_norms.items())
+    p_before = o.p_new_before[0] if o.p_new_before else None
+    p_after = o.p_new_after[0] if o.p_new_after else None
+    cells: tuple[str | Text, ...] = (
+        Text(o.label, style="bold"),
+        Text(o.preset, style="dim"),
+        per_layer or "–",
+        fnum(o.norm),
+        fnum(o.ratio),
+        farrow(p_before, p_after),
+        f"{_fraction(o.efficacy_before)}→{_fraction(o.efficacy)}",
+        Text(o.verdict, style=METHOD_VERDICT_STYLE.get(o.verdict, "bold red")),
+    )
+    return tuple(
+        Text(c, justify=j) if isinstance(c, str) else c
+        for c, (_, j) in zip(cells, METHOD_COLUMNS, strict=True)
+    )
 
 
 def compare_table(outcomes: dict[str, EditOutcome]) -> Table:
@@ -101,17 +105,43 @@ def compare_table(outcomes: dict[str, EditOutcome]) -> Table:
 
 
 class ComparePane(VerticalScroll):
-    """The three modes' figures; a warning on a disabling mode; Apply buttons."""
+    """The three modes' figures; a warning on a disabling mode; Apply buttons; every
+    method's row below, the selected one applied with ``a``."""
+
+    DEFAULT_CSS = """
+    ComparePane #compare-methods-table { height: auto; }
+    ComparePane #compare-row-buttons { height: auto; margin: 1 0 0 0; }
+    """
+
+    BINDINGS = [
+        Binding(
+            "a",
+            "apply_row",
+            "Apply row",
+            id="compare.apply_row",
+            tooltip="Apply the selected method row's update (a ROME key mode or a batch "
+            "method), as compared, to the model",
+        ),
+    ]
 
     class ApplyMode(Message):
         def __init__(self, mode: str) -> None:
             super().__init__()
             self.mode = mode
 
+    class ApplyRow(Message):
+        """Apply the method row ``label`` (``rome/<mode>`` or a batch method)."""
+
+        def __init__(self, label: str) -> None:
+            super().__init__()
+            self.label = label
+
     def __init__(self) -> None:
         super().__init__(id="compare-pane")
         self.outcomes: dict[str, EditOutcome] = {}
         self.method_rows: list[MethodOutcome] = []
+        self.form: EditForm | None = None  # the compared request (ROME's form)
+        self.version: int | None = None  # Session.version the comparison was computed on
 
     def compose(self) -> ComposeResult:
         yield Static(
@@ -141,13 +171,26 @@ class ComparePane(VerticalScroll):
         yield Static("", id="compare-warnings")
         yield Static("", id="compare-body")
         yield Static("", id="compare-methods")
+        table: DataTable = DataTable(id="compare-methods-table", cursor_type="row")
+        for name, justify in METHOD_COLUMNS:
+            table.add_column(Text(name, justify=justify), key=name)
+        table.display = False
+        yield table
+        with Horizontal(classes="buttons", id="compare-row-buttons"):
+            yield Button(
+                "Apply selected row",
+                id="compare-apply-row",
+                compact=True,
+                disabled=True,
+                tooltip="Apply the selected method row's update to the model (a)",
+            )
+        yield Static("", id="compare-methods-notes")
 
     def show_computing(self, text: str) -> None:
         self.query_one("#compare-head", Static).update(Text(text + "…", style="italic"))
         self.query_one("#compare-body", Static).update("")
         self.query_one("#compare-warnings", Static).update("")
-        self.query_one("#compare-methods", Static).update("")
-        self.method_rows = []
+        self._show_rows([])
         self._buttons(False)
 
     def _buttons(self, enabled: bool) -> None:
@@ -166,6 +209,7 @@ class ComparePane(VerticalScroll):
     def show(self, outcomes: dict[str, EditOutcome]) -> None:
         self.outcomes = dict(outcomes)
         any_o = next(iter(outcomes.values()))
+        self.form, self.version = any_o.form, any_o.version
         r = any_o.result
         head = Text()
         head.append(f"{r.request.subject} → {r.request.target_new}", style="bold")
@@ -200,14 +244,16 @@ class ComparePane(VerticalScroll):
         self._buttons(True)
 
     def show_methods(self, rows: list[MethodOutcome]) -> None:
-        """Every method beside ROME's key modes, judged together (as ``edit --method all``)."""
-        self.method_rows = list(rows)
+        """Every method beside ROME's key modes, judged together (as ``edit --method all``),
+        computed by the comparison's job on the weights of its key modes."""
         title = Text("\nMethods on the bare prompt", style="bold")
         title.append(
             "  (‖ΔW‖ over the edited layers; efficacy: target_new above target_true, "
             "before→after; verdict across these rows)",
             style="dim",
         )
+        self.query_one("#compare-methods", Static).update(title)
+        self._show_rows(rows)
         notes = []
         for o in rows:
             if o.verdict != "ok" and o.reasons:
@@ -219,13 +265,44 @@ class ComparePane(VerticalScroll):
                 notes.append(line)
         notes.append(
             Text(
-                "To apply a batch method, choose it in the Edit tab's Method field (F7).",
+                "Select a row and press a (or Apply selected row) to apply its update as "
+                "compared here; once the model changes, F6 compares again.",
                 style="dim italic",
             )
         )
-        self.query_one("#compare-methods", Static).update(
-            Group(title, methods_table(rows), Text(""), *notes)
-        )
+        self.query_one("#compare-methods-notes", Static).update(Group(Text(""), *notes))
+
+    def _show_rows(self, rows: list[MethodOutcome]) -> None:
+        self.method_rows = list(rows)
+        table = self.query_one("#compare-methods-table", DataTable)
+        table.clear()
+        for o in rows:
+            table.add_row(*method_cells(o), key=o.label)
+        table.display = bool(rows)
+        self.query_one("#compare-apply-row", Button).disabled = not rows
+        if not rows:
+            self.query_one("#compare-methods", Static).update("")
+            self.query_one("#compare-methods-notes", Static).update("")
+
+    def selected_row(self) -> MethodOutcome | None:
+        """The method row under the table's cursor."""
+        table = self.query_one("#compare-methods-table", DataTable)
+        if not self.method_rows or not 0 <= table.cursor_row < len(self.method_rows):
+            return None
+        key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        return next((o for o in self.method_rows if o.label == key), None)
+
+    def select_row(self, label: str) -> None:
+        """Put the table's cursor on the row ``label``."""
+        table = self.query_one("#compare-methods-table", DataTable)
+        table.move_cursor(row=table.get_row_index(label))
+
+    def action_apply_row(self) -> None:
+        row = self.selected_row()
+        if row is None:
+            self.app.notify("No method row to apply: compare first (F6).", severity="warning")
+            return
+        self.post_message(self.ApplyRow(row.label))
 
     def mark_applied(self, mode: str, number: int) -> None:
         """An edit was applied: these updates were computed on the weights before it."""
@@ -236,6 +313,7 @@ class ComparePane(VerticalScroll):
             Text(f"Applied {mode} as session edit #{number}; F6 compares again.", style="green")
         )
         self._buttons(False)
+        self.query_one("#compare-apply-row", Button).disabled = True
 
     def discard(self) -> None:
         self.outcomes = {}
@@ -244,8 +322,7 @@ class ComparePane(VerticalScroll):
         )
         self.query_one("#compare-body", Static).update("")
         self.query_one("#compare-warnings", Static).update("")
-        self.query_one("#compare-methods", Static).update("")
-        self.method_rows = []
+        self._show_rows([])
         self._buttons(False)
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
@@ -253,6 +330,9 @@ class ComparePane(VerticalScroll):
         if bid == "compare-discard":
             event.stop()
             self.discard()
+        elif bid == "compare-apply-row":
+            event.stop()
+            self.action_apply_row()
         elif bid.startswith("apply-"):
             event.stop()
             self.post_message(self.ApplyMode(bid.removeprefix("apply-")))
