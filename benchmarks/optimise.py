@@ -6,7 +6,9 @@ today's fast path, prefix reuse, and prefix reuse with many requests in one opti
   fast:      ``compute_v_star``: blocks from the edited layer up, logits only where read;
   reuse:     ``optimise_targets``, one request: blocks from the edited layer up over the
              positions from the subject's last token on (the prefix computed once);
-  batch B:   ``optimise_targets`` over B requests at once, with prefix reuse.
+  batch B:   ``optimise_targets`` over B requests at once, with prefix reuse;
+  padded:    the same with every row padded to the batch's longest suffix
+             (``v_length_buckets=False``; the default runs groups of one length each).
 
 Printed per path: v* seconds per request, request-steps per second, tokens the upper
 blocks run per request-step, the speed-up over the previous path and over the
@@ -15,7 +17,7 @@ the requests it ran) and with the fast path. ``--edit`` also times a whole ROME 
 (``Editor.compute``) with everything on against the published structure.
 
     OMP_NUM_THREADS=1 python benchmarks/optimise.py --n 16 --n-fast 4 --n-published 2 \
-        --batches 4,16 --edit
+        --batches 4,16 --padded-batches --edit
 """
 
 from __future__ import annotations
@@ -28,17 +30,22 @@ import torch
 
 from evals.counterfact import load_counterfact
 from rome import Editor, load_model
+from rome.hparams import EditHparams
 from rome.optimise import optimise_targets
 from rome.request import EditRequest
 from rome.upper import build_rows
 from rome.vstar import VStar, compute_v_star
 
 
-def tokens_per_step(tok, reqs: Sequence[EditRequest], templates: list[str], reuse: bool) -> float:
+def tokens_per_step(
+    tok, reqs: Sequence[EditRequest], templates: list[str], reuse: bool, buckets: bool
+) -> float:
     """Tokens the upper blocks run per request-step (padding included) for one batch."""
     rows = build_rows(tok, reqs, [templates] * len(reqs))
     lens = [len(s) - (c if reuse else 0) for s, c in zip(rows.seqs, rows.subject, strict=True)]
-    return len(lens) * max(lens) / len(reqs)
+    if not reuse:  # compute_v_star: the rows padded to the longest
+        return len(lens) * max(lens) / len(reqs)
+    return (sum(lens) if buckets else len(lens) * max(lens)) / len(reqs)
 
 
 def run_path(
@@ -77,6 +84,9 @@ def main() -> None:
     )
     ap.add_argument("--batches", default="16", help="comma-separated batch sizes (e.g. 16,100)")
     ap.add_argument("--edit", action="store_true", help="also time whole edits (Editor.compute)")
+    ap.add_argument(
+        "--padded-batches", action="store_true", help="also each batch with padded rows"
+    )
     args = ap.parse_args()
 
     lm = load_model(args.model, device="cpu")
@@ -92,15 +102,21 @@ def main() -> None:
     )
     run_path(lm, hp, reqs[:1], templates[:3], "reuse")  # warm-up
 
-    paths: list[tuple[str, str, int, list[EditRequest]]] = [
-        ("published", "published", 1, reqs[: args.n_published]),
-        ("fast", "fast", 1, reqs[: args.n_fast or None]),
-        ("reuse", "reuse", 1, reqs),
-    ] + [(f"reuse+batch {b}", "reuse", b, reqs) for b in batches]
+    padded = hp.replace(v_length_buckets=False)
+    paths: list[tuple[str, str, int, list[EditRequest], EditHparams]] = [
+        ("published", "published", 1, reqs[: args.n_published], hp),
+        ("fast", "fast", 1, reqs[: args.n_fast or None], hp),
+        ("reuse padded", "reuse", 1, reqs, padded),
+        ("reuse", "reuse", 1, reqs, hp),
+    ]
+    for b in batches:
+        if args.padded_batches:
+            paths.append((f"batch {b} padded", "reuse", b, reqs, padded))
+        paths.append((f"reuse+batch {b}", "reuse", b, reqs, hp))
     results: dict[str, tuple[float, list[VStar], int]] = {}
     walls: dict[str, float] = {}
-    for label, path, batch, rs in paths:
-        wall, secs, out = run_path(lm, hp, rs, templates, path, batch)
+    for label, path, batch, rs, php in paths:
+        wall, secs, out = run_path(lm, php, rs, templates, path, batch)
         results[label] = (secs, out, len(rs))
         walls[label] = wall / len(rs)
 
@@ -116,13 +132,19 @@ def main() -> None:
         f"{'wall s/req':>11s}"
     )
     prev = None
-    for label, path, batch, rs in paths:
+    for label, path, batch, rs, php in paths:
         secs, out, n = results[label]
         per = secs / n
         steps = sum(v.steps for v in out)
         tps = (
             sum(
-                tokens_per_step(lm.tokenizer, rs[i : i + batch], templates, path == "reuse")
+                tokens_per_step(
+                    lm.tokenizer,
+                    rs[i : i + batch],
+                    templates,
+                    path == "reuse",
+                    php.v_length_buckets,
+                )
                 * len(rs[i : i + batch])
                 for i in range(0, n, batch)
             )

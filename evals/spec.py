@@ -103,14 +103,15 @@ class RunSpec:
     def edit_hparams(self, fallback: EditHparams) -> EditHparams:
         """The preset the run edits with (a resume edits exactly as before).
 
-        A run stored before prefix reuse existed resumes without it: its v* steps
-        stay the whole-sequence computation its edits were made with, bit for bit
-        (prefix reuse agrees to float error, not to the bit).
+        A run stored before prefix reuse (or length buckets) existed resumes without it:
+        its v* steps stay the computation its edits were made with, bit for bit (both
+        agree to float error, not to the bit).
         """
         if not self.hparams:
             return fallback
         stored = dict(self.hparams)
         stored.setdefault("v_prefix_reuse", False)
+        stored.setdefault("v_length_buckets", False)
         return EditHparams.from_dict(stored)
 
     def layer(self) -> int | None:

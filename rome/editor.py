@@ -370,6 +370,7 @@ class Editor:
                 v_stop=self.hp.v_stop,
                 v_prefix_reuse=reuse,
                 v_batch=1,
+                v_length_buckets=reuse and self.hp.v_length_buckets,
                 v_autocast=resolve_autocast(self.hp.v_autocast, vs.v_star.device),
                 norm_anchor=rho,
                 v_star_norm_raw=float(vs.v_star.norm()) if rho is not None else None,
@@ -388,7 +389,8 @@ class Editor:
             fields = {
                 k: v
                 for k, v in hp.to_dict().items()
-                if (k.startswith("v_") and k != "v_prefix_reuse")  # exact: not part of the key
+                # the exact speed-ups are not part of the key
+                if (k.startswith("v_") and k not in ("v_prefix_reuse", "v_length_buckets"))
                 or k in ("kl_factor", "clamp_norm_factor", "fact_token")
             }
             fields.update(

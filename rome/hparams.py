@@ -52,6 +52,9 @@ class EditHparams:
     # Exact speed-up of the v* loop: the positions before each prompt's subject token do not
     # depend on δ, so the blocks above the edit run them once per edit (rome/upper.py)
     v_prefix_reuse: bool = True
+    # Exact: the rows of one v* / z optimisation run in groups of one suffix length each,
+    # so no row is padded to another's length (rome/optimise.py)
+    v_length_buckets: bool = True
     # The most requests one target-vector optimisation takes at once (a batch of more is
     # optimised in chunks of this many; each request's trajectory is its own either way).
     # Memory grows with it: on SmolLM2 each request adds ~0.1 GB of activations.
@@ -264,8 +267,10 @@ def _check_types(hp: EditHparams) -> None:
         problems[name] = None if ok else f"must be a string, not {_json_kind(value)}"
     if hp.v_loss_layer is not None:
         problems["v_loss_layer"] = _number_problem(hp.v_loss_layer, True, 0, True)
-    if not isinstance(hp.v_norm_anchor, bool):
-        problems["v_norm_anchor"] = f"must be true or false, not {hp.v_norm_anchor!r}"
+    for name in ("v_norm_anchor", "v_prefix_reuse", "v_length_buckets", "memit_accumulate"):
+        value = getattr(hp, name)
+        if not isinstance(value, bool):
+            problems[name] = f"must be true or false, not {value!r}"
     problems["aliases"] = _texts_problem(hp.aliases, optional=False)
     problems["context_templates"] = _texts_problem(hp.context_templates, optional=True)
     lengths = hp.context_template_length_params

@@ -49,21 +49,23 @@ class _AddDelta:
 
     Handles a module returning a tensor (an MLP projection; a decoder block
     under transformers 5) or a tuple whose first item is the hidden states.
+    With ``capture`` set, the output at those positions before ``δ`` is kept
+    (``v_init`` is read there on the first step).
     """
 
     def __init__(self) -> None:
         self.rows = torch.zeros(0, dtype=torch.long)
         self.cols = torch.zeros(0, dtype=torch.long)
         self.deltas: torch.Tensor | None = None  # (rows, d): each row's request's δ
-        self.first: tuple[torch.Tensor, torch.Tensor] | None = None  # where v_init is read
-        self.first_output: torch.Tensor | None = None
+        self.capture = False
+        self.captured: torch.Tensor | None = None
 
     def __call__(self, _mod: nn.Module, _args: tuple[Any, ...], out: Any) -> Any:
         if self.deltas is None:
             return None
         h = out[0] if isinstance(out, tuple) else out
-        if self.first is not None and self.first_output is None:
-            self.first_output = h[self.first[0], self.first[1]].detach().clone()
+        if self.capture:
+            self.captured = h[self.rows, self.cols].detach().clone()
         h = h.clone()
         h[self.rows, self.cols] = h[self.rows, self.cols] + self.deltas.to(h.dtype)
         return (h, *out[1:]) if isinstance(out, tuple) else h
@@ -88,21 +90,57 @@ def _output_width(model: nn.Module, name: str) -> int:
 
 
 @dataclass
+class _Group:
+    """Active rows of one suffix length, run as one unpadded batch (one :class:`UpperRun`)."""
+
+    run: UpperRun
+    members: torch.Tensor  # local (active-set) index of each of its rows
+    cols: torch.Tensor  # each row's subject column in its suffix (δ is added there)
+    loss_rows: torch.Tensor  # in-group row / suffix column of each of its loss entries
+    loss_cols: torch.Tensor
+
+
+@dataclass
 class _Active:
-    """The rows and loss entries of the requests still running, as device tensors."""
+    """The rows and loss entries of the requests still running, as device tensors.
+
+    Loss entries are ordered: every rewrite entry, then one per KL row; ``order``
+    puts the groups' logits back in that order.
+    """
 
     requests: list[int]
     rows: list[int]
-    run: UpperRun
-    row_req: torch.Tensor  # local request index of each rewrite row
+    groups: list[_Group]
+    order: torch.Tensor
+    row_req: torch.Tensor  # local request index of each rewrite row (δ: of every row below)
+    delta_req: torch.Tensor  # local request index of every active row
     loss_row: torch.Tensor  # local rewrite-row index of each loss entry
     loss_req: torch.Tensor
-    loss_rows: torch.Tensor  # local batch row / column of each loss entry, then each KL row
-    loss_cols: torch.Tensor
     labels: torch.Tensor
     row_tlen: torch.Tensor  # target length of each rewrite row
     n_rewrite: torch.Tensor  # per local request
     n_loss: int
+
+    def logits(
+        self, state: _AddDelta, deltas: torch.Tensor, capture: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits at every loss entry with ``deltas`` (per local request) added; and, with
+        ``capture``, the hooked module's output at every active row's subject before δ."""
+        row_deltas = deltas[self.delta_req]
+        outs, caught = [], []
+        for g in self.groups:
+            state.rows = torch.arange(g.members.numel(), device=g.cols.device)
+            state.cols, state.deltas, state.capture = g.cols, row_deltas[g.members], capture
+            outs.append(g.run.logits_at(g.loss_rows, g.loss_cols))
+            if capture:
+                assert state.captured is not None
+                caught.append(state.captured)
+        state.deltas, state.capture, state.captured = None, False, None
+        logits = torch.cat(outs)[self.order] if len(outs) > 1 else outs[0]
+        if not capture:
+            return logits, None
+        members = torch.cat([g.members for g in self.groups])
+        return logits, torch.cat(caught)[torch.argsort(members)]
 
 
 def _activate(
@@ -115,33 +153,52 @@ def _activate(
     prefix: Any,
     pad: int,
     device: torch.device,
-) -> tuple[_Active, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The batch of the requests in ``requests``; also (rows, cols, row→request) for δ."""
+) -> _Active:
+    """The batch of the requests in ``requests``, in groups of one suffix length each
+    (``hp.v_length_buckets``; else one group padded to its longest suffix)."""
     keep = set(requests)
     act_rows = [i for i in range(len(rows.seqs)) if rows.request[i] in keep]
     local = {r: j for j, r in enumerate(act_rows)}
     local_req = {r: j for j, r in enumerate(requests)}
-    run = UpperRun(model, hp, layer, rows, act_rows, cuts, prefix, pad)
     work = work_dtype(model)
     rewrite = [i for i in act_rows if not rows.is_kl[i]]
     rw_local = {r: j for j, r in enumerate(rewrite)}
     entries = [e for e in rows.loss if e[0] in local]
     kl_rows = [i for i in act_rows if rows.is_kl[i]]
+    # every loss entry: (row, column in its suffix)
+    where = [(e[0], e[1] - cuts[e[0]]) for e in entries]
+    where += [(i, rows.subject[i] - cuts[i]) for i in kl_rows]
 
     def t(x: list[int]) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.long, device=device)
 
-    act = _Active(
+    buckets: dict[int, list[int]] = {}
+    for i in act_rows:
+        key = len(rows.seqs[i]) - cuts[i] if hp.v_length_buckets else 0
+        buckets.setdefault(key, []).append(i)
+    groups, order = [], []
+    for members in buckets.values():
+        in_group = {r: j for j, r in enumerate(members)}
+        mine = [k for k, (r, _) in enumerate(where) if r in in_group]
+        order += mine
+        groups.append(
+            _Group(
+                run=UpperRun(model, hp, layer, rows, members, cuts, prefix, pad),
+                members=t([local[i] for i in members]),
+                cols=t([rows.subject[i] - cuts[i] for i in members]),
+                loss_rows=t([in_group[where[k][0]] for k in mine]),
+                loss_cols=t([where[k][1] for k in mine]),
+            )
+        )
+    return _Active(
         requests=requests,
         rows=act_rows,
-        run=run,
+        groups=groups,
+        order=torch.argsort(t(order)),
         row_req=t([local_req[rows.request[i]] for i in rewrite]),
+        delta_req=t([local_req[rows.request[i]] for i in act_rows]),
         loss_row=t([rw_local[e[0]] for e in entries]),
         loss_req=t([local_req[rows.request[e[0]]] for e in entries]),
-        loss_rows=t([local[e[0]] for e in entries] + [local[i] for i in kl_rows]),
-        loss_cols=t(
-            [e[1] - cuts[e[0]] for e in entries] + [rows.subject[i] - cuts[i] for i in kl_rows]
-        ),
         labels=t([e[2] for e in entries]),
         row_tlen=torch.tensor(
             [rows.target_len[rows.request[i]] for i in rewrite], device=device, dtype=work
@@ -149,10 +206,6 @@ def _activate(
         n_rewrite=torch.tensor([rows.n_rewrite[r] for r in requests], device=device, dtype=work),
         n_loss=len(entries),
     )
-    d_rows = t([local[i] for i in act_rows])
-    d_cols = t([rows.subject[i] - cuts[i] for i in act_rows])
-    d_req = t([local_req[rows.request[i]] for i in act_rows])
-    return act, d_rows, d_cols, d_req
 
 
 def _losses(
@@ -234,23 +287,18 @@ def optimise_targets(
         stack.enter_context(_hooked(model, name, state))
         for step in range(hp.v_num_grad_steps):
             if act is None or act.requests != active:
-                state.deltas = None  # the capture pass stops below the hooked module
-                act, d_rows, d_cols, d_req = _activate(
-                    model, hp, layer, rows, active, cuts, prefix, pad, device
-                )
-                state.rows, state.cols = d_rows, d_cols
-            if v_init is None:
-                firsts = [act.rows.index(rows.first_row[r]) for r in range(n)]
-                state.first = (d_rows[firsts], d_cols[firsts])
+                act = _activate(model, hp, layer, rows, active, cuts, prefix, pad, device)
             sel = torch.tensor(active, device=device)
             for r in active:
                 opts[r].zero_grad()
-            state.deltas = torch.stack([deltas[r] for r in active])[d_req]
+            stacked = torch.stack([deltas[r] for r in active])
             with autocast:
-                logits = act.run.logits_at(act.loss_rows, act.loss_cols).to(device, work)
+                logits, caught = act.logits(state, stacked, capture=v_init is None)
+                logits = logits.to(device, work)
             if v_init is None:
-                assert state.first_output is not None
-                v_init = state.first_output.to(device, work)
+                assert caught is not None
+                v_init = caught[[act.rows.index(rows.first_row[r]) for r in range(n)]]
+                v_init = v_init.to(device, work)
                 if isinstance(clamp_reference, str):
                     ref = v_init.norm(dim=-1)
                 else:
@@ -289,7 +337,6 @@ def optimise_targets(
                     dn = deltas[r].norm()
                     deltas[r].mul_(torch.where(dn > max_norm, max_norm / dn, torch.ones_like(dn)))
             active = [active[j] for j in go]
-        state.deltas = None
     assert v_init is not None
     out = []
     for r in range(n):

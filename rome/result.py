@@ -44,6 +44,7 @@ class EditResult:
     v_autocast: str | None = None
     v_prefix_reuse: bool = False  # v* steps ran from the subject's last token on (exact)
     v_batch: int = 1  # requests optimised together in the v* loop that made this edit
+    v_length_buckets: bool = False  # its rows ran in groups of one suffix length (exact)
     norm_anchor: float | None = None  # ρ when norm-anchor scaling rescaled v*, else None
     v_star_norm_raw: float | None = None  # ‖v*‖ before the anchor rescaled it
     # tensors kept for checks and for callers; not serialised
@@ -85,6 +86,7 @@ class EditResult:
             "v_autocast": self.v_autocast,
             "v_prefix_reuse": self.v_prefix_reuse,
             "v_batch": self.v_batch,
+            "v_length_buckets": self.v_length_buckets,
             "v_steps": len(self.v_star_trace),
             "norm_anchor": self.norm_anchor,
             "v_star_norm_raw": self.v_star_norm_raw,

@@ -186,14 +186,18 @@ class UpperRun:
         self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
         if prefix is not None:
             sel = torch.tensor(list(active_rows), device=dev)
+            width = max(1, *cut)  # these rows' longest prefix (the cache is left-aligned)
             data = [
-                (k.index_select(0, sel.to(k.device)), v.index_select(0, sel.to(v.device)))
+                (
+                    k.index_select(0, sel.to(k.device))[:, :, :width],
+                    v.index_select(0, sel.to(v.device))[:, :, :width],
+                )
                 for k, v in zip(prefix.keys, prefix.values, strict=True)
             ]
             self.saved = data[layer:]
             self.cache = DynamicCache(ddp_cache_data=data, config=model.config)  # type: ignore[arg-type]
             self._layers: list[Any] = list(self.cache.layers)[layer:]
-            mask = torch.cat([prefix.mask.index_select(0, sel), mask], dim=1)
+            mask = torch.cat([prefix.mask.index_select(0, sel)[:, :width], mask], dim=1)
             kwargs.update({_cache_kwarg(trunk): self.cache, "use_cache": True})
         else:
             kwargs["use_cache"] = False

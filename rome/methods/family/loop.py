@@ -182,6 +182,7 @@ class FamilyMethod:
             "z_loop": z_loop,
             "v_prefix_reuse": hp.v_prefix_reuse if z_loop == "batched" else False,
             "v_max_requests": hp.v_max_requests if z_loop == "batched" else 1,
+            "v_length_buckets": hp.v_length_buckets if z_loop == "batched" else False,
             "n_requests": len(reqs),
             "templates": templates,
             **{k: v for k, v in settings.items() if not k.startswith("_")},
