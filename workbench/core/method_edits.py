@@ -32,8 +32,7 @@ from rome.update import weight_out_in
 from .forms import EditForm
 from .generation import GenerationPair
 from .methods import MethodOutcome, judge_outcomes, run_method
-from .records import EditOutcome
-from .session import carried_state
+from .records import EditOutcome, carried_state
 from .verdict import Probe, Verdict
 
 if TYPE_CHECKING:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rome import EditResult
+from rome.editor import AppliedEdit, Editor
 from rome.methods import Update
 
 from .forms import EditForm
@@ -140,3 +141,24 @@ class HistoryRow:
         if self.refused:
             return "refused"
         return "applied" if self.applied else "undone"
+
+
+@dataclass
+class AppliedStep:
+    """What :meth:`Session.apply_step` did: the edit's number, its undo entry, the carrier's
+    method state before it (what an undo goes back to), generations, where it is stored."""
+
+    number: int  # this session's edit number (1-based)
+    entry: AppliedEdit
+    state: dict[str, Any]
+    generations: list[GenerationPair]
+    fingerprint: str
+    run_id: str | None
+    seq: int | None
+    store_error: str | None = None
+
+
+def carried_state(editor: Editor) -> dict[str, Any]:
+    """A copy of ``editor.method_state`` to put back later (its tensors are replaced, never
+    changed in place: a shallow copy per method)."""
+    return {k: dict(v) if isinstance(v, dict) else v for k, v in editor.method_state.items()}

@@ -39,12 +39,19 @@ from rome.scoring import score_targets
 from .forms import EditForm
 from .generation import GenerationPair, greedy
 from .history import history_rows
-from .records import AppliedInfo, EditOutcome, HistoryRow, ModelInfo, NormPoint
+from .records import (
+    AppliedInfo,
+    AppliedStep,
+    EditOutcome,
+    HistoryRow,
+    ModelInfo,
+    NormPoint,
+    carried_state,
+)
 from .replay import ReplayHandler, replay_layer, run_replay
 from .verdict import DISABLING_FRACTION, Probe, Verdict, judge
 
 if TYPE_CHECKING:
-    from rome.editor import AppliedEdit
     from workbench.store import Edit, Run, Store
 
 log = logging.getLogger(__name__)
@@ -63,27 +70,6 @@ _COPIED_EDIT_FIELDS = (
     "cos_kstar_ks",
     "record",
 )
-
-
-@dataclasses.dataclass
-class AppliedStep:
-    """What :meth:`Session.apply_step` did: the edit's number, its undo entry, the carrier's
-    method state before it (what an undo goes back to), generations, where it is stored."""
-
-    number: int  # this session's edit number (1-based)
-    entry: AppliedEdit
-    state: dict[str, Any]
-    generations: list[GenerationPair]
-    fingerprint: str
-    run_id: str | None
-    seq: int | None
-    store_error: str | None = None
-
-
-def carried_state(editor: Editor) -> dict[str, Any]:
-    """A copy of ``editor.method_state`` to put back later (its tensors are replaced, never
-    changed in place: a shallow copy per method)."""
-    return {k: dict(v) if isinstance(v, dict) else v for k, v in editor.method_state.items()}
 
 
 class NoModelError(RomeError):

@@ -47,6 +47,8 @@ Once a model is loaded the cursor is in the Edit tab's Prompt field.
    A mode flagged DISABLING would likely damage the model. Below, every
    method beside the key modes (as `edit --method all`): ‖ΔW‖ per edited
    layer, p(new) and the efficacy before → after, a verdict across them.
+   `a` (or "Apply selected row") applies the highlighted row's update as
+   it was computed; a row computed before the model changed is refused.
 4. **Generate**: greedy continuations before / after the last applied
    edit, changed words highlighted.
 5. **Weights**: log10 ‖ΔW‖ of this session's edits, and ‖W − W₀‖.
