@@ -78,12 +78,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--n", type=int, default=16, help="requests for fast / reuse / batches")
-    ap.add_argument("--n-published", type=int, default=2, help="requests for the published path")
     ap.add_argument(
-        "--n-fast", type=int, default=0, help="requests for the fast path (default: --n)"
+        "--n-published", type=int, default=2, help="requests for the published path (0: skip)"
+    )
+    ap.add_argument(
+        "--n-fast", type=int, default=None, help="requests for the fast path (default --n; 0: skip)"
     )
     ap.add_argument("--batches", default="16", help="comma-separated batch sizes (e.g. 16,100)")
     ap.add_argument("--edit", action="store_true", help="also time whole edits (Editor.compute)")
+    ap.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default="cpu",
+        help="seconds compared: this process's CPU time (one thread) or wall time (threads)",
+    )
     ap.add_argument(
         "--padded-batches", action="store_true", help="also each batch with padded rows"
     )
@@ -103,12 +111,14 @@ def main() -> None:
     run_path(lm, hp, reqs[:1], templates[:3], "reuse")  # warm-up
 
     padded = hp.replace(v_length_buckets=False)
+    n_fast = len(reqs) if args.n_fast is None else args.n_fast
     paths: list[tuple[str, str, int, list[EditRequest], EditHparams]] = [
         ("published", "published", 1, reqs[: args.n_published], hp),
-        ("fast", "fast", 1, reqs[: args.n_fast or None], hp),
+        ("fast", "fast", 1, reqs[:n_fast], hp),
         ("reuse padded", "reuse", 1, reqs, padded),
         ("reuse", "reuse", 1, reqs, hp),
     ]
+    paths = [p for p in paths if p[3]]
     for b in batches:
         if args.padded_batches:
             paths.append((f"batch {b} padded", "reuse", b, reqs, padded))
@@ -117,14 +127,15 @@ def main() -> None:
     walls: dict[str, float] = {}
     for label, path, batch, rs, php in paths:
         wall, secs, out = run_path(lm, php, rs, templates, path, batch)
-        results[label] = (secs, out, len(rs))
+        results[label] = (wall if args.clock == "wall" else secs, out, len(rs))
         walls[label] = wall / len(rs)
 
-    pub = results["published"][1]
-    fast = results["fast"][1]
+    pub = results["published"][1] if "published" in results else []
+    fast = results["fast"][1] if "fast" in results else []
     print(
-        "\nseconds are CPU seconds of this process (time.process_time; one thread, so a\n"
-        "shared machine's load does not enter them); wall seconds in the last column"
+        f"\nseconds compared: {args.clock} (--clock). CPU seconds of this process\n"
+        "(time.process_time): with one thread a shared machine's load does not enter them;\n"
+        "with more threads use --clock wall on an otherwise idle machine"
     )
     print(
         f"\n{'path':16s}{'requests':>9s}{'s/request':>11s}{'steps/s':>9s}{'tokens/step':>12s}"
@@ -150,14 +161,18 @@ def main() -> None:
             )
             / n
         )
-        d_pub = max(rel(a.delta, b.delta) for a, b in zip(out, pub, strict=False))
-        d_fast = max(rel(a.delta, b.delta) for a, b in zip(out, fast, strict=False))
+        d_pub = max((rel(a.delta, b.delta) for a, b in zip(out, pub, strict=False)), default=0)
+        d_fast = max((rel(a.delta, b.delta) for a, b in zip(out, fast, strict=False)), default=0)
         same = sum(a.steps == b.steps for a, b in zip(out, fast, strict=False))
-        pub_per = results["published"][0] / results["published"][2]
         ratio = f"{prev / per:8.2f}x" if prev else f"{'':9s}"
+        if pub:
+            pub_per = results["published"][0] / results["published"][2]
+            vs_pub = f"{pub_per / per:8.2f}x"
+        else:
+            vs_pub = f"{'-':>9s}"
         print(
             f"{label:16s}{n:9d}{per:11.2f}{steps / secs:9.2f}{tps:12.0f}{ratio}"
-            f"{pub_per / per:8.2f}x{d_pub:14.1e}{d_fast:13.1e}{same:>5d}/{min(n, len(fast)):<3d}"
+            f"{vs_pub}{d_pub:14.1e}{d_fast:13.1e}{same:>5d}/{min(n, len(fast)):<3d}"
             f"{walls[label]:11.2f}"
         )
         prev = per
