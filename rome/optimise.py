@@ -118,7 +118,7 @@ class _Active:
     rows: list[int]
     groups: list[_Group]
     order: torch.Tensor
-    row_req: torch.Tensor  # local request index of each rewrite row (δ: of every row below)
+    row_req: torch.Tensor  # local request index of each rewrite row
     delta_req: torch.Tensor  # local request index of every active row
     loss_row: torch.Tensor  # local rewrite-row index of each loss entry
     loss_req: torch.Tensor
@@ -147,6 +147,23 @@ class _Active:
             return logits, None
         members = torch.cat([g.members for g in self.groups])
         return logits, torch.cat(caught)[torch.argsort(members)]
+
+
+def _length_groups(
+    rows: Rows, act_rows: list[int], cuts: list[int], buckets: bool
+) -> list[list[int]]:
+    """The active rows in groups of one suffix length, longest first (one group without
+    ``buckets``); a group joins the longer one before it when that pads it little."""
+    by_length: dict[int, list[int]] = {}
+    for i in act_rows:
+        by_length.setdefault(len(rows.seqs[i]) - cuts[i] if buckets else 0, []).append(i)
+    merged: list[tuple[int, list[int]]] = []  # (longest suffix, rows)
+    for length in sorted(by_length, reverse=True):
+        if merged and len(by_length[length]) * (merged[-1][0] - length) <= _MERGE_PAD_TOKENS:
+            merged[-1][1].extend(by_length[length])
+        else:
+            merged.append((length, list(by_length[length])))
+    return [members for _, members in merged]
 
 
 def _activate(
@@ -178,19 +195,8 @@ def _activate(
     def t(x: list[int]) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.long, device=device)
 
-    buckets: dict[int, list[int]] = {}
-    for i in act_rows:
-        key = len(rows.seqs[i]) - cuts[i] if hp.v_length_buckets else 0
-        buckets.setdefault(key, []).append(i)
-    merged: list[tuple[int, list[int]]] = []  # (longest suffix, rows), longest first
-    for length in sorted(buckets, reverse=True):
-        rows_of = buckets[length]
-        if merged and len(rows_of) * (merged[-1][0] - length) <= _MERGE_PAD_TOKENS:
-            merged[-1][1].extend(rows_of)  # padding this little is cheaper than a pass
-        else:
-            merged.append((length, list(rows_of)))
     groups, order = [], []
-    for _, members in merged:
+    for members in _length_groups(rows, act_rows, cuts, hp.v_length_buckets):
         in_group = {r: j for j, r in enumerate(members)}
         mine = [k for k, (r, _) in enumerate(where) if r in in_group]
         order += mine
