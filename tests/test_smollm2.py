@@ -74,3 +74,37 @@ def test_loading_prints_no_progress_bars(capfd):
     assert lm.name == "smollm2-135m"
     assert "Loading weights" not in out + err and "it/s" not in out + err
     assert hf_logging.is_progress_bar_enabled()  # switched back on afterwards
+
+
+def test_replays_started_together_convert_the_embedded_model_once(tmp_path):
+    """Several processes on a fresh cache: one converts, the others wait and read its copy
+    (they used to share one temporary folder and break each other's writes)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stderr)\n"
+        "from rome.embedded import embedded_smollm2_dir\n"
+        "print(embedded_smollm2_dir())\n"
+    )
+    env = {**os.environ, "ROME_WORKBENCH_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outs]
+    target = tmp_path / "models" / "smollm2-135m"
+    assert {out.strip() for out, _ in outs} == {str(target)}
+    assert sum("converting" in err for _, err in outs) == 1
+    assert (target / "model.safetensors").is_file()
+    assert not [p for p in target.parent.iterdir() if ".tmp" in p.name]
+    lm = load_model(str(target), hparams="smollm2-135m")
+    assert next_word(lm, EIFFEL.text) == "Paris"
