@@ -401,3 +401,19 @@ def test_methods_are_judged_against_an_update_that_took():
     assert rows[0].verdict == "DISABLING"
     assert "5.0× alphaedit's, the smallest update whose edit holds" in rows[0].reasons[0]
     assert [r.verdict for r in rows[1:]] == ["check", "ok"]
+
+
+def test_an_update_that_moved_nothing_is_no_yardstick():
+    """target_new already beat target_true before: a tiny update "holds" without taking
+    (as on a random model); it is checked, and the rows are not judged against it."""
+    from workbench.core.methods import judge_outcomes
+
+    idle = _outcome("memit", 0.1, True)
+    idle.p_new_before, idle.p_true_before = [0.0010], [0.0002]
+    idle.p_new_after, idle.p_true_after = [0.0011], [0.0002]
+    assert idle.efficacy == 1.0 and idle.took == 0.0
+    rows = [_outcome("rome/rrome", 5.0, True), idle, _outcome("alphaedit", 2.0, True)]
+    judge_outcomes(rows, max_update_ratio=10.0)
+    assert rows[1].verdict == "check" and "barely rose" in rows[1].reasons[0]
+    assert rows[0].verdict == "ok"  # 2.5× alphaedit's: under the factor, no memit yardstick
+    assert [r.verdict for r in rows[2:]] == ["ok"]

@@ -69,6 +69,20 @@ class MethodOutcome:
         return sum(wins) / len(wins) if wins else math.nan
 
     @property
+    def took(self) -> float:
+        """The fraction of requests the update moved: target_new wins after (as in
+        :attr:`efficacy`) and p(new) at least doubled, or closed half its gap to 1.
+
+        A request whose target_new already won before wins after whatever the update
+        does; only a rise says the edit took.
+        """
+        moved = [
+            a > (t if t is not None else b) and a >= min(2 * b, (1 + b) / 2)
+            for a, b, t in zip(self.p_new_after, self.p_new_before, self.p_true_after, strict=True)
+        ]
+        return sum(moved) / len(moved) if moved else math.nan
+
+    @property
     def efficacy_before(self) -> float:
         """The same fraction on the unedited model (a request without target_true: 0)."""
         wins = [
@@ -221,11 +235,11 @@ def judge_outcomes(outs: list[MethodOutcome], max_update_ratio: float) -> list[M
     """Set each outcome's verdict, judged against the weight and the others (in place).
 
     The relative rule compares a row's ‖ΔW‖ with the smallest update among the rows
-    whose edit holds (efficacy 1 after): an update that did not take is no yardstick,
-    however small it is.
+    whose edit holds (every request won after and its p(new) rose: :attr:`took`): an
+    update that did not take is no yardstick, however small it is.
     """
     limit = DISABLING_FRACTION * max_update_ratio
-    held = [o for o in outs if o.norm > 0 and o.error is None and o.efficacy >= 1.0]
+    held = [o for o in outs if o.norm > 0 and o.error is None and o.took >= 1.0]
     ref = min(held, key=lambda o: o.norm) if len(outs) > 1 and held else None
     for o in outs:
         o.verdict, o.reasons = "", []
@@ -245,6 +259,12 @@ def judge_outcomes(outs: list[MethodOutcome], max_update_ratio: float) -> list[M
         elif eff < 1.0:
             o.verdict = "check"
             o.reasons.append(f"{eff:.0%} of the requests hold on the bare prompt")
+        elif o.took < 1.0:
+            o.verdict = "check"
+            o.reasons.append(
+                f"p(new) barely rose on {1 - o.took:.0%} of the requests "
+                "(target_new already won before)"
+            )
         else:
             o.verdict = "ok"
     return outs
