@@ -89,3 +89,15 @@ def test_report_names_a_batched_runs_method_and_layers(tmp_path):
     page = (out / "README.md").read_text()
     assert "method memit; preset tiny-gpt2-family; layers 0, 1; batch size 2" in page
     assert "key mode" not in page.split("## Runs")[1].split("## Scores")[0]
+    # each edited layer: its one step's norm, as stored, and its drift after the 2 edits
+    from workbench.store import Store as _Store
+
+    with _Store.open(tmp_path / "r.db") as store:
+        last = store.edits(run_id)[-1]
+    table = page.split("### Per edited layer")[1].split("## Flagged")[0]
+    for layer in (0, 1):
+        norm = last.record["layer_norms"][str(layer)]
+        ratio = last.metrics["layers"][str(layer)]["w_norm_ratio"]
+        row = f"| {run_id} memit | {layer} | 1 | {norm:.1f} | {norm:.1f} |"
+        assert row in table, table
+        assert f"{ratio:.3f} | {ratio:.2f} @2 |" in table, table

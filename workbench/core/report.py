@@ -18,6 +18,7 @@ from .summary import (
     edit_rows,
     figure_rows,
     fmt,
+    layer_rows,
     protocol_scores,
     retention_curve,
 )
@@ -194,6 +195,7 @@ def report_markdown(
         ("figure", *(r.label for r in runs)),
         [[k, *(per_run[r.id].get(k, "-") for r in runs)] for k in labels],
     )
+    lines += _layers_section(store, runs)
     lines += _flagged_section(store, runs)
     if plot_file:
         lines += [
@@ -232,6 +234,32 @@ def _retention_section(store: Store, runs: Sequence[Run]) -> list[str]:
             row.append(f"{p.n_hold}/{p.m}" if p is not None else "-")
         rows.append(row)
     lines += _table(head, rows)
+    return lines
+
+
+def _layers_section(store: Store, runs: Sequence[Run]) -> list[str]:
+    rows = [[r.label, *row] for r in runs for row in layer_rows(store.edits(r.id), r.glue_every)]
+    if not rows:
+        return []
+    lines = ["", "### Per edited layer", ""]
+    lines += _table(
+        (
+            "run",
+            "layer",
+            "steps",
+            "median ‖ΔW_l‖",
+            "max ‖ΔW_l‖",
+            "‖W_l − W_l0‖",
+            "‖W_l‖ / ‖W_l0‖",
+            "‖W_l‖ / ‖W_l0‖ as edits went on",
+        ),
+        rows,
+    )
+    lines += [
+        "",
+        "‖ΔW_l‖: the layer's update in one step (one edit, or one batch); the drift "
+        "after the last stored edit, and after every checkpoint interval.",
+    ]
     return lines
 
 

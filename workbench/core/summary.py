@@ -13,7 +13,7 @@ from evals.figures import stored_figures
 from evals.protocols import END_OF_STREAM, IMMEDIATE, RETENTION, RETENTION_TASK
 from evals.replay import PERPLEXITY_TASK
 from evals.retention import RetentionResult, retention_of
-from workbench.store import FLUENCY_TASK, Checkpoint, Store
+from workbench.store import FLUENCY_TASK, Checkpoint, Edit, Store
 
 #: the CounterFact figures shown under each protocol
 SCORE_KEYS = ("es", "ps", "ns", "s")
@@ -142,6 +142,65 @@ def edit_rows(store: Store, run_id: str) -> list[tuple[str, str]]:
     if norms:
         rows.append(("median |dW|", f"{norms[len(norms) // 2]:.2f}"))  # the upper median
         rows.append(("max |dW|", f"{max(norms):.2f}"))
+    return rows
+
+
+@dataclass
+class LayerFigures:
+    """One edited layer of a run: its update per step and its drift as edits went on."""
+
+    layer: int
+    step_norms: list[float]  # ‖ΔW_l‖ of each step (a step is an edit or a batch)
+    drift: list[tuple[int, float, float]]  # (edits applied, ‖W_l − W_l0‖, ‖W_l‖ / ‖W_l0‖)
+
+
+def layer_figures(edits: Sequence[Edit]) -> list[LayerFigures]:
+    """Per edited layer, from what each stored edit recorded: the step's per-layer norms
+    (``record.layer_norms``; a one-layer step's ‖ΔW‖) and the drift after it
+    (``metrics.layers``; a one-layer step's ``w_delta_norm`` / ``w_norm_ratio``)."""
+    norms: dict[int, dict[int, float]] = {}
+    drift: dict[int, list[tuple[int, float, float]]] = {}
+    for e in edits:
+        m = e.metrics or {}
+        per = m.get("layers") or {}
+        if not per and m.get("w_delta_norm") is not None:
+            per = {str(e.layer): m}
+        for key, d in per.items():
+            drift.setdefault(int(key), []).append(
+                (e.seq + 1, float(d["w_delta_norm"]), float(d["w_norm_ratio"]))
+            )
+        if not e.applied:
+            continue
+        ln = (e.record or {}).get("layer_norms") or (
+            {str(e.layer): e.update_norm} if e.update_norm is not None else {}
+        )
+        for key, n in ln.items():
+            norms.setdefault(int(key), {})[e.step_index] = float(n)
+    return [
+        LayerFigures(layer, list(norms.get(layer, {}).values()), drift.get(layer, []))
+        for layer in sorted(set(norms) | set(drift))
+    ]
+
+
+def layer_rows(edits: Sequence[Edit], every: int | None) -> list[list[str]]:
+    """Table rows per edited layer: steps, median and max ‖ΔW_l‖ per step, the drift at
+    the end, and ‖W_l‖ / ‖W_l0‖ after every ``every`` edits."""
+    rows = []
+    for f in layer_figures(edits):
+        ns = sorted(f.step_norms)
+        last = f.drift[-1] if f.drift else None
+        marks = [d for d in f.drift if every and d[0] % every == 0]
+        rows.append(
+            [
+                str(f.layer),
+                str(len(ns)),
+                f"{ns[len(ns) // 2]:.1f}" if ns else "-",  # the upper median
+                f"{ns[-1]:.1f}" if ns else "-",
+                f"{last[1]:.1f}" if last else "-",
+                f"{last[2]:.3f}" if last else "-",
+                ", ".join(f"{r:.2f} @{n}" for n, _, r in marks) or "-",
+            ]
+        )
     return rows
 
 
