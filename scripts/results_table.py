@@ -5,9 +5,10 @@
 
 For each run: edits done, the first flagged edit (with cos(k*, k(s)), the
 denominator and ||dW||), the cumulative change ||W_n - W_0|| and ||W_n||/||W_0||,
-how it grows (the exponent a of ||W_n - W_0|| ~ n^a, fitted on n >= 5, next to
-sqrt(sum ||dW_i||^2), its value if the updates were orthogonal, and sum ||dW_i||,
-its value if they were aligned), pre -> post ES/PS/NS at edit time, perplexity,
+how it grows (the exponent a of ||W_n - W_0|| ~ n^a over the steps, n >= 5 for one
+edit per step, next to sqrt(sum ||dW_i||^2), its value if the steps' updates were
+orthogonal, and sum ||dW_i||, its value if they were aligned; a step is one edit, or
+one batch of a batch method), pre -> post ES/PS/NS at edit time, perplexity,
 fluency and GLUE at the first and last checkpoint, and the mean v* steps.
 
 Survival (how many earlier edits still hold, ES = 1, after the last one) comes
@@ -62,13 +63,21 @@ def run_figures(store: Store, run_id: str) -> dict[str, Any]:
             "update_norm": f.update_norm,
         }
     out["n_flagged"] = len(flagged)
-    norms = [float(e.update_norm or 0.0) for e in edits]
-    drift = [(e.seq + 1, e.metrics.get("w_delta_norm")) for e in edits]
+    # one update per step (an edit, or a batch whose edits share its norm and drift)
+    last_of_step = {e.step_index: e for e in edits}
+    stepped = list(last_of_step.values())
+    out["steps"] = len(stepped)
+    norms = [float(e.update_norm or 0.0) for e in stepped]
+    drift = [(i + 1, e.metrics.get("w_delta_norm")) for i, e in enumerate(stepped)]
     drift = [(n, float(y)) for n, y in drift if y is not None]
     if drift:
         out["w_delta_norm"] = drift[-1][1]
         out["w_norm_ratio"] = edits[-1].metrics.get("w_norm_ratio")
-        out["growth_exponent"] = growth_exponent([n for n, _ in drift], [y for _, y in drift])
+        out["growth_exponent"] = growth_exponent(
+            [n for n, _ in drift],
+            [y for _, y in drift],
+            n_min=5 if len(stepped) == len(edits) else 1,
+        )
         out["if_orthogonal"] = math.sqrt(sum(x * x for x in norms))
         out["if_aligned"] = sum(norms)
         out["median_update_norm"] = sorted(norms)[len(norms) // 2]
@@ -77,7 +86,11 @@ def run_figures(store: Store, run_id: str) -> dict[str, Any]:
     pre = [e.metrics["pre"] for e in edits if e.metrics.get("pre")]
     if pre:
         out["pre"] = aggregate(pre)
-    steps = [e.record.get("v_steps") for e in edits if e.record.get("v_steps")]
+    steps = [
+        e.record.get("v_steps") or e.record.get("z_steps")
+        for e in edits
+        if e.record.get("v_steps") or e.record.get("z_steps")
+    ]
     out["mean_v_steps"] = sum(steps) / len(steps) if steps else None
     for task in (PERPLEXITY_TASK, "fluency", "sst2", "mrpc", "cola", "rte"):
         pts = _series(store, run_id, task)
@@ -96,29 +109,19 @@ def run_figures(store: Store, run_id: str) -> dict[str, Any]:
     return out
 
 
-def survival(store: Store, run_id: str, lm: Any) -> dict[str, Any]:
-    """Re-score every applied edit's record on the run's current weights."""
-    from rome import Editor
-    from rome.hparams import EditHparams
+def survival(store: Store, run_id: str) -> dict[str, Any]:
+    """Re-score every applied edit's record on the run's current weights: its base model
+    loaded afresh and its stored steps (edits or batches) applied, fingerprints checked."""
+    from rome import load_model
+    from workbench.core.save import rebuild, stored_layer
 
     run = store.get_run(run_id)
-    hp = EditHparams.from_dict(run.hparams["hparams"])
-    editor = Editor(lm.model, lm.tokenizer, hp, keep_undo=False)
-    if editor.fingerprint([hp.layer]) != run.base_fingerprint:
-        raise SystemExit(f"{run_id}: the loaded model is not this run's base model")
-    saved = editor.module(hp.layer).weight.detach().clone()
-    try:
-        for e, u, v in store.iter_factors(run_id):
-            editor.apply_factors(e.layer, u, v, force=True)
-        last = store.last_edit(run_id)
-        if last is not None and last.fingerprint != editor.fingerprint([hp.layer]):
-            raise SystemExit(f"{run_id}: rebuilt weights differ from the stored fingerprint")
-        scored = []
-        for e in store.edits(run_id, applied_only=True):
-            rec = _record_of(e.record["counterfact"])
-            scored.append(record_metrics(lm.model, lm.tokenizer, rec))
-    finally:
-        editor.module(hp.layer).weight.data.copy_(saved)
+    lm = load_model(run.model, device="cpu", layer=stored_layer(run))
+    rebuilt = rebuild(store, run_id, lm)
+    scored = [
+        record_metrics(lm.model, lm.tokenizer, _record_of(e.record["counterfact"]))
+        for e in rebuilt.edits
+    ]
     held = sum(1 for m in scored if m.es >= 1.0)
     return {"scored": len(scored), "survived": held, "now": aggregate(scored)}
 
@@ -195,12 +198,9 @@ def main() -> None:
         if stored is not None:
             f["survival"] = stored
     missing = [(r, f) for r, f in zip(args.runs, figures, strict=True) if "survival" not in f]
-    if args.survival and missing:
-        from rome import load_model
-
-        lm = load_model(store.get_run(missing[0][0]).model, device="cpu")
+    if args.survival:
         for r, f in missing:
-            f["survival"] = {**survival(store, r, lm), "source": "re-scored on rebuilt weights"}
+            f["survival"] = {**survival(store, r), "source": "re-scored on rebuilt weights"}
     print(HEADER)
     for f in figures:
         print(markdown_row(f))
