@@ -445,3 +445,31 @@ def test_a_long_message_is_one_line_when_piped(tmp_path: Path) -> None:
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: "), res.stderr
     assert len(res.stderr) > 160 and str(db) in res.stderr
     assert not db.parent.exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "expect"),
+    [
+        ('[{"prompt": "{} is in", "subject": "X", "target_new": "Y"}, 7]', "record 2 of 2 is not"),
+        ('[{"prompt": "{} is in", "subject": "X"}]', "record 1 of 1 has no 'target_new'"),
+        (
+            '{"prompt": "{} is in", "subject": "X", "target_new": "Y"}\n'
+            '{"prompt": "no braces", "subject": "X", "target_new": "Y"}\n',
+            "record 2 of 2: the prompt must contain exactly one '{}'",
+        ),
+        ('{"prompt": "{} is in", "subject": "X", "target_new": ""}', "record 1 of 1: "),
+        ("[]", "holds no requests"),
+        ("[{", "neither JSON nor JSON lines"),
+    ],
+)
+def test_a_malformed_batch_file_names_the_record_and_why(tmp_path, content, expect):
+    batch = tmp_path / "batch.json"
+    batch.write_text(content)
+    res = invoke(["edit", "--model", "tiny-gpt2", "--method", "memit", "--batch", batch])
+    line = error_line(res, 2)
+    assert str(batch) in line and expect in line, line
+
+
+def test_a_missing_batch_file_is_one_line(tmp_path):
+    res = invoke(["edit", "--model", "tiny-gpt2", "--method", "memit", "--batch", tmp_path / "x"])
+    assert "x" in error_line(res, 2)

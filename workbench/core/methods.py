@@ -131,9 +131,10 @@ def load_batch(path: Path) -> list[EditRequest]:
     if not isinstance(items, list) or not items:
         raise BadRequestError(f"{path} holds no requests: give a JSON list of objects")
     out = []
-    for i, item in enumerate(items):
+    for n, item in enumerate(items, start=1):
+        which = f"record {n} of {len(items)}"
         if not isinstance(item, dict):
-            raise BadRequestError(f"{path}: record {i} is not an object")
+            raise BadRequestError(f"{path}: {which} is not an object")
         try:
             req = EditRequest(
                 prompt=str(item["prompt"]),
@@ -143,9 +144,9 @@ def load_batch(path: Path) -> list[EditRequest]:
             )
             out.append(req.validate())
         except KeyError as exc:
-            raise BadRequestError(f"{path}: record {i} has no {exc.args[0]!r}") from exc
+            raise BadRequestError(f"{path}: {which} has no {exc.args[0]!r}") from exc
         except RomeError as exc:
-            raise BadRequestError(f"{path}: record {i}: {exc}") from exc
+            raise BadRequestError(f"{path}: {which}: {exc}") from exc
     return out
 
 
