@@ -26,6 +26,7 @@ from rome import Editor, LoadedModel, RomeError
 from rome.errors import BadRequestError
 from rome.hparams import EditHparams, method_preset
 from rome.methods import LayerUpdate, Update, get_method
+from rome.methods.family.loop import FamilyMethod
 
 from .counterfact import CounterFactRecord, load_counterfact
 from .events import (
@@ -436,11 +437,21 @@ def _rebuild(st: _Run) -> int:
     if st.editor.fingerprint(st.layers) != run.base_fingerprint:
         raise ReplayError("the loaded model is not the base model this run started from")
     rho: float | None = None
+    keyed = isinstance(st.method, FamilyMethod) and st.method.wants_keys(
+        st.method.settings(st.editor, st.cfg.method_options)
+    )
     for step in store.iter_steps(run_id):
         if step.method != st.method.name:
             raise ReplayError(
                 f"step {step.step} of run {run_id} was made by {step.method}, "
                 f"not {st.method.name}: the method's state does not match the run"
+            )
+        keyless = [x.layer for x in step.layers if keyed and x.keys is None]
+        if keyless:  # its Σ KKᵀ would be rebuilt short: later steps would differ
+            raise ReplayError(
+                f"step {step.step} of run {run_id} has no stored keys for layer(s) "
+                f"{', '.join(map(str, keyless))}: {st.method.name}'s carried state cannot "
+                "be rebuilt, so the run cannot resume onto the state it had"
             )
         layers = [LayerUpdate(x.layer, x.weight_name, x.U, x.V, x.keys) for x in step.layers]
         st.editor.apply_step(Update(step.method, layers, []), force=True)

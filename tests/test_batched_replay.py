@@ -101,3 +101,65 @@ def test_report_names_a_batched_runs_method_and_layers(tmp_path):
         row = f"| {run_id} memit | {layer} | 1 | {norm:.1f} | {norm:.1f} |"
         assert row in table, table
         assert f"{ratio:.3f} | {ratio:.2f} @2 |" in table, table
+
+
+def _cut_alphaedit_run(path) -> str:
+    """An AlphaEdit run stopped after its first step of two requests."""
+    lm = load_model("tiny-gpt2")
+    hp = load_preset("tiny-gpt2-family")
+    cancel = threading.Event()
+    with Store.open(path) as store:
+        for ev in replay(
+            lm, store, ReplayConfig(method="alphaedit", **CFG), hparams=hp, cancel=cancel
+        ):
+            if isinstance(ev, EditDone) and ev.seq == 1:
+                cancel.set()
+            if isinstance(ev, ReplayFinished):
+                return ev.run_id
+    raise AssertionError("the replay did not finish")
+
+
+def test_a_resume_whose_stored_state_does_not_match_the_method_is_refused(tmp_path):
+    """A step stored without the keys AlphaEdit's Σ KKᵀ is rebuilt from, or made by
+    another method, is refused with one line (exit 2) and the run is left as it was."""
+    import sqlite3
+
+    from cli_helpers import runner
+
+    from workbench.cli import app
+    from workbench.store.steps import pack_layer, unpack_layer
+
+    db = tmp_path / "r.db"
+    run_id = _cut_alphaedit_run(db)
+    con = sqlite3.connect(db)
+    rows = con.execute(
+        "SELECT id, factors FROM step_factors WHERE run_id = ?", (run_id,)
+    ).fetchall()
+    for row_id, blob in rows:  # the keys dropped, U and V kept
+        U, V, keys = unpack_layer(blob)
+        assert keys is not None
+        con.execute(
+            "UPDATE step_factors SET factors = ? WHERE id = ?", (pack_layer(U, V, None, {}), row_id)
+        )
+    con.commit()
+    before = con.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
+    con.close()
+    res = runner.invoke(
+        app, ["replay", "--model", "tiny-gpt2", "--db", str(db), "--resume", run_id]
+    )
+    assert res.exit_code == 2, res.output
+    assert "has no stored keys for layer(s) 0, 1" in res.stderr
+    assert "alphaedit's carried state cannot be rebuilt" in res.stderr
+    with Store.open(db, create=False) as store:
+        assert len(store.edits(run_id)) == 2
+
+    con = sqlite3.connect(db)
+    con.execute("UPDATE edits SET method = 'memit' WHERE run_id = ?", (run_id,))
+    con.commit()
+    con.close()
+    res = runner.invoke(
+        app, ["replay", "--model", "tiny-gpt2", "--db", str(db), "--resume", run_id]
+    )
+    assert res.exit_code == 2, res.output
+    assert "was made by memit, not alphaedit" in res.stderr
+    assert before in ("cancelled", "interrupted")
