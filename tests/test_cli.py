@@ -126,6 +126,18 @@ def test_replay_runs_history_export_plot(tmp_path):
     run_id = Store.open(db).list_runs()[0].id
     res = runner.invoke(app, ["history", run_id, "--db", db])
     assert res.exit_code == 0 and "|dW|" in res.stdout
+    from workbench.cli.common import out as console
+
+    narrow = console.width
+    try:  # a narrow terminal wraps the text columns; the id and the numbers stay whole
+        console.width = 60
+        res = runner.invoke(app, ["runs", "--db", db])
+        assert res.exit_code == 0 and f" {run_id} " in res.stdout, res.stdout
+        res = runner.invoke(app, ["history", run_id, "--db", db])
+        first = Store.open(db).edits(run_id)[0]
+        assert f" {first.update_norm:.2f} " in res.stdout, res.stdout
+    finally:
+        console.width = narrow
     out = tmp_path / "run.csv"
     res = runner.invoke(app, ["export", run_id, "--csv", "-o", str(out), "--db", db])
     assert res.exit_code == 0 and out.read_text().count("\n") == 3

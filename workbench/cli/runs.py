@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
+from rich import box
 from rich.table import Table
 
 from rome import errors as rome_errors
@@ -34,9 +35,16 @@ def runs(
     """List the runs in the database."""
     with handled():
         store = open_db(db, create=False)
-        t = Table(title=f"runs in {store.path}")
-        for col in ("id", "kind", "model", "mode", "status", "edits", "flagged", "created"):
-            t.add_column(col)
+        t = Table(
+            title=f"runs in {store.path}",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+            collapse_padding=True,
+        )
+        # the id, status and counts are never cut (the id is what the other commands take);
+        # on a narrow terminal the text columns wrap instead
+        for col in ("id", "kind", "model", "method", "status", "edits", "flagged", "created"):
+            t.add_column(col, no_wrap=col in ("id", "status", "edits"), overflow="fold")
         for r in store.list_runs(model):
             t.add_row(
                 r.id,
@@ -46,7 +54,7 @@ def runs(
                 r.status,
                 f"{r.n_edits}/{r.n_edits_planned or '-'}",
                 str(r.n_flagged),
-                r.created_at[:19],
+                r.created_at[:16].replace("T", " "),
             )
         out.print(t)
 
@@ -62,22 +70,13 @@ def history(
         t = Table(
             title=f"run {r.id}: {r.model}, {r.mode}, {r.status}",
             caption="ES / PS / NS: the immediate protocol (each record right after its edit)",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+            collapse_padding=True,
         )
-        for col in (
-            "#",
-            "case",
-            "subject",
-            "target",
-            "|dW|",
-            "ratio",
-            "denom",
-            "cos",
-            "ES",
-            "PS",
-            "NS",
-            "flag",
-        ):
-            t.add_column(col)
+        cols = ("#", "case", "subject", "target", "|dW|", "ratio", "denom", "cos",
+                "ES", "PS", "NS", "flag")  # fmt: skip
+        rows = []
         for e in store.edits(r.id):
             m = e.metrics or {}
 
@@ -85,20 +84,35 @@ def history(
                 return "-" if x is None else fmt.format(x)
 
             req = e.request
-            t.add_row(
-                str(e.seq),
-                str(e.case_id or "-"),
-                req.get("subject", "")[:22],
-                req.get("target_new", "")[:14],
-                f(e.update_norm),
-                f(e.update_norm_ratio, "{:.3f}"),
-                f(e.denominator, "{:.3g}"),
-                f(e.cos_kstar_ks),
-                f(m.get("es")),
-                f(m.get("ps")),
-                f(m.get("ns")),
-                ("refused " if e.refused else "") + (e.flag_reason or ""),
+            rows.append(
+                (
+                    str(e.seq),
+                    str(e.case_id or "-"),
+                    req.get("subject", "")[:22],
+                    req.get("target_new", "")[:14],
+                    f(e.update_norm),
+                    f(e.update_norm_ratio, "{:.3f}"),
+                    f(e.denominator, "{:.3g}"),
+                    f(e.cos_kstar_ks),
+                    f(m.get("es")),
+                    f(m.get("ps")),
+                    f(m.get("ns")),
+                    ("refused " if e.refused else "") + (e.flag_reason or ""),
+                )
             )
+        # a column with nothing in it (ROME's denominator and cos for a batch method, an
+        # empty flag column) is left out; numbers are never cut, text wraps when narrow
+        keep = [
+            i
+            for i, c in enumerate(cols)
+            if c in ("#", "subject", "target", "ES", "PS", "NS")
+            or any(row[i] not in ("", "-") for row in rows)
+        ]
+        for i in keep:
+            text = cols[i] in ("subject", "target", "flag")
+            t.add_column(cols[i], no_wrap=not text, overflow="fold")
+        for row in rows:
+            t.add_row(*(row[i] for i in keep))
         out.print(t)
 
 
