@@ -149,12 +149,14 @@ def _fmt(x: Any, nd: int = 3) -> str:
 
 def markdown_row(f: dict[str, Any]) -> str:
     flag = f.get("first_flag")
-    flag_s = (
-        f"edit {flag['seq']} (case {flag['case_id']}): cos {_fmt(flag['cos_kstar_ks'], 2)}, "
-        f"denominator {_fmt(flag['denominator'], 0)}, ‖ΔW‖ {_fmt(flag['update_norm'], 1)}"
-        if flag
-        else "none"
-    )
+    flag_s = "none"
+    if flag:
+        flag_s = f"edit {flag['seq']} (case {flag['case_id']}): "
+        if flag["cos_kstar_ks"] is not None:  # ROME's figures of the edit
+            flag_s += (
+                f"cos {_fmt(flag['cos_kstar_ks'], 2)}, denominator {_fmt(flag['denominator'], 0)}, "
+            )
+        flag_s += f"‖ΔW‖ {_fmt(flag['update_norm'], 1)}; {flag['reason']}"
     pre, post = f.get("pre") or {}, f["post"]
     es = "/".join(_fmt(pre.get(k), 2) for k in ("es", "ps", "ns"))
     es += " → " + "/".join(_fmt(post.get(k), 2) for k in ("es", "ps", "ns"))
