@@ -86,11 +86,7 @@ def run_figures(store: Store, run_id: str) -> dict[str, Any]:
     pre = [e.metrics["pre"] for e in edits if e.metrics.get("pre")]
     if pre:
         out["pre"] = aggregate(pre)
-    steps = [
-        e.record.get("v_steps") or e.record.get("z_steps")
-        for e in edits
-        if e.record.get("v_steps") or e.record.get("z_steps")
-    ]
+    steps = [s for e in edits if (s := e.record.get("v_steps") or e.record.get("z_steps"))]
     out["mean_v_steps"] = sum(steps) / len(steps) if steps else None
     for task in (PERPLEXITY_TASK, "fluency", "sst2", "mrpc", "cola", "rte"):
         pts = _series(store, run_id, task)

@@ -28,6 +28,13 @@ from .common import (
 )
 
 
+def _compact_table(title: str, caption: str | None = None) -> Table:
+    """A table that fits a narrow terminal: no vertical rules, one space between columns."""
+    return Table(
+        title=title, caption=caption, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True
+    )
+
+
 @app.command()
 def runs(
     db: DbOpt = None, model: Annotated[str | None, typer.Option(help="only this model")] = None
@@ -35,12 +42,7 @@ def runs(
     """List the runs in the database."""
     with handled():
         store = open_db(db, create=False)
-        t = Table(
-            title=f"runs in {store.path}",
-            box=box.SIMPLE_HEAD,
-            pad_edge=False,
-            collapse_padding=True,
-        )
+        t = _compact_table(f"runs in {store.path}")
         # the id, status and counts are never cut (the id is what the other commands take);
         # on a narrow terminal the text columns wrap instead
         for col in ("id", "kind", "model", "method", "status", "edits", "flagged", "created"):
@@ -67,12 +69,9 @@ def history(
     with handled():
         store = open_db(db, create=False)
         r = store.get_run(run)
-        t = Table(
-            title=f"run {r.id}: {r.model}, {r.mode}, {r.status}",
+        t = _compact_table(
+            f"run {r.id}: {r.model}, {r.mode}, {r.status}",
             caption="ES / PS / NS: the immediate protocol (each record right after its edit)",
-            box=box.SIMPLE_HEAD,
-            pad_edge=False,
-            collapse_padding=True,
         )
         cols = ("#", "case", "subject", "target", "|dW|", "ratio", "denom", "cos",
                 "ES", "PS", "NS", "flag")  # fmt: skip
