@@ -3,6 +3,7 @@ driver, the run summary, and saving a run's edited model."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ from workbench.core.replay import (
     make_config,
 )
 from workbench.core.stores import is_resumable, open_and_recover, resumable
-from workbench.core.summary import run_summary
+from workbench.core.summary import run_summary, seconds_per_edit
 from workbench.store import AmbiguousRunError, RunLockedError, Store, StoreError, UnknownRunError
 
 
@@ -192,6 +193,7 @@ def _fake_run(store: Store) -> str:
                 v=torch.ones(3),
                 update_norm=norm,
                 metrics={"es": 1.0, "ps": 0.5, "ns": 1.0},
+                timings={"v_star": 2.0, "pre_metrics": 0.5, "post_metrics": 0.25},
                 flagged=seq == 1,
             )
         for step, acc in ((0, 0.5), (2, 0.75)):
@@ -209,12 +211,23 @@ def test_summary_rows_and_resumable(tmp_path):
         assert s.title == f"run {run_id} (rrome, interrupted)"
         assert rows["edits stored"] == "2" and rows["flagged"] == "1"
         assert rows["max |dW|"] == "3.00" and rows["median |dW|"] == "3.00"
+        assert rows["wall s per edit: edit + scoring"] == "2.0 + 0.8"
         assert rows["sst2 start -> end"] == "0.500 -> 0.750"
         assert rows["fluency start -> end"] == "5.000 -> 3.000"
         run = store.get_run(run_id)
         assert is_resumable(run) and resumable([run]) == [run]
         store.set_status(run_id, "finished")
         assert resumable(store.list_runs()) == []
+
+
+def test_seconds_per_edit_counts_a_batch_step_once(tmp_path):
+    """Edits of one batch share the step's timings: they are divided, not repeated."""
+    with open_and_recover(tmp_path / "w.db") as store:
+        edits = store.edits(_fake_run(store))
+    assert seconds_per_edit(edits) == (2.0, 0.75)
+    batch = [dataclasses.replace(e, step=0) for e in edits]
+    assert seconds_per_edit(batch) == (1.0, 0.375)
+    assert seconds_per_edit([dataclasses.replace(e, timings={}) for e in edits]) is None
 
 
 # --------------------------------------------------------------------------- save

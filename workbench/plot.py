@@ -328,7 +328,7 @@ def _norm_panel(
             transform=ax.transAxes,
             color="0.4",
         )
-    _labels(ax, "update norm ‖ΔW‖ per edit", "edit number", "‖ΔW‖ (log)")
+    _labels(ax, "update norm ‖ΔW‖ per step (an edit or a batch)", "edit number", "‖ΔW‖ (log)")
     return any_flagged, any_refused
 
 

@@ -204,7 +204,8 @@ def report_markdown(
             "",
             f"![{', '.join(r.id for r in runs)}]({plot_file})",
             "",
-            "GLUE accuracy per task, update norm per edit (flagged edits marked with a red x), "
+            "GLUE accuracy per task, update norm per step (one edit, or one batch of a batch "
+            "method; flagged edits marked with a red x), "
             "cumulative change and norm growth of the edited matrix, held-out perplexity, "
             "fluency"
             + (", and the retention curve" if len(missing_retention) < len(runs) else "")

@@ -142,7 +142,39 @@ def edit_rows(store: Store, run_id: str) -> list[tuple[str, str]]:
     if norms:
         rows.append(("median |dW|", f"{norms[len(norms) // 2]:.2f}"))  # the upper median
         rows.append(("max |dW|", f"{max(norms):.2f}"))
+    per_edit = seconds_per_edit(edits)
+    if per_edit is not None:
+        edit_s, scoring_s = per_edit
+        rows.append(("wall s per edit: edit + scoring", f"{edit_s:.1f} + {scoring_s:.1f}"))
     return rows
+
+
+SCORING_TIMINGS = ("pre_metrics", "post_metrics")
+
+
+def seconds_per_edit(edits: Sequence[Edit]) -> tuple[float, float] | None:
+    """Wall seconds per stored edit: the edit itself (z / v*, keys, the solve) and the
+    scoring of its request before and after (``pre_metrics`` / ``post_metrics``).
+
+    A batch's edits share one step's timings, counted once. Wall time on a shared machine:
+    compare runs made side by side, not across machines. None when nothing was timed.
+    """
+    steps: dict[int, dict[str, Any]] = {}
+    for e in edits:
+        if e.timings:
+            steps.setdefault(e.step_index, e.timings)
+    timed = sum(1 for e in edits if e.timings)
+    if not timed:
+        return None
+    edit_s = scoring_s = 0.0
+    for t in steps.values():
+        for k, v in t.items():
+            if isinstance(v, (int, float)):
+                if k in SCORING_TIMINGS:
+                    scoring_s += v
+                else:
+                    edit_s += v
+    return edit_s / timed, scoring_s / timed
 
 
 @dataclass
