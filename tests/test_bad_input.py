@@ -473,3 +473,20 @@ def test_a_malformed_batch_file_names_the_record_and_why(tmp_path, content, expe
 def test_a_missing_batch_file_is_one_line(tmp_path):
     res = invoke(["edit", "--model", "tiny-gpt2", "--method", "memit", "--batch", tmp_path / "x"])
     assert "x" in error_line(res, 2)
+
+
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["--method", "memit", "--batch-size", "0"], "batch size must be at least 1"),
+        (["--method", "rome", "--batch-size", "2"], "batch size must be 1 for rome"),
+        (["--method", "nope"], "method must be one of alphaedit, emmet, memit, rome"),
+    ],
+)
+def test_replay_method_and_batch_size_are_checked_before_anything_is_written(
+    tmp_path, args, expect
+):
+    db = tmp_path / "w.db"
+    res = invoke(["replay", "--model", "tiny-gpt2", "--n-edits", 2, "--db", db, *args])
+    assert expect in error_line(res, 2)
+    assert not db.exists()
