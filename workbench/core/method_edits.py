@@ -32,7 +32,7 @@ from rome.update import weight_out_in
 from .forms import EditForm
 from .generation import GenerationPair
 from .methods import MethodOutcome, judge_outcomes, run_method
-from .records import EditOutcome, carried_state
+from .records import EditOutcome, ProbedOutcome, carried_state
 from .verdict import Probe, Verdict
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ VERDICT_LEVELS = {"ok": "ok", "check": "warn", "DISABLING": "bad", "REFUSED": "r
 
 
 @dataclass
-class MethodEditOutcome:
+class MethodEditOutcome(ProbedOutcome):
     """A batch method's computed (not yet applied) update on the form's request."""
 
     form: EditForm
@@ -66,28 +66,6 @@ class MethodEditOutcome:
     def mode(self) -> str:
         """What the status lines name the edit by (ROME's outcomes: the key mode)."""
         return self.update.method
-
-    def probe(self, name: str, after: bool) -> Probe | None:
-        for p in (self.after or []) if after else self.before:
-            if p.name == name:
-                return p
-        return None
-
-    def metrics(self) -> dict[str, Any]:
-        """What the store keeps besides the method's record (as a ROME edit's)."""
-        out: dict[str, Any] = {
-            "source": "session",
-            "verdict": self.verdict.level,
-            "verdict_reasons": list(self.verdict.reasons),
-        }
-        for when, probes in (("before", self.before), ("after", self.after or [])):
-            for p in probes:
-                out[f"{p.name}_p_new_{when}"] = p.p_new
-                if p.p_true is not None:
-                    out[f"{p.name}_p_true_{when}"] = p.p_true
-        for name, text in self.form.probes():
-            out[f"{name}_text"] = text
-        return out
 
 
 @dataclass

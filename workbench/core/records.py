@@ -14,23 +14,14 @@ from .generation import GenerationPair
 from .verdict import Probe, Verdict
 
 
-@dataclass
-class EditOutcome:
-    """A computed (not yet applied) edit with its probes before and after."""
+class ProbedOutcome:
+    """What every computed edit shares (ROME's and the batch methods'): the form's probes
+    before and after, and the verdict, as the store keeps them besides the method's record."""
 
     form: EditForm
-    result: EditResult
     before: list[Probe]
     after: list[Probe] | None
     verdict: Verdict
-    seconds: float = 0.0
-    version: int = 0  # Session.version when computed: the weights it was computed on
-    # the engine's update (Editor.edit), applied as it is: computed once, written once
-    update: Update | None = field(default=None, repr=False)
-
-    @property
-    def mode(self) -> str:
-        return self.result.mode
 
     def probe(self, name: str, after: bool) -> Probe | None:
         for p in (self.after or []) if after else self.before:
@@ -53,6 +44,25 @@ class EditOutcome:
         for name, text in self.form.probes():
             out[f"{name}_text"] = text
         return out
+
+
+@dataclass
+class EditOutcome(ProbedOutcome):
+    """A computed (not yet applied) edit with its probes before and after."""
+
+    form: EditForm
+    result: EditResult
+    before: list[Probe]
+    after: list[Probe] | None
+    verdict: Verdict
+    seconds: float = 0.0
+    version: int = 0  # Session.version when computed: the weights it was computed on
+    # the engine's update (Editor.edit), applied as it is: computed once, written once
+    update: Update | None = field(default=None, repr=False)
+
+    @property
+    def mode(self) -> str:
+        return self.result.mode
 
 
 @dataclass
