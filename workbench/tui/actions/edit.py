@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 from textual import on
 
 from rome.progress import Progress
 from workbench.core.forms import EditForm
+from workbench.core.generation import GenerationPair
 from workbench.core.method_edits import MethodEditOutcome
 from workbench.core.records import EditOutcome
 
@@ -282,27 +284,14 @@ class EditActions(AppBase):
         o = info.outcome
         r = o.result
         self.edit_pane.show_outcome(o, info)
-        self.compare_pane.mark_applied(r.mode, info.number)
-        self.generation_pane.show_pairs(
+        self._show_applied(
+            r.mode,
+            info.number,
+            f"{r.request.subject} → {r.request.target_new}",
+            r.update_norm,
             info.generations,
-            f"Edit #{info.number}: {r.request.subject} → {r.request.target_new} ({r.mode}), "
-            "before | after",
+            info.store_error,
         )
-        self.refresh_weights()
-        self.update_bar()
-        self.refresh_history()
-        self.notify(
-            f"{r.request.subject} → {r.request.target_new} ({r.mode}, ‖ΔW‖ {r.update_norm:.3g}).",
-            title=f"Edit #{info.number} applied",
-            timeout=4,
-        )
-        if info.store_error:
-            self.notify(
-                f"The edit is on the model but not in the history: {info.store_error}",
-                title="Not saved",
-                severity="warning",
-                timeout=10,
-            )
 
     @guarded("Showing the applied edit")
     def on_method_edit_applied(self, msg: MethodEditApplied) -> None:
@@ -310,22 +299,38 @@ class EditActions(AppBase):
         o = info.outcome
         req = o.form.request()
         self.edit_pane.show_method_outcome(o, info)
-        self.compare_pane.mark_applied(o.method, info.number)
-        self.generation_pane.show_pairs(
+        self._show_applied(
+            o.method,
+            info.number,
+            f"{req.subject} → {req.target_new}",
+            o.row.norm,
             info.generations,
-            f"Edit #{info.number}: {req.subject} → {req.target_new} ({o.method}), before | after",
+            info.store_error,
+        )
+
+    def _show_applied(
+        self,
+        label: str,
+        number: int,
+        change: str,
+        norm: float,
+        generations: Sequence[GenerationPair],
+        store_error: str | None,
+    ) -> None:
+        """What every applied edit shows, whichever method made it: the Compare row
+        marked, the text before | after, the weights, bar and history refreshed."""
+        self.compare_pane.mark_applied(label, number)
+        self.generation_pane.show_pairs(
+            generations, f"Edit #{number}: {change} ({label}), before | after"
         )
         self.refresh_weights()
         self.update_bar()
         self.refresh_history()
-        self.notify(
-            f"{req.subject} → {req.target_new} ({o.method}, ‖ΔW‖ {o.row.norm:.3g}).",
-            title=f"Edit #{info.number} applied",
-            timeout=4,
-        )
-        if info.store_error:
+        title = f"Edit #{number} applied"
+        self.notify(f"{change} ({label}, ‖ΔW‖ {norm:.3g}).", title=title, timeout=4)
+        if store_error:
             self.notify(
-                f"The edit is on the model but not in the history: {info.store_error}",
+                f"The edit is on the model but not in the history: {store_error}",
                 title="Not saved",
                 severity="warning",
                 timeout=10,
