@@ -32,6 +32,17 @@ STATUS_STYLE = {
 }
 
 
+def run_cells(r: Any, gone: set[str]) -> list[str | Text]:
+    """A run's cells in the Replay and Runs tables: id, label, status (a running run
+    whose writer process is gone says so), edits done / planned, flagged."""
+    planned = f"/{r.n_edits_planned}" if r.n_edits_planned else ""
+    status = Text(r.status, style=STATUS_STYLE.get(r.status, ""))
+    if r.id in gone:
+        status = Text("writer gone", style="bold yellow")
+    flagged = str(r.n_flagged) if r.n_flagged else ""
+    return [r.id[:8], r.label[len(r.id) :].strip(), status, f"{r.n_edits}{planned}", flagged]
+
+
 def _scores(post: dict[str, Any], pre: dict[str, Any]) -> str:
     out = []
     for k in ("es", "ps", "ns", "s"):
@@ -142,19 +153,7 @@ class ReplayPane(Vertical):
         selected = self.selected_run()
         table.clear()
         for r in runs:
-            planned = f"/{r.n_edits_planned}" if r.n_edits_planned else ""
-            status = Text(r.status, style=STATUS_STYLE.get(r.status, ""))
-            if r.id in self.gone:
-                status = Text("writer gone", style="bold yellow")
-            table.add_row(
-                r.id[:8],
-                r.label[len(r.id) :].strip(),
-                status,
-                f"{r.n_edits}{planned}",
-                str(r.n_flagged) if r.n_flagged else "",
-                r.created_at[5:16].replace("T", " "),
-                key=r.id,
-            )
+            table.add_row(*run_cells(r, self.gone), r.created_at[5:16].replace("T", " "), key=r.id)
         if runs and not self.overlays and self.live is None and not self._auto_opened:
             self._auto_opened = True  # show the newest run's charts once
             self.post_message(self.RunAction("open", runs[0].id))

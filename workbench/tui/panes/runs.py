@@ -20,7 +20,7 @@ from textual.widgets import Button, DataTable, Static
 from ..replay_data import ReplaySeries
 from ..widgets.flagged_edits import FlaggedEdits
 from ..widgets.run_charts import RunCharts
-from .replay import STATUS_STYLE
+from .replay import run_cells
 
 ShowVerb = Literal["open", "overlay"]
 
@@ -116,18 +116,7 @@ class RunsPane(Horizontal):
         selected = self.selected_run()
         table.clear()
         for r in runs:
-            planned = f"/{r.n_edits_planned}" if r.n_edits_planned else ""
-            status = Text(r.status, style=STATUS_STYLE.get(r.status, ""))
-            if r.id in self.gone:
-                status = Text("writer gone", style="bold yellow")
-            table.add_row(
-                r.id[:8],
-                r.label[len(r.id) :].strip(),
-                status,
-                f"{r.n_edits}{planned}",
-                str(r.n_flagged) if r.n_flagged else "",
-                key=r.id,
-            )
+            table.add_row(*run_cells(r, self.gone), key=r.id)
         if selected is not None and selected in {r.id for r in runs}:
             table.move_cursor(row=table.get_row_index(selected))
 
