@@ -112,3 +112,23 @@ def test_plot_norm_only_and_errors(tmp_path: Path):
         with pytest.raises(UnknownRunError):
             plot_runs(store, ["zzzz9999"], tmp_path / "none.png")
         assert not (tmp_path / "none.png").exists()
+
+
+def test_survival_panel_from_the_end_of_stream_rescoring(two_runs, tmp_path: Path):
+    """A finished run's re-scoring gives the end-of-stream panel: the fraction of each
+    block of edits, by position, that still holds (here the early edits were lost)."""
+    from workbench.plot import survival_blocks
+
+    store, ids = two_runs
+    for seq in range(60):
+        store.add_rescore(ids[1], seq, {"es": 1.0 if seq >= 24 else 0.0})
+    rescores = {r: store.rescores(r) for r in ids}
+    cps = {r: store.checkpoints(r) for r in ids}
+    edits = {r: store.edits(r) for r in ids}
+    assert plot_panels(cps, edits, rescores)[0][-1] == "survival"
+    assert "survival" not in plot_panels(cps, edits)[0]
+    blocks = survival_blocks(rescores[ids[1]], 6)
+    assert [x for x, _ in blocks[:2]] == [2.5, 8.5]
+    assert [y for _, y in blocks] == [0.0] * 4 + [1.0] * 6
+    out = plot_runs(store, ids, tmp_path / "survival.png")
+    assert out.stat().st_size > 20_000

@@ -7,8 +7,9 @@ against the number of edits applied), one for the update norm of each edit
 ‖W_n − W_0‖ of the edited matrix, one for its growth ‖W_n‖ / ‖W_0‖, one for
 the held-out perplexity, one for fluency (generation entropy) and one for
 retention (the fraction of the run's first M edits still holding at each
-checkpoint: the retention protocol of ``evals.protocols``), each when the
-runs recorded it.
+checkpoint: the retention protocol of ``evals.protocols``), and one for the
+end-of-stream re-scoring (the fraction of each block of edits, by position in
+the stream, still holding on the final model), each when the runs recorded it.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import LogFormatter, MaxNLocator
 
-from evals.protocols import RETENTION, RETENTION_TASK
-from workbench.store import FLUENCY_TASK, Checkpoint, Edit, Run, Store
+from evals.protocols import END_OF_STREAM, RETENTION, RETENTION_TASK
+from workbench.store import FLUENCY_TASK, Checkpoint, Edit, Rescore, Run, Store
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ GLUE_ORDER = ("sst2", "mrpc", "cola", "rte")
 TASK_TITLES = {"sst2": "SST-2", "mrpc": "MRPC", "cola": "CoLA", "rte": "RTE"}
 CHANCE = 0.5
 PERPLEXITY_TASK = "perplexity"  # evals.replay.PERPLEXITY_TASK (no evals import here)
+SURVIVAL = "survival"  # the end-of-stream panel
 
 
 def _finite(x: float | None) -> bool:
@@ -45,7 +47,9 @@ def _task_order(tasks: set[str]) -> list[str]:
 
 
 def plot_panels(
-    checkpoints: dict[str, list[Checkpoint]], edits: dict[str, list[Edit]]
+    checkpoints: dict[str, list[Checkpoint]],
+    edits: dict[str, list[Edit]],
+    rescores: dict[str, list[Rescore]] | None = None,
 ) -> tuple[list[str], list[str]]:
     """The panels a plot of these runs gets, in order, and the GLUE tasks among them:
     one per task, the update norm, and the others when some run recorded their figure."""
@@ -63,6 +67,7 @@ def plot_panels(
         *([PERPLEXITY_TASK] if has[PERPLEXITY_TASK] else []),
         *([FLUENCY_TASK] if has[FLUENCY_TASK] else []),
         *([RETENTION_TASK] if has[RETENTION_TASK] else []),
+        *([SURVIVAL] if any((rescores or {}).values()) else []),
     ]
     return panels, tasks
 
@@ -82,8 +87,9 @@ def plot_runs(
     runs: list[Run] = [store.get_run(r) for r in run_ids]
     checkpoints: dict[str, list[Checkpoint]] = {r.id: store.checkpoints(r.id) for r in runs}
     edits: dict[str, list[Edit]] = {r.id: store.edits(r.id) for r in runs}
+    rescores: dict[str, list[Rescore]] = {r.id: store.rescores(r.id) for r in runs}
 
-    panels, tasks = plot_panels(checkpoints, edits)
+    panels, tasks = plot_panels(checkpoints, edits, rescores)
 
     ncols = min(3, len(panels)) if len(panels) != 4 else 2
     nrows = math.ceil(len(panels) / ncols)
@@ -118,6 +124,8 @@ def plot_runs(
             _fluency_panel(ax, runs, checkpoints, colours)
         elif panel == RETENTION_TASK:
             _retention_panel(ax, runs, checkpoints, colours)
+        elif panel == SURVIVAL:
+            _survival_panel(ax, runs, rescores, colours)
         else:
             _task_panel(ax, panel, runs, checkpoints, colours)
         ax.set_xlim(0, max_x * 1.02 + 0.5)
@@ -161,7 +169,7 @@ def plot_runs(
     return out
 
 
-Point = tuple[int, float | None]
+Point = tuple[float, float | None]
 
 
 def _lines(
@@ -237,6 +245,38 @@ def _retention_panel(
     ax.set_ylim(0.0, 1.02)
     _labels(
         ax, f"{RETENTION}: first {m} edits holding (ES = 1)", "edits applied", "fraction holding"
+    )
+
+
+def survival_blocks(rescores: Sequence[Rescore], block: int) -> list[tuple[float, float]]:
+    """(middle edit number, fraction holding) of each block of ``block`` edits, by
+    position in the stream, from the end-of-stream re-scoring (ES = 1 holds)."""
+    groups: dict[int, list[bool]] = {}
+    for r in rescores:
+        es = r.metrics.get("es")
+        if isinstance(es, (int, float)):
+            groups.setdefault(r.seq // block, []).append(es >= 1.0)
+    return [
+        (b * block + (block - 1) / 2, sum(held) / len(held)) for b, held in sorted(groups.items())
+    ]
+
+
+def _survival_panel(
+    ax: Axes,
+    runs: Sequence[Run],
+    rescores: dict[str, list[Rescore]],
+    colours: Sequence[str],
+) -> None:
+    """The end-of-stream protocol by position: which part of the stream still holds."""
+    longest = max((len(rs) for rs in rescores.values()), default=0)
+    block = 100 if longest >= 500 else max(1, longest // 10)
+    _lines(ax, runs, colours, lambda run: list(survival_blocks(rescores[run.id], block)))
+    ax.set_ylim(0.0, 1.02)
+    _labels(
+        ax,
+        f"{END_OF_STREAM}: edits holding, by blocks of {block}",
+        "edit number",
+        "fraction holding",
     )
 
 

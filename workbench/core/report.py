@@ -208,8 +208,14 @@ def report_markdown(
             "method; flagged edits marked with a red x), "
             "cumulative change and norm growth of the edited matrix, held-out perplexity, "
             "fluency"
-            + (", and the retention curve" if len(missing_retention) < len(runs) else "")
-            + ", against the number of edits applied.",
+            + (", the retention curve" if len(missing_retention) < len(runs) else "")
+            + ", against the number of edits applied"
+            + (
+                "; and, for runs that finished, the end-of-stream re-scoring by position in "
+                "the stream (the fraction of each block of edits still holding at the end)."
+                if any(store.rescores(r.id) for r in runs)
+                else "."
+            ),
         ]
     return "\n".join(lines) + "\n"
 
