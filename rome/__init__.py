@@ -1,4 +1,5 @@
-"""ROME and r-ROME rank-one model editing: the engine (no UI code here)."""
+"""Locate-then-edit model editing (ROME and r-ROME; MEMIT, EMMET and AlphaEdit in
+``rome.methods``): the engine (no UI code here)."""
 
 from .editor import AppliedEdit, Editor
 from .errors import (

@@ -29,7 +29,7 @@ out = Console()
 #: file gets each message on one line)
 err = Console(stderr=True, soft_wrap=True)
 
-HELP = f"""A workbench for rank-one model editing (ROME and r-ROME).
+HELP = f"""A workbench for locate-then-edit model editing (ROME, r-ROME, MEMIT, EMMET, AlphaEdit).
 
 Run with no command to open the terminal app on the embedded SmolLM2.
 

@@ -281,7 +281,8 @@ def edit(
         int, typer.Option(help=f"tokens of greedy text (0 to {MAX_GENERATE_TOKENS})")
     ] = 20,
 ) -> None:
-    """Compute an edit in one mode (or all), show its record and text before and after.
+    """Compute an edit (ROME in one key mode or all, or --method memit|emmet|alphaedit|all),
+    show its record and the text before and after.
 
     With --method other than rome, or --batch, the methods' updates on the same
     request(s) side by side: update norm per layer, efficacy before and after, a verdict.

@@ -107,7 +107,8 @@ def replay(
     device_map: DeviceMapOpt = None,
     hparams: HparamsOpt = None,
 ) -> None:
-    """Apply N CounterFact edits in sequence, with GLUE and fluency checkpoints."""
+    """Apply N CounterFact edits in sequence (one per step, or --batch-size B with a batch
+    method), with GLUE, perplexity, fluency and retention checkpoints."""
     import threading
 
     from workbench.core.replay import edit_hparams, make_config, run_replay

@@ -172,7 +172,8 @@ def plot(
     ] = Path("runs.png"),
     db: DbOpt = None,
 ) -> None:
-    """Plot GLUE per task, update norms and fluency against the edit number."""
+    """Plot GLUE per task, update norms, drift, perplexity, fluency, retention and the
+    end-of-stream survival against the edit number."""
     with handled():
         target = plot_file(output)
         store = open_db(db, create=False)

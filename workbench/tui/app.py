@@ -39,7 +39,7 @@ from .widgets.model_bar import ModelBar
 
 
 class WorkbenchApp(ModelActions, EditActions, HistoryActions, ReplayActions, RunsActions):
-    """ROME / r-ROME rank-one model editing workbench."""
+    """The model-editing workbench: ROME and r-ROME, MEMIT, EMMET and AlphaEdit."""
 
     CSS_PATH = "workbench.tcss"
     TITLE = "rome-workbench"
