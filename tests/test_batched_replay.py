@@ -101,6 +101,13 @@ def test_report_names_a_batched_runs_method_and_layers(tmp_path):
         row = f"| {run_id} memit | {layer} | 1 | {norm:.1f} | {norm:.1f} |"
         assert row in table, table
         assert f"{ratio:.3f} | {ratio:.2f} @2 |" in table, table
+    # a flagged batch edit's record (the report's and the app's): its step, not ROME's keys
+    from workbench.core.report import edit_facts
+
+    facts = dict(edit_facts(last))
+    assert facts["update"] == "memit · layers 0, 1 · the step from edit 0"
+    assert "cos(k*, k(s))" not in facts and "‖ΔW‖ of the step" in facts
+    assert facts["‖ΔW_l‖ per layer"].startswith("0: ")
 
 
 def _cut_alphaedit_run(path) -> str:

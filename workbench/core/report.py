@@ -45,16 +45,31 @@ def _scores(m: dict[str, Any]) -> str:
 
 
 def edit_facts(e: Edit) -> list[tuple[str, str]]:
-    """An edit's record as ``(label, value)`` rows: the request, cos(k*, k(s)), the
-    denominator, ‖ΔW‖, the flag's reason, and its metrics before and right after it."""
+    """An edit's record as ``(label, value)`` rows: the request; for ROME its key mode,
+    cos(k*, k(s)), the denominator and ‖ΔW‖, for a batch method its layers and its step's
+    ‖ΔW‖ in all and per layer; the flag's reason, and its metrics before and right after."""
     rows = [
         ("edit", f"{e.seq} (case {e.case_id if e.case_id is not None else '-'})"),
         ("request", request_text(e)),
-        ("update", f"{e.mode} · layer {e.layer}"),
-        ("cos(k*, k(s))", _num(e.cos_kstar_ks)),
-        ("denominator", _num(e.denominator)),
-        ("‖ΔW‖", f"{_num(e.update_norm)} ({_num(e.update_norm_ratio)}×‖W‖)"),
     ]
+    norm = f"{_num(e.update_norm)} ({_num(e.update_norm_ratio)}×‖W‖)"
+    layer_norms = (e.record or {}).get("layer_norms")
+    if e.method_name == "rome":
+        rows += [
+            ("update", f"{e.mode} · layer {e.layer}"),
+            ("cos(k*, k(s))", _num(e.cos_kstar_ks)),
+            ("denominator", _num(e.denominator)),
+            ("‖ΔW‖", norm),
+        ]
+    else:  # a batch method: the edit is one request of a step; the norms are the step's
+        layers = ", ".join(layer_norms) if isinstance(layer_norms, dict) else str(e.layer)
+        rows.append(
+            ("update", f"{e.method_name} · layers {layers} · the step from edit {e.step_index}")
+        )
+        rows.append(("‖ΔW‖ of the step", norm))
+        if isinstance(layer_norms, dict):
+            per = ", ".join(f"{k}: {_num(v)}" for k, v in layer_norms.items())
+            rows.append(("‖ΔW_l‖ per layer", per))
     if e.flag_reason:
         rows.append(("flag", e.flag_reason))
     if e.refused:

@@ -54,5 +54,6 @@ class LineChart(SeriesChart[Line]):
             plt.plot([0], [0], color="gray", marker=" ")
             return
         plt.title(self.title)
+        self.edit_axis(plt, [x for s in self.series for x, _ in s.points])
         if self.ylim is not None:
             plt.ylim(*self.ylim)

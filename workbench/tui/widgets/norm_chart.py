@@ -28,8 +28,8 @@ def log_ticks(lo: float, hi: float) -> tuple[list[float], list[str]]:
                 pos.append(y)
     if len(pos) > 6:  # keep the decades only
         pos = [y for y in pos if abs(y - round(y)) < 1e-9] or pos[:: len(pos) // 5]
-    if len(pos) < 2:  # less than one 1-2-5 step in range: label the ends too
-        pos = sorted({lo, hi, *pos})
+    if len(pos) < 2:  # less than one 1-2-5 step in range: four evenly spaced labels
+        pos = [lo + i * (hi - lo) / 3 for i in range(4)]
     return pos, [tick_label(10**y) for y in pos]
 
 
@@ -43,14 +43,14 @@ def tick_label(v: float) -> str:
     return f"{v:.2g}"
 
 
-def y_range(values: Sequence[float]) -> tuple[float, float]:
-    """A padded range of log10 values, at least 0.6 decades tall."""
+def y_range(values: Sequence[float], min_decades: float = 0.6) -> tuple[float, float]:
+    """A padded range of log10 values, at least ``min_decades`` tall."""
     lo, hi = min(values), max(values)
-    pad = max(0.1, (hi - lo) * 0.1)
+    pad = max(min_decades / 6, (hi - lo) * 0.1)
     lo, hi = lo - pad, hi + pad
-    if hi - lo < 0.6:
+    if hi - lo < min_decades:
         mid = (hi + lo) / 2
-        lo, hi = mid - 0.3, mid + 0.3
+        lo, hi = mid - min_decades / 2, mid + min_decades / 2
     return lo, hi
 
 
@@ -102,6 +102,7 @@ class NormChart(SeriesChart[NormSeries]):
             ticks, labels = log_ticks(lo, hi)
             plt.yticks(ticks, labels)
             xs_all = [x for s in self.series for x, _ in s.points]
+            self.edit_axis(plt, xs_all)
             if xs_all and max(xs_all) <= 10:
                 plt.xticks(list(range(min(xs_all), max(xs_all) + 1)))
                 plt.xlim(min(xs_all) - 0.5, max(xs_all) + 0.5)

@@ -41,8 +41,10 @@ class ProbeChart(SeriesChart[ProbeSeries]):
             plt.plot([0], [0], color="gray", marker=" ")
         else:
             plt.title("perplexity (log, left) · fluency (right)" if logs else "fluency")
+        self.edit_axis(plt, [x for s in self.series for x, _ in (*s.perplexity, *s.fluency)])
         if logs:
-            lo, hi = y_range(logs)
+            # a tenth of a decade (26 %) at least: a 20 % rise in perplexity is the news
+            lo, hi = y_range(logs, min_decades=0.1)
             plt.ylim(lo, hi, yside="left")
             ticks, labels = log_ticks(lo, hi)
             plt.yticks(ticks, labels, yside="left")
