@@ -62,11 +62,10 @@ def edit_facts(e: Edit) -> list[tuple[str, str]]:
             ("‖ΔW‖", norm),
         ]
     else:  # a batch method: the edit is one request of a step; the norms are the step's
-        layers = ", ".join(layer_norms) if isinstance(layer_norms, dict) else str(e.layer)
-        rows.append(
-            ("update", f"{e.method_name} · layers {layers} · the step from edit {e.step_index}")
-        )
-        rows.append(("‖ΔW‖ of the step", norm))
+        layers = list(layer_norms) if isinstance(layer_norms, dict) else [str(e.layer)]
+        where = f"layer{'s' if len(layers) > 1 else ''} {', '.join(layers)}"
+        rows.append(("update", f"{e.method_name} · {where} · the step from edit {e.step_index}"))
+        rows.append(("‖ΔW‖", f"{norm}, the whole step"))
         if isinstance(layer_norms, dict):
             per = ", ".join(f"{k}: {_num(v)}" for k, v in layer_norms.items())
             rows.append(("‖ΔW_l‖ per layer", per))
