@@ -15,7 +15,6 @@ def edit_ticks(lo: float, hi: float, most: int = 6) -> list[int]:
     """Whole-number x ticks (edit numbers) at a 1, 2, 5 × 10^k step, at most ``most``:
     plotext's own ticks split the range evenly (1.0, 250.8, 500.5 ... for edits 1..1000)."""
     span = max(hi - lo, 1.0)
-    step = 1
     for k in range(int(math.log10(span)) + 2):
         for m in (1, 2, 5):
             step = m * 10**k
