@@ -132,3 +132,33 @@ def test_survival_panel_from_the_end_of_stream_rescoring(two_runs, tmp_path: Pat
     assert [y for _, y in blocks] == [0.0] * 4 + [1.0] * 6
     out = plot_runs(store, ids, tmp_path / "survival.png")
     assert out.stat().st_size > 20_000
+
+
+@pytest.mark.parametrize(
+    ("values", "wanted"),
+    [((21.8, 25.9, 48.1), {"21.8", "30", "48"}), ((8.0, 42.9, 210.9), {"10", "100"})],
+)
+def test_log_axis_labels_the_values_a_reader_needs(values, wanted):
+    """Under a decade (perplexity 21.8 -> 48) the start is labelled, not only 30 and 40;
+    over a decade the plain log labels."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from workbench.plot import _log_axis
+
+    fig = Figure()
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(range(len(values)), values)
+    _log_axis(ax)
+    fig.canvas.draw()
+    lo, hi = ax.get_ylim()
+    shown = {
+        label.get_text()
+        for minor in (False, True)
+        for loc, label in zip(
+            ax.yaxis.get_ticklocs(minor=minor), ax.get_yticklabels(minor=minor), strict=True
+        )
+        if lo <= loc <= hi and label.get_text()
+    }
+    assert wanted <= shown, shown

@@ -23,7 +23,13 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import LogFormatter, MaxNLocator
+from matplotlib.ticker import (
+    FixedLocator,
+    FuncFormatter,
+    LogFormatter,
+    MaxNLocator,
+    NullLocator,
+)
 
 from evals.protocols import END_OF_STREAM, RETENTION, RETENTION_TASK
 from workbench.store import FLUENCY_TASK, Checkpoint, Edit, Rescore, Run, Store
@@ -290,10 +296,28 @@ def _perplexity_panel(
         checkpoints, PERPLEXITY_TASK, lambda c: (c.extra or {}).get("perplexity")
     )
     _lines(ax, runs, colours, perplexity)
+    _log_axis(ax)
+    _labels(ax, "held-out perplexity (Python docs prose)", "edits applied", "perplexity (log)")
+
+
+def _log_axis(ax: Axes) -> None:
+    """A log y axis labelled in plain numbers (12, 250).
+
+    Under one decade (perplexity 21.8 -> 48) the log locator would label only 30 and 40,
+    leaving the start unread: there the ticks are evenly spaced round numbers, the lowest
+    data value among them.
+    """
     ax.set_yscale("log")
+    lo, hi = ax.dataLim.intervaly
+    if 0 < lo < hi < 10 * lo:
+        clear = lo * (hi / lo) ** 0.1  # no round tick crowding the lowest value's label
+        ticks = [t for t in MaxNLocator(nbins=5).tick_values(lo, hi) if clear < t <= hi * 1.05]
+        ax.yaxis.set_major_locator(FixedLocator([lo, *ticks]))
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+        return
     ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
     ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1.2, 0.5)))
-    _labels(ax, "held-out perplexity (Python docs prose)", "edits applied", "perplexity (log)")
 
 
 DRIFT_TITLES = {  # metric -> (title, y label)
@@ -354,10 +378,7 @@ def _norm_panel(
             rx, ry = zip(*refused, strict=True)
             ax.plot(rx, ry, ls="none", marker="s", mfc="none", color="0.3", ms=7, zorder=4)
     if plotted:
-        ax.set_yscale("log")
-        # Plain numbers (12, 250), and minor labels only on short spans.
-        ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
-        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1.2, 0.5)))
+        _log_axis(ax)
     else:
         ax.text(
             0.5,
