@@ -27,6 +27,7 @@ from workbench.store import Store
 pytest.importorskip("textual")
 
 from textual.widgets import DataTable, Input, Select  # noqa: E402
+from tui_helpers import settle, wait_idle  # noqa: E402
 
 from workbench.tui.app import WorkbenchApp  # noqa: E402
 from workbench.tui.widgets.flagged_edits import FlaggedEdits  # noqa: E402
@@ -218,19 +219,6 @@ def cockpit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     return make
 
 
-async def idle(app: WorkbenchApp, pilot, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    await pilot.pause()
-    while True:
-        await app.workers.wait_for_complete()
-        await pilot.pause()
-        if not app.busy:
-            break
-        assert time.monotonic() < deadline, "the job did not finish in time"
-        await pilot.pause(0.05)
-    await pilot.pause()
-
-
 async def until(pilot, cond, timeout: float = 60.0, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -245,7 +233,7 @@ def bar_text(app: WorkbenchApp) -> str:
 async def test_the_replay_pane_offers_every_setting_and_stores_them(cockpit) -> None:
     app = cockpit()
     async with app.run_test(size=SIZE) as pilot:
-        await idle(app, pilot)
+        await wait_idle(app, pilot)
         pane = app.replay_pane
         d = form_defaults()
         assert pane.query_one("#r-n_edits", Input).value == str(d["n_edits"]) == "100"
@@ -277,7 +265,7 @@ async def test_the_replay_pane_offers_every_setting_and_stores_them(cockpit) -> 
             pane.query_one(f"#r-task-{task}").value = False
         await pilot.pause()
         app.action_start_replay()
-        await idle(app, pilot, timeout=300)
+        await wait_idle(app, pilot, timeout=300)
         live = pane.all_series()[-1]
         assert [step for step, _ in live.retention] == [1, 2] and live.retention_size == 1
     with Store.open(cockpit.db) as store:
@@ -296,11 +284,11 @@ async def test_the_replay_pane_offers_every_setting_and_stores_them(cockpit) -> 
 async def test_a_failed_load_leaves_no_loading_header(cockpit) -> None:
     app = cockpit()
     async with app.run_test(size=SIZE) as pilot:
-        await idle(app, pilot)
+        await wait_idle(app, pilot)
         assert "tiny-gpt2" in bar_text(app)
         app.model_pane.query_one("#model-name", Input).value = "no-such-org/no-such-model-xyz"
         app.action_load_model()
-        await idle(app, pilot)
+        await wait_idle(app, pilot)
         shown = bar_text(app)
         assert "loading" not in shown and "tiny-gpt2" in shown
 
@@ -339,7 +327,7 @@ async def test_a_database_is_browsed_and_a_flagged_edit_shows_its_record(cockpit
     run_id = _fake_flagged_run(other)
     app = cockpit(autoload=False)
     async with app.run_test(size=SIZE) as pilot:
-        await idle(app, pilot)
+        await wait_idle(app, pilot)
         app.switch_database(other)
         await until(pilot, lambda: app.runs_pane.runs, what="the other database's runs")
         pane = app.runs_pane
@@ -349,7 +337,7 @@ async def test_a_database_is_browsed_and_a_flagged_edit_shows_its_record(cockpit
         assert table.get_row_at(0)[1] == "original"
         pane.post_message(pane.Show("open", run_id))
         await until(pilot, lambda: pane.series, what="the run's charts")
-        await app.workers.wait_for_complete()
+        await settle(app)
         await pilot.pause()
         flagged = pane.query_one(FlaggedEdits)
         flagged.select(run_id, 1)
@@ -380,7 +368,7 @@ for ev in replay(load_model("tiny-gpt2"), store, cfg):
 async def test_a_database_written_by_another_process_is_refreshed(cockpit, tmp_path) -> None:
     app = cockpit(autoload=False)
     async with app.run_test(size=SIZE) as pilot:
-        await idle(app, pilot)
+        await wait_idle(app, pilot)
         writer = subprocess.Popen(
             [sys.executable, "-c", WRITER, str(cockpit.db)],
             cwd=ROOT,
@@ -428,12 +416,12 @@ async def test_the_app_resumes_a_run_whose_writer_is_gone(cockpit) -> None:
         store.set_status(run.id, "running")
     app = cockpit()
     async with app.run_test(size=SIZE) as pilot:
-        await idle(app, pilot)
+        await wait_idle(app, pilot)
         await until(pilot, lambda: app.replay_pane.gone, 30, "the run seen as writer gone")
         assert app.replay_pane.gone == {run.id}
         app.replay_pane.post_message(app.replay_pane.RunAction("resume", run.id))
         await pilot.pause()
-        await idle(app, pilot, timeout=300)
+        await wait_idle(app, pilot, timeout=300)
     with Store.open(cockpit.db) as store:
         done = store.get_run(run.id)
         assert done.status == "finished" and done.n_edits == 3

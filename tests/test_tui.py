@@ -14,6 +14,7 @@ pytest.importorskip("textual")
 pytest.importorskip("textual_plotext")
 
 from textual.widgets import Button, DataTable, Input, Tabs  # noqa: E402
+from tui_helpers import settle, wait_idle  # noqa: E402
 
 from workbench.core.forms import field_errors  # noqa: E402
 from workbench.core.generation import word_diff  # noqa: E402
@@ -63,20 +64,6 @@ def text_of(widget) -> str:
     console = Console(width=200, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
     console.print(widget.content)
     return console.export_text()
-
-
-async def wait_idle(app: WorkbenchApp, pilot, timeout: float = 120.0) -> None:
-    """Until no job runs and the messages it posted are handled."""
-    deadline = time.monotonic() + timeout
-    await pilot.pause()
-    while True:
-        await app.workers.wait_for_complete()
-        await pilot.pause()
-        if not app.busy:
-            break
-        assert time.monotonic() < deadline, "the job did not finish in time"
-        await pilot.pause(0.05)
-    await pilot.pause()
 
 
 async def type_into(pilot, selector: str, text: str) -> None:
@@ -153,7 +140,7 @@ async def test_fill_form_and_apply_edit(app_factory) -> None:
         assert not torch.equal(before, weight(app))
         # the history tab shows the stored row
         await pilot.pause(0.2)
-        await app.workers.wait_for_complete()
+        await settle(app)
         await pilot.pause()
         table = app.query_one("#history-table", DataTable)
         assert table.row_count == 1
@@ -307,7 +294,7 @@ async def test_replay_updates_charts_and_writes_run(app_factory) -> None:
         assert "finished" in text_of(pane.query_one("#replay-status"))
         assert torch.equal(base, weight(app)), "the replay's edits are taken off the model"
         await pilot.pause(0.2)
-        await app.workers.wait_for_complete()
+        await settle(app)
         await pilot.pause()
         assert pane.query_one("#replay-runs", DataTable).row_count == 1
     with Store.open(app_factory.db) as store:
@@ -344,7 +331,7 @@ async def test_cancel_keeps_finished_edits_and_resume(app_factory) -> None:
             assert run.n_edits == done
             assert len(list(store.iter_factors(run.id))) == done
         # the stopped run is offered for resuming: select it and resume
-        await app.workers.wait_for_complete()
+        await settle(app)
         await pilot.pause()
         assert pane.selected_run() == run.id
         await pilot.click("#run-resume")
@@ -372,7 +359,7 @@ async def test_reapply_history_onto_a_fresh_model(app_factory) -> None:
         base = weight(second)
         assert not torch.equal(base, edited)
         second.show_tab("history")
-        await second.workers.wait_for_complete()
+        await settle(second)
         await pilot.pause()
         table = second.query_one("#history-table", DataTable)
         assert table.row_count == 1

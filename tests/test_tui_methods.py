@@ -14,8 +14,9 @@ import torch
 pytest.importorskip("textual")
 pytest.importorskip("textual_plotext")
 
-from test_tui import SIZE, app_factory, cache_dir, text_of, wait_idle  # noqa: E402, F401
+from test_tui import SIZE, app_factory, cache_dir, text_of  # noqa: E402, F401
 from textual.widgets import DataTable, Input, Select  # noqa: E402
+from tui_helpers import settle, wait_idle  # noqa: E402
 
 from workbench.core.forms import FORM_METHODS, EditForm, field_errors  # noqa: E402
 from workbench.core.session import NotReapplicableError  # noqa: E402
@@ -78,7 +79,7 @@ async def test_a_memit_edit_from_the_edit_tab(app_factory) -> None:
         assert app.session.timeline[-1].mode == "memit"
         assert app.session.editor.applied[-1].update.method == "memit"
         await pilot.pause(0.2)
-        await app.workers.wait_for_complete()
+        await settle(app)
         await pilot.pause()
         table = app.query_one("#history-table", DataTable)
         assert table.row_count == 1
@@ -187,7 +188,7 @@ async def test_compare_applies_the_selected_method_row(app_factory) -> None:
         body = text_of(app.query_one("#edit-result-body"))
         assert "Applied as session edit #1" in body and "memit" in body
         await pilot.pause(0.2)
-        await app.workers.wait_for_complete()
+        await settle(app)
         await pilot.pause()
         history = app.query_one("#history-table", DataTable)
         assert history.row_count == 1

@@ -18,8 +18,9 @@ import pytest
 pytest.importorskip("textual")
 pytest.importorskip("textual_plotext")
 
-from test_tui import SIZE, app_factory, cache_dir, text_of, wait_idle  # noqa: E402, F401
+from test_tui import SIZE, app_factory, cache_dir, text_of  # noqa: E402, F401
 from textual.widgets import Input, Select  # noqa: E402
+from tui_helpers import settle, wait_idle  # noqa: E402
 
 from workbench.store import Store  # noqa: E402
 from workbench.tui.app import WorkbenchApp  # noqa: E402
@@ -72,7 +73,7 @@ async def test_no_log_line_reaches_the_terminal(app_factory, tmp_path: Path) -> 
                 done.set()
 
             app.run_worker(from_a_worker, thread=True)
-            await app.workers.wait_for_complete()
+            await settle(app)
             assert done.is_set()
             await pilot.pause()
         stream.flush()
@@ -229,7 +230,7 @@ async def test_store_reads_run_off_the_ui_thread(app_factory, monkeypatch) -> No
         await apply_example(app, pilot)
         app.action_refresh_history()
         app.show_tab("replay")
-        await app.workers.wait_for_complete()
+        await settle(app)
         await pilot.pause()
         assert app.history_pane.ordered
     assert on_main == []
@@ -244,7 +245,7 @@ async def test_save_model_from_the_history(app_factory, tmp_path: Path) -> None:
     async with app.run_test(size=SIZE) as pilot:
         await apply_example(app, pilot)
         app.show_tab("history")
-        await app.workers.wait_for_complete()
+        await settle(app)
         await pilot.pause()
         await pilot.click("#hist-save")
         await pilot.pause()
