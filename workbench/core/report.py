@@ -53,7 +53,6 @@ def edit_facts(e: Edit) -> list[tuple[str, str]]:
         ("request", request_text(e)),
     ]
     norm = f"{_num(e.update_norm)} ({_num(e.update_norm_ratio)}×‖W‖)"
-    layer_norms = (e.record or {}).get("layer_norms")
     if e.method_name == "rome":
         rows += [
             ("update", f"{e.mode} · layer {e.layer}"),
@@ -62,6 +61,7 @@ def edit_facts(e: Edit) -> list[tuple[str, str]]:
             ("‖ΔW‖", norm),
         ]
     else:  # a batch method: the edit is one request of a step; the norms are the step's
+        layer_norms = (e.record or {}).get("layer_norms")
         layers = list(layer_norms) if isinstance(layer_norms, dict) else [str(e.layer)]
         where = f"layer{'s' if len(layers) > 1 else ''} {', '.join(layers)}"
         rows.append(("update", f"{e.method_name} · {where} · the step from edit {e.step_index}"))
