@@ -1,7 +1,7 @@
 """Settings a method declares for itself: name, type, default, range, help.
 
 A method that declares settings reads them from its entry of the preset's
-``method_settings`` (``{"rect": {"keep_fraction": 0.4}}``), overridden by the
+``method_settings`` (``{"rect": {"keep_percent": 40}}``), overridden by the
 step's options of the same names; a value of the wrong type or out of range is
 one :class:`~rome.errors.BadRequestError` naming the method and the setting, at
 preset load (``check_settings``) and again at compute.
