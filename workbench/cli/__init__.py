@@ -12,7 +12,7 @@ to stderr.
 
 from __future__ import annotations
 
-from . import model, replay, report, runs  # noqa: F401  (registers the commands, in this order)
+from . import model, replay, report, runs, state  # noqa: F401  (registers the commands, in order)
 from .common import app, handled
 
 
