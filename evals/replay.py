@@ -136,7 +136,7 @@ class _Run:
                 mcc=r.mcc,
                 invalid=r.invalid,
                 n=r.n,
-                extra={"calibration": cfg.glue_calibration},
+                extra={"calibration": cfg.glue_calibration, **r.per_example()},
                 replace=True,
             )
         ent = fluency(model, tok, cfg.fluency_tokens)

@@ -51,6 +51,9 @@ class RetentionResult:
     s: float | None = None
     lost: list[int] = field(default_factory=list)  # seqs of the scored edits that do not hold
     seconds: float = 0.0
+    # each scored edit's [seq, ES, PS, NS] (for intervals and paired tests; empty in
+    # passes stored before 2026-12-07)
+    records: list[list[float | None]] = field(default_factory=list)
 
     @property
     def value(self) -> float | None:
@@ -98,6 +101,7 @@ def score_retention(
         s=agg.get("s"),
         lost=lost,
         seconds=time.perf_counter() - t0,
+        records=[[seq, m.es, m.ps, m.ns] for seq, m in scored],
     )
 
 
@@ -156,4 +160,5 @@ def retention_of(c: CheckpointRow | Mapping[str, Any]) -> RetentionResult:
         s=x.get("s"),
         lost=[int(s) for s in x.get("lost", [])],
         seconds=float(x.get("seconds", 0.0)),
+        records=[list(r) for r in x.get("records", [])],
     )
