@@ -21,6 +21,7 @@ from .glue import TASKS
 class ReplayConfig:
     dataset: str = "sample"
     n_edits: int = 100
+    order_seed: int | None = None  # None: file order; else random.Random(seed).shuffle's
     mode: str = "rrome"  # ROME's key mode (read by the rome method only)
     method: str = "rome"  # the editing method (rome.methods): rome, memit, emmet, alphaedit
     batch_size: int = 1  # requests per step (1 for rome; the published family protocol: 100)
