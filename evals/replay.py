@@ -20,12 +20,14 @@ import json
 import logging
 import threading
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from rome import Editor, LoadedModel, RomeError
 from rome.errors import BadRequestError
 from rome.hparams import EditHparams, method_preset
 from rome.methods import LayerUpdate, Update, get_method
+from rome.methods.alphaedit_state import start_from
 from rome.methods.family.loop import FamilyMethod
 
 from .counterfact import CounterFactRecord
@@ -362,6 +364,8 @@ def replay(
             yield ReplayFinished(run.id, "finished", stored_figures(store, run.id))
             return
         ed = _editor_for(lm, hp, cfg)
+        if cfg.initial_state:
+            start_from(ed, cfg.method, cfg.initial_state, cfg.initial_state_sha256 or "")
         if hp.context_templates is None:
             ed = _freeze_templates(store, run, ed)
             notes.append(
@@ -373,6 +377,9 @@ def replay(
     else:
         hp = hparams or method_preset(lm.hparams, cfg.method)
         ed = _editor_for(lm, hp, cfg)
+        if cfg.initial_state:  # refused here, before the run exists, when it does not fit
+            cfg.initial_state = str(Path(cfg.initial_state).expanduser().absolute())
+            cfg.initial_state_sha256 = start_from(ed, cfg.method, cfg.initial_state)
     loaded = load_records(
         cfg.dataset, extend_to or cfg.n_edits, lm.tokenizer, order_seed=cfg.order_seed
     )

@@ -48,6 +48,9 @@ class ReplayConfig:
     dataset_fingerprint: str | None = None
     glue_fingerprint: str | None = None
     covariance_fingerprint: str | None = None  # compared on resume: a warning if it differs
+    # a method state to start from (AlphaEdit's package format), and its SHA-256 (set)
+    initial_state: str | None = None
+    initial_state_sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -99,6 +99,13 @@ def replay(
         typer.Option(help="the first M edits re-scored at every checkpoint (retention; 0: off)"),
     ] = 100,
     layer: LayerOpt = None,
+    initial_state: Annotated[
+        Path | None,
+        typer.Option(
+            "--initial-state",
+            help="alphaedit: start from a state its package saved (save_state; export-state)",
+        ),
+    ] = None,
     db: DbOpt = None,
     resume: Annotated[str | None, typer.Option(help="resume this interrupted run")] = None,
     rescore: Annotated[
@@ -155,6 +162,7 @@ def replay(
                 "layer": layer,
                 "perplexity": perplexity,
                 "retention_size": retention_size,
+                **({"initial_state": str(initial_state)} if initial_state else {}),
             }
         )
         # a new run's database is created only once the model and settings are good,
@@ -225,6 +233,7 @@ def replay(
 #: the options that set up a new run; a resumed run keeps the ones it started with
 NEW_RUN_OPTIONS = (
     "dataset",
+    "initial_state",
     "order_seed",
     "n_edits",
     "mode",
