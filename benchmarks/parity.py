@@ -5,6 +5,9 @@
     python benchmarks/parity.py --method alphaedit --reference-src ~/src/AlphaEdit
     python benchmarks/parity.py --method memit-seq --reference-src ~/src/NAS   (also rect,
         encore, nas: SasyaTitech/NAS; two steps in a row, see parity_steps.py)
+    python benchmarks/parity.py --method ultraedit --reference-src ~/src/UltraEdit
+
+(UltraEdit is not locate-then-edit: its comparison is ``benchmarks/parity_ultraedit.py``.)
 
 ``--reference-src`` is the user's own checkout of the published repository
 (kmeng01/memit, scalable-model-editing/unified-model-editing,
@@ -258,7 +261,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--method", choices=sorted(MAIN), required=True)
+    ap.add_argument("--method", choices=sorted([*MAIN, "ultraedit"]), required=True)
     ap.add_argument("--reference-src", type=Path, required=True)
     ap.add_argument(
         "--model", default="tiny-gpt2", help="tiny-gpt2, gpt2-small-random, smollm2-135m"
@@ -267,7 +270,10 @@ def main() -> None:
         "--layers", default="", help="comma-separated edited layers (default: preset's)"
     )
     ap.add_argument("--n", type=int, default=3, help="requests in the batch (at most 6)")
-    ap.add_argument("--steps", type=int, default=0, help="z steps (default: preset's)")
+    ap.add_argument(
+        "--steps", type=int, default=0, help="z steps (default: preset's); ultraedit: steps (2)"
+    )
+    ap.add_argument("--lr", type=float, default=0.0, help="UltraEdit lr (default: preset's)")
     ap.add_argument("--threshold", type=float, default=None, help="AlphaEdit nullspace_threshold")
     ap.add_argument(
         "--settings", default="", help='the method\'s settings as JSON, e.g. {"prob_cutoff": -2}'
@@ -275,6 +281,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.method == "ultraedit":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import parity_ultraedit as ultra
+
+        args.steps = args.steps or 2
+        if args.worker is not None:
+            ultra.reference_worker(args.worker, args.reference_src.resolve())
+        else:
+            ultra.main(args, Path(__file__).resolve())
+        return
     if args.worker is not None:
         reference_worker(args.worker, args.reference_src.resolve())
         return

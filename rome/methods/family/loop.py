@@ -236,16 +236,16 @@ def _keys(editor: Editor, items: list[Located], name: str, n_templates: int) -> 
 
 def _probe(editor: Editor, reqs: list[EditRequest]) -> list[tuple[float, float | None]]:
     """(p(target_new), p(target_true)) on each bare prompt."""
-    prompts = [r.text for r in reqs] + [r.text for r in reqs if r.target_true is not None]
+    prompts = [r.text for r in reqs] + [r.text for r in reqs if r.true_object is not None]
     targets = [r.target_new for r in reqs] + [
-        r.target_true for r in reqs if r.target_true is not None
+        r.true_object for r in reqs if r.true_object is not None
     ]
     scores = score_targets(editor.model, editor.tok, prompts, targets)
     out: list[tuple[float, float | None]] = []
     k = len(reqs)
     for j, r in enumerate(reqs):
         p_true = None
-        if r.target_true is not None:
+        if r.true_object is not None:
             p_true = scores[k].prob
             k += 1
         out.append((scores[j].prob, p_true))
