@@ -136,9 +136,11 @@ def compare(
     """Run a comparison: every run of SPEC (methods x datasets x orders x edits x batch
     sizes) as its own replay, skipping finished runs and resuming interrupted ones; then
     merge their databases and write the comparison's report."""
-    from workbench.core.compare import load_spec, run_states
+    from workbench.core.compare import CompareSpecError, load_spec, run_states
 
     with handled(), sigterm_as_interrupt():
+        if ray is not None and workers is not None:
+            raise CompareSpecError("--workers sets local workers; with --ray each run is a task")
         spec = load_spec(spec_file)
         target = out_dir or spec_file.parent / f"{spec.name}-runs"
         states = run_states(spec, target)
