@@ -13,7 +13,7 @@ to stderr.
 
 from __future__ import annotations  # noqa: I001  (compare after the others)
 
-from . import model, replay, report, runs  # noqa: F401  (registers the commands, in this order)
+from . import model, replay, report, runs, state  # noqa: F401  (registers the commands, in order)
 from . import compare  # noqa: F401  (compare and merge, after them)
 from .common import app, handled
 

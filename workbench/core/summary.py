@@ -165,6 +165,24 @@ def protocol_rows(protocols: Sequence[ProtocolScores]) -> list[tuple[str, str]]:
     return rows
 
 
+def zsre_rows(figures: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """A zsRE run's scoring protocols, named: what ES / PS / NS above are, and the
+    teacher-forced accuracies beside them (immediate, and at the end of the stream)."""
+    protocol = figures.get("protocol")
+    if not protocol:
+        return []
+    from evals.zsre_scoring import PROTOCOL_LABELS, TEACHER_FORCED
+
+    rows = [("zsRE ES / PS / NS above", PROTOCOL_LABELS.get(protocol, str(protocol)))]
+    label = f"ES / PS / NS {PROTOCOL_LABELS[TEACHER_FORCED]}"
+    for name, key in ((IMMEDIATE, "post"), (END_OF_STREAM, "final")):
+        got = figures.get(key) or {}
+        if got.get("es_tf") is not None:
+            scores = " / ".join(fmt(_num(got, k)) for k in ("es_tf", "ps_tf", "ns_tf"))
+            rows.append((f"{label} ({name})", scores))
+    return rows
+
+
 def edit_rows(store: Store, run_id: str) -> list[tuple[str, str]]:
     """How many edits were stored, flagged and refused, and their ‖ΔW‖."""
     edits = store.edits(run_id)
@@ -329,6 +347,7 @@ def run_summary(
     rows = (
         edit_rows(store, run.id)
         + protocol_rows(protocols)
+        + zsre_rows(figures)
         + figure_rows(figures)
         + checkpoint_rows(store, run.id)
     )
