@@ -18,7 +18,7 @@ import typer
 
 from tests.cli_helpers import one_line, runner
 from workbench.cli import app
-from workbench.core.compare import BOOL_FLAGS, VALUE_FLAGS, load_spec, run_states
+from workbench.core.compare import BOOL_FLAGS, VALUE_FLAGS, load_spec, order_groups, run_states
 from workbench.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +68,24 @@ def test_the_family_spec_names_its_runs_and_their_replay_commands():
                         ("--retention-size", "100"), ("--n-edits", "1000"),
                         ("--dataset", "val"), ("--model", "smollm2-135m")]:  # fmt: skip
         assert args[args.index(flag) + 1] == value
+
+
+def test_orders_are_seeds_and_the_runs_that_differ_only_by_order_are_a_group(tmp_path):
+    spec = load_spec(
+        _spec(
+            tmp_path,
+            'methods = ["memit"]\ndatasets = ["zsre"]\n'
+            'orders = ["file", 1, 2]\nedits = 300\nbatch_sizes = 100',
+        )
+    )
+    names = [r.name for r in spec.runs]
+    assert names == ["memit-zsre-n300-b100", "memit-zsre-o1-n300-b100", "memit-zsre-o2-n300-b100"]
+    args = spec.runs[2].replay_args()
+    assert (
+        args[args.index("--order-seed") + 1] == "2"
+        and "--order-seed" not in spec.runs[0].replay_args()
+    )
+    assert order_groups(spec) == {"memit-zsre-n300-b100": names}
 
 
 def test_every_setting_a_spec_takes_is_an_option_of_replay():
