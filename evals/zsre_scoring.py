@@ -77,7 +77,7 @@ class ZsreMetrics(RecordMetrics):
     tokens: dict[str, list[int]] = field(default_factory=dict)
 
 
-def _first_id(tok: PreTrainedTokenizerBase, text: str) -> int:
+def first_id(tok: PreTrainedTokenizerBase, text: str) -> int:
     """The first token of ``text`` re-encoded (the published comparison's target id);
     the pad id where it encodes to nothing, as the published padded batch gives."""
     ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -92,7 +92,7 @@ def answer_ids(tok: PreTrainedTokenizerBase, answer: str) -> list[int]:
 def top1_queries(tok: PreTrainedTokenizerBase, prompt: str, answer: str) -> list[Query]:
     """One query per token of ``answer``: the prompt and the decoded tokens before it."""
     ids = answer_ids(tok, answer)
-    return [(prompt + _decode(tok, ids[:i]), _first_id(tok, _decode(tok, ids[i : i + 1])))
+    return [(prompt + _decode(tok, ids[:i]), first_id(tok, _decode(tok, ids[i : i + 1])))
             for i in range(len(ids))]  # fmt: skip
 
 

@@ -3,6 +3,7 @@ every method replaying zsRE requests, and ``--order-seed``."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ from evals.metrics import record_metrics
 from evals.replay import ReplayConfig, replay
 from evals.zsre import END_OF_TEXT, ZSRE_PATH, ZsreRecord, record_of
 from evals.zsre_scoring import (
+    PROTOCOL_LABELS,
     TEACHER_FORCED,
     TOP1,
     ZsreMetrics,
@@ -382,3 +384,27 @@ def test_edit_takes_a_zsre_file_and_judges_it_without_a_true_object(tmp_path: Pa
     bad.write_text(json.dumps([dict(RAW[0], src="no subject here")]))
     line = error_line(invoke(["edit", "--model", "tiny-gpt2", "--batch", bad]), 2)
     assert "zsRE record 0" in line and "occurs 0 times" in line
+
+
+def test_the_report_and_the_app_name_both_protocols(tmp_path: Path) -> None:
+    pytest.importorskip("textual")
+    from rich.console import Console
+
+    from workbench.core.report import report_markdown
+    from workbench.tui.panes.runs import scores_table
+    from workbench.tui.replay_data import series_from_store
+
+    cfg = ReplayConfig(
+        dataset="zsre", n_edits=1, glue_every=1, glue_tasks=("sst2",), glue_limit=2,
+        fluency_tokens=4, perplexity=False, retention_size=1, order_seed=2,
+    )  # fmt: skip
+    with Store.open(tmp_path / "r.db") as store:
+        fin = list(replay(load_model("tiny-gpt2"), store, cfg))[-1]
+        page = report_markdown(store, [fin.run_id], None)
+        out = io.StringIO()
+        series = [series_from_store(store, store.get_run(fin.run_id))]
+        Console(file=out, width=250).print(scores_table(series))
+    for text in (page, out.getvalue()):
+        assert PROTOCOL_LABELS[TOP1] in text and PROTOCOL_LABELS[TEACHER_FORCED] in text
+    assert "order of seed 2" in page and "every token of its answer" in page
+    assert "zsRE scores by protocol" in out.getvalue()

@@ -13,7 +13,7 @@ from evals.protocols import DESCRIPTIONS, PROTOCOLS, RETENTION, RETENTION_TASK
 from workbench.store import Edit, Run, Store
 
 from .report_stats import groups_section, needed_section, paired_section
-from .run_stats import count_rate, run_stats
+from .run_stats import RunStats, count_rate, run_stats
 from .summary import (
     SCORE_KEYS,
     checkpoint_rows,
@@ -192,7 +192,7 @@ def report_markdown(
             cells = [p.with_interval(k) if p.recorded else fmt(None) for k in SCORE_KEYS]
             rows.append([r.label, p.protocol, *cells, hold, p.note])
     lines += _table(("run", "protocol", "ES", "PS", "NS", "S", "hold", "what was scored"), rows)
-    lines += _zsre_section(store, runs)
+    lines += _zsre_section(store, runs, stats)
     if missing_retention:
         lines += [
             "",
@@ -258,11 +258,11 @@ def _figures(store: Store, run_id: str) -> dict[str, Any]:
     return stored_figures(store, run_id)
 
 
-def _zsre_section(store: Store, runs: Sequence[Run]) -> list[str]:
+def _zsre_section(store: Store, runs: Sequence[Run], stats: Mapping[str, RunStats]) -> list[str]:
     """For zsRE runs: what their ES / PS / NS are, and the teacher-forced figures."""
     from .summary import zsre_rows
 
-    found = [(r, zsre_rows(_figures(store, r.id))) for r in runs]
+    found = [(r, zsre_rows(_figures(store, r.id), stats.get(r.id))) for r in runs]
     found = [(r, rows) for r, rows in found if rows]
     if not found:
         return []
