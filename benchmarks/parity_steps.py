@@ -15,7 +15,9 @@ anchors injected on both sides.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import json
 import time
 from pathlib import Path
@@ -110,7 +112,11 @@ def report_steps(args: Any, ours: dict[str, Any], ref: dict[str, Any], rel: Any)
         assert len(theirs["keys"]) == m
         z = max(rel(mine["z"][j], theirs["z"][j]) for j in range(mine["z"].shape[0]))
         worst["z"] = max(worst["z"], z)
-        lines.append(f"step {s + 1} z rel (worst request) {z:.2e}")
+        ours_steps = [r["z_steps"] for r in mine["records"]]
+        lines.append(
+            f"step {s + 1} z rel (worst request) {z:.2e}  z forwards per request: ours "
+            f"{ours_steps}, published {theirs['z_steps']}"
+        )
     lines.append(
         f"worst over both steps: dW {worst['dW']:.2e}  K {worst['K']:.2e}  z {worst['z']:.2e}"
     )
@@ -139,11 +145,19 @@ def reference_steps(work: Path, spec: dict[str, Any], main_mod: Any, hparams: An
         main_mod.COV_CACHE[(name, hparams.rewrite_module_tmp.format(layer))] = c0[layer]
     rec: dict[str, list[Any]] = {"keys": [], "z": []}
     spy(main_mod, "compute_ks", lambda out: rec["keys"].append(out.T.double().cpu()))
-    spy(
-        main_mod,
-        "compute_z",
-        lambda out: rec["z"].append((out[0] if isinstance(out, tuple) else out).detach().double()),
-    )
+    rec["z_steps"] = []
+    compute_z = main_mod.compute_z
+
+    def z_spy(*a: Any, **k: Any) -> Any:
+        """z, and its forward count: the published loop prints one "loss ..." line a step."""
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            out = compute_z(*a, **k)
+        rec["z_steps"].append(sum(x.startswith("loss ") for x in buf.getvalue().splitlines()))
+        rec["z"].append((out[0] if isinstance(out, tuple) else out).detach().double())
+        return out
+
+    main_mod.compute_z = z_spy
     apply = getattr(main_mod, NAS_MAIN[method][3])
     m = len(hparams.layers)
     width = c0[hparams.layers[0]].shape[0]
@@ -154,8 +168,8 @@ def reference_steps(work: Path, spec: dict[str, Any], main_mod: Any, hparams: An
     steps, notes = [], []
     t0 = time.process_time()
     for batch in spec["batches"]:
-        rec["keys"].clear()
-        rec["z"].clear()
+        for v in rec.values():
+            v.clear()
         before = {x: _weight(model, hparams, x) for x in hparams.layers}
         if method in ("memit-seq", "nas"):
             model, cache_c = apply(model, tok, batch, hparams, cache_c=cache_c, **extra)
@@ -167,6 +181,7 @@ def reference_steps(work: Path, spec: dict[str, Any], main_mod: Any, hparams: An
                 "applied": [after[x].double() - before[x].double() for x in hparams.layers],
                 "keys": rec["keys"][:m],
                 "z": torch.stack([z.cpu() for z in rec["z"]]),
+                "z_steps": list(rec["z_steps"]),
             }
         )
     out = {"steps": steps, "seconds": time.process_time() - t0, "notes": notes}

@@ -9,6 +9,7 @@ from __future__ import annotations
 from . import (  # noqa: F401  (they register themselves)
     alphaedit,
     emmet,
+    encore,
     memit,
     memit_seq,
     rect,

@@ -11,6 +11,7 @@ Progress is a list of :class:`RunProgress` handed to a callback about once a sec
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -87,6 +88,13 @@ def eta(edits_then: int, edits_now: int, total: int, since_s: float) -> float | 
     if done <= 0 or since_s <= 0:
         return None
     return max(0.0, (total - edits_now) * since_s / done)
+
+
+def die_with_parent() -> None:  # pragma: no cover - runs in the child, before exec
+    """Linux: the replay gets SIGKILL when the process that started it dies (a killed
+    ``compare`` or Ray worker leaves no replay writing on its own; the run resumes)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def failure_note(log_path: Path, rc: int) -> str:
@@ -224,7 +232,7 @@ class LocalRunner:
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(
                 state.argv(), env=env, stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent,
             )  # fmt: skip
             with self.lock:
                 self.procs[name] = proc
