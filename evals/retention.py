@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .counterfact import CounterFactRecord
 from .metrics import aggregate, record_metrics
 from .protocols import RETENTION_TASK
+from .zsre import record_of
 
 if TYPE_CHECKING:
     from torch import nn
@@ -71,7 +72,7 @@ def first_edits(store: ReplayReader, run_id: str, size: int) -> list[tuple[int, 
     for e in store.edits(run_id, applied_only=True):
         stored = (e.record or {}).get("counterfact")
         if stored:
-            out.append((e.seq, CounterFactRecord(**stored)))
+            out.append((e.seq, record_of(stored)))
         if len(out) >= size:
             break
     return out

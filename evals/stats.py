@@ -245,6 +245,18 @@ def two_proportions(k1: int, n1: int, k2: int, n2: int) -> PairedTest:
     return PairedTest("two-proportion z (unpaired)", min(n1, n2), p1, p2, min(1.0, p))
 
 
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (in the order given): the
+    i-th smallest times (m - i), made monotone, capped at 1."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    out = [0.0] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        out[i] = running
+    return out
+
+
 @dataclass(frozen=True)
 class Spread:
     """A group of replicates (e.g. one setting run in several orders)."""
@@ -280,6 +292,7 @@ __all__ = [
     "bootstrap_ci",
     "bootstrap_stat_ci",
     "clopper_pearson",
+    "holm",
     "mcnemar",
     "mcnemar_exact",
     "mean_spread",

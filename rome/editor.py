@@ -327,15 +327,15 @@ class Editor:
         name = self.hp.weight_module(layer)
         step_cb = (lambda d, t: progress("v*", d, t)) if progress else None
         reuse = fast and self.hp.v_prefix_reuse
-        first = None  # with reuse: the keys and p(target) before the edit, from v*'s step 0
+        keys = first = None  # with reuse: the keys and p(target) before, from v*'s step 0
         if reuse:
             vs = optimise_targets(
                 self.model, self.tok, self.hp, [req], [templates], layer, on_step=step_cb
             )[0]
             lap("v_star")
-            assert vs.keys is not None
-            keys, first = vs.keys.float(), vs.row_logprob
-        else:
+            if vs.keys is not None:  # None under bf16 autocast: the float32 passes below
+                keys, first = vs.keys.float(), vs.row_logprob
+        if keys is None:
             prompts = [t.format(req.prompt) for t in templates]
             keys = keys_at_subject(self.model, self.tok, name, prompts, req.subject, stop=fast)
         k_s = keys[0]
@@ -545,11 +545,12 @@ class Editor:
         prefixed = [t.format(req.prompt).replace("{}", req.subject, 1) for t in templates[1:]]
         prompts = [bare, *prefixed]
         targets = [req.target_new] * len(prompts)
-        if req.target_true is not None:
+        true = req.true_object  # None for an end-of-text target_true (zsRE): no p(true)
+        if true is not None:
             prompts.append(bare)
-            targets.append(req.target_true)
+            targets.append(true)
         scores = score_targets(self.model, self.tok, prompts, targets)
-        p_true = scores[-1].prob if req.target_true is not None else None
+        p_true = scores[-1].prob if true is not None else None
         templ = [s.prob for s in scores[1 : 1 + len(prefixed)]]
         return _Probe(scores[0].prob, p_true, sum(templ) / len(templ) if templ else scores[0].prob)
 

@@ -144,3 +144,31 @@ def test_layer_medians_are_true_medians(two_runs) -> None:
     row = layer_rows(edits, None)[0]
     assert row[2] == f"{(norms[1] + norms[2]) / 2:.1f}"
     assert f"{norms[2]:.1f}" != row[2]  # the upper median, shown before, differs here
+
+
+def test_zsre_teacher_forced_rates_have_intervals(tmp_path) -> None:
+    from workbench.core.summary import run_summary
+
+    lm = load_model("tiny-gpt2")
+    cfg = ReplayConfig(
+        dataset="zsre",
+        n_edits=3,
+        glue_every=3,
+        glue_tasks=("sst2",),
+        glue_limit=2,
+        fluency_tokens=4,
+        perplexity=False,
+        retention_size=1,
+    )
+    with Store.open(tmp_path / "z.db") as store:
+        fin = list(replay(lm, store, cfg))[-1]
+        assert isinstance(fin, ReplayFinished)
+        st = run_stats(store, fin.run_id)
+        tf = [e.metrics["es_tf"] for e in store.edits(fin.run_id)]
+        got = st.teacher_forced["immediate"]["es_tf"]
+        assert got.value == pytest.approx(sum(tf) / 3, abs=1e-12) and got.n == 3
+        assert got.lo <= got.value <= got.hi
+        assert "end of stream" in st.teacher_forced
+        rows = dict(run_summary(store, fin.run_id, "finished").rows)
+        assert any("95 %: [" in v for k, v in rows.items() if "teacher" in k.lower())
+        assert rows["needed an edit (pre-edit ES < 1)"] == f"{st.needed} of 3"

@@ -105,3 +105,11 @@ def test_first_step_gives_keys_and_scores_before_the_edit(arch, skip):
         want = torch.tensor([s.sum_logprob for s in scores], dtype=torch.float64)
         # score_targets rounds the logits to float32 (2^-24 relative) before log_softmax
         assert rel(vs.row_logprob, want) < 1e-6
+
+
+def test_no_first_step_values_under_bf16_autocast():
+    """bf16 autocast changes the first step's values: the editor must not read them."""
+    lm = tiny("gpt2", torch.float32)
+    hp = lm.hparams.replace(v_autocast="bf16", v_num_grad_steps=2)
+    (vs,) = optimise_targets(lm.model, lm.tokenizer, hp, REQUESTS[:1], [TEMPLATES], hp.layer)
+    assert vs.keys is None and vs.row_logprob is None

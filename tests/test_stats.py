@@ -11,6 +11,7 @@ from evals.stats import (
     bootstrap_ci,
     bootstrap_stat_ci,
     clopper_pearson,
+    holm,
     mcnemar,
     mcnemar_exact,
     mean_spread,
@@ -159,3 +160,11 @@ def test_bootstrap_of_a_statistic_of_column_means():
     # the two columns' means always sum to 1: the interval of the sum is a point
     total = bootstrap_stat_ci(rows, lambda m: m.sum(axis=1))
     assert total == pytest.approx((1.0, 1.0), abs=1e-12)
+
+
+def test_holm_by_hand():
+    # m = 4: 0.01 * 4 = 0.04, 0.02 * 3 = 0.06, 0.03 * 2 = 0.06, 0.5 * 1 = 0.5
+    assert holm([0.03, 0.01, 0.5, 0.02]) == pytest.approx([0.06, 0.04, 0.5, 0.06], abs=1e-15)
+    # monotone: a later step never adjusts below an earlier one; capped at 1
+    assert holm([0.04, 0.045]) == pytest.approx([0.08, 0.08], abs=1e-15)
+    assert holm([0.9, 0.8]) == [1.0, 1.0]

@@ -13,7 +13,7 @@ from evals.protocols import DESCRIPTIONS, PROTOCOLS, RETENTION, RETENTION_TASK
 from workbench.store import Edit, Run, Store
 
 from .report_stats import groups_section, needed_section, paired_section
-from .run_stats import count_rate, run_stats
+from .run_stats import RunStats, count_rate, run_stats
 from .summary import (
     SCORE_KEYS,
     checkpoint_rows,
@@ -102,7 +102,7 @@ def _settings(run: Run) -> str:
         layers = hp.get("layers") or [hp.get("layer", "-")]
         where = [f"preset {hp.get('name', '-')}", f"layers {', '.join(map(str, layers))}"]
     parts = [
-        f"dataset {cfg.get('dataset', run.data_source)}",
+        f"dataset {cfg.get('dataset', run.data_source)}" + _order(cfg),
         f"method {method}",
         *where,
         f"batch size {cfg.get('batch_size', 1)}",
@@ -117,6 +117,11 @@ def _settings(run: Run) -> str:
         f"guard {'on' if run.guard else 'off'}",
     ]
     return "; ".join(parts)
+
+
+def _order(cfg: dict[str, Any]) -> str:
+    seed = cfg.get("order_seed")
+    return "" if seed is None else f" in the order of seed {seed}"
 
 
 def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -187,6 +192,7 @@ def report_markdown(
             cells = [p.with_interval(k) if p.recorded else fmt(None) for k in SCORE_KEYS]
             rows.append([r.label, p.protocol, *cells, hold, p.note])
     lines += _table(("run", "protocol", "ES", "PS", "NS", "S", "hold", "what was scored"), rows)
+    lines += _zsre_section(store, runs, stats)
     if missing_retention:
         lines += [
             "",
@@ -250,6 +256,26 @@ def _figures(store: Store, run_id: str) -> dict[str, Any]:
     from evals.figures import stored_figures
 
     return stored_figures(store, run_id)
+
+
+def _zsre_section(store: Store, runs: Sequence[Run], stats: Mapping[str, RunStats]) -> list[str]:
+    """For zsRE runs: what their ES / PS / NS are, and the teacher-forced figures."""
+    from .summary import zsre_rows
+
+    found = [(r, zsre_rows(_figures(store, r.id), stats.get(r.id))) for r in runs]
+    found = [(r, rows) for r, rows in found if rows]
+    if not found:
+        return []
+    lines = [
+        "",
+        "zsRE runs score each target token, not a comparison with a true object (zsRE "
+        "has none): an edit *holds* when every token of its answer is the model's top-1 "
+        "after the edit prompt and the answer's tokens before it (ES = 1).",
+        "",
+    ]
+    for r, rows in found:
+        lines += [f"- **{r.label}**: " + "; ".join(f"{k}: {v}" for k, v in rows)]
+    return lines
 
 
 def _retention_section(store: Store, runs: Sequence[Run]) -> list[str]:

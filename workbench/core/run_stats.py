@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from evals.glue import correct_by_example
-from evals.protocols import RETENTION_TASK
+from evals.protocols import END_OF_STREAM, IMMEDIATE, RETENTION_TASK
 from evals.retention import retention_of
 from evals.stats import (
     ALPHA,
@@ -42,6 +42,8 @@ from evals.stats import (
 from workbench.store import Checkpoint, Store
 
 SCORES = ("es", "ps", "ns")
+#: zsRE's teacher-forced token accuracies, stored beside ES / PS / NS
+TEACHER_FORCED_KEYS = ("es_tf", "ps_tf", "ns_tf")
 NON_GLUE_TASKS = ("fluency", "perplexity", RETENTION_TASK)
 
 
@@ -137,6 +139,8 @@ class RunStats:
     retention: Rate | None = None  # the last retention pass: how many hold
     retention_scores: dict[str, Rate] = field(default_factory=dict)  # its ES / PS / NS / S
     glue: dict[str, tuple[int, Rate]] = field(default_factory=dict)  # task -> (step, accuracy)
+    #: zsRE's teacher-forced accuracies ("es_tf", ...) under "immediate" / "end of stream"
+    teacher_forced: dict[str, dict[str, Rate]] = field(default_factory=dict)
 
 
 def _scores(rows: Sequence[Mapping[str, Any]], key: str) -> list[float]:
@@ -179,6 +183,13 @@ def run_stats(store: Store, run_id: str, records: RunRecords | None = None) -> R
     st = RunStats(run_id, n=len(rec.keys))
     st.immediate = _rates([rec.post[k] for k in rec.keys if k in rec.post])
     final_keys = [k for k in rec.keys if k in rec.final]
+    for name, rows in (
+        (IMMEDIATE, [rec.post[k] for k in rec.keys if k in rec.post]),
+        (END_OF_STREAM, [rec.final[k] for k in final_keys]),
+    ):
+        tf = {k: mean_rate(v) for k in TEACHER_FORCED_KEYS if (v := _scores(rows, k))}
+        if tf:
+            st.teacher_forced[name] = tf
     if final_keys:
         st.final = _rates([rec.final[k] for k in final_keys])
         st.hold = count_rate(sum(rec.holds(k) for k in final_keys), len(final_keys))

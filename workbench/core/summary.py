@@ -165,6 +165,45 @@ def protocol_rows(protocols: Sequence[ProtocolScores]) -> list[tuple[str, str]]:
     return rows
 
 
+def needed_rows(st: RunStats) -> list[tuple[str, str]]:
+    """How many records needed an edit (pre-edit ES < 1) and how many of them hold, beside
+    all of them, with 95 % intervals."""
+    if st.needed is None:
+        return []
+    rows = [("needed an edit (pre-edit ES < 1)", f"{st.needed} of {st.n}")]
+    if st.needed_immediate is not None:
+        rows.append(("  of them, ES = 1 right after the edit", st.needed_immediate.text()))
+    if st.needed_hold is not None and st.hold is not None:
+        rows.append(
+            ("  of them, holding at the end", f"{st.needed_hold.text()} (all: {st.hold.text()})")
+        )
+    return rows
+
+
+def zsre_rows(figures: Mapping[str, Any], stats: RunStats | None = None) -> list[tuple[str, str]]:
+    """A zsRE run's scoring protocols, named: what ES / PS / NS above are, and the
+    teacher-forced accuracies beside them (immediate, and at the end of the stream),
+    with their 95 % intervals where ``stats`` is given."""
+    protocol = figures.get("protocol")
+    if not protocol:
+        return []
+    from evals.zsre_scoring import PROTOCOL_LABELS, TEACHER_FORCED
+
+    rows = [("zsRE ES / PS / NS above", PROTOCOL_LABELS.get(protocol, str(protocol)))]
+    label = f"ES / PS / NS {PROTOCOL_LABELS[TEACHER_FORCED]}"
+    for name, key in ((IMMEDIATE, "post"), (END_OF_STREAM, "final")):
+        got = figures.get(key) or {}
+        if got.get("es_tf") is not None:
+            scores = " / ".join(fmt(_num(got, k)) for k in ("es_tf", "ps_tf", "ns_tf"))
+            tf = stats.teacher_forced.get(name, {}) if stats is not None else {}
+            if tf:
+                scores += "  95 %: " + " / ".join(
+                    tf[k].interval() if k in tf else "-" for k in ("es_tf", "ps_tf", "ns_tf")
+                )
+            rows.append((f"{label} ({name})", scores))
+    return rows
+
+
 def edit_rows(store: Store, run_id: str) -> list[tuple[str, str]]:
     """How many edits were stored, flagged and refused, and their ‖ΔW‖."""
     edits = store.edits(run_id)
@@ -325,10 +364,13 @@ def run_summary(
     weight drift, checkpoints."""
     run = store.get_run(run_id)
     figures = {**stored_figures(store, run.id), **(summary or {})}
-    protocols = protocol_scores(store, run.id, figures)
+    stats = run_stats(store, run.id)
+    protocols = protocol_scores(store, run.id, figures, stats)
     rows = (
         edit_rows(store, run.id)
         + protocol_rows(protocols)
+        + needed_rows(stats)
+        + zsre_rows(figures, stats)
         + figure_rows(figures)
         + checkpoint_rows(store, run.id)
     )

@@ -11,11 +11,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from evals.figures import stored_figures
 from evals.protocols import RETENTION_TASK
 from evals.replay import PERPLEXITY_TASK
 from workbench.core.report import edit_facts
 from workbench.core.run_stats import RunEvidence, RunStats, run_evidence, run_records, run_stats
-from workbench.core.summary import ProtocolScores, protocol_scores
+from workbench.core.summary import ProtocolScores, protocol_scores, zsre_rows
 from workbench.store import FLUENCY_TASK
 
 if TYPE_CHECKING:
@@ -49,6 +50,8 @@ class ReplaySeries:
     protocols: list[ProtocolScores] = field(default_factory=list)  # ES/PS/NS/S under each
     stats: RunStats | None = None  # rates with intervals, "needed an edit" (stored runs)
     evidence: RunEvidence | None = None  # what paired tests between runs read
+    #: a zsRE run's scoring protocols, named (workbench.core.summary.zsre_rows); empty else
+    zsre: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def short(self) -> str:
@@ -165,6 +168,7 @@ def series_from_store(store: Store, run: Run) -> ReplaySeries:
     s.stats = run_stats(store, run.id, records)
     s.protocols = protocol_scores(store, run.id, stats=s.stats)
     s.evidence = run_evidence(store, run.id, records)
+    s.zsre = zsre_rows(stored_figures(store, run.id))
     return s
 
 

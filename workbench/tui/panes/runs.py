@@ -179,8 +179,10 @@ def scores_table(series: Sequence[ReplaySeries]) -> Group | Text:
     the paired tests between them."""
     if not series:
         return Text("Open a run (Enter, or Open) to see its charts and scores.", style="dim")
+    zsre = [s for s in series if s.zsre]
+    what = "zsRE" if len(zsre) == len(series) else "CounterFact, zsRE" if zsre else "CounterFact"
     t = Table(
-        title="CounterFact scores by protocol (95 % intervals)",
+        title=f"{what} scores by protocol (95 % intervals)",
         title_style="bold",
         box=None,
         padding=(0, 1),
@@ -197,6 +199,11 @@ def scores_table(series: Sequence[ReplaySeries]) -> Group | Text:
             cells = [_cell(fmt(getattr(p, k)), p.interval(k, 2)) for k in SCORE_KEYS]
             t.add_row(s.run_id[:8], p.protocol, *cells, _cell(hold, p.interval("hold", 2)))
     parts: list[Table | Text] = [t]
+    for s in zsre:  # what a zsRE run's ES / PS / NS are, and its teacher-forced figures
+        text = Text(f"{s.run_id[:8]} (zsRE)", style="bold")
+        for label, value in s.zsre:
+            text.append(f"\n  {label}: {value}")
+        parts.append(text)
     needed = needed_text(series)
     if needed is not None:
         parts.append(needed)
