@@ -12,6 +12,7 @@ from . import (  # noqa: F401  (they register themselves)
     encore,
     memit,
     memit_seq,
+    nas,
     rect,
     ultraedit,
 )

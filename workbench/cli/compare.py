@@ -18,7 +18,7 @@ from .common import app, err, handled, out, say, sigterm_as_interrupt, writing
 
 if TYPE_CHECKING:
     from workbench.core.compare import CompareSpec, RunState
-    from workbench.core.compare_runner import RunProgress
+    from workbench.core.compare_runner import Runner, RunProgress
 
 _STYLE = {"done": "green", "running": "cyan", "failed": "red", "waiting": "dim"}
 
@@ -73,7 +73,7 @@ def _dry_run(spec: CompareSpec, states: Sequence[RunState]) -> None:
 
 
 def _runner(states: list[RunState], spec: CompareSpec, target: Path, workers: int | None,
-            ray_address: str | None, shown: _Shown):  # type: ignore[no-untyped-def]  # fmt: skip
+            ray_address: str | None, shown: _Shown) -> Runner:  # fmt: skip
     from workbench.core.compare_runner import LocalRunner, local_workers
 
     if ray_address is not None:

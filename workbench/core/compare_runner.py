@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 from .compare import RunState, read_run
 
@@ -43,6 +44,12 @@ class RunProgress:
     worker: str = ""
     eta_s: float | None = None
     note: str = ""
+
+
+class Runner(Protocol):
+    """What runs a comparison's runs (:class:`LocalRunner`, ``ray_runner.RayRunner``)."""
+
+    def run(self) -> list[RunProgress]: ...
 
 
 @dataclass(frozen=True)
@@ -127,7 +134,8 @@ def name_run(db: Path, text: str) -> None:
         log.warning("could not name run %s in %s: %s", found[0], db, exc)
 
 
-def _row(state: RunState) -> RunProgress:
+def initial_row(state: RunState) -> RunProgress:
+    """A run's row before this session touched it (finished before, to resume, new)."""
     done = state.action == "skip"
     return RunProgress(
         state.run.name, "done" if done else "waiting", state.edits_done, state.run.n_edits,
@@ -149,7 +157,7 @@ class LocalRunner:
         poll_s: float = 1.0,
     ) -> None:
         self.states = {s.run.name: s for s in states}
-        self.rows = {s.run.name: _row(s) for s in states}
+        self.rows = {s.run.name: initial_row(s) for s in states}
         self.queue = deque(s for s in states if s.action != "skip")
         self.workers = list(workers)
         self.log_dir = log_dir

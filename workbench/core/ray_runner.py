@@ -33,7 +33,7 @@ from typing import Any
 from rome import BadRequestError
 
 from .compare import RunState, read_run
-from .compare_runner import RunProgress, _row, die_with_parent, eta, failure_note, name_run
+from .compare_runner import RunProgress, die_with_parent, eta, failure_note, initial_row, name_run
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ class RayRunner:
     ) -> None:
         self.ray = ray
         self.states = {s.run.name: s for s in states}
-        self.rows = {s.run.name: _row(s) for s in states}
+        self.rows = {s.run.name: initial_row(s) for s in states}
         self.on_change = on_change
         self.spec_name = spec_name
         self.workdir = workdir or str(Path(tempfile.gettempdir()) / WORKDIR / spec_name)
