@@ -165,6 +165,8 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         changes["v_num_grad_steps"] = args.steps
     if args.threshold is not None:
         changes["nullspace_threshold"] = args.threshold
+    if args.settings:  # the method's declared settings, as a JSON object
+        changes["method_settings"] = {args.method: json.loads(args.settings)}
     hp = hp.replace(**changes, v_stop="loss")
     ed = Editor(model, tok, hp)
     reqs = [EditRequest(p, s, t) for p, s, t in REQUESTS[: args.n]]
@@ -242,12 +244,12 @@ def _ours_two_steps(
     n_layers = len(model.get_submodule(hp.layers_module))
     torch.save({k: v.float().cpu() for k, v in c0.items()}, work / "c0.pt")
     ours = run_ours_steps(args, ed, method, batches)
-    spec = {
+    spec: dict[str, Any] = {
         "method": args.method,
         "templates": templates,
         "batches": [_request_dicts(b, i * args.n) for i, b in enumerate(batches)],
         "hparams": _reference_hparams(hp, args.method, n_layers, _head_name(model)),
-        "extra": getattr(method, "parity_extra", lambda _ed: {})(ed),
+        "anchor": ours["anchor"],
     }
     dump_spec(work, spec)
     return ours
@@ -273,6 +275,9 @@ def main() -> None:
     )
     ap.add_argument("--lr", type=float, default=0.0, help="UltraEdit lr (default: preset's)")
     ap.add_argument("--threshold", type=float, default=None, help="AlphaEdit nullspace_threshold")
+    ap.add_argument(
+        "--settings", default="", help='the method\'s settings as JSON, e.g. {"prob_cutoff": -2}'
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()

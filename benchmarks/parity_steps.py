@@ -15,7 +15,9 @@ anchors injected on both sides.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import json
 import time
 from pathlib import Path
@@ -63,6 +65,7 @@ def run_ours_steps(args: Any, ed: Any, method: Any, batches: list[list[Any]]) ->
         seen.append(ctx)
         return solve(editor, ctx, settings)
 
+    anchor_info = _our_anchor(ed, method) if args.method == "nas" else None
     method.solve = spy
     steps: list[dict[str, Any]] = []
     seconds = 0.0
@@ -86,7 +89,30 @@ def run_ours_steps(args: Any, ed: Any, method: Any, batches: list[list[Any]]) ->
             )
     finally:
         del method.solve
-    return {"steps": steps, "layers": layers, "seconds": seconds}
+    return {"steps": steps, "layers": layers, "seconds": seconds, "anchor": anchor_info}
+
+
+def _our_anchor(ed: Any, method: Any) -> dict[str, Any]:
+    """Our calibration norms on the unedited model; their trimmed mean becomes ρ."""
+    from rome import anchor
+    from rome.methods.nas import calibration_norms, use_anchor
+
+    st = method.settings(ed, {})
+    layer = ed.hp.edited_layers()[-1]
+    reqs = list(anchor.calibration_requests(st["anchor_samples"]))
+    norms = calibration_norms(ed, layer, reqs, st["anchor_batch"])
+    rho = anchor.trimmed_mean(norms)
+    use_anchor(ed, layer, rho)
+    return {
+        "layer": layer,
+        "batch": st["anchor_batch"],
+        "norms": norms,
+        "rho": rho,
+        "requests": [
+            {"prompt": r.prompt, "subject": r.subject, "target_new": {"str": " " + r.target_new}}
+            for r in reqs
+        ],
+    }
 
 
 def report_steps(args: Any, ours: dict[str, Any], ref: dict[str, Any], rel: Any) -> list[str]:
@@ -110,10 +136,23 @@ def report_steps(args: Any, ours: dict[str, Any], ref: dict[str, Any], rel: Any)
         assert len(theirs["keys"]) == m
         z = max(rel(mine["z"][j], theirs["z"][j]) for j in range(mine["z"].shape[0]))
         worst["z"] = max(worst["z"], z)
-        lines.append(f"step {s + 1} z rel (worst request) {z:.2e}")
+        ours_steps = [r["z_steps"] for r in mine["records"]]
+        lines.append(
+            f"step {s + 1} z rel (worst request) {z:.2e}  z forwards per request: ours "
+            f"{ours_steps}, published {theirs['z_steps']}"
+        )
     lines.append(
         f"worst over both steps: dW {worst['dW']:.2e}  K {worst['K']:.2e}  z {worst['z']:.2e}"
     )
+    if ours.get("anchor"):
+        a, b = ours["anchor"], ref["anchor"]
+        worst_norm = max(abs(x - y) / y for x, y in zip(a["norms"], b["norms"], strict=True))
+        lines.append(
+            f"anchor (layer {a['layer']}, {len(a['norms'])} calibration requests, batches of "
+            f"{a['batch']}): rho ours {a['rho']:.6f} published {b['rho']:.6f} rel "
+            f"{abs(a['rho'] - b['rho']) / b['rho']:.2e}; worst per-request norm rel "
+            f"{worst_norm:.2e} (the edit then injects ours on both sides)"
+        )
     for line in ref.get("notes", []):
         lines.append(line)
     return lines
@@ -139,23 +178,33 @@ def reference_steps(work: Path, spec: dict[str, Any], main_mod: Any, hparams: An
         main_mod.COV_CACHE[(name, hparams.rewrite_module_tmp.format(layer))] = c0[layer]
     rec: dict[str, list[Any]] = {"keys": [], "z": []}
     spy(main_mod, "compute_ks", lambda out: rec["keys"].append(out.T.double().cpu()))
-    spy(
-        main_mod,
-        "compute_z",
-        lambda out: rec["z"].append((out[0] if isinstance(out, tuple) else out).detach().double()),
-    )
+    rec["z_steps"] = []
+    compute_z = main_mod.compute_z
+
+    def z_spy(*a: Any, **k: Any) -> Any:
+        """z, and its forward count: the published loop prints one "loss ..." line a step."""
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            out = compute_z(*a, **k)
+        rec["z_steps"].append(sum(x.startswith("loss ") for x in buf.getvalue().splitlines()))
+        rec["z"].append((out[0] if isinstance(out, tuple) else out).detach().double())
+        return out
+
+    main_mod.compute_z = z_spy
     apply = getattr(main_mod, NAS_MAIN[method][3])
     m = len(hparams.layers)
     width = c0[hparams.layers[0]].shape[0]
     cache_c = torch.zeros((m, width, width))
     extra: dict[str, Any] = {}
+    anchor_out = None
     if method == "nas":
         extra["P"] = projectors(c0, hparams)
+        anchor_out = _reference_anchor(spec, model, tok, hparams)
     steps, notes = [], []
     t0 = time.process_time()
     for batch in spec["batches"]:
-        rec["keys"].clear()
-        rec["z"].clear()
+        for v in rec.values():
+            v.clear()
         before = {x: _weight(model, hparams, x) for x in hparams.layers}
         if method in ("memit-seq", "nas"):
             model, cache_c = apply(model, tok, batch, hparams, cache_c=cache_c, **extra)
@@ -167,10 +216,36 @@ def reference_steps(work: Path, spec: dict[str, Any], main_mod: Any, hparams: An
                 "applied": [after[x].double() - before[x].double() for x in hparams.layers],
                 "keys": rec["keys"][:m],
                 "z": torch.stack([z.cpu() for z in rec["z"]]),
+                "z_steps": list(rec["z_steps"]),
             }
         )
     out = {"steps": steps, "seconds": time.process_time() - t0, "notes": notes}
+    out["anchor"] = anchor_out
     torch.save(out, work / "reference.pt")
+
+
+def _reference_anchor(spec: dict[str, Any], model: Any, tok: Any, hparams: Any) -> dict[str, Any]:
+    """The published calibration on the same requests and batches; then our ρ injected
+    where the published ``compute_z`` asks for the anchor (a statistic, as C₀ is)."""
+    import dataclasses
+
+    vstar_stats = importlib.import_module("util.vstar_stats")
+    nas_z = importlib.import_module("NAS.compute_z")
+    memit_hp = importlib.import_module("baselines.memit").MEMITHyperParams
+    names = {f.name for f in dataclasses.fields(memit_hp)}
+    mh = memit_hp(**{k: v for k, v in spec["hparams"].items() if k in names})
+    a = spec["anchor"]
+    norms: list[float] = []
+    reqs = a["requests"]
+    for start in range(0, len(reqs), a["batch"]):
+        norms += vstar_stats._compute_vstar_norms_batched(
+            model=model, tok=tok, requests=reqs[start : start + a["batch"]], hparams=mh,
+            layer=a["layer"],
+        )  # fmt: skip
+    rho, _, _ = vstar_stats._upper_trimmed_mean(norms, upper_quantile=0.95)
+    injected = float(a["rho"])
+    nas_z.get_or_compute_mean_vstar_norm = lambda **_k: injected
+    return {"norms": norms, "rho": rho}
 
 
 def _weight(model: Any, hparams: Any, layer: int) -> torch.Tensor:

@@ -21,10 +21,11 @@ REQS = [
 ]
 
 
-def editor(arch: str = "llama", **fields) -> Editor:
-    lm = load_model(f"tiny-{arch}")
-    hp = load_preset("tiny-llama-ultraedit").replace(**fields)
-    return Editor(lm.model, lm.tokenizer, hp)
+def editor(**settings) -> Editor:
+    lm = load_model("tiny-llama")
+    hp = load_preset("tiny-llama-ultraedit")
+    ours = {**hp.method_settings["ultraedit"], **settings}
+    return Editor(lm.model, lm.tokenizer, hp.replace(method_settings={"ultraedit": ours}))
 
 
 def names(ed: Editor, layer: int) -> list[str]:
@@ -104,7 +105,7 @@ def test_two_steps_carry_the_normaliser_and_undo_restores_weights():
 
 
 def test_compute_leaves_the_model_and_the_edit_raises_p_new():
-    ed = editor(ultraedit_lr=0.05)
+    ed = editor(lr=0.05)
     before = {n: p.detach().clone() for n, p in ed.model.named_parameters()}
     upd = ed.edit(REQS, method="ultraedit")
     assert all(torch.equal(before[n], p) for n, p in ed.model.named_parameters())
@@ -121,7 +122,7 @@ def test_an_architecture_without_the_modules_is_refused():
     ):
         ed.edit(REQS[:1], method="ultraedit")
     # its MLP output projection (Conv1D, stored (in, out)) is editable, as for GPT-J
-    upd = ed.edit(REQS, method="ultraedit", modules=["mlp_out"], lr=1e-2)
+    upd = ed.edit(REQS, method="ultraedit", modules="mlp_out", lr=1e-2)
     ed.apply_step(upd)
     assert ed.drift(1)[0] == pytest.approx(upd.layers[0].norm, rel=1e-5)
 
