@@ -134,6 +134,16 @@ def test_a_ray_address_that_does_not_answer_is_refused_before_anything(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.toml"]
 
 
+def test_ray_auto_without_ray_or_a_cluster_is_one_line_exit_2(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    spec = _spec(tmp_path)
+    res = runner.invoke(app, ["compare", str(spec), "--ray", "auto"])
+    assert res.exit_code == 2, res.output
+    line = one_line(res.output)  # without the extra: how to install it; with: no cluster
+    assert "pip install 'rome-workbench[ray]'" in line or "no Ray cluster at auto" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.toml"]
+
+
 def test_workers_with_ray_is_refused(tmp_path):
     spec = _spec(tmp_path)
     res = runner.invoke(app, ["compare", str(spec), "--ray", "auto", "--workers", "2"])
