@@ -244,12 +244,12 @@ def _ours_two_steps(
     n_layers = len(model.get_submodule(hp.layers_module))
     torch.save({k: v.float().cpu() for k, v in c0.items()}, work / "c0.pt")
     ours = run_ours_steps(args, ed, method, batches)
-    spec = {
+    spec: dict[str, Any] = {
         "method": args.method,
         "templates": templates,
         "batches": [_request_dicts(b, i * args.n) for i, b in enumerate(batches)],
         "hparams": _reference_hparams(hp, args.method, n_layers, _head_name(model)),
-        "extra": getattr(method, "parity_extra", lambda _ed: {})(ed),
+        "anchor": ours["anchor"],
     }
     dump_spec(work, spec)
     return ours

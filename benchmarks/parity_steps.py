@@ -65,6 +65,7 @@ def run_ours_steps(args: Any, ed: Any, method: Any, batches: list[list[Any]]) ->
         seen.append(ctx)
         return solve(editor, ctx, settings)
 
+    anchor_info = _our_anchor(ed, method) if args.method == "nas" else None
     method.solve = spy
     steps: list[dict[str, Any]] = []
     seconds = 0.0
@@ -88,7 +89,30 @@ def run_ours_steps(args: Any, ed: Any, method: Any, batches: list[list[Any]]) ->
             )
     finally:
         del method.solve
-    return {"steps": steps, "layers": layers, "seconds": seconds}
+    return {"steps": steps, "layers": layers, "seconds": seconds, "anchor": anchor_info}
+
+
+def _our_anchor(ed: Any, method: Any) -> dict[str, Any]:
+    """Our calibration norms on the unedited model; their trimmed mean becomes ρ."""
+    from rome import anchor
+    from rome.methods.nas import calibration_norms, use_anchor
+
+    st = method.settings(ed, {})
+    layer = ed.hp.edited_layers()[-1]
+    reqs = list(anchor.calibration_requests(st["anchor_samples"]))
+    norms = calibration_norms(ed, layer, reqs, st["anchor_batch"])
+    rho = anchor.trimmed_mean(norms)
+    use_anchor(ed, layer, rho)
+    return {
+        "layer": layer,
+        "batch": st["anchor_batch"],
+        "norms": norms,
+        "rho": rho,
+        "requests": [
+            {"prompt": r.prompt, "subject": r.subject, "target_new": {"str": " " + r.target_new}}
+            for r in reqs
+        ],
+    }
 
 
 def report_steps(args: Any, ours: dict[str, Any], ref: dict[str, Any], rel: Any) -> list[str]:
@@ -120,6 +144,15 @@ def report_steps(args: Any, ours: dict[str, Any], ref: dict[str, Any], rel: Any)
     lines.append(
         f"worst over both steps: dW {worst['dW']:.2e}  K {worst['K']:.2e}  z {worst['z']:.2e}"
     )
+    if ours.get("anchor"):
+        a, b = ours["anchor"], ref["anchor"]
+        worst_norm = max(abs(x - y) / y for x, y in zip(a["norms"], b["norms"], strict=True))
+        lines.append(
+            f"anchor (layer {a['layer']}, {len(a['norms'])} calibration requests, batches of "
+            f"{a['batch']}): rho ours {a['rho']:.6f} published {b['rho']:.6f} rel "
+            f"{abs(a['rho'] - b['rho']) / b['rho']:.2e}; worst per-request norm rel "
+            f"{worst_norm:.2e} (the edit then injects ours on both sides)"
+        )
     for line in ref.get("notes", []):
         lines.append(line)
     return lines
@@ -163,8 +196,10 @@ def reference_steps(work: Path, spec: dict[str, Any], main_mod: Any, hparams: An
     width = c0[hparams.layers[0]].shape[0]
     cache_c = torch.zeros((m, width, width))
     extra: dict[str, Any] = {}
+    anchor_out = None
     if method == "nas":
         extra["P"] = projectors(c0, hparams)
+        anchor_out = _reference_anchor(spec, model, tok, hparams)
     steps, notes = [], []
     t0 = time.process_time()
     for batch in spec["batches"]:
@@ -185,7 +220,32 @@ def reference_steps(work: Path, spec: dict[str, Any], main_mod: Any, hparams: An
             }
         )
     out = {"steps": steps, "seconds": time.process_time() - t0, "notes": notes}
+    out["anchor"] = anchor_out
     torch.save(out, work / "reference.pt")
+
+
+def _reference_anchor(spec: dict[str, Any], model: Any, tok: Any, hparams: Any) -> dict[str, Any]:
+    """The published calibration on the same requests and batches; then our ρ injected
+    where the published ``compute_z`` asks for the anchor (a statistic, as C₀ is)."""
+    import dataclasses
+
+    vstar_stats = importlib.import_module("util.vstar_stats")
+    nas_z = importlib.import_module("NAS.compute_z")
+    memit_hp = importlib.import_module("baselines.memit").MEMITHyperParams
+    names = {f.name for f in dataclasses.fields(memit_hp)}
+    mh = memit_hp(**{k: v for k, v in spec["hparams"].items() if k in names})
+    a = spec["anchor"]
+    norms: list[float] = []
+    reqs = a["requests"]
+    for start in range(0, len(reqs), a["batch"]):
+        norms += vstar_stats._compute_vstar_norms_batched(
+            model=model, tok=tok, requests=reqs[start : start + a["batch"]], hparams=mh,
+            layer=a["layer"],
+        )  # fmt: skip
+    rho, _, _ = vstar_stats._upper_trimmed_mean(norms, upper_quantile=0.95)
+    injected = float(a["rho"])
+    nas_z.get_or_compute_mean_vstar_norm = lambda **_k: injected
+    return {"norms": norms, "rho": rho}
 
 
 def _weight(model: Any, hparams: Any, layer: int) -> torch.Tensor:

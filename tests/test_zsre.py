@@ -408,3 +408,21 @@ def test_the_report_and_the_app_name_both_protocols(tmp_path: Path) -> None:
         assert PROTOCOL_LABELS[TOP1] in text and PROTOCOL_LABELS[TEACHER_FORCED] in text
     assert "order of seed 2" in page and "every token of its answer" in page
     assert "zsRE scores by protocol" in out.getvalue()
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_a_rome_edit_on_smollm2_makes_a_zsre_record_hold() -> None:
+    """The bundled record 0 (UniFirst -> uniform): not held by the unedited SmolLM2,
+    held after one r-ROME edit, under both protocols."""
+    lm = load_model("smollm2-135m")
+    rec = load_records("zsre", limit=1, tokenizer=lm.tokenizer).records[0]
+    before = record_metrics(lm.model, lm.tokenizer, rec)
+    ed = Editor(lm.model, lm.tokenizer, lm.hparams, keep_undo=False)
+    result = ed.compute(rec.to_request(), "rrome")
+    assert result.p_true_before is None and result.p_true_after is None  # no true object
+    ed.apply(result)
+    after = record_metrics(lm.model, lm.tokenizer, rec)
+    assert isinstance(before, ZsreMetrics) and isinstance(after, ZsreMetrics)
+    assert before.es < 1.0 and after.es == 1.0 and after.es_tf == 1.0
+    assert after.p_new > before.p_new

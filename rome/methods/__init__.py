@@ -12,6 +12,8 @@ from . import (  # noqa: F401  (they register themselves)
     encore,
     memit,
     memit_seq,
+    nas,
+    prune,
     rect,
     ultraedit,
 )
