@@ -28,8 +28,8 @@ import math
 from typing import Any
 
 from evals.metrics import aggregate, record_metrics
-from evals.stats import median
 from evals.replay import PERPLEXITY_TASK, _record_of
+from evals.stats import median
 from workbench.store import Store
 
 
