@@ -5,6 +5,8 @@
     python benchmarks/parity.py --method alphaedit --reference-src ~/src/AlphaEdit
     python benchmarks/parity.py --method memit-seq --reference-src ~/src/NAS   (also rect,
         encore, nas: SasyaTitech/NAS; two steps in a row, see parity_steps.py)
+    python benchmarks/parity.py --method prune --reference-src ~/src/AlphaEdit-MEMIT_prune \
+        --settings '{"rule": "published", "when": "end", "end_step": 2}'
     python benchmarks/parity.py --method ultraedit --reference-src ~/src/UltraEdit
 
 (UltraEdit is not locate-then-edit: its comparison is ``benchmarks/parity_ultraedit.py``.)

@@ -19,6 +19,7 @@ import contextlib
 import importlib
 import io
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,12 @@ NAS_MAIN = {
         "apply_encore_to_model",
     ),
     "nas": ("NAS.NAS_main", "NAS", "NASHyperParams", "apply_NAS_to_model"),
+    # PRUNE: jianghoucheng/AlphaEdit, branch MEMIT_prune: MEMIT from its memit package, the
+    # restraint from the block of experiments/evaluate.py (read from the checkout, run here)
+    "prune": ("memit.memit_main", "memit", "MEMITHyperParams", "apply_memit_to_model"),
 }
+#: the line that opens the MEMIT_prune branch's restraint in experiments/evaluate.py
+PRUNE_MARK = "if cnt == (dataset_size_limit/num_edits) - 1:"
 
 
 def weights_of(ed: Any, layers: list[int]) -> dict[int, torch.Tensor]:
@@ -197,6 +203,8 @@ def reference_steps(work: Path, spec: dict[str, Any], main_mod: Any, hparams: An
     cache_c = torch.zeros((m, width, width))
     extra: dict[str, Any] = {}
     anchor_out = None
+    if method == "prune" and not torch.cuda.is_available():  # its block names "cuda"
+        extra["cuda_torch"] = sys.modules["__main__"]._TorchOnCpu()
     if method == "nas":
         extra["P"] = projectors(c0, hparams)
         anchor_out = _reference_anchor(spec, model, tok, hparams)
@@ -208,6 +216,8 @@ def reference_steps(work: Path, spec: dict[str, Any], main_mod: Any, hparams: An
         before = {x: _weight(model, hparams, x) for x in hparams.layers}
         if method in ("memit-seq", "nas"):
             model, cache_c = apply(model, tok, batch, hparams, cache_c=cache_c, **extra)
+        elif method == "prune":
+            _prune_step(work, spec, model, tok, batch, hparams, apply, extra)
         else:
             apply(model, tok, batch, hparams)
         after = {x: _weight(model, hparams, x) for x in hparams.layers}
@@ -219,6 +229,7 @@ def reference_steps(work: Path, spec: dict[str, Any], main_mod: Any, hparams: An
                 "z_steps": list(rec["z_steps"]),
             }
         )
+    notes += extra.get("notes", [])
     out = {"steps": steps, "seconds": time.process_time() - t0, "notes": notes}
     out["anchor"] = anchor_out
     torch.save(out, work / "reference.pt")
@@ -246,6 +257,50 @@ def _reference_anchor(spec: dict[str, Any], model: Any, tok: Any, hparams: Any) 
     injected = float(a["rho"])
     nas_z.get_or_compute_mean_vstar_norm = lambda **_k: injected
     return {"norms": norms, "rho": rho}
+
+
+def _prune_step(
+    work: Path, spec: dict[str, Any], model: Any, tok: Any, batch: Any, hparams: Any,
+    apply: Any, extra: dict[str, Any],
+) -> None:  # fmt: skip
+    """One batch as the branch's evaluate.py runs it: MEMIT applied (the first batch keeps
+    the original weights), then its restraint block when this is the last batch."""
+    cnt = extra.setdefault("cnt", 0)
+    _, copy = apply(model, tok, batch, hparams, return_orig_weights=cnt == 0)
+    if cnt == 0:
+        extra["weights_copy"] = copy
+    scope = {
+        "torch": sys.modules["torch"] if "cuda_torch" not in extra else extra["cuda_torch"],
+        "nethook": importlib.import_module("util.nethook"),
+        "model": model,
+        "weights_copy": extra["weights_copy"],
+        "upd_matrix": {},
+        "cnt": cnt,
+        "num_edits": len(batch),
+        "dataset_size_limit": len(batch) * len(spec["batches"]),
+    }
+    exec(_prune_block(Path.cwd() / "experiments" / "evaluate.py"), scope)  # noqa: S102
+    if scope["upd_matrix"]:
+        extra.setdefault("notes", []).append(
+            f"published restraint block ran after batch {cnt + 1} on "
+            f"{len(scope['upd_matrix'])} weight(s)"
+        )
+    extra["cnt"] = cnt + 1
+
+
+def _prune_block(path: Path) -> str:
+    """The published ``if cnt == ...:`` statement and its body, dedented."""
+    import textwrap
+
+    lines = path.read_text().splitlines()
+    start = next(i for i, x in enumerate(lines) if x.strip() == PRUNE_MARK)
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    body = [lines[start]]
+    for x in lines[start + 1 :]:
+        if x.strip() and len(x) - len(x.lstrip()) <= indent and not x.lstrip().startswith("#"):
+            break
+        body.append(x)
+    return textwrap.dedent("\n".join(body)) + "\n"
 
 
 def _weight(model: Any, hparams: Any, layer: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ from . import (  # noqa: F401  (they register themselves)
     memit,
     memit_seq,
     nas,
+    prune,
     rect,
     ultraedit,
 )
