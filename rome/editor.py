@@ -122,6 +122,11 @@ class Editor:
     def module(self, layer: int) -> nn.Module:
         return get_module(self.model, self.hp.weight_module(layer))
 
+    def weight_norm(self, lu: LayerUpdate) -> float:
+        """‖W‖_F of the weight(s) ``lu`` writes, as they are now."""
+        parts = [float(weight_out_in(m).detach().float().norm()) for _, m, _, _ in self.targets(lu)]
+        return math.sqrt(sum(x * x for x in parts))
+
     def targets(self, lu: LayerUpdate) -> list[tuple[str | None, nn.Module, int, int]]:
         """Where ``lu`` writes: (module name, or None for the preset's weight; module;
         its rows of ``V``). ``weight_name`` may join several modules that read the same
@@ -539,8 +544,8 @@ class Editor:
         if first is not None:
             p = first.double().exp().tolist()
             p_true = None
-            if req.target_true is not None:
-                p_true = score_targets(self.model, self.tok, [bare], [req.target_true])[0].prob
+            if req.true_object is not None:  # none for an end-of-text target_true (zsRE)
+                p_true = score_targets(self.model, self.tok, [bare], [req.true_object])[0].prob
             return _Probe(p[0], p_true, sum(p[1:]) / (len(p) - 1) if len(p) > 1 else p[0])
         prefixed = [t.format(req.prompt).replace("{}", req.subject, 1) for t in templates[1:]]
         prompts = [bare, *prefixed]
@@ -602,13 +607,7 @@ class Editor:
         """Why an update must not be applied (checked per layer): non-finite or too large."""
         for lu in update.layers:
             self.check_layer(lu.layer)
-            w_norm = math.sqrt(
-                sum(
-                    float(weight_out_in(m).detach().float().norm()) ** 2
-                    for _, m, _, _ in self.targets(lu)
-                )
-            )
-            reason = self._unsafe(lu.is_finite(), lu.norm, w_norm)
+            reason = self._unsafe(lu.is_finite(), lu.norm, self.weight_norm(lu))
             if reason:
                 return reason if len(update.layers) == 1 else f"layer {lu.layer}: {reason}"
         return None

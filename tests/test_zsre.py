@@ -371,10 +371,13 @@ def test_edit_takes_a_zsre_file_and_judges_it_without_a_true_object(tmp_path: Pa
     reqs = load_batch(path)
     assert [r.target_new for r in reqs] == [RAW[0]["answers"][0], RAW[1]["answers"][0]]
     assert all(r.target_true == END_OF_TEXT for r in reqs)
-    res = invoke(["edit", "--model", "tiny-gpt2", "--method", "all", "--batch", path, "--json"])
-    assert res.exit_code == 0, res.output
-    rows = json.loads(res.stdout)
-    assert {r["method"] for r in rows} >= {"rome", "memit", "emmet", "alphaedit"}
+    rows = []
+    for method in ("rome", "memit", "emmet", "alphaedit"):
+        args = ["edit", "--model", "tiny-gpt2", "--method", method, "--batch", path, "--json"]
+        res = invoke(args)
+        assert res.exit_code == 0, res.output
+        rows += json.loads(res.stdout)
+    assert {r["method"] for r in rows} == {"rome", "memit", "emmet", "alphaedit"}
     for r in rows:
         assert r["p_true_before"] == [None, None] and r["p_true_after"] == [None, None]
         assert r["efficacy_before"] == 0.0  # nothing to beat before the edit

@@ -135,6 +135,8 @@ class UltraEdit:
 
     name = "ultraedit"
     batched = True
+    uses_covariance = False  # a replay computes no statistics for it
+    uses_templates = False  # nor the family's context templates (bare prompts only)
 
     def layers(self, editor: Editor) -> list[int]:
         return [editor.check_layer(x) for x in editor.hp.edited_layers()]
@@ -146,6 +148,16 @@ class UltraEdit:
         out = declared.read(self.name, SETTINGS, editor.hp.method_settings, options)
         out["module_names"] = MODULES[out["modules"]]
         return out
+
+    def cannot_edit(self, editor: Editor) -> str | None:
+        """Why this method cannot edit the editor's model with its settings (None: it can)."""
+        try:
+            rel = self.settings(editor, {})["module_names"]
+            for layer in self.layers(editor):
+                self.module_names(editor, layer, rel)
+        except RomeError as exc:
+            return str(exc)
+        return None
 
     def module_names(self, editor: Editor, layer: int, modules: list[str]) -> list[str]:
         """Full module names at ``layer``; refused when the architecture lacks one."""
