@@ -134,6 +134,8 @@ def _reference_hparams(hp: Any, method: str, n_layers: int, head: str) -> dict[s
         )
     if method in NAS_MAIN:
         out["model_name"] = hp.name
+    if method == "memit-nas":
+        out["use_nas"] = True
     if method == "encore":
         st = hp.method_settings.get("encore", {})
         out.update(
