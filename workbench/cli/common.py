@@ -265,11 +265,19 @@ DbOpt = Annotated[Path | None, typer.Option("--db", help="history database ($ROM
 
 
 def open_db(db: Path | None, *, create: bool = True) -> Store:
-    """The history database, stale runs marked interrupted. ``create=False`` (the
-    commands that only read): where there is no database, say so and create nothing."""
+    """The history database to write to, stale runs marked interrupted (migrated if
+    older, with a warning). ``create=False``: where there is none, say so, create nothing."""
     from workbench.core.stores import open_and_recover
 
     return open_and_recover(db, create=create)
+
+
+def read_db(db: Path | None) -> Store:
+    """The history database for a command that only reads: opened read-only, nothing
+    written to it (not even a migration); where there is none, say so."""
+    from workbench.core.stores import open_to_read
+
+    return open_to_read(db)
 
 
 def output_file(path: Path, *, example: str = "out.json") -> Path:
