@@ -61,7 +61,8 @@ class AppliedEdit:
     weight_name: str
     u: torch.Tensor
     v: torch.Tensor
-    saved: dict[int, torch.Tensor] | None
+    # per layer (the preset's weight) or per module name (another weight a step named)
+    saved: dict[int | str, torch.Tensor] | None
     result: EditResult | None = None
     update: Update | None = None
 
@@ -98,6 +99,9 @@ class Editor:
         self._factors: dict[int, cov.CovFactor] = {}
         self._stats_meta: dict[int, cov.StatsMeta | None] = {}
         self._base: dict[int, torch.Tensor] = {}
+        # weights other than the preset's that a step named (LayerUpdate.weight_name), by
+        # module name: (layer, unedited weight); UltraEdit's gate/up projections
+        self._other_base: dict[str, tuple[int, torch.Tensor]] = {}
         self._anchors: dict[int, float] = {}
         self._cached: dict[Any, Any] = {}
         self.method_state: dict[str, Any] = {}  # each method's carried state, by method name
@@ -117,6 +121,29 @@ class Editor:
 
     def module(self, layer: int) -> nn.Module:
         return get_module(self.model, self.hp.weight_module(layer))
+
+    def targets(self, lu: LayerUpdate) -> list[tuple[str | None, nn.Module, int, int]]:
+        """Where ``lu`` writes: (module name, or None for the preset's weight; module;
+        its rows of ``V``). ``weight_name`` may join several modules that read the same
+        input with ``+`` (their (out, in) weights stacked by rows, in that order)."""
+        names = [n.removesuffix(".weight") for n in lu.weight_name.split("+")]
+        if names == [self.hp.weight_module(lu.layer)]:
+            return [(None, self.module(lu.layer), 0, int(lu.V.shape[0]))]
+        out: list[tuple[str | None, nn.Module, int, int]] = []
+        row = 0
+        for name in names:
+            try:
+                module = get_module(self.model, name)
+            except LookupError as exc:
+                raise BadRequestError(f"the update names a missing weight: {exc}") from None
+            rows, width = weight_out_in(module).shape
+            if width != lu.U.shape[1]:
+                raise BadRequestError(f"{name} reads {width} inputs, the update {lu.U.shape[1]}")
+            out.append((name, module, row, row + int(rows)))
+            row += int(rows)
+        if row != lu.V.shape[0]:
+            raise BadRequestError(f"{lu.weight_name} has {row} rows, the update {lu.V.shape[0]}")
+        return out
 
     def cached(self, key: Any, make: Callable[[], Any]) -> Any:
         """A value computed once per editor (a method's templates, projectors...)."""
@@ -430,6 +457,8 @@ class Editor:
         with contextlib.ExitStack() as stack:
             for layer in sorted(set(layers)):
                 stack.enter_context(self._base_weights(layer, always=True))
+            for name in self._others_at(layers):
+                stack.enter_context(self._other_base_weight(name))
             yield
 
     @contextlib.contextmanager
@@ -439,7 +468,20 @@ class Editor:
         with contextlib.ExitStack() as stack:
             for layer in list(self._base):
                 stack.enter_context(self._base_weights(layer))
+            for name in list(self._other_base):
+                stack.enter_context(self._other_base_weight(name))
             yield
+
+    @contextlib.contextmanager
+    def _other_base_weight(self, name: str) -> Iterator[None]:
+        """Inside, the other weight ``name`` holds its unedited value; the edited one after."""
+        module = get_module(self.model, name)
+        edited = weight_of(module).detach().to("cpu", copy=True)
+        restore(module, self._other_base[name][1])
+        try:
+            yield
+        finally:
+            restore(module, edited)
 
     @contextlib.contextmanager
     def _base_weights(self, layer: int, always: bool = False) -> Iterator[None]:
@@ -461,6 +503,22 @@ class Editor:
         """(‖W_n − W_0‖_F, ‖W_n‖_F / ‖W_0‖_F) of ``layer``'s edited weight."""
         w = weight_of(self.module(layer)).detach().float()
         base = self._base.get(layer)
+        others = self._others_at([layer])
+        if others:  # the weights a step named instead of (or beside) the preset's, together
+            pairs = [(get_module(self.model, n), self._other_base[n][1]) for n in others]
+            if base is not None:
+                pairs.append((self.module(layer), base))
+            sq = [
+                (
+                    float((weight_of(m).detach().float() - b.to(w.device).float()).norm()) ** 2,
+                    float(weight_of(m).detach().float().norm()) ** 2,
+                    float(b.float().norm()) ** 2,
+                )
+                for m, b in pairs
+            ]
+            n0 = math.sqrt(sum(x[2] for x in sq))
+            ratio = math.sqrt(sum(x[1] for x in sq)) / n0 if n0 else math.inf
+            return math.sqrt(sum(x[0] for x in sq)), ratio
         if base is None:
             return 0.0, 1.0
         w0 = base.to(w.device).float()
@@ -473,11 +531,12 @@ class Editor:
         prefixed = [t.format(req.prompt).replace("{}", req.subject, 1) for t in templates[1:]]
         prompts = [bare, *prefixed]
         targets = [req.target_new] * len(prompts)
-        if req.target_true is not None:
+        true = req.true_object  # None for an end-of-text target_true (zsRE): no p(true)
+        if true is not None:
             prompts.append(bare)
-            targets.append(req.target_true)
+            targets.append(true)
         scores = score_targets(self.model, self.tok, prompts, targets)
-        p_true = scores[-1].prob if req.target_true is not None else None
+        p_true = scores[-1].prob if true is not None else None
         templ = [s.prob for s in scores[1 : 1 + len(prefixed)]]
         return _Probe(scores[0].prob, p_true, sum(templ) / len(templ) if templ else scores[0].prob)
 
@@ -528,8 +587,14 @@ class Editor:
     def update_unsafe_reason(self, update: Update) -> str | None:
         """Why an update must not be applied (checked per layer): non-finite or too large."""
         for lu in update.layers:
-            w = weight_out_in(self.module(self.check_layer(lu.layer))).detach().float()
-            reason = self._unsafe(lu.is_finite(), lu.norm, float(w.norm()))
+            self.check_layer(lu.layer)
+            w_norm = math.sqrt(
+                sum(
+                    float(weight_out_in(m).detach().float().norm()) ** 2
+                    for _, m, _, _ in self.targets(lu)
+                )
+            )
+            reason = self._unsafe(lu.is_finite(), lu.norm, w_norm)
             if reason:
                 return reason if len(update.layers) == 1 else f"layer {lu.layer}: {reason}"
         return None
@@ -545,14 +610,21 @@ class Editor:
             reason = self.update_unsafe_reason(update)
             if reason:
                 raise UnsafeUpdateError(f"refused to apply: {reason}; nothing was changed")
-        saved: dict[int, torch.Tensor] = {}
+        saved: dict[int | str, torch.Tensor] = {}
         for lu in update.layers:
-            module = self.module(self.check_layer(lu.layer))
-            if lu.layer not in self._base:
-                self._base[lu.layer] = weight_of(module).detach().to("cpu", copy=True)
-            before = add_delta(module, lu.delta())
-            if self.keep_undo and lu.layer not in saved:
-                saved[lu.layer] = before.to("cpu")
+            self.check_layer(lu.layer)
+            targets = self.targets(lu)
+            for name, module, r0, r1 in targets:
+                key: int | str = lu.layer if name is None else name
+                if name is None and lu.layer not in self._base:
+                    self._base[lu.layer] = weight_of(module).detach().to("cpu", copy=True)
+                if name is not None and name not in self._other_base:
+                    w0 = weight_of(module).detach().to("cpu", copy=True)
+                    self._other_base[name] = (lu.layer, w0)
+                delta = lu.delta() if len(targets) == 1 else lu.V[r0:r1].float() @ lu.U.float()
+                before = add_delta(module, delta)
+                if self.keep_undo and key not in saved:
+                    saved[key] = before.to("cpu")
         first = update.layers[0]
         result = update.results[0] if len(update.results) == 1 else None
         entry = AppliedEdit(
@@ -574,8 +646,8 @@ class Editor:
         entry = self.applied[-1]
         if entry.saved is None:
             raise NothingToUndoError("this editor keeps no undo copies (keep_undo=False)")
-        for layer, weight in entry.saved.items():
-            restore(self.module(layer), weight)
+        for key, weight in entry.saved.items():
+            restore(self._saved_module(key), weight)
         self.applied.pop()
         return entry
 
@@ -584,22 +656,39 @@ class Editor:
         n = len(self.applied)
         for layer, base in self._base.items():
             restore(self.module(layer), base)
+        for name, (_, base) in self._other_base.items():
+            restore(get_module(self.model, name), base)
         self.applied.clear()
         return n
+
+    def _saved_module(self, key: int | str) -> nn.Module:
+        return self.module(key) if isinstance(key, int) else get_module(self.model, key)
+
+    def _others_at(self, layers: Iterable[int]) -> list[str]:
+        """The other weights edited at ``layers``, by name, sorted."""
+        chosen = set(layers)
+        return sorted(n for n, (layer, _) in self._other_base.items() if layer in chosen)
 
     @property
     def edited_layers(self) -> list[int]:
         """Every layer an applied update has touched since the editor was made."""
-        return sorted(self._base)
+        return sorted(set(self._base) | {layer for layer, _ in self._other_base.values()})
 
     def fingerprint(self, layers: Iterable[int] | None = None) -> str:
         """SHA-256 of the editable weights of ``layers`` (default: the preset's and edited)."""
-        chosen = sorted(set(layers) if layers is not None else {self.hp.layer, *self._base})
+        if layers is None:
+            chosen = sorted({self.hp.layer, *self.edited_layers})
+        else:
+            chosen = sorted(set(layers))
         h = hashlib.sha256()
         for layer in chosen:
             w = weight_of(self.module(layer)).detach().to("cpu").contiguous()
             h.update(f"{layer}:{w.dtype}:{tuple(w.shape)}".encode())
             h.update(w.view(torch.uint8).numpy().tobytes())
+            for name in self._others_at([layer]):  # none unless a step named another weight
+                w = weight_of(get_module(self.model, name)).detach().to("cpu").contiguous()
+                h.update(f"{layer}:{name}:{w.dtype}:{tuple(w.shape)}".encode())
+                h.update(w.view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
     def stats_meta(self, layer: int) -> cov.StatsMeta | None:

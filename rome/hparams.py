@@ -19,7 +19,14 @@ MODES = ("original", "rrome", "prompt")
 #: where a key is read: the subject's last token (the only position implemented)
 FACT_TOKENS = ("subject_last",)
 SUBJECT_INDEX = ("joined", "separate")
-FAMILY_METHODS = ("rome", "memit", "emmet", "alphaedit")
+FAMILY_METHODS = ("rome", "memit", "emmet", "alphaedit", "ultraedit")
+
+
+def _registered_methods() -> dict[str, Any]:
+    """The method registry (imported late: the methods import this module)."""
+    from .methods.registry import METHODS
+
+    return METHODS
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,15 @@ class EditHparams:
     nullspace_threshold: float = 0.02  # AlphaEdit: keep singular values of C₀ below this
     alphaedit_l2: float = 10.0  # AlphaEdit's L2
     memit_accumulate: bool = False  # MEMIT_seq: add the accumulated K Kᵀ of applied edits
+    # settings of methods that declare their own (rome/methods/*.py), by method name:
+    # {"rect": {"keep_percent": 40}}; each method checks its own entry
+    method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ultraedit_lr: float = 1e-6  # UltraEdit's lr (config/editor/ultraedit.yaml)
+    # UltraEdit's modules, relative to a block ("mlp_out": the preset's edited weight)
+    ultraedit_modules: list[str] = field(default_factory=lambda: ["mlp.gate_proj", "mlp.up_proj"])
+    ultraedit_normaliser: str = (
+        "exact"  # "exact" (Chan's rule) or "published" (rome/methods/ultraedit.py)
+    )
     subject_index: str = "joined"  # "joined" (AlphaEdit, EMMET) or "separate" (kmeng01/memit)
     family_template_words: list[str] = field(
         default_factory=lambda: ["The", "Therefore", "Because", "I", "You"]
@@ -136,10 +152,11 @@ class EditHparams:
         return self
 
     def _validate_family(self) -> None:
-        if self.method not in FAMILY_METHODS:
-            raise BadRequestError(
-                f"method must be one of {', '.join(FAMILY_METHODS)}, not {self.method!r}"
-            )
+        methods = _registered_methods()
+        if self.method not in FAMILY_METHODS and self.method not in methods:
+            names = sorted({*FAMILY_METHODS, *methods})
+            raise BadRequestError(f"method must be one of {', '.join(names)}, not {self.method!r}")
+        _check_method_settings(self.method_settings, methods)
         if self.layers is not None:
             if not self.layers or list(self.layers) != sorted(set(self.layers)):
                 raise BadRequestError(
@@ -155,6 +172,11 @@ class EditHparams:
         for name in ("mom2_update_weight", "nullspace_threshold"):
             if not getattr(self, name) > 0:
                 raise BadRequestError(f"{name} must be positive, not {getattr(self, name)}")
+        if not self.ultraedit_lr > 0 or not self.ultraedit_modules:
+            raise BadRequestError("ultraedit_lr must be positive and ultraedit_modules not empty")
+        if self.ultraedit_normaliser not in ("exact", "published"):
+            rule = self.ultraedit_normaliser
+            raise BadRequestError(f"ultraedit_normaliser must be exact or published, not {rule!r}")
         for name in ("emmet_lambda", "update_norm_lambda", "alphaedit_l2"):
             if getattr(self, name) < 0:
                 raise BadRequestError(f"{name} must be >= 0, not {getattr(self, name)}")
@@ -179,6 +201,24 @@ class EditHparams:
             return cls(**data).validate()
         except TypeError as exc:
             raise BadRequestError(f"incomplete preset: {exc}") from None
+
+
+def _check_method_settings(given: Any, methods: dict[str, Any]) -> None:
+    """``method_settings`` is an object of objects, each for a method that declares
+    settings, and that method accepts its entry (one :class:`BadRequestError`)."""
+    if not isinstance(given, dict) or not all(isinstance(v, dict) for v in given.values()):
+        raise BadRequestError(
+            'preset field method_settings must be an object of objects, e.g. {"rect": '
+            '{"keep_percent": 40}}'
+        )
+    for name, values in given.items():
+        check = getattr(methods.get(name), "check_settings", None)
+        if check is None:
+            raise BadRequestError(
+                f"preset field method_settings names {name!r}, which is not a method that "
+                "declares settings"
+            )
+        check(values)
 
 
 #: numeric fields: (whole number?, lowest value, whether the lowest value itself is allowed)

@@ -6,7 +6,14 @@ themselves in :mod:`rome.methods.registry` on import).
 
 from __future__ import annotations
 
-from . import alphaedit, emmet, memit  # noqa: F401  (they register themselves)
+from . import (  # noqa: F401  (they register themselves)
+    alphaedit,
+    emmet,
+    memit,
+    memit_seq,
+    rect,
+    ultraedit,
+)
 from .base import LayerUpdate, Method, Update
 from .registry import METHODS, get_method, register
 from .rome import update_of

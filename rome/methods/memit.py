@@ -48,6 +48,8 @@ def accumulated(editor: Editor, method: str, layer: int) -> torch.Tensor | None:
 
 def add_keys(editor: Editor, method: str, update: Update) -> None:
     """Fold each layer's stored keys into ``method_state[method][layer] += K Kᵀ`` (float32)."""
+    if all(lu.keys is None for lu in update.layers):
+        return
     state = editor.method_state.setdefault(method, {})
     for lu in update.layers:
         if lu.keys is None:
@@ -86,8 +88,9 @@ class Memit(FamilyMethod):
         return Solved(u, v, {"accumulated": extra is not None})
 
     def after_apply(self, editor: Editor, update: Update) -> None:
-        if update.options.get("accumulate"):
-            add_keys(editor, self.name, update)
+        # the stored keys decide, not the options: a resumed run rebuilds its steps
+        # from their factors and keys alone (a step without accumulate keeps no keys)
+        add_keys(editor, self.name, update)
 
 
 register(Memit())

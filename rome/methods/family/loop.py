@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ...errors import BadRequestError
+from ...optimise import ZStop
 from ...request import EditRequest
 from ...scoring import score_targets
 from ...update import add_delta, restore
 from ..base import LayerUpdate, Update
 from .reprs import Located, group_average, locate, reprs_at
 from .templates import family_templates
-from .z import optimise_zs
+from .z import ZResult, optimise_zs
 
 if TYPE_CHECKING:
     from ...editor import Editor
@@ -104,6 +105,24 @@ class FamilyMethod:
     def wants_keys(self, settings: dict[str, Any]) -> bool:
         return self.keeps_keys
 
+    #: which keys a method's state keeps: "edited" (on the edited model, after every layer's
+    #: write: AlphaEdit, MEMIT_seq) or "loop" (each layer's K as its solve used it: ENCORE)
+    keys_on = "edited"
+
+    def z_stop(self, settings: dict[str, Any]) -> ZStop | None:
+        """An extra stopping rule of the z optimisation (ENCORE's); None: the preset's."""
+        return None
+
+    def adjust_z(
+        self, editor: Editor, zr: ZResult, reqs: list[EditRequest], settings: dict[str, Any]
+    ) -> ZResult:
+        """z as the solve should see it (NAS rescales it); the optimised z by default."""
+        return zr
+
+    def finish(self, editor: Editor, update: Update, settings: dict[str, Any]) -> None:
+        """Change the computed update in place before it is returned (RECT, PRUNE);
+        the model is the unedited one again when this runs."""
+
     def after_apply(self, editor: Editor, update: Update) -> None:
         return None
 
@@ -139,8 +158,18 @@ class FamilyMethod:
         before = _probe(editor, reqs)
         z_cb = (lambda d, t: progress("z", d, t)) if progress else None
         zr, z_loop = optimise_zs(
-            model, tok, reqs, templates, z_layer, block, hp, z_cb, options.get("z_loop", "batched")
+            model,
+            tok,
+            reqs,
+            templates,
+            z_layer,
+            block,
+            hp,
+            z_cb,
+            options.get("z_loop", "batched"),
+            self.z_stop(settings),
         )
+        zr = self.adjust_z(editor, zr, reqs, settings)
         saved: list[tuple[int, torch.Tensor]] = []
         out: list[LayerUpdate] = []
         infos: list[dict[str, Any]] = []
@@ -156,6 +185,8 @@ class FamilyMethod:
                 ctx = LayerContext(layer, i, len(layers), keys, resid)
                 solved = self.solve(editor, ctx, settings)
                 lu = LayerUpdate(layer, name, solved.U.float(), solved.V.float())
+                if self.keys_on == "loop" and self.wants_keys(settings):
+                    lu.keys = keys.cpu()
                 saved.append((layer, add_delta(editor.module(layer), lu.delta())))
                 out.append(lu)
                 infos.append(solved.info)
@@ -164,7 +195,7 @@ class FamilyMethod:
             final_err = (zr.z - reprs_at(model, tok, bare, block, "out").to(zr.z.device)).norm(
                 dim=1
             )
-            if self.wants_keys(settings):
+            if self.keys_on == "edited" and self.wants_keys(settings):
                 for lu in out:
                     lu.keys = _keys(editor, key_items, lu.weight_name, len(templates)).cpu()
             after = _probe(editor, reqs)
@@ -192,6 +223,7 @@ class FamilyMethod:
             {"z": zr.z[j].cpu(), "target_init": zr.target_init[j].cpu()} for j in range(len(reqs))
         ]
         upd = Update(self.name, out, records, options=opts, results=results)
+        self.finish(editor, upd, settings)
         upd.unsafe_reason = editor.update_unsafe_reason(upd)
         return upd
 
@@ -204,16 +236,16 @@ def _keys(editor: Editor, items: list[Located], name: str, n_templates: int) -> 
 
 def _probe(editor: Editor, reqs: list[EditRequest]) -> list[tuple[float, float | None]]:
     """(p(target_new), p(target_true)) on each bare prompt."""
-    prompts = [r.text for r in reqs] + [r.text for r in reqs if r.target_true is not None]
+    prompts = [r.text for r in reqs] + [r.text for r in reqs if r.true_object is not None]
     targets = [r.target_new for r in reqs] + [
-        r.target_true for r in reqs if r.target_true is not None
+        r.true_object for r in reqs if r.true_object is not None
     ]
     scores = score_targets(editor.model, editor.tok, prompts, targets)
     out: list[tuple[float, float | None]] = []
     k = len(reqs)
     for j, r in enumerate(reqs):
         p_true = None
-        if r.target_true is not None:
+        if r.true_object is not None:
             p_true = scores[k].prob
             k += 1
         out.append((scores[j].prob, p_true))
