@@ -28,7 +28,7 @@ def report(
         if target.exists() and not target.is_dir():
             raise OutputPathError(f"{output} is a file; give a folder for the report")
         store = read_db(db)
-        ids = [store.get_run(r).id for r in run_ids]
+        ids = list(dict.fromkeys(store.get_run(r).id for r in run_ids))  # each run once
         page, image = target / "README.md", target / "runs.png"
         with writing(target):
             target.mkdir(parents=True, exist_ok=True)

@@ -177,7 +177,7 @@ def plot(
     with handled():
         target = plot_file(output)
         store = read_db(db)
-        ids = [store.get_run(r).id for r in run_ids]
+        ids = list(dict.fromkeys(store.get_run(r).id for r in run_ids))  # each run once
         from workbench.plot import plot_runs
 
         with writing(target):

@@ -62,9 +62,10 @@ class StoreBase:
     ) -> None:
         self._memory = str(path) == ":memory:"
         self.access: Access = "write" if self._memory else access
-        #: a reader shows a ``running`` run whose writer lock nobody holds as
-        #: ``interrupted`` (what a writer's recovery would store), writing nothing
-        self.infer_interrupted = self.access != "write"
+        #: a store opened to read shows a ``running`` run whose writer lock nobody holds
+        #: as ``interrupted`` (what a writer's recovery would store), writing nothing (the
+        #: app, opening to read until it writes, shows such a run as "writer gone")
+        self.infer_interrupted = self.access == "read"
         self.path = Path(path) if not self._memory else Path(":memory:")
         self.busy_timeout = float(busy_timeout)
         self._mutex = threading.RLock()
