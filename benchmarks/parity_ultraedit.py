@@ -63,20 +63,27 @@ def _model(name: str) -> tuple[Any, Any, Any]:
 
 def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from rome import Editor, EditRequest
+    from rome.methods import get_method
 
     model, tok, hp = _model(args.model)
-    changes: dict[str, Any] = {"ultraedit_normaliser": "published"}
+    ours = {**hp.method_settings.get("ultraedit", {}), "normaliser": "published"}
+    if args.lr:
+        ours["lr"] = args.lr
+    changes: dict[str, Any] = {"method_settings": {**hp.method_settings, "ultraedit": ours}}
     if args.layers:
         layers = [int(x) for x in args.layers.split(",")]
         changes.update(layers=layers, layer=layers[-1])
-    if args.lr:
-        changes["ultraedit_lr"] = args.lr
     hp = hp.replace(**changes)
     model.save_pretrained(work / "model", safe_serialization=True)
     tok.save_pretrained(work / "model")
     ed = Editor(model, tok, hp)
     layers = hp.edited_layers()
-    modules = [f"{hp.layers_module}.{x}.{m}" for m in hp.ultraedit_modules for x in layers]
+    settings = get_method("ultraedit").settings(ed, {})  # type: ignore[attr-defined]
+    modules = [
+        hp.weight_module(x) if m == "mlp_out" else f"{hp.layers_module}.{x}.{m}"
+        for m in settings["module_names"]
+        for x in layers
+    ]
     out: dict[str, Any] = {"steps": [], "layers": layers, "modules": modules}
     for step in STEPS[: args.steps]:
         upd = ed.edit([EditRequest(p, s, t) for p, s, t in step], "ultraedit")
@@ -89,7 +96,7 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         out["steps"].append({"delta": deltas, "norm": state})
     spec = {
         "modules": modules,
-        "lr": hp.ultraedit_lr,
+        "lr": settings["lr"],
         "steps": [[{"prompt": p.format(s), "answer": t} for p, s, t in st] for st in STEPS],
         "n_steps": args.steps,
     }

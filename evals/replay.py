@@ -259,7 +259,10 @@ def run_layers(ed: Editor, cfg: ReplayConfig) -> list[int]:
 
 
 def covariance_fingerprint(ed: Editor, cfg: ReplayConfig) -> str:
-    """The fingerprint of the statistics of every layer the run edits (one layer: as before)."""
+    """The fingerprint of the statistics of every layer the run edits (one layer: as before;
+    "" for a method that reads none: ``uses_covariance = False``)."""
+    if not getattr(get_method(cfg.method), "uses_covariance", True):
+        return ""
     prints = [ed.factor(layer).fingerprint for layer in run_layers(ed, cfg)]
     return prints[0] if len(prints) == 1 else _digest(prints)
 
@@ -406,7 +409,8 @@ def replay(
             # Sampled templates depend on the machine (thread count, BLAS): kept with the
             # run, so a resume anywhere edits with the same ones.
             ed.hp = ed.hp.replace(context_templates=ed.templates())
-        if cfg.method != "rome" and ed.hp.family_context_templates is None:
+        uses_templates = getattr(get_method(cfg.method), "uses_templates", True)
+        if cfg.method != "rome" and uses_templates and ed.hp.family_context_templates is None:
             from rome.methods.family.templates import family_templates
 
             ed.hp = ed.hp.replace(family_context_templates=family_templates(ed))

@@ -190,7 +190,7 @@ def batch_step(
     upd: Update = ed.edit([r.to_request() for r in recs], cfg.method, **cfg.method_options)
     t_edit = time.perf_counter() - t0 - t_pre
     norm = upd.norm
-    w_norm = weight_norm(ed, layers)
+    w_norm = math.sqrt(sum(ed.weight_norm(lu) ** 2 for lu in upd.layers)) or weight_norm(ed, layers)
     reason = norm_flag(norm, norms, cfg)
     unsafe = upd.unsafe_reason or ed.update_unsafe_reason(upd)
     refused = unsafe or (reason if cfg.guard and reason else None)

@@ -122,6 +122,11 @@ class Editor:
     def module(self, layer: int) -> nn.Module:
         return get_module(self.model, self.hp.weight_module(layer))
 
+    def weight_norm(self, lu: LayerUpdate) -> float:
+        """‖W‖_F of the weight(s) ``lu`` writes, as they are now."""
+        parts = [float(weight_out_in(m).detach().float().norm()) for _, m, _, _ in self.targets(lu)]
+        return math.sqrt(sum(x * x for x in parts))
+
     def targets(self, lu: LayerUpdate) -> list[tuple[str | None, nn.Module, int, int]]:
         """Where ``lu`` writes: (module name, or None for the preset's weight; module;
         its rows of ``V``). ``weight_name`` may join several modules that read the same
@@ -325,20 +330,25 @@ class Editor:
         factor = self.factor(layer, progress)
         lap("covariance")
         name = self.hp.weight_module(layer)
-        prompts = [t.format(req.prompt) for t in templates]
-        keys = keys_at_subject(self.model, self.tok, name, prompts, req.subject, stop=fast)
-        k_s = keys[0]
-        k_star = average_keys(keys, self.hp.key_averaging)
-        lap("keys")
-        before = self._probe(req, templates)
-        lap("scoring")
         step_cb = (lambda d, t: progress("v*", d, t)) if progress else None
         reuse = fast and self.hp.v_prefix_reuse
+        keys = first = None  # with reuse: the keys and p(target) before, from v*'s step 0
         if reuse:
             vs = optimise_targets(
                 self.model, self.tok, self.hp, [req], [templates], layer, on_step=step_cb
             )[0]
-        else:
+            lap("v_star")
+            if vs.keys is not None:  # None under bf16 autocast: the float32 passes below
+                keys, first = vs.keys.float(), vs.row_logprob
+        if keys is None:
+            prompts = [t.format(req.prompt) for t in templates]
+            keys = keys_at_subject(self.model, self.tok, name, prompts, req.subject, stop=fast)
+        k_s = keys[0]
+        k_star = average_keys(keys, self.hp.key_averaging)
+        lap("keys")
+        before = self._probe(req, templates, first)
+        lap("scoring")
+        if not reuse:
             vs = compute_v_star(self.model, self.tok, self.hp, req, templates, layer, step_cb, fast)
         lap("v_star")
         rho = self.norm_anchor(layer, progress) if self.hp.v_norm_anchor else None
@@ -525,9 +535,18 @@ class Editor:
         n0 = float(w0.norm())
         return float((w - w0).norm()), float(w.norm()) / n0 if n0 else math.inf
 
-    def _probe(self, req: EditRequest, templates: Sequence[str]) -> _Probe:
-        """p(target_new), p(target_true) on the bare prompt; mean p(new) over prefixed ones."""
+    def _probe(
+        self, req: EditRequest, templates: Sequence[str], first: torch.Tensor | None = None
+    ) -> _Probe:
+        """p(target_new), p(target_true) on the bare prompt; mean p(new) over prefixed ones.
+        ``first``: log p(target_new) per template row, already computed (v*'s step 0)."""
         bare = req.text
+        if first is not None:
+            p = first.double().exp().tolist()
+            p_true = None
+            if req.true_object is not None:  # none for an end-of-text target_true (zsRE)
+                p_true = score_targets(self.model, self.tok, [bare], [req.true_object])[0].prob
+            return _Probe(p[0], p_true, sum(p[1:]) / (len(p) - 1) if len(p) > 1 else p[0])
         prefixed = [t.format(req.prompt).replace("{}", req.subject, 1) for t in templates[1:]]
         prompts = [bare, *prefixed]
         targets = [req.target_new] * len(prompts)
@@ -588,13 +607,7 @@ class Editor:
         """Why an update must not be applied (checked per layer): non-finite or too large."""
         for lu in update.layers:
             self.check_layer(lu.layer)
-            w_norm = math.sqrt(
-                sum(
-                    float(weight_out_in(m).detach().float().norm()) ** 2
-                    for _, m, _, _ in self.targets(lu)
-                )
-            )
-            reason = self._unsafe(lu.is_finite(), lu.norm, w_norm)
+            reason = self._unsafe(lu.is_finite(), lu.norm, self.weight_norm(lu))
             if reason:
                 return reason if len(update.layers) == 1 else f"layer {lu.layer}: {reason}"
         return None

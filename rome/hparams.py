@@ -19,7 +19,7 @@ MODES = ("original", "rrome", "prompt")
 #: where a key is read: the subject's last token (the only position implemented)
 FACT_TOKENS = ("subject_last",)
 SUBJECT_INDEX = ("joined", "separate")
-FAMILY_METHODS = ("rome", "memit", "emmet", "alphaedit", "ultraedit")
+FAMILY_METHODS = ("rome", "memit", "emmet", "alphaedit")
 
 
 def _registered_methods() -> dict[str, Any]:
@@ -94,12 +94,6 @@ class EditHparams:
     # settings of methods that declare their own (rome/methods/*.py), by method name:
     # {"rect": {"keep_percent": 40}}; each method checks its own entry
     method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
-    ultraedit_lr: float = 1e-6  # UltraEdit's lr (config/editor/ultraedit.yaml)
-    # UltraEdit's modules, relative to a block ("mlp_out": the preset's edited weight)
-    ultraedit_modules: list[str] = field(default_factory=lambda: ["mlp.gate_proj", "mlp.up_proj"])
-    ultraedit_normaliser: str = (
-        "exact"  # "exact" (Chan's rule) or "published" (rome/methods/ultraedit.py)
-    )
     subject_index: str = "joined"  # "joined" (AlphaEdit, EMMET) or "separate" (kmeng01/memit)
     family_template_words: list[str] = field(
         default_factory=lambda: ["The", "Therefore", "Because", "I", "You"]
@@ -172,11 +166,6 @@ class EditHparams:
         for name in ("mom2_update_weight", "nullspace_threshold"):
             if not getattr(self, name) > 0:
                 raise BadRequestError(f"{name} must be positive, not {getattr(self, name)}")
-        if not self.ultraedit_lr > 0 or not self.ultraedit_modules:
-            raise BadRequestError("ultraedit_lr must be positive and ultraedit_modules not empty")
-        if self.ultraedit_normaliser not in ("exact", "published"):
-            rule = self.ultraedit_normaliser
-            raise BadRequestError(f"ultraedit_normaliser must be exact or published, not {rule!r}")
         for name in ("emmet_lambda", "update_norm_lambda", "alphaedit_l2"):
             if getattr(self, name) < 0:
                 raise BadRequestError(f"{name} must be >= 0, not {getattr(self, name)}")

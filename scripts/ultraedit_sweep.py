@@ -25,9 +25,8 @@ import torch
 from evals.counterfact import load_counterfact
 from evals.probes import heldout_ids, perplexity
 from rome import Editor, load_model, load_preset
+from rome.methods.ultraedit import MODULES
 from rome.scoring import score_targets
-
-MODULES = {"gate_up": ["mlp.gate_proj", "mlp.up_proj"], "mlp_out": ["mlp_out"]}
 
 
 def score(lm: Any, records: list[Any]) -> tuple[float, float, float]:
@@ -61,7 +60,7 @@ def run(lm: Any, hp: Any, records: list[Any], steps: int, ppl_tokens: int) -> st
     names = {
         x: [hp.weight_module(x) if m == "mlp_out" else f"{hp.layers_module}.{x}.{m}" for m in mods]
         for x in hp.edited_layers()
-        for mods in [hp.ultraedit_modules]
+        for mods in [MODULES[hp.method_settings["ultraedit"]["modules"]]]
     }
     w0 = {
         x: sum(float(lm.model.get_submodule(n).weight.float().norm()) ** 2 for n in ns) ** 0.5
@@ -106,8 +105,7 @@ def main() -> None:
                     method="ultraedit",
                     layers=list(range(lo, hi + 1)),
                     layer=hi,
-                    ultraedit_modules=MODULES[mods],
-                    ultraedit_lr=lr,
+                    method_settings={"ultraedit": {"modules": mods, "lr": lr}},
                 )
                 row = run(lm, hp, records, args.steps, args.ppl_tokens)
                 print(f"| {mods} | {lo}–{hi} | {lr:g} | {row} |", flush=True)

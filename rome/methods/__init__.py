@@ -9,8 +9,11 @@ from __future__ import annotations
 from . import (  # noqa: F401  (they register themselves)
     alphaedit,
     emmet,
+    encore,
     memit,
     memit_seq,
+    nas,
+    prune,
     rect,
     ultraedit,
 )

@@ -16,6 +16,8 @@ from typing import Any
 
 from ..errors import BadRequestError
 
+__all__ = ["BadRequestError", "Setting", "check", "read"]
+
 
 @dataclass(frozen=True)
 class Setting:

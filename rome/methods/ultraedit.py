@@ -41,13 +41,38 @@ from ..nethook import get_module
 from ..request import EditRequest
 from ..scoring import score_targets
 from ..update import add_delta, restore, weight_out_in
+from . import declared
 from .base import LayerUpdate, Update
 from .registry import register
 
 if TYPE_CHECKING:
     from ..editor import Editor
 
-NORMALISERS = ("exact", "published")
+MODULES = {  # relative to a block; "mlp_out" is the preset's edited weight
+    "gate_up": ["mlp.gate_proj", "mlp.up_proj"],
+    "gate": ["mlp.gate_proj"],
+    "up": ["mlp.up_proj"],
+    "mlp_out": ["mlp_out"],
+}
+SETTINGS = (
+    declared.Setting(
+        "lr", "float", 1e-6, "the step size (published: 1e-6, 7B models)", low=0.0, low_open=True
+    ),
+    declared.Setting(
+        "modules",
+        "choice",
+        "gate_up",
+        "edited modules per layer (mlp_out: the preset's edited weight)",
+        choices=tuple(MODULES),
+    ),
+    declared.Setting(
+        "normaliser",
+        "choice",
+        "exact",
+        "the running variance: Chan's rule, or the published m·var(0)",
+        choices=("exact", "published"),
+    ),
+)
 Shape = tuple[int, int]  # (in, out), the published get_shape of a Linear
 
 
@@ -110,24 +135,29 @@ class UltraEdit:
 
     name = "ultraedit"
     batched = True
+    uses_covariance = False  # a replay computes no statistics for it
+    uses_templates = False  # nor the family's context templates (bare prompts only)
 
     def layers(self, editor: Editor) -> list[int]:
         return [editor.check_layer(x) for x in editor.hp.edited_layers()]
 
+    def check_settings(self, values: dict[str, Any]) -> dict[str, Any]:
+        return declared.check(self.name, SETTINGS, values)
+
     def settings(self, editor: Editor, options: dict[str, Any]) -> dict[str, Any]:
-        hp = editor.hp
-        lr = float(options.get("lr", hp.ultraedit_lr))
-        modules = list(options.get("modules", hp.ultraedit_modules))
-        rule = str(options.get("normaliser", hp.ultraedit_normaliser))
-        if not lr > 0:
-            raise BadRequestError(f"ultraedit: lr must be positive, not {lr}")
-        if not modules:
-            raise BadRequestError("ultraedit: modules must name at least one module")
-        if rule not in NORMALISERS:
-            raise BadRequestError(
-                f"ultraedit: normaliser must be one of {', '.join(NORMALISERS)}, not {rule!r}"
-            )
-        return {"lr": lr, "modules": modules, "normaliser": rule}
+        out = declared.read(self.name, SETTINGS, editor.hp.method_settings, options)
+        out["module_names"] = MODULES[out["modules"]]
+        return out
+
+    def cannot_edit(self, editor: Editor) -> str | None:
+        """Why this method cannot edit the editor's model with its settings (None: it can)."""
+        try:
+            rel = self.settings(editor, {})["module_names"]
+            for layer in self.layers(editor):
+                self.module_names(editor, layer, rel)
+        except RomeError as exc:
+            return str(exc)
+        return None
 
     def module_names(self, editor: Editor, layer: int, modules: list[str]) -> list[str]:
         """Full module names at ``layer``; refused when the architecture lacks one."""
@@ -143,7 +173,7 @@ class UltraEdit:
             except LookupError:
                 raise UnsupportedArchitectureError(
                     f"ultraedit cannot edit this model: it has no module {name!r} "
-                    f"(modules {modules}; set ultraedit_modules, e.g. ['mlp_out'])"
+                    "(choose another ultraedit setting 'modules', e.g. mlp_out)"
                 ) from None
             if not isinstance(getattr(module, "weight", None), torch.Tensor):
                 raise UnsupportedArchitectureError(f"ultraedit: {name!r} has no weight matrix")
@@ -159,9 +189,10 @@ class UltraEdit:
         reqs = [r.validate() for r in requests]
         settings = self.settings(editor, options)
         layers = self.layers(editor)
-        per_layer = {x: self.module_names(editor, x, settings["modules"]) for x in layers}
+        rel = settings.pop("module_names")
+        per_layer = {x: self.module_names(editor, x, rel) for x in layers}
         # the published order: each module template over the layers, in turn
-        order = [per_layer[x][i] for i in range(len(settings["modules"])) for x in layers]
+        order = [per_layer[x][i] for i in range(len(rel)) for x in layers]
         keys, grads = trace(editor.model, editor.tok, reqs, order)
         state = current_state(editor)
         new_state = dict(state)

@@ -16,6 +16,7 @@ No Textual and no rich here.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -24,10 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 from rome import MODES, Editor, EditRequest
 from rome.hparams import method_preset
-from rome.methods import Update
+from rome.methods import Update, get_method
 from rome.methods.family.templates import family_templates
 from rome.progress import Progress
-from rome.update import weight_out_in
 
 from .forms import EditForm
 from .generation import GenerationPair
@@ -40,6 +40,8 @@ if TYPE_CHECKING:
     from workbench.store import Store
 
     from .session import Session
+
+log = logging.getLogger(__name__)
 
 #: a comparison's verdict word -> the Edit tab's verdict level
 VERDICT_LEVELS = {"ok": "ok", "check": "warn", "DISABLING": "bad", "REFUSED": "refused"}
@@ -154,10 +156,13 @@ class MethodEdits:
         med = self._editors.get(method)
         if med is None:
             med = Editor(lm.model, lm.tokenizer, hp)
+            uses = get_method(method)
             with ed.base_weights():  # the session's edits out of the way for a moment
-                family_templates(med)
-                for layer in hp.edited_layers():
-                    med.factor(layer, progress)
+                if getattr(uses, "uses_templates", True):
+                    family_templates(med)
+                if getattr(uses, "uses_covariance", True):
+                    for layer in hp.edited_layers():
+                        med.factor(layer, progress)
             self._editors[method] = med
         return med
 
@@ -183,12 +188,7 @@ class MethodEdits:
         row = MethodOutcome(upd.method, preset=method_preset(lm.hparams, upd.method).name)
         row.layer_norms = upd.layer_norms()
         row.norm = upd.norm
-        w = math.sqrt(
-            sum(
-                float(weight_out_in(ed.module(lu.layer)).detach().float().norm()) ** 2
-                for lu in upd.layers
-            )
-        )
+        w = math.sqrt(sum(ed.weight_norm(lu) ** 2 for lu in upd.layers))
         row.ratio = row.norm / w if w else math.inf
         b = next(p for p in before if p.name == "prompt")
         row.p_new_before, row.p_true_before = [b.p_new], [b.p_true]
@@ -335,6 +335,10 @@ class MethodEdits:
                 if check:
                     check(m)
                 med = self.editor_for(m)
+                why = cannot_edit(m, med)
+                if why is not None:  # not this architecture (UltraEdit on GPT-2): no row
+                    log.info("compare leaves out %s: %s", m, why)
+                    continue
                 state = carried_state(med)
                 try:
                     rows.append(run_method(lm, med, reqs, m, None))
@@ -342,6 +346,12 @@ class MethodEdits:
                     med.method_state.clear()
                     med.method_state.update(state)
         return judge_outcomes(rows, ed.hp.max_update_ratio)
+
+
+def cannot_edit(method: str, editor: Editor) -> str | None:
+    """Why ``method`` cannot edit ``editor``'s model (a method may say: ``cannot_edit``)."""
+    check = getattr(get_method(method), "cannot_edit", None)
+    return check(editor) if check is not None else None
 
 
 def _family_methods() -> list[str]:

@@ -22,7 +22,6 @@ from rome import BadRequestError, Editor, EditRequest, LoadedModel, RomeError
 from rome.hparams import method_preset
 from rome.methods import METHODS, Update, get_method
 from rome.scoring import score_targets
-from rome.update import weight_out_in
 
 from .verdict import DISABLING_FRACTION, MODE_NORM_FACTOR
 
@@ -239,7 +238,7 @@ def run_method(
             applied += 1
         out.p_new_after, out.p_true_after = _probe(lm, reqs)
         weights = {
-            lu.layer: float(weight_out_in(editor.module(lu.layer)).detach().float().norm())
+            lu.layer: editor.weight_norm(lu)  # the weight(s) it writes
             for u in out.updates
             for lu in u.layers
         }
