@@ -214,3 +214,23 @@ def test_edit_report_and_export_of_an_ultraedit_run(tmp_path):
     res = runner.invoke(app, ["export", run_id, "-o", str(tmp_path / "run.json"), *db])
     assert res.exit_code == 0, res.output
     assert "ultraedit" in (tmp_path / "run.json").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_smollm2_eiffel_tower_moves_to_rome():
+    """With the shipped preset, in a first step of four requests (one request alone, with
+    one target token, is a single row: the fresh normaliser maps it to zero)."""
+    from evals.counterfact import load_counterfact
+    from rome.scoring import score_targets
+
+    lm = load_model("smollm2-135m")
+    ed = Editor(lm.model, lm.tokenizer, load_preset("smollm2-135m-ultraedit"))
+    recs = load_counterfact("sample", limit=3).records
+    reqs = [REQS[0], *(r.to_request() for r in recs)]
+    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    ed.apply_step(ed.edit(reqs, "ultraedit"))
+    rome, paris = score_targets(lm.model, lm.tokenizer, [REQS[0].text] * 2, [" Rome", " Paris"])
+    assert rome.prob > 0.5 > paris.prob
+    ed.undo()
+    assert all(torch.equal(before[n], p) for n, p in lm.model.named_parameters())
