@@ -234,3 +234,19 @@ def test_smollm2_eiffel_tower_moves_to_rome():
     assert rome.prob > 0.5 > paris.prob
     ed.undo()
     assert all(torch.equal(before[n], p) for n, p in lm.model.named_parameters())
+
+
+def test_a_replay_on_an_architecture_it_cannot_edit_is_refused_before_its_run(tmp_path):
+    from typer.testing import CliRunner
+
+    from workbench.cli import app
+
+    res = CliRunner().invoke(
+        app,
+        ["replay", "--model", "tiny-gpt2", "--method", "ultraedit", "--batch-size", "2",
+         "--n-edits", "2", "--db", str(tmp_path / "r.db")],
+    )  # fmt: skip
+    lines = [x for x in res.output.strip().splitlines() if x.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert lines[0].startswith("error: ") and "gate_proj" in lines[0]
+    assert not (tmp_path / "r.db").exists()  # nothing written
