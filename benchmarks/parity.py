@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from parity_steps import NAS_MAIN, dump_spec, reference_steps, report_steps, run_ours_steps
+from parity_steps import NAS_MAIN, dsets_shim, ours_two_steps, reference_steps, report_steps
 
 MAIN = {
     "memit": ("memit.memit_main", "memit", "MEMITHyperParams"),
@@ -177,7 +177,9 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     method = rome.methods.get_method(args.method)
     method.prepare(ed, hp.edited_layers(), method.settings(ed, {}))  # type: ignore[attr-defined]
     if args.method in NAS_MAIN:
-        return _ours_two_steps(args, work, ed, method, templates, c0)
+        hparams = _reference_hparams(hp, args.method, len(model.get_submodule(hp.layers_module)),
+                                     _head_name(model))  # fmt: skip
+        return ours_two_steps(args, work, ed, method, templates, c0, REQUESTS, hparams)
     seen: list[Any] = []
     solve = method.solve  # type: ignore[attr-defined]
 
@@ -219,42 +221,6 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "layers": hp.edited_layers(),
         "seconds": seconds,
     }
-
-
-def _request_dicts(reqs: list[Any], first_id: int) -> list[dict[str, Any]]:
-    return [
-        {"case_id": first_id + i, "prompt": r.prompt, "subject": r.subject,
-         "target_new": {"str": r.target_new}}
-        for i, r in enumerate(reqs)
-    ]  # fmt: skip
-
-
-def _ours_two_steps(
-    args: argparse.Namespace, work: Path, ed: Any, method: Any, templates: Any, c0: Any
-) -> dict[str, Any]:
-    """The NAS repository's methods: two batches of ``args.n`` requests in a row."""
-    from rome import EditRequest
-
-    hp = ed.hp
-    batches = [
-        [EditRequest(p, s, t) for p, s, t in REQUESTS[i * args.n : (i + 1) * args.n]]
-        for i in range(2)
-    ]
-    model, tok = ed.model, ed.tok
-    model.save_pretrained(work / "model", safe_serialization=True)  # before any edit
-    tok.save_pretrained(work / "model")
-    n_layers = len(model.get_submodule(hp.layers_module))
-    torch.save({k: v.float().cpu() for k, v in c0.items()}, work / "c0.pt")
-    ours = run_ours_steps(args, ed, method, batches)
-    spec: dict[str, Any] = {
-        "method": args.method,
-        "templates": templates,
-        "batches": [_request_dicts(b, i * args.n) for i, b in enumerate(batches)],
-        "hparams": _reference_hparams(hp, args.method, n_layers, _head_name(model)),
-        "anchor": ours["anchor"],
-    }
-    dump_spec(work, spec)
-    return ours
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -359,7 +325,7 @@ def reference_worker(work: Path, src: Path) -> None:
     _tuple_shim(nethook)
     mod_name, pkg, hp_cls = MAIN[method]
     if method in NAS_MAIN:
-        _dsets_shim()
+        dsets_shim()
     main_mod = importlib.import_module(mod_name)
     hparams = getattr(importlib.import_module(pkg), hp_cls)(**spec["hparams"])
     if not torch.cuda.is_available():
@@ -410,25 +376,6 @@ def reference_worker(work: Path, src: Path) -> None:
     m = len(hparams.layers)
     out.update(delta=rec["upd"][:m], keys=rec["keys"][:m], z=torch.stack(rec["z"]))
     torch.save(out, work / "reference.pt")
-
-
-def _dsets_shim() -> None:
-    """The NAS repository's ``dsets`` imports scipy (its TF-IDF statistics) at import time;
-    where scipy is missing, a stand-in ``dsets`` whose datasets refuse to load (the edit
-    functions never read them: NAS's anchors are injected)."""
-    import types
-
-    try:
-        importlib.import_module("dsets")
-    except ImportError:
-        stub = types.ModuleType("dsets")
-
-        class _NoDataset:
-            def __init__(self, *a: Any, **k: Any) -> None:
-                raise RuntimeError("dsets is a parity stand-in here (scipy is not installed)")
-
-        stub.MultiCounterFactDataset = _NoDataset  # type: ignore[attr-defined]
-        sys.modules["dsets"] = stub
 
 
 def _spy(module: Any, name: str, record: Any) -> None:

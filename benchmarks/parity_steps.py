@@ -55,6 +55,60 @@ NAS_MAIN = {
 PRUNE_MARK = "if cnt == (dataset_size_limit/num_edits) - 1:"
 
 
+def _request_dicts(reqs: list[Any], first_id: int) -> list[dict[str, Any]]:
+    return [
+        {"case_id": first_id + i, "prompt": r.prompt, "subject": r.subject,
+         "target_new": {"str": r.target_new}}
+        for i, r in enumerate(reqs)
+    ]  # fmt: skip
+
+
+def ours_two_steps(
+    args: Any, work: Path, ed: Any, method: Any, templates: Any, c0: Any,
+    requests: list[tuple[str, str, str]], hparams: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """The NAS repository's methods: two batches of ``args.n`` requests in a row."""
+    from rome import EditRequest
+
+    batches = [
+        [EditRequest(p, s, t) for p, s, t in requests[i * args.n : (i + 1) * args.n]]
+        for i in range(2)
+    ]
+    model, tok = ed.model, ed.tok
+    model.save_pretrained(work / "model", safe_serialization=True)  # before any edit
+    tok.save_pretrained(work / "model")
+    torch.save({k: v.float().cpu() for k, v in c0.items()}, work / "c0.pt")
+    ours = run_ours_steps(args, ed, method, batches)
+    spec: dict[str, Any] = {
+        "method": args.method,
+        "templates": templates,
+        "batches": [_request_dicts(b, i * args.n) for i, b in enumerate(batches)],
+        "hparams": hparams,
+        "anchor": ours["anchor"],
+    }
+    (work / "spec.json").write_text(json.dumps(spec, indent=1))
+    return ours
+
+
+def dsets_shim() -> None:
+    """The NAS repository's ``dsets`` imports scipy (its TF-IDF statistics) at import time;
+    where scipy is missing, a stand-in ``dsets`` whose datasets refuse to load (the edit
+    functions never read them: NAS's anchors are injected)."""
+    import types
+
+    try:
+        importlib.import_module("dsets")
+    except ImportError:
+        stub = types.ModuleType("dsets")
+
+        class _NoDataset:
+            def __init__(self, *a: Any, **k: Any) -> None:
+                raise RuntimeError("dsets is a parity stand-in here (scipy is not installed)")
+
+        stub.MultiCounterFactDataset = _NoDataset  # type: ignore[attr-defined]
+        sys.modules["dsets"] = stub
+
+
 def weights_of(ed: Any, layers: list[int]) -> dict[int, torch.Tensor]:
     from rome.update import weight_out_in
 
@@ -336,7 +390,3 @@ def load_reference(method: str, spec_hparams: dict[str, Any]) -> tuple[Any, Any]
     main_mod = importlib.import_module(mod_name)
     hparams = getattr(importlib.import_module(pkg), cls)(**spec_hparams)
     return main_mod, hparams
-
-
-def dump_spec(work: Path, spec: dict[str, Any]) -> None:
-    (work / "spec.json").write_text(json.dumps(spec, indent=1))

@@ -544,8 +544,8 @@ class Editor:
         if first is not None:
             p = first.double().exp().tolist()
             p_true = None
-            if req.target_true is not None:
-                p_true = score_targets(self.model, self.tok, [bare], [req.target_true])[0].prob
+            if req.true_object is not None:  # none for an end-of-text target_true (zsRE)
+                p_true = score_targets(self.model, self.tok, [bare], [req.true_object])[0].prob
             return _Probe(p[0], p_true, sum(p[1:]) / (len(p) - 1) if len(p) > 1 else p[0])
         prefixed = [t.format(req.prompt).replace("{}", req.subject, 1) for t in templates[1:]]
         prompts = [bare, *prefixed]
