@@ -250,3 +250,34 @@ def test_a_replay_on_an_architecture_it_cannot_edit_is_refused_before_its_run(tm
     assert res.exit_code == 2 and len(lines) == 1, res.output
     assert lines[0].startswith("error: ") and "gate_proj" in lines[0]
     assert not (tmp_path / "r.db").exists()  # nothing written
+
+
+def test_the_apps_undo_gives_the_normaliser_back(tmp_path, monkeypatch):
+    """Through the session (the app's path): two applied steps, one undone: the weights
+    and the lifelong normaliser are the first step's again."""
+    from workbench.core.forms import EditForm
+    from workbench.core.method_edits import MethodEdits
+    from workbench.core.session import Session
+
+    monkeypatch.setenv("ROME_WORKBENCH_CACHE", str(tmp_path / "cache"))
+    with Store.open(tmp_path / "s.db") as store:
+        session = Session(store)
+        session.load("tiny-llama", device="cpu")
+        lm, ed = session.require()
+        lm.hparams = load_preset("tiny-llama-ultraedit")
+        methods = MethodEdits(session)
+        first = EditForm("{} was written by", "Hamlet", "Charles Dickens", method="ultraedit")
+        methods.apply(methods.compute(first), generate=False)
+        med = methods.editor_for("ultraedit")
+        after_one = dict(med.method_state["ultraedit"])
+        weights_one = gate_up(lm)
+        second = EditForm("The capital of {} is", "Japan", "Berlin", "Tokyo", method="ultraedit")
+        methods.apply(methods.compute(second), generate=False)
+        assert med.method_state["ultraedit"][(64, 160)].n > after_one[(64, 160)].n
+        session.undo()
+        methods.sync()
+        now = med.method_state["ultraedit"][(64, 160)]
+        was = after_one[(64, 160)]
+        assert now.n == was.n and torch.equal(now.mean, was.mean) and torch.equal(now.var, was.var)
+        assert all(torch.equal(w, weights_one[n]) for n, w in gate_up(lm).items())
+        session.finish()
