@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from rome import Editor, LoadedModel, RomeError
-from rome.errors import BadRequestError
+from rome.errors import BadRequestError, UnsupportedArchitectureError
 from rome.hparams import EditHparams, method_preset
 from rome.methods import LayerUpdate, Update, get_method
 from rome.methods.alphaedit_state import start_from
@@ -382,6 +382,10 @@ def replay(
     else:
         hp = hparams or method_preset(lm.hparams, cfg.method)
         ed = _editor_for(lm, hp, cfg)
+        check = getattr(get_method(cfg.method), "cannot_edit", None)
+        why = check(ed) if check is not None else None
+        if why is not None:  # refused before the run exists (UltraEdit on GPT-2)
+            raise UnsupportedArchitectureError(why)
         if cfg.initial_state:  # refused here, before the run exists, when it does not fit
             cfg.initial_state = str(Path(cfg.initial_state).expanduser().absolute())
             cfg.initial_state_sha256 = start_from(ed, cfg.method, cfg.initial_state)
