@@ -222,3 +222,23 @@ def test_sigint_stores_its_signal_as_sigterm_does(tmp_path: Path) -> None:
         (run,) = store.list_runs()
     assert run.status == "interrupted", stderr
     assert run.error == "signal 2", stderr
+
+
+def test_opened_to_read_until_it_writes_migrates_at_the_first_write(old: Path) -> None:
+    """What the app opens: reads write nothing; the first write migrates the file, and
+    the store says so once (the app shows it as a notice)."""
+    run_id = run_id_of(old)
+    before = files(old.parent)
+    said: list[str] = []
+    with Store.open(old, access="read-until-write") as store:
+        store.on_migrate = said.append
+        assert [r.id for r in store.list_runs()] == [run_id]
+        assert len(store.edits(run_id)) == 6
+        assert files(old.parent) == before and said == []
+        store.update_run(run_id, notes="kept")
+        store.update_run(run_id, notes="kept again")
+        assert store.get_run(run_id).notes == "kept again"
+    assert len(said) == 1 and "from schema 2 to 3" in said[0]
+    with Store.open(old, access="read") as store:
+        assert store.schema_version() == SCHEMA_VERSION
+        assert store.get_run(run_id).notes == "kept again"

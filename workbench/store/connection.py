@@ -20,7 +20,7 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
@@ -66,6 +66,8 @@ class StoreBase:
         #: as ``interrupted`` (what a writer's recovery would store), writing nothing (the
         #: app, opening to read until it writes, shows such a run as "writer gone")
         self.infer_interrupted = self.access == "read"
+        #: told (besides the log's warning) when opening to write migrates an older file
+        self.on_migrate: Callable[[str], None] | None = None
         self.path = Path(path) if not self._memory else Path(":memory:")
         self.busy_timeout = float(busy_timeout)
         self._mutex = threading.RLock()
@@ -247,7 +249,9 @@ class StoreBase:
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
             if version < SCHEMA_VERSION:
-                migrate(conn, self.path, quiet=version == 0)
+                note = migrate(conn, self.path, quiet=version == 0)
+                if note is not None and self.on_migrate is not None:
+                    self.on_migrate(note)
 
     def schema_version(self) -> int:
         with self._op():

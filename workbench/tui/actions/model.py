@@ -8,7 +8,7 @@ from textual.widgets import TabbedContent
 
 from ..base import AppBase, guarded
 from ..jobs import JobContext, JobEnd, JobId, ReadId
-from ..messages import CovarianceReady, ModelLoaded, StoreOpened
+from ..messages import CovarianceReady, ModelLoaded, Notice, StoreOpened
 
 
 class ModelActions(AppBase):
@@ -32,7 +32,11 @@ class ModelActions(AppBase):
                     return StoreOpened(given, [])
                 exists = database_path(db_path).exists()
                 access: Access = "read-until-write" if exists else "write"
-                return StoreOpened(open_store(db_path, access=access), [])
+                store = open_store(db_path, access=access)
+                store.on_migrate = lambda note: self.post_message(
+                    Notice(note[:1].upper() + note[1:], "warning", "Database migrated")
+                )
+                return StoreOpened(store, [])
             except StoreError as exc:
                 return StoreOpened(None, [], exc, "Opening the database")
 
