@@ -69,6 +69,8 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     ours = {**hp.method_settings.get("ultraedit", {}), "normaliser": "published"}
     if args.lr:
         ours["lr"] = args.lr
+    if args.modules:
+        ours["modules"] = args.modules
     changes: dict[str, Any] = {"method_settings": {**hp.method_settings, "ultraedit": ours}}
     if args.layers:
         layers = [int(x) for x in args.layers.split(",")]
@@ -89,8 +91,9 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         upd = ed.edit([EditRequest(p, s, t) for p, s, t in step], "ultraedit")
         deltas = {}
         for lu in upd.layers:
-            for name, _, r0, r1 in ed.targets(lu):
-                deltas[name] = (lu.V[r0:r1].double() @ lu.U.double()).cpu()
+            for name, _, r0, r1 in ed.targets(lu):  # None: the preset's edited weight
+                key = name or hp.weight_module(lu.layer)
+                deltas[key] = (lu.V[r0:r1].double() @ lu.U.double()).cpu()
         ed.apply_step(upd)
         state = {str(k): v for k, v in ed.method_state["ultraedit"].items()}
         out["steps"].append({"delta": deltas, "norm": state})
