@@ -182,16 +182,7 @@ def reference_worker(work: Path, src: Path) -> None:
         p.requires_grad = False
     for name in spec["modules"]:
         model.get_submodule(name).weight.requires_grad = True
-    n = len(spec["steps"][0])
-    config = _ns(
-        model=_ns(edit_modules=spec["modules"], name="parity", name_or_path=str(work / "model")),
-        editor=_ns(
-            name="ultraedit", lr=spec["lr"], batch_size=128, token="ans",
-            cache_dir=str(work / "cache"),
-        ),
-        dataset=_ns(name="parity", n_edits=n, batch_size=n),
-        num_seq=spec["n_steps"], editor_device="cpu", model_device="cpu",
-    )  # fmt: skip
+    config = _config(spec, work)
     editor = ultra.ULTRAEDIT(config, model)
     tok = AutoTokenizer.from_pretrained(work / "model")
     data = zsre.ZSREDataset.__new__(zsre.ZSREDataset)
@@ -220,3 +211,18 @@ def reference_worker(work: Path, src: Path) -> None:
         }
         out["steps"].append({"delta": delta, "norm": norms})
     torch.save(out, work / "reference.pt")
+
+
+def _config(spec: dict[str, Any], work: Path) -> types.SimpleNamespace:
+    """The fields of its hydra config that ``ULTRAEDIT`` reads on this path."""
+    n = len(spec["steps"][0])
+    config = _ns(
+        model=_ns(edit_modules=spec["modules"], name="parity", name_or_path=str(work / "model")),
+        editor=_ns(
+            name="ultraedit", lr=spec["lr"], batch_size=128, token="ans",
+            cache_dir=str(work / "cache"),
+        ),
+        dataset=_ns(name="parity", n_edits=n, batch_size=n),
+        num_seq=spec["n_steps"], editor_device="cpu", model_device="cpu",
+    )  # fmt: skip
+    return config

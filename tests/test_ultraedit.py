@@ -214,6 +214,14 @@ def test_edit_report_and_export_of_an_ultraedit_run(tmp_path):
     res = runner.invoke(app, ["export", run_id, "-o", str(tmp_path / "run.json"), *db])
     assert res.exit_code == 0, res.output
     assert "ultraedit" in (tmp_path / "run.json").read_text()
+    # saved as a model folder: the base plus the step, rebuilt and fingerprint-checked
+    res = runner.invoke(app, ["save", run_id, "-o", str(tmp_path / "model"), *db])
+    assert res.exit_code == 0, res.output
+    from safetensors.torch import load_file
+
+    saved = load_file(next((tmp_path / "model").glob("*.safetensors")))
+    name = "model.layers.1.mlp.up_proj.weight"
+    assert torch.equal(saved[name], lm.model.get_submodule(name[:-7]).weight.detach())
 
 
 @pytest.mark.slow
