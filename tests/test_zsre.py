@@ -429,3 +429,30 @@ def test_a_rome_edit_on_smollm2_makes_a_zsre_record_hold() -> None:
     assert isinstance(before, ZsreMetrics) and isinstance(after, ZsreMetrics)
     assert before.es < 1.0 and after.es == 1.0 and after.es_tf == 1.0
     assert after.p_new > before.p_new
+
+
+def test_the_parity_count_sees_a_flipped_verdict_and_a_missing_token(lm) -> None:
+    """benchmarks/zsre_parity.py's count: our verdicts on two records against a copy in
+    the published layout with one verdict flipped and one token dropped: 2."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "zsre_parity.py"
+    spec = importlib.util.spec_from_file_location("zsre_parity", path)
+    assert spec is not None and spec.loader is not None
+    parity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(parity)
+    records = load_records("zsre", limit=2).records
+    mine = [record_metrics(lm.model, lm.tokenizer, r).tokens for r in records]  # type: ignore[attr-defined]
+    theirs = [{key: list(m[g]) for g, key in parity.GROUPS.items()} for m in mine]
+    ours = {"requests": [], "unedited": mine, "edited": mine}
+    same = parity.compare(ours, {"requests": [], "unedited": theirs, "edited": theirs}, None)
+    assert same["disagreements"] == 0 and same["tokens"] == 2 * sum(
+        len(m[g]) for m in mine for g in parity.GROUPS
+    )
+    changed = [dict(t) for t in theirs]
+    changed[0]["rewrite_prompts_correct"] = [
+        1 - x for x in changed[0]["rewrite_prompts_correct"][:1]
+    ] + changed[0]["rewrite_prompts_correct"][1:]
+    changed[1]["neighborhood_prompts_correct"] = changed[1]["neighborhood_prompts_correct"][:-1]
+    res = parity.compare(ours, {"requests": [], "unedited": theirs, "edited": changed}, None)
+    assert res["disagreements"] == 2 and res["edited"]["rewrite"]["disagree"] == 1

@@ -33,6 +33,11 @@ def methods_for(name: str) -> list[str]:
     """The methods a ``--method`` value names (``all``: every registered one, rome first)."""
     if name == ALL_METHODS:
         return ["rome", *sorted(m for m in METHODS if m != "rome")]
+    if name not in METHODS:
+        raise BadRequestError(
+            f"unknown method {name!r}: use one of {', '.join(sorted(METHODS))}, "
+            f"or {ALL_METHODS} (side by side)"
+        )
     get_method(name)
     return [name]
 
@@ -150,6 +155,23 @@ def load_batch(path: Path) -> list[EditRequest]:
         except RomeError as exc:
             raise BadRequestError(f"{path}: {which}: {exc}") from exc
     return out
+
+
+def batch_conflicts(reqs: Sequence[EditRequest]) -> list[str]:
+    """A note for each subject and prompt a batch asks for more than one target of: the
+    methods are given both, and cannot make both hold."""
+    targets: dict[tuple[str, str], list[tuple[int, str]]] = {}
+    for n, r in enumerate(reqs, start=1):
+        targets.setdefault((r.subject, r.prompt), []).append((n, r.target_new))
+    notes = []
+    for (subject, prompt), asked in targets.items():
+        if len({t for _, t in asked}) > 1:
+            which = ", ".join(f"record {n} -> {t!r}" for n, t in asked)
+            notes.append(
+                f"{subject!r} in {prompt!r} is asked for different targets ({which}): "
+                "both are edited in, and at most one can hold"
+            )
+    return notes
 
 
 def _zsre_requests(path: Path, items: list[Any]) -> list[EditRequest]:
