@@ -26,7 +26,6 @@ from rome import Editor, LoadedModel, RomeError
 from rome.errors import BadRequestError
 from rome.hparams import EditHparams, method_preset
 from rome.methods import LayerUpdate, Update, get_method
-from rome.methods.family.loop import FamilyMethod
 
 from .counterfact import CounterFactRecord, load_counterfact
 from .events import (
@@ -46,7 +45,7 @@ from .protocols import FLUENCY_TASK
 from .retention import retention_checkpoint
 from .sink import ReplaySink, RunRow
 from .spec import ReplayConfig, RunSpec
-from .steps import batch_step, rome_step
+from .steps import edit_step
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +107,7 @@ class _Run:
         self.editor = ed
         self.layer = ed.hp.layer
         self.method = get_method(cfg.method)
+        self.options = run_options(cfg)  # the method's settings given with the run
         self.layers = run_layers(ed, cfg)
         self.norms: list[float] = []
         self.base_fluency: float | None = None
@@ -244,17 +244,24 @@ def _check_covariance(store: ReplaySink, run: RunRow, ed: Editor, cfg: ReplayCon
     ]
 
 
+def run_options(cfg: ReplayConfig) -> dict[str, Any]:
+    """The settings a run gives its method: ``method_options``, and the run's key mode
+    for a method that has key modes."""
+    opts = dict(cfg.method_options)
+    if get_method(cfg.method).capabilities.key_modes:
+        opts.setdefault("mode", cfg.mode)
+    return opts
+
+
 def run_layers(ed: Editor, cfg: ReplayConfig) -> list[int]:
-    """The layers a run edits: the method's, with the run's ``layer`` for rome."""
+    """The layers a run edits: its method's, on the run's editor (the run's ``layer``)."""
     method = get_method(cfg.method)
-    if method.name == "rome":
-        return [ed.check_layer(ed.hp.layer)]
-    return [ed.check_layer(x) for x in method.layers(ed)]
+    return method.layers(ed.context(method), method.settings(ed.hp, run_options(cfg)))
 
 
 def covariance_fingerprint(ed: Editor, cfg: ReplayConfig) -> str:
     """The fingerprint of the statistics of every layer the run edits (one layer: as before)."""
-    prints = [ed.factor(layer).fingerprint for layer in run_layers(ed, cfg)]
+    prints = [ed.caches.stats_fingerprint(layer) for layer in run_layers(ed, cfg)]
     return prints[0] if len(prints) == 1 else _digest(prints)
 
 
@@ -263,10 +270,9 @@ def _editor_for(lm: LoadedModel, hp: EditHparams, cfg: ReplayConfig) -> Editor:
     if cfg.batch_size < 1:
         raise BadRequestError(f"the batch size must be at least 1, not {cfg.batch_size}")
     method = get_method(cfg.method)
-    if not method.batched and cfg.batch_size != 1:
+    if not method.capabilities.batched and cfg.batch_size != 1:
         raise BadRequestError(
-            f"{method.name} edits one request at a time: use --batch-size 1, "
-            "or a batched method (memit, emmet, alphaedit)"
+            f"{method.name} edits one request at a time: use --batch-size 1, or a batched method"
         )
     hp = hp if cfg.layer is None else hp.replace(layer=cfg.layer)
     return Editor(lm.model, lm.tokenizer, hp, keep_undo=False)
@@ -393,7 +399,8 @@ def replay(
             # Sampled templates depend on the machine (thread count, BLAS): kept with the
             # run, so a resume anywhere edits with the same ones.
             ed.hp = ed.hp.replace(context_templates=ed.templates())
-        if cfg.method != "rome" and ed.hp.family_context_templates is None:
+        caps = get_method(cfg.method).capabilities
+        if caps.templates == "family" and ed.hp.family_context_templates is None:
             from rome.methods.family.templates import family_templates
 
             ed.hp = ed.hp.replace(family_context_templates=family_templates(ed))
@@ -402,7 +409,7 @@ def replay(
         run = store.create_run(
             model=lm.name,
             kind="replay",
-            mode=cfg.mode if cfg.method == "rome" else cfg.method,
+            mode=cfg.mode if caps.key_modes else cfg.method,
             preset=hp.name,
             hparams={"hparams": hp.to_dict(), "replay": cfg.to_dict()},
             data_source=cfg.dataset,
@@ -437,9 +444,7 @@ def _rebuild(st: _Run) -> int:
     if st.editor.fingerprint(st.layers) != run.base_fingerprint:
         raise ReplayError("the loaded model is not the base model this run started from")
     rho: float | None = None
-    keyed = isinstance(st.method, FamilyMethod) and st.method.wants_keys(
-        st.method.settings(st.editor, st.cfg.method_options)
-    )
+    keyed = st.method.stores_keys(st.method.settings(st.editor.hp, st.options))
     for step in store.iter_steps(run_id):
         if step.method != st.method.name:
             raise ReplayError(
@@ -508,10 +513,7 @@ def _drive(
             yield ReplayFinished(run_id, "cancelled", {"edits_done": seq})
             return
         batch = records[seq : seq + cfg.batch_size]
-        if st.method.batched:
-            events = batch_step(st, seq, batch, total)
-        else:
-            events = rome_step(st, seq, batch[0], total)
+        events = edit_step(st, seq, batch, total)
         for ev in events:
             yield ev
         if events[-1].flagged:

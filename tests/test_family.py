@@ -97,7 +97,9 @@ def test_delta_reaches_block_output_as_z(gpt2_family):
     """After a one-layer MEMIT edit with λ → 0 and only the bare template, the block output at
     the subject equals z (the last layer takes the whole residual)."""
     lm, _ = gpt2_family
-    hp = load_preset("tiny-gpt2-family").replace(layers=[1], mom2_update_weight=1e-6)
+    hp = load_preset("tiny-gpt2-family").replace(
+        layers=[1], method_settings={"memit": {"mom2_update_weight": 1e-6}}
+    )
     ed = Editor(lm.model, lm.tokenizer, hp, cache_dir=None)
     use_templates(ed, ["{}"])
     upd = ed.edit([REQS[0]], "memit")
@@ -122,7 +124,9 @@ def test_memit_one_layer_one_request_is_sherman_morrison(gpt2_family, keys_c0):
 def test_memit_update_from_the_method_matches_sherman_morrison(gpt2_family):
     """The method end to end: keys, C₀, residual (V = R) and the solve agree with the formula."""
     lm, _ = gpt2_family
-    hp = load_preset("tiny-gpt2-family").replace(layers=[1], mom2_update_weight=2.0)
+    hp = load_preset("tiny-gpt2-family").replace(
+        layers=[1], method_settings={"memit": {"mom2_update_weight": 2.0}}
+    )
     ed = Editor(lm.model, lm.tokenizer, hp, cache_dir=None)
     upd = ed.edit([REQS[1]], "memit")
     (lu,) = upd.layers

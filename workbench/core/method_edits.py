@@ -4,7 +4,7 @@
 edits (an :class:`~rome.EditResult`). The batch methods go through the public
 :class:`~rome.Editor` API here instead (``Editor.edit`` for the update,
 ``Editor.apply_update`` on the session's editor, so F8 undo and revert restore
-their weights bit for bit, and ``Method.after_apply`` for the carried state),
+their weights bit for bit, and the method's carried state with them),
 and are stored as one step (``Store.add_step``) in the session's run. Each
 method edits with its shipped ``<preset>-<method>`` variant when there is one
 (:func:`rome.hparams.method_preset`), through an editor kept per method whose
@@ -32,11 +32,10 @@ from rome.update import weight_out_in
 from .forms import EditForm
 from .generation import GenerationPair
 from .methods import MethodOutcome, judge_outcomes, run_method
-from .records import EditOutcome, ProbedOutcome, carried_state
+from .records import EditOutcome, ProbedOutcome
 from .verdict import Probe, Verdict
 
 if TYPE_CHECKING:
-    from rome.editor import AppliedEdit
     from workbench.store import Store
 
     from .session import Session
@@ -81,15 +80,6 @@ class MethodApplied:
     store_error: str | None = None
 
 
-@dataclass
-class _Applied:
-    """One of our steps on the session's editor, and its method's state before it."""
-
-    entry: AppliedEdit
-    editor: Editor
-    state: dict[str, Any]
-
-
 def rome_row(mode: str, outcome: EditOutcome, preset: str = "") -> MethodOutcome:
     """A ROME key mode's computed edit as a row of the method comparison (no recompute)."""
     r = outcome.result
@@ -115,13 +105,12 @@ class MethodEdits:
         self.session = session
         self._for: Editor | None = None  # the session editor the caches below belong to
         self._editors: dict[str, Editor] = {}
-        self._applied: list[_Applied] = []
 
     # ----------------------------------------------------------- editors
     def _fresh(self) -> Editor:
         _, ed = self.session.require()
         if self._for is not ed:  # a model was (re)loaded: nothing of ours is on it
-            self._for, self._editors, self._applied = ed, {}, []
+            self._for, self._editors = ed, {}
         return ed
 
     def preset(self, method: str) -> str:
@@ -153,29 +142,13 @@ class MethodEdits:
             return ed
         med = self._editors.get(method)
         if med is None:
-            med = Editor(lm.model, lm.tokenizer, hp)
+            med = ed.variant(hp)  # the same edits and carried state, its own caches
             with ed.base_weights():  # the session's edits out of the way for a moment
                 family_templates(med)
                 for layer in hp.edited_layers():
                     med.factor(layer, progress)
             self._editors[method] = med
         return med
-
-    def sync(self) -> None:
-        """After an undo or a revert: a method's carried state goes back to what it was
-        before the first of our steps no longer on the model."""
-        _, ed = self.session.require()
-        self._fresh()
-        on_model = {id(e) for e in ed.applied}
-        keep = [a for a in self._applied if id(a.entry) in on_model]
-        gone = [a for a in self._applied if id(a.entry) not in on_model]
-        restored: set[int] = set()
-        for a in gone:  # oldest first: that one's state is the one to go back to
-            if id(a.editor) not in restored:
-                a.editor.method_state.clear()
-                a.editor.method_state.update(a.state)
-                restored.add(id(a.editor))
-        self._applied = keep
 
     # ----------------------------------------------------------- compute
     def _row(self, ed: Editor, form: EditForm, upd: Update, before: list[Probe]) -> MethodOutcome:
@@ -208,7 +181,7 @@ class MethodEdits:
                 row.error = f"not applied: {reason}"
                 row.p_new_after, row.p_true_after = row.p_new_before, row.p_true_before
             else:
-                ed.apply_update(upd, force=True)  # for a moment: no state folded in
+                ed.apply_step(upd, force=True)  # for a moment: undo puts the state back
                 try:
                     after = self.session.score_probes(form)
                 finally:
@@ -278,7 +251,6 @@ class MethodEdits:
                 mode=upd.method, norm=upd.norm, ratio=outcome.row.ratio, carrier=med,
                 progress=progress, generate=generate,
             )  # fmt: skip
-            self._applied.append(_Applied(step.entry, med, step.state))
             return MethodApplied(
                 step.number, outcome, step.generations, step.fingerprint, step.run_id, step.seq,
                 step.store_error,
@@ -334,13 +306,7 @@ class MethodEdits:
             for m in family:
                 if check:
                     check(m)
-                med = self.editor_for(m)
-                state = carried_state(med)
-                try:
-                    rows.append(run_method(lm, med, reqs, m, None))
-                finally:  # the preview leaves the carried state as it found it
-                    med.method_state.clear()
-                    med.method_state.update(state)
+                rows.append(run_method(lm, self.editor_for(m), reqs, m, None))
         return judge_outcomes(rows, ed.hp.max_update_ratio)
 
 

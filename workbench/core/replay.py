@@ -71,6 +71,7 @@ FIELD_LABELS = {
     "layer": "layer",
     "method": "method",
     "batch_size": "batch size",
+    "method_options": "method settings",
     "retention_size": "retention size",
 }
 
@@ -173,8 +174,15 @@ def _check_method(values: Mapping[str, Any], errors: dict[str, str]) -> None:
         n, why = _whole(values["batch_size"], 1)
         if why:
             errors["batch_size"] = why
-        elif n != 1 and not METHODS[method].batched:
+        elif n != 1 and not METHODS[method].capabilities.batched:
             errors["batch_size"] = f"must be 1 for {method} (it edits one request at a time)"
+    if values.get("method_options"):
+        from rome.methods.base import check_overrides
+
+        try:
+            check_overrides(METHODS[method], values["method_options"])
+        except BadRequestError as exc:
+            errors["method_options"] = str(exc)
 
 
 def _check_choices(values: Mapping[str, Any], errors: dict[str, str]) -> None:

@@ -1,0 +1,98 @@
+"""What a method computes on: the model, its tokenizer, the preset, the caches, its state.
+
+A :class:`~rome.methods.base.Method` gets an :class:`EditContext` from the
+:class:`~rome.Editor` for each step, never the Editor itself: it cannot apply,
+undo or reach another method's state. ``state`` is the method's carried state
+as the applied steps left it (read it; :meth:`Method.fold` makes the next).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from .caches import Caches
+from .errors import LayerOutOfRangeError
+from .hparams import EditHparams
+from .nethook import get_module
+from .update import weight_out_in
+
+
+class HasCaches(Protocol):
+    """An Editor or an EditContext: what the family's helpers read."""
+
+    model: nn.Module
+    tok: PreTrainedTokenizerBase
+    caches: Caches
+
+    @property
+    def hp(self) -> EditHparams: ...
+
+    def module(self, layer: int) -> nn.Module: ...
+
+
+@dataclass
+class EditContext:
+    """One step's view of an editor (see the module's docstring)."""
+
+    model: nn.Module
+    tok: PreTrainedTokenizerBase
+    hp: EditHparams
+    caches: Caches
+    state: Any = None
+
+    @property
+    def n_layers(self) -> int:
+        return len(get_module(self.model, self.hp.layers_module))  # type: ignore[arg-type]
+
+    def check_layer(self, layer: int) -> int:
+        return check_layer(self.n_layers, layer)
+
+    def module(self, layer: int) -> nn.Module:
+        return get_module(self.model, self.hp.weight_module(layer))
+
+    def base_weights(self) -> contextlib.AbstractContextManager[None]:
+        """Inside, every edited layer holds its unedited weight."""
+        return self.caches.base_weights()
+
+    def unsafe_reason(self, update: Any) -> str | None:
+        """Why ``update`` must not be applied (checked per layer): non-finite or too large."""
+        return update_unsafe_reason(self, update)
+
+
+def check_layer(n_layers: int, layer: int) -> int:
+    if not 0 <= layer < n_layers:
+        raise LayerOutOfRangeError(
+            f"layer {layer} is out of range: the model has layers 0..{n_layers - 1}"
+        )
+    return layer
+
+
+def unsafe(hp: EditHparams, finite: bool, norm: float, weight_norm: float) -> str | None:
+    """Non-finite, or ``norm`` over ``max_update_ratio`` times the weight's: the reason."""
+    if not finite:
+        return "the update has NaN or infinite entries"
+    ratio = norm / weight_norm if weight_norm else math.inf
+    if ratio > hp.max_update_ratio:
+        return (
+            f"the update norm is {ratio:.1f}x the weight's norm "
+            f"(limit {hp.max_update_ratio:g}, preset field max_update_ratio)"
+        )
+    return None
+
+
+def update_unsafe_reason(where: HasCaches | EditContext, update: Any) -> str | None:
+    """Why an update must not be applied (checked per layer): non-finite or too large."""
+    n = len(get_module(where.model, where.hp.layers_module))  # type: ignore[arg-type]
+    for lu in update.layers:
+        module = where.module(check_layer(n, lu.layer))
+        w = weight_out_in(module).detach().float()
+        reason = unsafe(where.hp, lu.is_finite(), lu.norm, float(w.norm()))
+        if reason:
+            return reason if len(update.layers) == 1 else f"layer {lu.layer}: {reason}"
+    return None
