@@ -1,8 +1,13 @@
-"""Parity with the published code: MEMIT, EMMET or AlphaEdit, both sides fed the same inputs.
+"""Parity with the published code: MEMIT, EMMET, AlphaEdit, MEMIT_seq, RECT, ENCORE, NAS.
 
     python benchmarks/parity.py --method memit --reference-src ~/src/memit
     python benchmarks/parity.py --method emmet --reference-src ~/src/unified-model-editing
     python benchmarks/parity.py --method alphaedit --reference-src ~/src/AlphaEdit
+    python benchmarks/parity.py --method memit-seq --reference-src ~/src/NAS   (also rect,
+        encore, nas: SasyaTitech/NAS; two steps in a row, see parity_steps.py)
+    python benchmarks/parity.py --method ultraedit --reference-src ~/src/UltraEdit
+
+(UltraEdit is not locate-then-edit: its comparison is ``benchmarks/parity_ultraedit.py``.)
 
 ``--reference-src`` is the user's own checkout of the published repository
 (kmeng01/memit, scalable-model-editing/unified-model-editing,
@@ -30,6 +35,7 @@ from the same rule computed in the subprocess (said in the output).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -40,12 +46,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from parity_steps import NAS_MAIN, dump_spec, reference_steps, report_steps, run_ours_steps
 
 MAIN = {
     "memit": ("memit.memit_main", "memit", "MEMITHyperParams"),
     "emmet": ("emmet.emmet_main", "emmet", "EMMETHyperParams"),
     "alphaedit": ("AlphaEdit.AlphaEdit_main", "AlphaEdit", "AlphaEditHyperParams"),
 }
+MAIN.update({m: (v[0], v[1], v[2]) for m, v in NAS_MAIN.items()})
 REQUESTS = [
     ("{} is located in the city of", "The Eiffel Tower", "Rome"),
     ("The capital of {} is", "Japan", "London"),
@@ -126,11 +134,25 @@ def _reference_hparams(
             update_norm_lambda=settings.update_norm_lambda,
             emmet_lambda=settings.emmet_lambda,
         )
-    if method == "alphaedit":
+    if method in ("alphaedit", "nas"):
         out.update(
             nullspace_threshold=settings.nullspace_threshold,
             L2=settings.alphaedit_l2,
             model_name=hp.name,
+        )
+    if method in NAS_MAIN:
+        out["model_name"] = hp.name
+    if method == "encore":
+        st = hp.method_settings.get("encore", {})
+        out.update(
+            calculate_objective_value=False,
+            add_prev_edits=st.get("add_prev_edits", True),
+            update_norm_lambda=st.get("norm_lambda", 0.0),
+            emmet_lambda=0.1,
+            prob_cutoff=st.get("prob_cutoff", 0),
+            norm_control=0,
+            dynamic_multiplier=5,
+            random_vector_preservation=False,
         )
     return out
 
@@ -138,10 +160,13 @@ def _reference_hparams(
 def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Our update, keys and z; writes the reference's inputs into ``work``."""
     import rome.methods
-    from rome import Editor, EditRequest
+    from rome import Editor, EditRequest, load_preset
     from rome.methods.family import family_templates, moment
 
     model, tok, hp = _model(args.model, args.seed)
+    if args.method in NAS_MAIN and args.model == "smollm2-135m":
+        hp = load_preset(f"smollm2-135m-{args.method}")
+    # kmeng01/memit counts the subject's tokens separately; every later repository joins
     changes: dict[str, Any] = {"subject_index": "separate" if args.method == "memit" else "joined"}
     if args.layers:
         layers = [int(x) for x in args.layers.split(",")]
@@ -159,6 +184,8 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     method = rome.methods.get_method(args.method)
     settings = method.settings(hp, options)
     method.prepare(ed.context(method), hp.edited_layers(), settings)  # type: ignore[attr-defined]
+    if args.method in NAS_MAIN:
+        return _ours_two_steps(args, work, ed, method, templates, c0)
     seen: list[Any] = []
     solve = method.solve  # type: ignore[attr-defined]
 
@@ -202,13 +229,49 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
 
 
+def _request_dicts(reqs: list[Any], first_id: int) -> list[dict[str, Any]]:
+    return [
+        {"case_id": first_id + i, "prompt": r.prompt, "subject": r.subject,
+         "target_new": {"str": r.target_new}}
+        for i, r in enumerate(reqs)
+    ]  # fmt: skip
+
+
+def _ours_two_steps(
+    args: argparse.Namespace, work: Path, ed: Any, method: Any, templates: Any, c0: Any
+) -> dict[str, Any]:
+    """The NAS repository's methods: two batches of ``args.n`` requests in a row."""
+    from rome import EditRequest
+
+    hp = ed.hp
+    batches = [
+        [EditRequest(p, s, t) for p, s, t in REQUESTS[i * args.n : (i + 1) * args.n]]
+        for i in range(2)
+    ]
+    model, tok = ed.model, ed.tok
+    model.save_pretrained(work / "model", safe_serialization=True)  # before any edit
+    tok.save_pretrained(work / "model")
+    n_layers = len(model.get_submodule(hp.layers_module))
+    torch.save({k: v.float().cpu() for k, v in c0.items()}, work / "c0.pt")
+    ours = run_ours_steps(args, ed, method, batches)
+    spec = {
+        "method": args.method,
+        "templates": templates,
+        "batches": [_request_dicts(b, i * args.n) for i, b in enumerate(batches)],
+        "hparams": _reference_hparams(hp, args.method, n_layers, _head_name(model)),
+        "extra": getattr(method, "parity_extra", lambda _ed: {})(ed),
+    }
+    dump_spec(work, spec)
+    return ours
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--method", choices=sorted(MAIN), required=True)
+    ap.add_argument("--method", choices=sorted([*MAIN, "ultraedit"]), required=True)
     ap.add_argument("--reference-src", type=Path, required=True)
     ap.add_argument(
         "--model", default="tiny-gpt2", help="tiny-gpt2, gpt2-small-random, smollm2-135m"
@@ -217,11 +280,24 @@ def main() -> None:
         "--layers", default="", help="comma-separated edited layers (default: preset's)"
     )
     ap.add_argument("--n", type=int, default=3, help="requests in the batch (at most 6)")
-    ap.add_argument("--steps", type=int, default=0, help="z steps (default: preset's)")
+    ap.add_argument(
+        "--steps", type=int, default=0, help="z steps (default: preset's); ultraedit: steps (2)"
+    )
+    ap.add_argument("--lr", type=float, default=0.0, help="UltraEdit lr (default: preset's)")
     ap.add_argument("--threshold", type=float, default=None, help="AlphaEdit nullspace_threshold")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.method == "ultraedit":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import parity_ultraedit as ultra
+
+        args.steps = args.steps or 2
+        if args.worker is not None:
+            ultra.reference_worker(args.worker, args.reference_src.resolve())
+        else:
+            ultra.main(args, Path(__file__).resolve())
+        return
     if args.worker is not None:
         reference_worker(args.worker, args.reference_src.resolve())
         return
@@ -242,6 +318,13 @@ def main() -> None:
 
 def report(args: argparse.Namespace, ours: dict[str, Any], ref: dict[str, Any]) -> None:
     lines = [f"method {args.method}, model {args.model}, n {args.n}, layers {ours['layers']}"]
+    if args.method in NAS_MAIN:
+        lines += report_steps(args, ours, ref, rel)
+        lines.append(
+            f"CPU s for both steps: ours {ours['seconds']:.1f}, published {ref['seconds']:.1f}"
+        )
+        sys.stdout.write("\n".join(lines) + "\n")
+        return
     worst = {"dW": 0.0, "K": 0.0}
     for i, layer in enumerate(ours["layers"]):
         d = rel(ours["delta"][layer], ref["delta"][i])
@@ -274,17 +357,20 @@ def reference_worker(work: Path, src: Path) -> None:
     method = spec["method"]
     if not torch.cuda.is_available():
         _cpu_shim()
-    import importlib
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     nethook = importlib.import_module("util.nethook")
     _tuple_shim(nethook)
     mod_name, pkg, hp_cls = MAIN[method]
+    if method in NAS_MAIN:
+        _dsets_shim()
     main_mod = importlib.import_module(mod_name)
     hparams = getattr(importlib.import_module(pkg), hp_cls)(**spec["hparams"])
     if not torch.cuda.is_available():
         _cpu_factories(src)
+    if method in NAS_MAIN:
+        reference_steps(work, spec, main_mod, hparams)
+        return
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32).eval()
     if not hasattr(model.config, "n_embd"):
         model.config.n_embd = model.config.hidden_size
@@ -328,6 +414,25 @@ def reference_worker(work: Path, src: Path) -> None:
     m = len(hparams.layers)
     out.update(delta=rec["upd"][:m], keys=rec["keys"][:m], z=torch.stack(rec["z"]))
     torch.save(out, work / "reference.pt")
+
+
+def _dsets_shim() -> None:
+    """The NAS repository's ``dsets`` imports scipy (its TF-IDF statistics) at import time;
+    where scipy is missing, a stand-in ``dsets`` whose datasets refuse to load (the edit
+    functions never read them: NAS's anchors are injected)."""
+    import types
+
+    try:
+        importlib.import_module("dsets")
+    except ImportError:
+        stub = types.ModuleType("dsets")
+
+        class _NoDataset:
+            def __init__(self, *a: Any, **k: Any) -> None:
+                raise RuntimeError("dsets is a parity stand-in here (scipy is not installed)")
+
+        stub.MultiCounterFactDataset = _NoDataset  # type: ignore[attr-defined]
+        sys.modules["dsets"] = stub
 
 
 def _spy(module: Any, name: str, record: Any) -> None:

@@ -85,6 +85,7 @@ class LoadResult:
 
     records: list[CounterFactRecord]
     skipped: list[tuple[int, str]] = field(default_factory=list)
+    kind: str = "CounterFact"  # the data set's name in messages ("zsRE" for zsRE)
 
     def __len__(self) -> int:
         return len(self.records)

@@ -20,6 +20,9 @@ def stored_figures(store: ReplayReader, run_id: str) -> dict[str, Any]:
     post = [e.metrics for e in edits if e.applied and e.metrics]
     pre = [e.metrics["pre"] for e in edits if e.applied and (e.metrics or {}).get("pre")]
     out: dict[str, Any] = {"edits_done": len(edits), "post": aggregate(post)}
+    protocol = next((m["protocol"] for m in post if m.get("protocol")), None)
+    if protocol is not None:  # zsRE: ES / PS / NS are token accuracies (evals.zsre_scoring)
+        out["protocol"] = protocol
     if pre:
         out["pre"] = aggregate(pre)
     rescored = [r.metrics for r in store.rescores(run_id)]

@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,9 +210,26 @@ class GlueResult:
     n: int
     scoring: str = "logprob"
     predictions: list[int] = field(default_factory=list)  # -1: invalid
+    gold: list[int] = field(default_factory=list)  # the examples' labels, in the same order
+    ids: list[int] = field(default_factory=list)  # the examples' ``idx`` in the task file
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def per_example(self) -> dict[str, list[int]]:
+        """What a checkpoint stores to pair two runs on the same examples (its ``extra``):
+        each example's file ``idx``, gold label and prediction (-1: invalid)."""
+        return {"idx": list(self.ids), "gold": list(self.gold), "pred": list(self.predictions)}
+
+
+def correct_by_example(extra: Mapping[str, Any] | None) -> dict[int, bool] | None:
+    """``idx -> correct`` from a stored checkpoint's ``extra`` (None where the checkpoint
+    was stored without per-example predictions, as before 2026-12-07)."""
+    x = extra or {}
+    idx, gold, pred = x.get("idx"), x.get("gold"), x.get("pred")
+    if not (isinstance(idx, list) and isinstance(gold, list) and isinstance(pred, list)):
+        return None
+    return {int(i): int(g) == int(p) for i, g, p in zip(idx, gold, pred, strict=True)}
 
 
 # --- data ---------------------------------------------------------------------
@@ -486,6 +503,7 @@ def glue_result(
         n=n,
         scoring=scoring,
         predictions=list(pred),
+        gold=list(gold),
     )
 
 
@@ -513,6 +531,8 @@ def evaluate_glue(
         examples = load_glue(task.name, source, limit)
         report = None if progress is None else _per_task(progress, task.name, len(examples))
         pred = predict(model, tok, task, examples, scoring, batch_size, report, calibration)
-        results[task.name] = glue_result(task.name, [e.label for e in examples], pred, scoring)
+        result = glue_result(task.name, [e.label for e in examples], pred, scoring)
+        result.ids = [e.idx for e in examples]
+        results[task.name] = result
         log.info("GLUE %s (%s): accuracy %.3f", task.name, scoring, results[task.name].accuracy)
     return results

@@ -18,7 +18,6 @@ import math
 import unicodedata
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -31,42 +30,17 @@ from rome.scoring import score_targets, trunk_and_head
 
 from ._hf import cache_kwargs, output_cache
 from .counterfact import CounterFactRecord
+from .record_metrics import RecordMetrics, harmonic_mean
+from .zsre import ZsreRecord
+from .zsre_scoring import zsre_metrics
 
 Pair = tuple[float, float]  # (NLL of target_new, NLL of target_true)
 GE_MAX_LEN = 100  # ROME's test_generation: generate_fast(..., max_out_len=100), in tokens
 GE_TOP_K = 5
 
 
-@dataclass
-class RecordMetrics:
-    """Metrics of one CounterFact record; ``None`` where the record has no such prompt."""
-
-    case_id: int
-    es: float
-    em: float
-    ps: float | None
-    pm: float | None
-    ns: float | None
-    nm: float | None
-    s_record: float  # harmonic mean of this record's ES, PS, NS (not the run's S)
-    p_new: float  # on the edit prompt
-    p_true: float
-    ge: float | None = None
-    generations: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 def _mean(xs: Sequence[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
-
-
-def harmonic_mean(xs: Sequence[float]) -> float:
-    """Harmonic mean; 0 as soon as one value is 0."""
-    if not xs or any(x <= 0 for x in xs):
-        return 0.0
-    return len(xs) / sum(1.0 / x for x in xs)
 
 
 def _success(pairs: Sequence[Pair], want_new: bool) -> float | None:
@@ -119,7 +93,10 @@ def record_metrics(
 
     GE follows ROME's evaluation: each generation prompt is continued by top-5
     sampling to 100 tokens in all (prompt included), see :func:`generate_to_length`.
+    A zsRE record is scored as zsRE is (:func:`evals.zsre_scoring.zsre_metrics`).
     """
+    if isinstance(record, ZsreRecord):
+        return zsre_metrics(model, tok, record)
     groups = [[record.text], record.paraphrase_prompts, record.neighborhood_prompts]
     prompts = [p for g in groups for p in g]
     n = len(prompts)
@@ -140,6 +117,8 @@ def record_metrics(
 
 
 RUN_KEYS = ("es", "em", "ps", "pm", "ns", "nm", "p_new", "p_true", "ge", "s_record")
+#: zsRE's teacher-forced token accuracies (evals.zsre_scoring), averaged where stored
+TEACHER_FORCED_KEYS = ("es_tf", "ps_tf", "ns_tf")
 
 
 def run_score(es: float | None, ps: float | None, ns: float | None) -> float | None:
@@ -159,6 +138,10 @@ def aggregate(items: Sequence[RecordMetrics | dict[str, Any]]) -> dict[str, floa
     for key in RUN_KEYS:
         out[key] = _mean([v for r in rows if (v := r.get(key)) is not None])
     out["s"] = run_score(out["es"], out["ps"], out["ns"])
+    for key in TEACHER_FORCED_KEYS:  # zsRE rows only (CounterFact's figures unchanged)
+        values = [v for r in rows if (v := r.get(key)) is not None]
+        if values:
+            out[key] = _mean(values)
     return out
 
 

@@ -20,14 +20,17 @@ import json
 import logging
 import threading
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from rome import Editor, LoadedModel, RomeError
 from rome.errors import BadRequestError
 from rome.hparams import EditHparams, method_preset
 from rome.methods import LayerUpdate, Update, get_method
+from rome.methods.alphaedit_state import start_from
 
-from .counterfact import CounterFactRecord, load_counterfact
+from .counterfact import CounterFactRecord
+from .datasets import load_records
 from .events import (
     CheckpointDone,
     EditDone,
@@ -46,6 +49,7 @@ from .retention import retention_checkpoint
 from .sink import ReplaySink, RunRow
 from .spec import ReplayConfig, RunSpec
 from .steps import edit_step
+from .zsre import ZsreRecord, record_of
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +98,7 @@ def glue_fingerprint(cfg: ReplayConfig) -> str:
 
 
 def _record_of(data: dict[str, Any]) -> CounterFactRecord:
-    return CounterFactRecord(**data)
+    return record_of(data)
 
 
 class _Run:
@@ -134,7 +138,7 @@ class _Run:
                 mcc=r.mcc,
                 invalid=r.invalid,
                 n=r.n,
-                extra={"calibration": cfg.glue_calibration},
+                extra={"calibration": cfg.glue_calibration, **r.per_example()},
                 replace=True,
             )
         ent = fluency(model, tok, cfg.fluency_tokens)
@@ -366,6 +370,8 @@ def replay(
             yield ReplayFinished(run.id, "finished", stored_figures(store, run.id))
             return
         ed = _editor_for(lm, hp, cfg)
+        if cfg.initial_state:
+            start_from(ed, cfg.method, cfg.initial_state, cfg.initial_state_sha256 or "")
         if hp.context_templates is None:
             ed = _freeze_templates(store, run, ed)
             notes.append(
@@ -377,13 +383,18 @@ def replay(
     else:
         hp = hparams or method_preset(lm.hparams, cfg.method)
         ed = _editor_for(lm, hp, cfg)
-    loaded = load_counterfact(cfg.dataset, limit=extend_to or cfg.n_edits, tokenizer=lm.tokenizer)
+        if cfg.initial_state:  # refused here, before the run exists, when it does not fit
+            cfg.initial_state = str(Path(cfg.initial_state).expanduser().absolute())
+            cfg.initial_state_sha256 = start_from(ed, cfg.method, cfg.initial_state)
+    loaded = load_records(
+        cfg.dataset, extend_to or cfg.n_edits, lm.tokenizer, order_seed=cfg.order_seed
+    )
     records = loaded.records
     total = len(records)
     if total == 0:
         why = "; ".join(f"case {c}: {w}" for c, w in loaded.skipped[:3])
         raise BadRequestError(
-            f"no usable CounterFact records in {cfg.dataset!r}"
+            f"no usable {loaded.kind} records in {cfg.dataset!r}"
             + (f" ({len(loaded.skipped)} skipped; {why})" if why else "")
         )
     if resume is not None:
@@ -488,8 +499,9 @@ def _drive(
     skipped: list[Any],
 ) -> Iterator[ReplayEvent]:
     store, cfg, run_id = st.store, st.cfg, st.run_id
+    kind = "zsRE" if records and isinstance(records[0], ZsreRecord) else "CounterFact"
     for case_id, why in skipped:
-        yield ReplayWarning(f"skipped CounterFact record {case_id}: {why}")
+        yield ReplayWarning(f"skipped {kind} record {case_id}: {why}")
     start = _rebuild(st) if resuming else 0
     yield ReplayStarted(run_id, total, start)
     # A checkpoint killed or failed half-way lacks some rows: done again, on the

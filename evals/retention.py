@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .counterfact import CounterFactRecord
 from .metrics import aggregate, record_metrics
 from .protocols import RETENTION_TASK
+from .zsre import record_of
 
 if TYPE_CHECKING:
     from torch import nn
@@ -50,6 +51,9 @@ class RetentionResult:
     s: float | None = None
     lost: list[int] = field(default_factory=list)  # seqs of the scored edits that do not hold
     seconds: float = 0.0
+    # each scored edit's [seq, ES, PS, NS] (for intervals and paired tests; empty in
+    # passes stored before 2026-12-07)
+    records: list[list[float | None]] = field(default_factory=list)
 
     @property
     def value(self) -> float | None:
@@ -68,7 +72,7 @@ def first_edits(store: ReplayReader, run_id: str, size: int) -> list[tuple[int, 
     for e in store.edits(run_id, applied_only=True):
         stored = (e.record or {}).get("counterfact")
         if stored:
-            out.append((e.seq, CounterFactRecord(**stored)))
+            out.append((e.seq, record_of(stored)))
         if len(out) >= size:
             break
     return out
@@ -97,6 +101,7 @@ def score_retention(
         s=agg.get("s"),
         lost=lost,
         seconds=time.perf_counter() - t0,
+        records=[[seq, m.es, m.ps, m.ns] for seq, m in scored],
     )
 
 
@@ -155,4 +160,5 @@ def retention_of(c: CheckpointRow | Mapping[str, Any]) -> RetentionResult:
         s=x.get("s"),
         lost=[int(s) for s in x.get("lost", [])],
         seconds=float(x.get("seconds", 0.0)),
+        records=[list(r) for r in x.get("records", [])],
     )

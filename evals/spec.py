@@ -21,6 +21,7 @@ from .glue import TASKS
 class ReplayConfig:
     dataset: str = "sample"
     n_edits: int = 100
+    order_seed: int | None = None  # None: file order; else random.Random(seed).shuffle's
     mode: str = "rrome"  # ROME's key mode (read by the rome method only)
     method: str = "rome"  # the editing method (rome.methods): rome, memit, emmet, alphaedit
     batch_size: int = 1  # requests per step (1 for rome; the published family protocol: 100)
@@ -47,6 +48,9 @@ class ReplayConfig:
     dataset_fingerprint: str | None = None
     glue_fingerprint: str | None = None
     covariance_fingerprint: str | None = None  # compared on resume: a warning if it differs
+    # a method state to start from (AlphaEdit's package format), and its SHA-256 (set)
+    initial_state: str | None = None
+    initial_state_sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

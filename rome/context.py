@@ -17,7 +17,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .caches import Caches
-from .errors import LayerOutOfRangeError
+from .errors import BadRequestError, LayerOutOfRangeError
 from .hparams import EditHparams
 from .nethook import get_module
 from .update import weight_out_in
@@ -60,6 +60,10 @@ class EditContext:
         """Inside, every edited layer holds its unedited weight."""
         return self.caches.base_weights()
 
+    def targets(self, lu: Any) -> list[tuple[str | None, nn.Module, int, int]]:
+        """Where ``lu`` writes (see :func:`targets`)."""
+        return targets(self, lu)
+
     def unsafe_reason(self, update: Any) -> str | None:
         """Why ``update`` must not be applied (checked per layer): non-finite or too large."""
         return update_unsafe_reason(self, update)
@@ -86,13 +90,44 @@ def unsafe(hp: EditHparams, finite: bool, norm: float, weight_norm: float) -> st
     return None
 
 
+def targets(
+    where: HasCaches | EditContext, lu: Any
+) -> list[tuple[str | None, nn.Module, int, int]]:
+    """Where ``lu`` writes: (module name, or None for the preset's weight; module; its
+    rows of ``V``). ``weight_name`` may join several modules that read the same input
+    with ``+`` (their (out, in) weights stacked by rows, in that order)."""
+    names = [n.removesuffix(".weight") for n in lu.weight_name.split("+")]
+    if names == [where.hp.weight_module(lu.layer)]:
+        return [(None, where.module(lu.layer), 0, int(lu.V.shape[0]))]
+    out: list[tuple[str | None, nn.Module, int, int]] = []
+    row = 0
+    for name in names:
+        try:
+            module = get_module(where.model, name)
+        except LookupError as exc:
+            raise BadRequestError(f"the update names a missing weight: {exc}") from None
+        rows, width = weight_out_in(module).shape
+        if width != lu.U.shape[1]:
+            raise BadRequestError(f"{name} reads {width} inputs, the update {lu.U.shape[1]}")
+        out.append((name, module, row, row + int(rows)))
+        row += int(rows)
+    if row != lu.V.shape[0]:
+        raise BadRequestError(f"{lu.weight_name} has {row} rows, the update {lu.V.shape[0]}")
+    return out
+
+
 def update_unsafe_reason(where: HasCaches | EditContext, update: Any) -> str | None:
     """Why an update must not be applied (checked per layer): non-finite or too large."""
     n = len(get_module(where.model, where.hp.layers_module))  # type: ignore[arg-type]
     for lu in update.layers:
-        module = where.module(check_layer(n, lu.layer))
-        w = weight_out_in(module).detach().float()
-        reason = unsafe(where.hp, lu.is_finite(), lu.norm, float(w.norm()))
+        check_layer(n, lu.layer)
+        w_norm = math.sqrt(
+            sum(
+                float(weight_out_in(m).detach().float().norm()) ** 2
+                for _, m, _, _ in targets(where, lu)
+            )
+        )
+        reason = unsafe(where.hp, lu.is_finite(), lu.norm, w_norm)
         if reason:
             return reason if len(update.layers) == 1 else f"layer {lu.layer}: {reason}"
     return None

@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from . import covariance as cov
 from .caches import Caches
-from .context import EditContext, check_layer, unsafe, update_unsafe_reason
+from .context import EditContext, check_layer, targets, unsafe, update_unsafe_reason
 from .errors import BadRequestError, NothingToUndoError, UnsafeUpdateError
 from .hparams import MODES, EditHparams
 from .methods import get_method
@@ -66,7 +66,8 @@ class AppliedEdit:
     weight_name: str
     u: torch.Tensor
     v: torch.Tensor
-    saved: dict[int, torch.Tensor] | None
+    # per layer (the preset's weight) or per module name (another weight a step named)
+    saved: dict[int | str, torch.Tensor] | None
     result: EditResult | None = None
     update: Update | None = None
     state_before: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -98,7 +99,11 @@ class Editor:
             model, tok, lambda: self._hp, self.cache, self.model_key, self.base_weights, explicit
         )
         self._base: dict[int, torch.Tensor] = {}
+        # weights other than the preset's that a step named (LayerUpdate.weight_name), by
+        # module name: (layer, unedited weight); UltraEdit's gate/up projections
+        self._other_base: dict[str, tuple[int, torch.Tensor]] = {}
         self._state: dict[str, Any] = {}  # each method's carried state, by method name
+        self._initial: dict[str, Any] = {}  # the state a run started from (a saved one)
         self.applied: list[AppliedEdit] = []
 
     @property
@@ -119,6 +124,10 @@ class Editor:
 
     def module(self, layer: int) -> nn.Module:
         return get_module(self.model, self.hp.weight_module(layer))
+
+    def targets(self, lu: LayerUpdate) -> list[tuple[str | None, nn.Module, int, int]]:
+        """Where ``lu`` writes (see :func:`rome.context.targets`)."""
+        return targets(self, lu)
 
     def cached(self, key: Any, make: Any) -> Any:
         """A value computed once per editor (see :meth:`Caches.cached`)."""
@@ -168,7 +177,9 @@ class Editor:
         other = Editor(
             self.model, self.tok, hparams, cache_dir=self.cache, keep_undo=self.keep_undo
         )
-        other._base, other._state, other.applied = self._base, self._state, self.applied
+        other._base, other._other_base = self._base, self._other_base
+        other._state, other.applied = self._state, self.applied
+        other._initial = self._initial
         return other
 
     def context(self, method: str | Method, layer: int | None = None) -> EditContext:
@@ -234,6 +245,8 @@ class Editor:
         with contextlib.ExitStack() as stack:
             for layer in sorted(set(layers)):
                 stack.enter_context(self._base_weights(layer, always=True))
+            for name in self._others_at(layers):
+                stack.enter_context(self._other_base_weight(name))
             yield
 
     @contextlib.contextmanager
@@ -243,7 +256,20 @@ class Editor:
         with contextlib.ExitStack() as stack:
             for layer in list(self._base):
                 stack.enter_context(self._base_weights(layer))
+            for name in list(self._other_base):
+                stack.enter_context(self._other_base_weight(name))
             yield
+
+    @contextlib.contextmanager
+    def _other_base_weight(self, name: str) -> Iterator[None]:
+        """Inside, the other weight ``name`` holds its unedited value; the edited one after."""
+        module = get_module(self.model, name)
+        edited = weight_of(module).detach().to("cpu", copy=True)
+        restore(module, self._other_base[name][1])
+        try:
+            yield
+        finally:
+            restore(module, edited)
 
     @contextlib.contextmanager
     def _base_weights(self, layer: int, always: bool = False) -> Iterator[None]:
@@ -265,6 +291,22 @@ class Editor:
         """(‖W_n − W_0‖_F, ‖W_n‖_F / ‖W_0‖_F) of ``layer``'s edited weight."""
         w = weight_of(self.module(layer)).detach().float()
         base = self._base.get(layer)
+        others = self._others_at([layer])
+        if others:  # the weights a step named instead of (or beside) the preset's, together
+            pairs = [(get_module(self.model, n), self._other_base[n][1]) for n in others]
+            if base is not None:
+                pairs.append((self.module(layer), base))
+            sq = [
+                (
+                    float((weight_of(m).detach().float() - b.to(w.device).float()).norm()) ** 2,
+                    float(weight_of(m).detach().float().norm()) ** 2,
+                    float(b.float().norm()) ** 2,
+                )
+                for m, b in pairs
+            ]
+            n0 = math.sqrt(sum(x[2] for x in sq))
+            ratio = math.sqrt(sum(x[1] for x in sq)) / n0 if n0 else math.inf
+            return math.sqrt(sum(x[0] for x in sq)), ratio
         if base is None:
             return 0.0, 1.0
         w0 = base.to(w.device).float()
@@ -298,6 +340,14 @@ class Editor:
         """Why a rank-one update must not be applied: non-finite, or far larger than the weight."""
         finite = bool(torch.isfinite(u).all() and torch.isfinite(v).all())
         return unsafe(self.hp, finite, float(u.norm() * v.norm()), weight_norm)
+
+    def start_state(self, method: str, state: Any) -> None:
+        """Start ``method`` from a carried state of its own (a saved one), before any step;
+        revert goes back to it."""
+        if self.applied:
+            raise BadRequestError("a method's starting state is set before any edit")
+        self._state[method] = state
+        self._initial[method] = state
 
     def check_request(self, req: EditRequest) -> EditRequest:
         """``req`` if it follows the request rules and fits the length limit
@@ -353,14 +403,21 @@ class Editor:
             reason = self.update_unsafe_reason(update)
             if reason:
                 raise UnsafeUpdateError(f"refused to apply: {reason}; nothing was changed")
-        saved: dict[int, torch.Tensor] = {}
+        saved: dict[int | str, torch.Tensor] = {}
         for lu in update.layers:
-            module = self.module(self.check_layer(lu.layer))
-            if lu.layer not in self._base:
-                self._base[lu.layer] = weight_of(module).detach().to("cpu", copy=True)
-            before = add_delta(module, lu.delta())
-            if self.keep_undo and lu.layer not in saved:
-                saved[lu.layer] = before.to("cpu")
+            self.check_layer(lu.layer)
+            where = self.targets(lu)
+            for name, module, r0, r1 in where:
+                key: int | str = lu.layer if name is None else name
+                if name is None and lu.layer not in self._base:
+                    self._base[lu.layer] = weight_of(module).detach().to("cpu", copy=True)
+                if name is not None and name not in self._other_base:
+                    w0 = weight_of(module).detach().to("cpu", copy=True)
+                    self._other_base[name] = (lu.layer, w0)
+                delta = lu.delta() if len(where) == 1 else lu.V[r0:r1].float() @ lu.U.float()
+                before = add_delta(module, delta)
+                if self.keep_undo and key not in saved:
+                    saved[key] = before.to("cpu")
         first = update.layers[0]
         result = update.results[0] if len(update.results) == 1 else None
         entry = AppliedEdit(
@@ -390,8 +447,8 @@ class Editor:
         entry = self.applied[-1]
         if entry.saved is None:
             raise NothingToUndoError("this editor keeps no undo copies (keep_undo=False)")
-        for layer, weight in entry.saved.items():
-            restore(self.module(layer), weight)
+        for key, weight in entry.saved.items():
+            restore(self._saved_module(key), weight)
         self._state.clear()  # in place: a variant editor shares it
         self._state.update(entry.state_before)
         self.applied.pop()
@@ -403,21 +460,39 @@ class Editor:
         n = len(self.applied)
         for layer, base in self._base.items():
             restore(self.module(layer), base)
+        for name, (_, base) in self._other_base.items():
+            restore(get_module(self.model, name), base)
         self.applied.clear()
         self._state.clear()
+        self._state.update(self._initial)
         return n
+
+    def _saved_module(self, key: int | str) -> nn.Module:
+        return self.module(key) if isinstance(key, int) else get_module(self.model, key)
+
+    def _others_at(self, layers: Iterable[int]) -> list[str]:
+        """The other weights edited at ``layers``, by name, sorted."""
+        chosen = set(layers)
+        return sorted(n for n, (layer, _) in self._other_base.items() if layer in chosen)
 
     @property
     def edited_layers(self) -> list[int]:
         """Every layer an applied update has touched since the editor was made."""
-        return sorted(self._base)
+        return sorted(set(self._base) | {layer for layer, _ in self._other_base.values()})
 
     def fingerprint(self, layers: Iterable[int] | None = None) -> str:
         """SHA-256 of the editable weights of ``layers`` (default: the preset's and edited)."""
-        chosen = sorted(set(layers) if layers is not None else {self.hp.layer, *self._base})
+        if layers is None:
+            chosen = sorted({self.hp.layer, *self.edited_layers})
+        else:
+            chosen = sorted(set(layers))
         h = hashlib.sha256()
         for layer in chosen:
             w = weight_of(self.module(layer)).detach().to("cpu").contiguous()
             h.update(f"{layer}:{w.dtype}:{tuple(w.shape)}".encode())
             h.update(w.view(torch.uint8).numpy().tobytes())
+            for name in self._others_at([layer]):  # none unless a step named another weight
+                w = weight_of(get_module(self.model, name)).detach().to("cpu").contiguous()
+                h.update(f"{layer}:{name}:{w.dtype}:{tuple(w.shape)}".encode())
+                h.update(w.view(torch.uint8).numpy().tobytes())
         return h.hexdigest()

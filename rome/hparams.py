@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -20,7 +21,7 @@ MODES = ("original", "rrome", "prompt")
 FACT_TOKENS = ("subject_last",)
 SUBJECT_INDEX = ("joined", "separate")
 #: flat fields of older presets and stored runs, now each method's own settings: kept
-#: under ``method_settings["*"]`` where a method's setting names them as its ``legacy``
+#: in ``shared_settings``, read by every method whose setting names them as its ``legacy``
 LEGACY_METHOD_FIELDS = (
     "mom2_update_weight",
     "emmet_lambda",
@@ -29,6 +30,17 @@ LEGACY_METHOD_FIELDS = (
     "alphaedit_l2",
     "memit_accumulate",
 )
+
+
+#: checks a preset's ``method`` and ``method_settings`` against the registered methods;
+#: installed by :mod:`rome.methods.registry` (this module does not import the methods:
+#: they import it)
+_settings_check: Callable[[EditHparams], None] | None = None
+
+
+def use_settings_check(check: Callable[[EditHparams], None]) -> None:
+    global _settings_check
+    _settings_check = check
 
 
 @dataclass(frozen=True)
@@ -87,9 +99,11 @@ class EditHparams:
     # --- the locate-then-edit family's shared machinery (FAMILY.md); ROME reads none of these
     method: str = "rome"  # the method the preset is tuned for (a registered name)
     layers: list[int] | None = None  # the family's edited layers (ascending); None: [layer]
-    # each method's own settings, by method name (rome.methods: its Settings dataclass);
-    # "*" holds the flat fields of presets and runs stored before methods declared theirs
+    # each method's own settings, by method name (rome.methods: its Settings dataclass)
     method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # settings shared by the methods that name them (a family preset's λ for MEMIT, EMMET,
+    # RECT...): the flat fields of presets and runs from before methods declared theirs
+    shared_settings: dict[str, Any] = field(default_factory=dict)
     subject_index: str = "joined"  # "joined" (AlphaEdit, EMMET) or "separate" (kmeng01/memit)
     family_template_words: list[str] = field(
         default_factory=lambda: ["The", "Therefore", "Because", "I", "You"]
@@ -149,8 +163,13 @@ class EditHparams:
             isinstance(k, str) and isinstance(v, dict) for k, v in settings.items()
         ):
             raise BadRequestError(
-                "method_settings must map each method's name to an object of its settings"
+                'preset field method_settings must be an object of objects, e.g. {"rect": '
+                '{"keep_percent": 40}}'
             )
+        if not isinstance(self.shared_settings, dict):
+            raise BadRequestError("preset field shared_settings must be an object")
+        if _settings_check is not None:
+            _settings_check(self)
         if self.layers is not None:
             if not self.layers or list(self.layers) != sorted(set(self.layers)):
                 raise BadRequestError(
@@ -188,14 +207,12 @@ class EditHparams:
 
 
 def _lift_legacy(data: dict[str, Any]) -> dict[str, Any]:
-    """``data`` with its old flat method fields moved under ``method_settings["*"]``."""
+    """``data`` with its old flat method fields moved into ``shared_settings``."""
     flat = {k: data[k] for k in LEGACY_METHOD_FIELDS if k in data}
     if not flat:
         return data
     out = {k: v for k, v in data.items() if k not in flat}
-    settings = dict(out.get("method_settings") or {})
-    settings["*"] = {**flat, **(settings.get("*") or {})}
-    out["method_settings"] = settings
+    out["shared_settings"] = {**flat, **(out.get("shared_settings") or {})}
     return out
 
 
@@ -347,9 +364,12 @@ def _resolve_extends(data: dict[str, Any], raw: dict[str, dict[str, Any]]) -> di
     settings = {k: dict(v) for k, v in (merged.get("method_settings") or {}).items()}
     for method, values in (own.get("method_settings") or {}).items():
         settings[method] = {**settings.get(method, {}), **values}
+    shared = {**(merged.get("shared_settings") or {}), **(own.get("shared_settings") or {})}
     merged.update(own)
     if settings:
         merged["method_settings"] = settings
+    if shared:
+        merged["shared_settings"] = shared
     return merged
 
 

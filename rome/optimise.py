@@ -21,7 +21,7 @@ float error (tests/test_vstar_fast.py).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,24 @@ from .upper import KL_PROMPT, Encoder, Rows, UpperRun, build_rows, compute_prefi
 from .vstar import VStar, frozen, resolve_autocast, trace_rows, work_dtype
 
 ClampReference = str | Sequence[float]
+
+
+@dataclass(frozen=True)
+class StepFacts:
+    """What an extra stopping rule sees of one step, per request still running."""
+
+    requests: list[int]  # their indices in the optimisation
+    # target tokens that are the argmax in each request's rewriting rows after its first
+    # (the bare "{}" row), counted over all those rows
+    correct_after_first: list[int]
+    p_target: list[float]  # mean over its rewriting rows of exp(−mean token NLL)
+
+
+#: a stopping rule beside the loss (a method's: ENCORE's most-probable counter): one
+#: fresh rule per optimisation, called once per step before the backward pass, answering
+#: per request whether it stops here
+StopRule = Callable[[StepFacts], list[bool]]
+ZStop = Callable[[], StopRule]
 
 
 class _AddDelta:
@@ -122,6 +140,7 @@ class _Active:
     delta_req: torch.Tensor  # local request index of every active row
     loss_row: torch.Tensor  # local rewrite-row index of each loss entry
     loss_req: torch.Tensor
+    loss_first: torch.Tensor  # whether each loss entry is in its request's first row
     labels: torch.Tensor
     row_tlen: torch.Tensor  # target length of each rewrite row
     n_rewrite: torch.Tensor  # per local request
@@ -218,6 +237,7 @@ def _activate(
         delta_req=t([local_req[rows.request[i]] for i in act_rows]),
         loss_row=t([rw_local[e[0]] for e in entries]),
         loss_req=t([local_req[rows.request[e[0]]] for e in entries]),
+        loss_first=t([int(rows.first_row[rows.request[e[0]]] == e[0]) for e in entries]).bool(),
         labels=t([e[2] for e in entries]),
         row_tlen=torch.tensor(
             [rows.target_len[rows.request[i]] for i in rewrite], device=device, dtype=work
@@ -262,6 +282,7 @@ def optimise_targets(
     kl_prompt: str = KL_PROMPT,
     encode: Encoder = encode_with_subject,
     target_tokens: Sequence[Sequence[int]] | None = None,
+    stop_rule: StopRule | None = None,
 ) -> list[VStar]:
     """Optimise one ``δ`` per request together; returns each request's :class:`VStar`.
 
@@ -273,6 +294,7 @@ def optimise_targets(
     normalisation. ``prefix_reuse`` defaults to ``hp.v_prefix_reuse``. ``encode`` and
     ``target_tokens``: the subject-index rule and explicit target ids (see
     :func:`rome.upper.build_rows`), for methods whose published code differs.
+    ``stop_rule``: a method's extra stopping rule (:data:`StopRule`).
     (Over 60 lines: one loop whose steps must stay in the reference order.)
     """
     name = hook_module_name or hp.weight_module(layer)
@@ -342,6 +364,8 @@ def optimise_targets(
             stop = loss.detach() < hp.v_early_stop_loss
             if mpes:
                 stop = stop | argmax_all
+            if stop_rule is not None:
+                stop = stop | _rule_stops(stop_rule, act, active, logits, p_target)
             go = [j for j, s in enumerate(stop.tolist()) if not s]
             if not go:
                 break
@@ -363,3 +387,14 @@ def optimise_targets(
         tr = trace_rows(trace[r])
         out.append(VStar(v_star=v_init[r] + d, v_init=v_init[r], delta=d, trace=tr, steps=len(tr)))
     return out
+
+
+def _rule_stops(
+    rule: StopRule, act: _Active, active: list[int], logits: torch.Tensor, p_target: torch.Tensor
+) -> torch.Tensor:
+    """``rule`` on this step's facts, as a bool per active request (on the loss's device)."""
+    right = (logits[: act.n_loss].detach().argmax(-1) == act.labels) & ~act.loss_first
+    counts = torch.zeros(len(active), device=logits.device, dtype=torch.long)
+    counts = counts.index_add(0, act.loss_req, right.long())
+    facts = StepFacts(list(active), counts.tolist(), p_target.detach().tolist())
+    return torch.tensor(rule(facts), device=logits.device, dtype=torch.bool)

@@ -10,6 +10,9 @@ from .errors import BadRequestError
 #: the longest prompt (its subject filled in) or target one edit takes, in tokens of
 #: the model's tokenizer (v* optimises over every context template times the prompt)
 MAX_REQUEST_TOKENS = 256
+#: a target_true that says there is no true object: the end-of-text token as text, the
+#: target_true of every zsRE request in the published code (kmeng01/memit dsets/zsre.py)
+END_OF_TEXT = "<|endoftext|>"
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,15 @@ class EditRequest:
             raise BadRequestError("target_new equals target_true: nothing to edit")
         object.__setattr__(self, "_validated", True)  # not a field: equality and to_dict unchanged
         return self
+
+    @property
+    def true_object(self) -> str | None:
+        """The object ``target_new`` replaces, for probes that compare the two: None where
+        there is none (no ``target_true``, or the end-of-text marker, as zsRE requests
+        have). Editing never reads it (v* and the solves see ``target_new`` only)."""
+        if self.target_true is None or self.target_true.strip() == END_OF_TEXT:
+            return None
+        return self.target_true
 
     @property
     def validated(self) -> bool:

@@ -151,7 +151,8 @@ def test_report_writes_the_page_and_the_plot(overwrite_run, tmp_path) -> None:
     assert "![" in page and "(runs.png)" in page
     for p in (IMMEDIATE, END_OF_STREAM, RETENTION):
         assert f"| {p} |" in page
-    assert "### Retention curve" in page and "| 3 | 1/2 |" in page
+    # 1 of 2 holding, with its exact interval: 1 - sqrt(0.975) = 0.013, sqrt(0.975) = 0.987
+    assert "### Retention curve" in page and "| 3 | 1/2 [0.01, 0.99] |" in page
     assert "## Flagged edits" in page
 
 

@@ -210,7 +210,8 @@ def test_summary_rows_and_resumable(tmp_path):
         rows = dict(s.rows)
         assert s.title == f"run {run_id} (rrome, interrupted)"
         assert rows["edits stored"] == "2" and rows["flagged"] == "1"
-        assert rows["max |dW|"] == "3.00" and rows["median |dW|"] == "3.00"
+        # the median of 1.0 and 3.0 is 2.0 (the upper median, 3.0, was shown before)
+        assert rows["max |dW|"] == "3.00" and rows["median |dW|"] == "2.00"
         assert rows["wall s per edit: edit + scoring"] == "2.0 + 0.8"
         assert rows["sst2 start -> end"] == "0.500 -> 0.750"
         assert rows["fluency start -> end"] == "5.000 -> 3.000"

@@ -86,7 +86,11 @@ class AlphaEdit(FamilyMethod):
                 )
             return p, kept
 
-        return ctx.caches.cached((self.name, "P", layer, threshold), make)  # type: ignore[no-any-return]
+        return ctx.caches.cached(self.projector_key(layer, threshold), make)  # type: ignore[no-any-return]
+
+    def projector_key(self, layer: int, threshold: float) -> tuple[str, str, int, float]:
+        """Where the caches keep P for ``layer`` (a saved state may put its own there)."""
+        return (self.name, "P", layer, threshold)
 
     def prepare(self, ctx: EditContext, layers: list[int], settings: Any) -> None:
         for layer in layers:

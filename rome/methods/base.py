@@ -109,51 +109,57 @@ class Option:
     inclusive: bool = True  # whether ``low`` itself is allowed
     choices: tuple[Any, ...] | None = None
     legacy: str | None = None  # the flat preset field it was stored under before
+    high: float | None = None  # highest value, allowed (numbers)
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is refused, or None."""
+        if self.choices is not None:
+            ok = value in self.choices
+            shown = ", ".join(map(str, self.choices))
+            return None if ok else f"must be one of {shown}, not {value!r}"
+        if self.type is bool:
+            return None if isinstance(value, bool) else f"must be true or false, not {value!r}"
+        if self.type is str:
+            return None if isinstance(value, str) else f"must be text, not {value!r}"
+        whole = self.type is int
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"must be {'a whole number' if whole else 'a number'}, not {value!r}"
+        if whole and not float(value).is_integer():
+            return f"must be a whole number, not {value!r}"
+        if not math.isfinite(value):
+            return f"must be finite, not {value!r}"
+        low_bad = self.low is not None and (
+            value < self.low or (value == self.low and not self.inclusive)
+        )
+        if low_bad or (self.high is not None and value > self.high):
+            return f"must be in {self.range_text()}, not {value!r}"
+        return None
+
+    def range_text(self) -> str:
+        left = "[" if self.inclusive else "("
+        low = "-inf" if self.low is None else f"{self.low:g}"
+        high = "inf" if self.high is None else f"{self.high:g}"
+        return f"{left}{low}, {high}]"
 
     def check(self, value: Any, method: str) -> Any:
-        """``value`` converted to this option's type; one BadRequestError if it cannot be."""
-        where = f"{method} setting {self.name}"
-        if self.type is bool:
-            if not isinstance(value, bool):
-                raise BadRequestError(f"{where} must be true or false, not {value!r}")
-        elif self.type in (int, float):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise BadRequestError(f"{where} must be a number, not {value!r}")
-            if self.type is int and not float(value).is_integer():
-                raise BadRequestError(f"{where} must be a whole number, not {value!r}")
-            value = self.type(value)
-            if not math.isfinite(value):
-                raise BadRequestError(f"{where} must be finite, not {value!r}")
-            if self.low is not None and (
-                value < self.low or (value == self.low and not self.inclusive)
-            ):
-                bound = f"at least {self.low:g}" if self.inclusive else f"above {self.low:g}"
-                raise BadRequestError(f"{where} must be {bound}, not {value!r}")
-        elif self.type is str and not isinstance(value, str):
-            raise BadRequestError(f"{where} must be a string, not {value!r}")
-        if self.choices is not None and value not in self.choices:
-            raise BadRequestError(
-                f"{where} must be one of {', '.join(map(str, self.choices))}, not {value!r}"
-            )
-        return value
+        """``value`` as this option's type; one BadRequestError naming it if refused."""
+        why = self.problem(value)
+        if why is not None:
+            raise BadRequestError(f"{method}: setting {self.name} {why}")
+        return self.type(value) if self.type in (int, float) else value
 
     def parse(self, text: str, method: str) -> Any:
         """The value of a ``KEY=VALUE`` text (a CLI's ``--opt``), checked."""
-        try:
-            if self.type is bool:
-                low = text.strip().lower()
-                if low not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError
-                value: Any = low in ("true", "1", "yes")
-            elif self.type in (int, float):
+        value: Any = text
+        if self.type is bool:
+            low = text.strip().lower()
+            if low in ("true", "1", "yes", "false", "0", "no"):
+                value = low in ("true", "1", "yes")
+        elif self.type in (int, float):
+            try:
                 value = float(text) if self.type is float else int(text)
-            else:
-                value = text
-        except ValueError:
-            kind = {bool: "true or false", int: "a whole number", float: "a number"}
-            raise BadRequestError(
-                f"{method} setting {self.name} must be {kind.get(self.type, 'text')}, not {text!r}"
-            ) from None
+            except ValueError:
+                pass  # refused by check, naming the setting
         return self.check(value, method)
 
 
@@ -165,9 +171,10 @@ def setting(
     inclusive: bool = True,
     choices: tuple[Any, ...] | None = None,
     legacy: str | None = None,
+    high: float | None = None,
 ) -> Any:
     """A settings-dataclass field with what :class:`Option` reads (help, range, old name)."""
-    meta = {"help": help, "low": low, "inclusive": inclusive, "choices": choices}
+    meta = {"help": help, "low": low, "inclusive": inclusive, "choices": choices, "high": high}
     return field(default=default, metadata={**meta, "legacy": legacy})
 
 
@@ -189,6 +196,7 @@ def options_of(settings_type: type) -> list[Option]:
                 inclusive=f.metadata.get("inclusive", True),
                 choices=f.metadata.get("choices"),
                 legacy=f.metadata.get("legacy"),
+                high=f.metadata.get("high"),
             )
         )
     return out
@@ -206,7 +214,7 @@ class Capabilities:
     batched: bool  # one update for many requests; False: one request per step
     key_modes: tuple[str, ...] = ()  # ROME's key modes; () for a method without any
     needs_c0: bool = True  # reads the layer's second moment (statistics)
-    templates: str = "family"  # the context templates it reads: "rome" or "family"
+    templates: str = "family"  # the context templates it reads: "rome", "family" or "none"
 
 
 # ---------------------------------------------------------------- the protocol
@@ -283,11 +291,12 @@ class MethodBase:
 def resolve_settings(
     method: str, settings_type: type, hp: EditHparams, overrides: Mapping[str, Any] | None
 ) -> Any:
-    """``settings_type`` with the preset's values for ``method`` (its ``method_settings``,
-    or an old flat field) and then ``overrides``, every value checked."""
+    """``settings_type`` with the preset's values for ``method`` (its ``method_settings``
+    entry, else a ``shared_settings`` value its setting names, else a preset field it
+    names) and then ``overrides``, every value checked."""
     options = {o.name: o for o in options_of(settings_type)}
     own = dict(hp.method_settings.get(method, {}))
-    legacy = hp.method_settings.get("*", {})
+    legacy = hp.shared_settings
     values: dict[str, Any] = {}
     for o in options.values():
         if o.name in own:
@@ -296,32 +305,29 @@ def resolve_settings(
             values[o.name] = legacy[o.legacy]
         elif o.legacy is not None and hasattr(hp, o.legacy):  # a preset field it reads
             values[o.name] = getattr(hp, o.legacy)
-    if own:
-        raise BadRequestError(
-            f"preset field method_settings.{method}: unknown setting(s) {', '.join(sorted(own))}"
-            f" (known: {', '.join(options) or 'none'})"
-        )
-    for key, value in (overrides or {}).items():
-        if key not in options:
-            raise BadRequestError(
-                f"{method} has no setting {key!r} (its settings: {', '.join(options) or 'none'})"
-            )
-        values[key] = value
+    _unknown(method, own, options)
+    _unknown(method, overrides or {}, options)
+    values.update(overrides or {})
     checked = {k: options[k].check(v, method) for k, v in values.items()}
     return settings_type(**checked)
+
+
+def _unknown(method: str, values: Mapping[str, Any], options: Mapping[str, Option]) -> None:
+    unknown = sorted(set(values) - set(options))
+    if unknown:
+        raise BadRequestError(
+            f"{method}: unknown setting(s) {', '.join(unknown)}; it has "
+            f"{', '.join(options) or 'none'}"
+        )
 
 
 def check_overrides(method: Method, values: Mapping[str, Any]) -> dict[str, Any]:
     """``values`` as ``method``'s settings (each name declared, each value checked); a
     text value (a form's, a CLI's) is parsed as its option's type."""
     options = {o.name: o for o in options_of(method.Settings)}
+    _unknown(method.name, values, options)
     out = {}
     for key, value in values.items():
-        if key not in options:
-            raise BadRequestError(
-                f"{method.name} has no setting {key!r} "
-                f"(its settings: {', '.join(options) or 'none'})"
-            )
         o = options[key]
         out[key] = (
             o.parse(value, method.name)

@@ -98,11 +98,12 @@ def probe(ctx: EditContext, req: EditRequest, templates: Sequence[str]) -> Probe
     prefixed = [t.format(req.prompt).replace("{}", req.subject, 1) for t in templates[1:]]
     prompts = [bare, *prefixed]
     targets = [req.target_new] * len(prompts)
-    if req.target_true is not None:
+    true = req.true_object  # None for an end-of-text target_true (zsRE): no p(true)
+    if true is not None:
         prompts.append(bare)
-        targets.append(req.target_true)
+        targets.append(true)
     scores = score_targets(ctx.model, ctx.tok, prompts, targets)
-    p_true = scores[-1].prob if req.target_true is not None else None
+    p_true = scores[-1].prob if true is not None else None
     templ = [s.prob for s in scores[1 : 1 + len(prefixed)]]
     return Probe(scores[0].prob, p_true, sum(templ) / len(templ) if templ else scores[0].prob)
 

@@ -300,7 +300,7 @@ def edit(
     with handled():
         options = parse_options(method, opt or [])
         if edit_is_side_by_side(method, batch is not None, options):
-            _refuse_unshown(ctx, method)
+            _refuse_unshown(ctx, method, generate_tokens)
             _edit_methods(
                 (prompt, subject, target_new, target_true), batch, method, mode, model, layer,
                 hparams, device, dtype, device_map, as_json, options,
@@ -389,19 +389,20 @@ def _edit_methods(
     out.print(t)
 
 
-def _refuse_unshown(ctx: typer.Context, method: str) -> None:
-    """``--templates`` and ``--generate-tokens`` are the single ROME edit's: refused in
-    one line where the side-by-side table would ignore them."""
+def _refuse_unshown(ctx: typer.Context, method: str, generate_tokens: int) -> None:
+    """``--templates`` and ``--generate-tokens N`` (N > 0) are the single ROME edit's:
+    refused in one line where the side-by-side table would ignore them."""
     given = [
         flag
         for name, flag in (("templates", "--templates"), ("generate_tokens", "--generate-tokens"))
         if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"
+        and (name != "generate_tokens" or generate_tokens > 0)
     ]
     if given:
         raise rome_errors.BadRequestError(
             f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to one ROME "
-            f"edit; edit --method {method} (or --batch) "
-            "shows the methods side by side without them: leave them out"
+            f"edit; edit --method {method} (or --batch) shows the methods side by side "
+            "without text or templates: leave them out"
         )
 
 

@@ -52,8 +52,20 @@ def replay(
         ),
     ] = None,
     dataset: Annotated[
-        str, typer.Option(help="'sample' (bundled) or a CounterFact JSON")
+        str,
+        typer.Option(
+            help="'sample' or 'val' (bundled CounterFact), 'zsre' (bundled zsRE), or a "
+            "CounterFact or MEND-format zsRE JSON file (the format is detected)"
+        ),
     ] = "sample",
+    order_seed: Annotated[
+        int | None,
+        typer.Option(
+            "--order-seed",
+            help="edit the records in the order random.Random(N) shuffles them into "
+            "(stored with the run; default: file order)",
+        ),
+    ] = None,
     n_edits: Annotated[int, typer.Option("--n-edits", help="edits to apply in order")] = 100,
     mode: Annotated[str, typer.Option(help="ROME's key mode: original, rrome or prompt")] = "rrome",
     method: Annotated[str, typer.Option(help="editing method (`methods` lists them)")] = "rome",
@@ -89,6 +101,13 @@ def replay(
         typer.Option(help="the first M edits re-scored at every checkpoint (retention; 0: off)"),
     ] = 100,
     layer: LayerOpt = None,
+    initial_state: Annotated[
+        Path | None,
+        typer.Option(
+            "--initial-state",
+            help="alphaedit: start from a state its package saved (save_state; export-state)",
+        ),
+    ] = None,
     db: DbOpt = None,
     resume: Annotated[str | None, typer.Option(help="resume this interrupted run")] = None,
     rescore: Annotated[
@@ -130,6 +149,7 @@ def replay(
         cfg = make_config(
             {
                 "dataset": dataset,
+                "order_seed": order_seed,
                 "n_edits": n_edits,
                 "mode": mode,
                 "method": method,
@@ -145,6 +165,7 @@ def replay(
                 "layer": layer,
                 "perplexity": perplexity,
                 "retention_size": retention_size,
+                **({"initial_state": str(initial_state)} if initial_state else {}),
             }
         )
         # a new run's database is created only once the model and settings are good,
@@ -215,6 +236,8 @@ def replay(
 #: the options that set up a new run; a resumed run keeps the ones it started with
 NEW_RUN_OPTIONS = (
     "dataset",
+    "initial_state",
+    "order_seed",
     "n_edits",
     "mode",
     "glue_every",
@@ -243,7 +266,7 @@ def _not_taken_on_resume(ctx: typer.Context) -> list[str]:
 
 #: how many skipped CounterFact records the warning names (the rest are counted)
 SKIPPED_SHOWN = 3
-_SKIPPED = re.compile(r"skipped CounterFact record (-?\d+): (.*)", re.DOTALL)
+_SKIPPED = re.compile(r"skipped (CounterFact|zsRE) record (-?\d+): (.*)", re.DOTALL)
 
 
 class _ReplayProgress(ReplayHandler):
@@ -256,6 +279,7 @@ class _ReplayProgress(ReplayHandler):
         self.run_id = run_id
         self.dataset = dataset
         self.skipped: list[tuple[str, str]] = []
+        self.kind = "CounterFact"
 
     def report_skipped(self) -> None:
         """One warning for the records the loader skipped (then none until more come)."""
@@ -267,7 +291,7 @@ class _ReplayProgress(ReplayHandler):
             for case, why in self.skipped[:SKIPPED_SHOWN]
         )
         more = f"; and {n - SKIPPED_SHOWN} more" if n > SKIPPED_SHOWN else ""
-        say("warning", f"skipped {n} CounterFact record(s) of {self.dataset}: {shown}{more}")
+        say("warning", f"skipped {n} {self.kind} record(s) of {self.dataset}: {shown}{more}")
         self.skipped = []
 
     def started(self, ev: ReplayStarted) -> None:
@@ -296,7 +320,8 @@ class _ReplayProgress(ReplayHandler):
     def warning(self, ev: ReplayWarning) -> None:
         skipped = _SKIPPED.fullmatch(ev.message)
         if skipped:
-            self.skipped.append((skipped[1], skipped[2]))
+            self.kind = skipped[1]
+            self.skipped.append((skipped[2], skipped[3]))
             return
         self.report_skipped()
         say("warning", ev.message)

@@ -27,6 +27,7 @@ from evals.errors import DataUnavailableError, EvalDataError
 from evals.replay import ReplayError
 from rome import errors as rerr
 from workbench.store import errors as serr
+from workbench.store.merge import MergeInputError
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +207,10 @@ ERROR_TABLE: tuple[ErrorKind, ...] = (
         "Check the path; a replay (or an edit kept in the app) creates the database.",
     ),
     ErrorKind((serr.RunLockedError,), 1, "run in use", "", severity="warning"),
+    ErrorKind(
+        (MergeInputError,), 2, "merge refused",
+        "Merge workbench databases only, each run's copies the same.",
+    ),
     ErrorKind(
         (serr.StoreError,), 1, "database problem",
         "Edits still work on the model; only saving them to the history is affected.",

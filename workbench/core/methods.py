@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evals.zsre import is_zsre_row, parse_zsre
 from rome import BadRequestError, Editor, EditRequest, LoadedModel, RomeError
 from rome.hparams import method_preset
 from rome.methods import Update, get_method, method_names, options_of
@@ -156,7 +157,7 @@ class MethodOutcome:
 
 def load_batch(path: Path) -> list[EditRequest]:
     """Requests from a JSON list (or JSON lines) of {prompt, subject, target_new[, target_true]}
-    objects; a malformed record is one clear error naming it."""
+    objects, or of MEND-format zsRE records; a malformed record is one clear error naming it."""
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
@@ -172,6 +173,8 @@ def load_batch(path: Path) -> list[EditRequest]:
         items = [items]
     if not isinstance(items, list) or not items:
         raise BadRequestError(f"{path} holds no requests: give a JSON list of objects")
+    if is_zsre_row(items[0]):
+        return _zsre_requests(path, items)
     out = []
     for n, item in enumerate(items, start=1):
         which = f"record {n} of {len(items)}"
@@ -192,19 +195,31 @@ def load_batch(path: Path) -> list[EditRequest]:
     return out
 
 
+def _zsre_requests(path: Path, items: list[Any]) -> list[EditRequest]:
+    """A MEND-format zsRE file's records as the published code makes them requests
+    (``evals.zsre``: target_true the end-of-text marker); a bad one is one error."""
+    out = []
+    for n, item in enumerate(items):
+        try:
+            out.append(parse_zsre(item, n).to_request().validate())
+        except (ValueError, RomeError) as exc:
+            raise BadRequestError(f"{path}: zsRE record {n}: {exc}") from exc
+    return out
+
+
 def _probe(lm: LoadedModel, reqs: Sequence[EditRequest]) -> tuple[list[float], list[float | None]]:
     prompts = [r.text for r in reqs]
     new = [
         s.prob for s in score_targets(lm.model, lm.tokenizer, prompts, [r.target_new for r in reqs])
     ]
-    with_true = [i for i, r in enumerate(reqs) if r.target_true is not None]
+    with_true = [i for i, r in enumerate(reqs) if r.true_object is not None]
     true: list[float | None] = [None] * len(reqs)
     if with_true:
         scores = score_targets(
             lm.model,
             lm.tokenizer,
             [prompts[i] for i in with_true],
-            [str(reqs[i].target_true) for i in with_true],
+            [str(reqs[i].true_object) for i in with_true],
         )
         for i, s in zip(with_true, scores, strict=True):
             true[i] = s.prob

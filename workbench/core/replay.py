@@ -4,8 +4,11 @@ of ``evals.replay.replay``'s events (dispatched on their types).
 The rules of :func:`config_errors` (the only place a replay's settings are
 checked before a run is created):
 
-- ``dataset``: ``"sample"`` or ``"val"`` (bundled), ``"hub"`` (online) or an
-  existing file (kept as an absolute path, so a resume from another folder finds it);
+- ``dataset``: ``"sample"`` or ``"val"`` (bundled CounterFact), ``"zsre"`` (bundled
+  zsRE), ``"hub"`` (online) or an existing file that is CounterFact (either format)
+  or MEND-format zsRE (kept as an absolute path, so a resume from another folder
+  finds it);
+- ``order_seed``: empty (file order) or a whole number, at least 0;
 - ``n_edits`` and ``glue_every``: whole numbers, at least 1;
 - ``glue_limit``: a whole number, at least 0; **0 means every example** of
   each task (stored as ``None``), as does an empty value;
@@ -35,7 +38,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evals.counterfact import NAMED_SOURCES
+from evals.datasets import check_source, is_named
 from evals.glue import CALIBRATIONS, SCORINGS, TASKS
 from evals.replay import (
     CheckpointDone,
@@ -60,6 +63,7 @@ log = logging.getLogger(__name__)
 #: settings a user names in words, and the field each one is
 FIELD_LABELS = {
     "dataset": "dataset",
+    "order_seed": "order seed",
     "n_edits": "edits",
     "glue_every": "GLUE interval",
     "glue_limit": "GLUE limit",
@@ -121,16 +125,14 @@ def parse_tasks(value: Any) -> tuple[str, ...]:
 
 
 def _named_dataset(data: str) -> bool:
-    return data == "hub" or data in NAMED_SOURCES
+    return is_named(data)
 
 
 def _dataset_error(value: Any) -> str | None:
     data = str(value if value is not None else "").strip()
     if not data:
-        return "is empty: 'sample' (bundled) or a CounterFact JSON file"
-    if not _named_dataset(data) and not Path(data).expanduser().is_file():
-        return f"has no file at {data}"
-    return None
+        return "is empty: 'sample' or 'zsre' (bundled), or a CounterFact or zsRE JSON file"
+    return check_source(data)
 
 
 def _glue_dir_error(value: Any, tasks: tuple[str, ...]) -> str | None:
@@ -161,6 +163,11 @@ def _check_numbers(values: Mapping[str, Any], errors: dict[str, str]) -> None:
         _, why = _whole(layer, 0)
         if why:
             errors["layer"] = why + " (empty: the preset's layer)"
+    seed = values.get("order_seed")
+    if seed not in (None, ""):
+        _, why = _whole(seed, 0)
+        if why:
+            errors["order_seed"] = why + " (empty: the file's order)"
 
 
 def _check_method(values: Mapping[str, Any], errors: dict[str, str]) -> None:
@@ -252,6 +259,9 @@ def make_config(values: Mapping[str, Any]) -> ReplayConfig:
         out["glue_limit"] = None if limit in (None, "") or int(str(limit)) == 0 else int(limit)
     if "layer" in out:
         out["layer"] = None if out["layer"] in (None, "") else int(str(out["layer"]))
+    if "order_seed" in out:
+        seed = out["order_seed"]
+        out["order_seed"] = None if seed in (None, "") else int(str(seed).strip())
     if "glue_tasks" in out:
         out["glue_tasks"] = parse_tasks(out["glue_tasks"])
     if out.get("glue_dir") in ("",):

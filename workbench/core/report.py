@@ -5,13 +5,15 @@ the flagged edits and the plot, as Markdown. The CLI's ``report`` writes it;
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from evals.protocols import DESCRIPTIONS, PROTOCOLS, RETENTION, RETENTION_TASK
 from workbench.store import Edit, Run, Store
 
+from .report_stats import groups_section, needed_section, paired_section
+from .run_stats import RunStats, count_rate, run_stats
 from .summary import (
     SCORE_KEYS,
     checkpoint_rows,
@@ -100,7 +102,7 @@ def _settings(run: Run) -> str:
         layers = hp.get("layers") or [hp.get("layer", "-")]
         where = [f"preset {hp.get('name', '-')}", f"layers {', '.join(map(str, layers))}"]
     parts = [
-        f"dataset {cfg.get('dataset', run.data_source)}",
+        f"dataset {cfg.get('dataset', run.data_source)}" + _order(cfg),
         f"method {method}",
         *where,
         f"batch size {cfg.get('batch_size', 1)}",
@@ -117,6 +119,11 @@ def _settings(run: Run) -> str:
     return "; ".join(parts)
 
 
+def _order(cfg: dict[str, Any]) -> str:
+    seed = cfg.get("order_seed")
+    return "" if seed is None else f" in the order of seed {seed}"
+
+
 def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     def cell(x: str) -> str:
         return str(x).replace("|", "\\|").replace("\n", " ")
@@ -127,10 +134,16 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def report_markdown(
-    store: Store, run_ids: Sequence[str], plot_file: str | None, command: str = ""
+    store: Store,
+    run_ids: Sequence[str],
+    plot_file: str | None,
+    command: str = "",
+    groups: Mapping[str, Sequence[str]] | None = None,
 ) -> str:
-    """The Markdown page for ``run_ids`` (the plot, when given, is linked as ``plot_file``)."""
+    """The Markdown page for ``run_ids`` (the plot, when given, is linked as ``plot_file``);
+    ``groups`` (name -> run ids that differ only by order) adds their mean ± spread."""
     runs = [store.get_run(r) for r in run_ids]
+    stats = {r.id: run_stats(store, r.id) for r in runs}
     models = sorted({r.model for r in runs})
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
@@ -160,24 +173,26 @@ def report_markdown(
     lines += [
         "",
         "An edit *holds* when its edit prompt still prefers the new object (ES = 1). "
-        "S is the harmonic mean of ES, PS and NS.",
+        "S is the harmonic mean of ES, PS and NS. In brackets: the 95 % interval (exact "
+        "binomial for ES and holds, a bootstrap over records, 10,000 resamples, for PS, NS "
+        "and S; none where only a mean was stored).",
         "",
     ]
     rows: list[list[str]] = []
     missing_retention, retention_pending = [], []
     for r in runs:
-        for p in protocol_scores(store, r.id):
+        for p in protocol_scores(store, r.id, stats=stats[r.id]):
             if p.protocol == RETENTION and not p.recorded:
                 cfg = (r.hparams or {}).get("replay") or {}
                 if cfg.get("retention_size"):
                     retention_pending.append(r.id)
                 else:
                     missing_retention.append(r.id)
-            hold = f"{p.hold}/{p.n}" if p.hold is not None else "-"
-            rows.append(
-                [r.label, p.protocol, *(fmt(getattr(p, k)) for k in SCORE_KEYS), hold, p.note]
-            )
+            hold = p.with_interval("hold") if p.hold is not None else "-"
+            cells = [p.with_interval(k) if p.recorded else fmt(None) for k in SCORE_KEYS]
+            rows.append([r.label, p.protocol, *cells, hold, p.note])
     lines += _table(("run", "protocol", "ES", "PS", "NS", "S", "hold", "what was scored"), rows)
+    lines += _zsre_section(store, runs, stats)
     if missing_retention:
         lines += [
             "",
@@ -192,7 +207,10 @@ def report_markdown(
             f"Run(s) {', '.join(retention_pending)} record retention but have no checkpoint "
             "after the start yet (there is no retention pass at step 0).",
         ]
+    lines += needed_section(runs, stats)
     lines += _retention_section(store, runs)
+    lines += paired_section(store, runs)
+    lines += groups_section(store, groups or {})
     lines += ["", "## Run figures", ""]
     per_run = {
         r.id: dict(
@@ -240,6 +258,26 @@ def _figures(store: Store, run_id: str) -> dict[str, Any]:
     return stored_figures(store, run_id)
 
 
+def _zsre_section(store: Store, runs: Sequence[Run], stats: Mapping[str, RunStats]) -> list[str]:
+    """For zsRE runs: what their ES / PS / NS are, and the teacher-forced figures."""
+    from .summary import zsre_rows
+
+    found = [(r, zsre_rows(_figures(store, r.id), stats.get(r.id))) for r in runs]
+    found = [(r, rows) for r, rows in found if rows]
+    if not found:
+        return []
+    lines = [
+        "",
+        "zsRE runs score each target token, not a comparison with a true object (zsRE "
+        "has none): an edit *holds* when every token of its answer is the model's top-1 "
+        "after the edit prompt and the answer's tokens before it (ES = 1).",
+        "",
+    ]
+    for r, rows in found:
+        lines += [f"- **{r.label}**: " + "; ".join(f"{k}: {v}" for k, v in rows)]
+    return lines
+
+
 def _retention_section(store: Store, runs: Sequence[Run]) -> list[str]:
     curves = {r.id: retention_curve(store.checkpoints(r.id, task=RETENTION_TASK)) for r in runs}
     if not any(curves.values()):
@@ -252,9 +290,10 @@ def _retention_section(store: Store, runs: Sequence[Run]) -> list[str]:
         row = [str(step)]
         for r in runs:
             p = next((p for p in curves[r.id] if p.step == step), None)
-            row.append(f"{p.n_hold}/{p.m}" if p is not None else "-")
+            row.append(count_rate(p.n_hold, p.m).text(2) if p is not None and p.m else "-")
         rows.append(row)
     lines += _table(head, rows)
+    lines += ["", "Held of the first M, with its exact 95 % interval."]
     return lines
 
 

@@ -199,17 +199,18 @@ class Session:
         probes = form.probes()
         prompts: list[str] = []
         targets: list[str] = []
+        true = form.request().true_object if form.target_true else None  # not end of text
         for _, text in probes:
             prompts.append(text)
             targets.append(form.target_new)
-            if form.target_true:
+            if true:
                 prompts.append(text)
-                targets.append(form.target_true)
+                targets.append(true)
         scores = iter(score_targets(lm.model, lm.tokenizer, prompts, targets))
         out = []
         for name, text in probes:
             p_new = next(scores).prob
-            p_true = next(scores).prob if form.target_true else None
+            p_true = next(scores).prob if true else None
             out.append(Probe(name, text, p_new, p_true))
         return out
 

@@ -13,7 +13,10 @@ from evals.figures import stored_figures
 from evals.protocols import END_OF_STREAM, IMMEDIATE, RETENTION, RETENTION_TASK
 from evals.replay import PERPLEXITY_TASK
 from evals.retention import RetentionResult, retention_of
+from evals.stats import median
 from workbench.store import FLUENCY_TASK, Checkpoint, Edit, Store
+
+from .run_stats import Rate, RunStats, count_rate, glue_rate, run_stats
 
 #: the CounterFact figures shown under each protocol
 SCORE_KEYS = ("es", "ps", "ns", "s")
@@ -31,6 +34,8 @@ class ProtocolScores:
     n: int = 0  # records scored
     hold: int | None = None  # of them, how many edit prompts still prefer the new object
     note: str = ""  # what was scored, when
+    #: 95 % intervals: "es", "ps", "ns", "s" and "hold" where the records allow one
+    rates: dict[str, Rate] = field(default_factory=dict)
 
     @property
     def recorded(self) -> bool:
@@ -39,6 +44,20 @@ class ProtocolScores:
     def scores(self) -> str:
         """``0.920 / 0.750 / 0.570 / 0.712`` (``-`` where missing)."""
         return " / ".join(fmt(getattr(self, k)) for k in SCORE_KEYS)
+
+    def interval(self, key: str, digits: int = 3) -> str:
+        """``[0.852, 0.894]``: the 95 % interval of ``key`` ("" where there is none)."""
+        r = self.rates.get(key)
+        return r.interval(digits) if r is not None else ""
+
+    def with_interval(self, key: str, digits: int = 3) -> str:
+        """``0.874 [0.852, 0.894]`` (the hold: ``874/1000 [0.852, 0.894]``)."""
+        if key == "hold":
+            head = f"{self.hold}/{self.n}" if self.hold is not None else "-"
+        else:
+            head = fmt(getattr(self, key), digits)
+        ci = self.interval(key, digits)
+        return f"{head} {ci}" if ci and head != "-" else head
 
 
 @dataclass(frozen=True)
@@ -71,11 +90,16 @@ def _num(d: Mapping[str, Any], key: str) -> float | None:
 
 
 def protocol_scores(
-    store: Store, run_id: str, figures: Mapping[str, Any] | None = None
+    store: Store,
+    run_id: str,
+    figures: Mapping[str, Any] | None = None,
+    stats: RunStats | None = None,
 ) -> list[ProtocolScores]:
     """The run's ES / PS / NS / S under immediate, end of stream and retention
-    (always the three, in that order; one a run did not record has ``n == 0``)."""
+    (always the three, in that order; one a run did not record has ``n == 0``), each
+    with its 95 % intervals (:mod:`workbench.core.run_stats`)."""
     figs = figures if figures is not None else stored_figures(store, run_id)
+    st = stats if stats is not None else run_stats(store, run_id)
     post, pre = figs.get("post") or {}, figs.get("pre") or {}
     n_post = int(post.get("n") or 0)
     before = " / ".join(fmt(_num(pre, k), 2) for k in ("es", "ps", "ns"))
@@ -88,6 +112,7 @@ def protocol_scores(
         n=n_post,
         note=f"{n_post} records, each right after its edit"
         + (f"; just before it: ES/PS/NS {before}" if pre else ""),
+        rates=dict(st.immediate),
     )
     final = figs.get("final") or {}
     n_final = int(final.get("n") or 0)
@@ -106,6 +131,7 @@ def protocol_scores(
             if n_final
             else "not re-scored (the run did not finish, or ran without --rescore)"
         ),
+        rates={**st.final, **({"hold": st.hold} if st.hold is not None else {})},
     )
     curve = retention_curve(store.checkpoints(run_id, task=RETENTION_TASK))
     if curve:
@@ -119,6 +145,7 @@ def protocol_scores(
             n=last.m,
             hold=last.n_hold,
             note=f"first {last.m} edits after {last.step} edits; {last.n_hold} of {last.m} hold",
+            rates={**st.retention_scores, "hold": count_rate(last.n_hold, last.m)},
         )
     else:
         ret = ProtocolScores(RETENTION, note="no retention passes stored with this run")
@@ -126,8 +153,55 @@ def protocol_scores(
 
 
 def protocol_rows(protocols: Sequence[ProtocolScores]) -> list[tuple[str, str]]:
-    """One row per protocol: ``ES / PS / NS / S (protocol)`` and the scores with a note."""
-    return [(f"ES / PS / NS / S ({p.protocol})", f"{p.scores()}  {p.note}") for p in protocols]
+    """One row per protocol: ``ES / PS / NS / S (protocol)`` and the scores with a note;
+    then, where there are intervals, the 95 % intervals of the four."""
+    rows = []
+    for p in protocols:
+        rows.append((f"ES / PS / NS / S ({p.protocol})", f"{p.scores()}  {p.note}"))
+        if p.rates:
+            cis = " / ".join(p.interval(k) or "-" for k in SCORE_KEYS)
+            hold = f"; hold {p.interval('hold')}" if "hold" in p.rates else ""
+            rows.append((f"  95 % intervals ({p.protocol})", cis + hold))
+    return rows
+
+
+def needed_rows(st: RunStats) -> list[tuple[str, str]]:
+    """How many records needed an edit (pre-edit ES < 1) and how many of them hold, beside
+    all of them, with 95 % intervals."""
+    if st.needed is None:
+        return []
+    rows = [("needed an edit (pre-edit ES < 1)", f"{st.needed} of {st.n}")]
+    if st.needed_immediate is not None:
+        rows.append(("  of them, ES = 1 right after the edit", st.needed_immediate.text()))
+    if st.needed_hold is not None and st.hold is not None:
+        rows.append(
+            ("  of them, holding at the end", f"{st.needed_hold.text()} (all: {st.hold.text()})")
+        )
+    return rows
+
+
+def zsre_rows(figures: Mapping[str, Any], stats: RunStats | None = None) -> list[tuple[str, str]]:
+    """A zsRE run's scoring protocols, named: what ES / PS / NS above are, and the
+    teacher-forced accuracies beside them (immediate, and at the end of the stream),
+    with their 95 % intervals where ``stats`` is given."""
+    protocol = figures.get("protocol")
+    if not protocol:
+        return []
+    from evals.zsre_scoring import PROTOCOL_LABELS, TEACHER_FORCED
+
+    rows = [("zsRE ES / PS / NS above", PROTOCOL_LABELS.get(protocol, str(protocol)))]
+    label = f"ES / PS / NS {PROTOCOL_LABELS[TEACHER_FORCED]}"
+    for name, key in ((IMMEDIATE, "post"), (END_OF_STREAM, "final")):
+        got = figures.get(key) or {}
+        if got.get("es_tf") is not None:
+            scores = " / ".join(fmt(_num(got, k)) for k in ("es_tf", "ps_tf", "ns_tf"))
+            tf = stats.teacher_forced.get(name, {}) if stats is not None else {}
+            if tf:
+                scores += "  95 %: " + " / ".join(
+                    tf[k].interval() if k in tf else "-" for k in ("es_tf", "ps_tf", "ns_tf")
+                )
+            rows.append((f"{label} ({name})", scores))
+    return rows
 
 
 def edit_rows(store: Store, run_id: str) -> list[tuple[str, str]]:
@@ -140,7 +214,7 @@ def edit_rows(store: Store, run_id: str) -> list[tuple[str, str]]:
         ("refused", str(sum(e.refused for e in edits))),
     ]
     if norms:
-        rows.append(("median |dW|", f"{norms[len(norms) // 2]:.2f}"))  # the upper median
+        rows.append(("median |dW|", f"{median(norms):.2f}"))
         rows.append(("max |dW|", f"{max(norms):.2f}"))
     per_edit = seconds_per_edit(edits)
     if per_edit is not None:
@@ -226,7 +300,7 @@ def layer_rows(edits: Sequence[Edit], every: int | None) -> list[list[str]]:
             [
                 str(f.layer),
                 str(len(ns)),
-                f"{ns[len(ns) // 2]:.1f}" if ns else "-",  # the upper median
+                f"{median(ns):.1f}" if ns else "-",
                 f"{ns[-1]:.1f}" if ns else "-",
                 f"{last[1]:.1f}" if last else "-",
                 f"{last[2]:.3f}" if last else "-",
@@ -253,8 +327,20 @@ def checkpoint_value(c: Checkpoint) -> float | None:
     return c.value if c.task in (FLUENCY_TASK, RETENTION_TASK) else c.accuracy
 
 
+def checkpoint_rate(c: Checkpoint) -> Rate | None:
+    """A checkpoint's rate with its exact 95 % interval: GLUE accuracy over its examples,
+    or the retention pass's fraction holding (None for perplexity and fluency)."""
+    if c.task == RETENTION_TASK:
+        r = retention_of(c)
+        return count_rate(r.n_hold, r.m) if r.m else None
+    if c.task in (PERPLEXITY_TASK, FLUENCY_TASK):
+        return None
+    return glue_rate(c)
+
+
 def checkpoint_rows(store: Store, run_id: str) -> list[tuple[str, str]]:
-    """Each checkpointed task's figure at the first and the last checkpoint."""
+    """Each checkpointed task's figure at the first and the last checkpoint (a rate with
+    its 95 % interval)."""
     cps = store.checkpoints(run_id)
     rows = []
     for task in sorted({c.task for c in cps}):
@@ -263,7 +349,10 @@ def checkpoint_rows(store: Store, run_id: str) -> list[tuple[str, str]]:
         a, b = checkpoint_value(first), checkpoint_value(last)
         if a is not None and b is not None:
             what = "retention (first M holding)" if task == RETENTION_TASK else task
-            rows.append((f"{what} start -> end", f"{a:.3f} -> {b:.3f}"))
+            ra, rb = checkpoint_rate(first), checkpoint_rate(last)
+            sa = f"{a:.3f}" + (f" {ra.interval()}" if ra else "")
+            sb = f"{b:.3f}" + (f" {rb.interval()}" if rb else "")
+            rows.append((f"{what} start -> end", f"{sa} -> {sb}"))
     return rows
 
 
@@ -275,10 +364,13 @@ def run_summary(
     weight drift, checkpoints."""
     run = store.get_run(run_id)
     figures = {**stored_figures(store, run.id), **(summary or {})}
-    protocols = protocol_scores(store, run.id, figures)
+    stats = run_stats(store, run.id)
+    protocols = protocol_scores(store, run.id, figures, stats)
     rows = (
         edit_rows(store, run.id)
         + protocol_rows(protocols)
+        + needed_rows(stats)
+        + zsre_rows(figures, stats)
         + figure_rows(figures)
         + checkpoint_rows(store, run.id)
     )

@@ -11,10 +11,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from evals.figures import stored_figures
 from evals.protocols import RETENTION_TASK
 from evals.replay import PERPLEXITY_TASK
 from workbench.core.report import edit_facts
-from workbench.core.summary import ProtocolScores, protocol_scores
+from workbench.core.run_stats import RunEvidence, RunStats, run_evidence, run_records, run_stats
+from workbench.core.summary import ProtocolScores, protocol_scores, zsre_rows
 from workbench.store import FLUENCY_TASK
 
 if TYPE_CHECKING:
@@ -46,6 +48,10 @@ class ReplaySeries:
     total: int | None = None
     signature: tuple[Any, ...] = ()  # the stored run's state when read (a change: read again)
     protocols: list[ProtocolScores] = field(default_factory=list)  # ES/PS/NS/S under each
+    stats: RunStats | None = None  # rates with intervals, "needed an edit" (stored runs)
+    evidence: RunEvidence | None = None  # what paired tests between runs read
+    #: a zsRE run's scoring protocols, named (workbench.core.summary.zsre_rows); empty else
+    zsre: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def short(self) -> str:
@@ -158,7 +164,11 @@ def series_from_store(store: Store, run: Run) -> ReplaySeries:
                 s.perplexity.append((c.step, ppl))
         elif c.accuracy is not None:
             s.glue.setdefault(c.task, []).append((c.step, float(c.accuracy)))
-    s.protocols = protocol_scores(store, run.id)
+    records = run_records(store, run.id)
+    s.stats = run_stats(store, run.id, records)
+    s.protocols = protocol_scores(store, run.id, stats=s.stats)
+    s.evidence = run_evidence(store, run.id, records)
+    s.zsre = zsre_rows(stored_figures(store, run.id))
     return s
 
 

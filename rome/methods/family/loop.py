@@ -21,6 +21,7 @@ import torch
 from ...context import EditContext, HasCaches
 from ...errors import BadRequestError
 from ...hparams import V_STOPS
+from ...optimise import ZStop
 from ...progress import Progress
 from ...request import EditRequest
 from ...scoring import score_targets
@@ -28,7 +29,7 @@ from ...update import add_delta, restore, weight_out_in
 from ..base import Capabilities, LayerUpdate, MethodBase, Update, setting, settings_dict
 from .reprs import Located, group_average, locate, reprs_at
 from .templates import family_templates
-from .z import Z_LOOPS, optimise_zs
+from .z import Z_LOOPS, ZResult, optimise_zs
 
 
 @dataclass
@@ -100,6 +101,24 @@ class FamilyMethod(MethodBase):
     def solve(self, ctx: EditContext, lc: LayerContext, settings: Any) -> Solved:
         raise NotImplementedError
 
+    #: which keys a method's state keeps: "edited" (on the edited model, after every layer's
+    #: write: AlphaEdit, MEMIT_seq) or "loop" (each layer's K as its solve used it: ENCORE)
+    keys_on = "edited"
+
+    def z_stop(self, settings: Any) -> ZStop | None:
+        """An extra stopping rule of the z optimisation (ENCORE's); None: the preset's."""
+        return None
+
+    def adjust_z(
+        self, ctx: EditContext, zr: ZResult, reqs: list[EditRequest], settings: Any
+    ) -> ZResult:
+        """z as the solve should see it (NAS rescales it); the optimised z by default."""
+        return zr
+
+    def finish(self, ctx: EditContext, update: Update, settings: Any) -> None:
+        """Change the computed update in place before it is returned (RECT, PRUNE);
+        the model is the unedited one again when this runs."""
+
     def compute(
         self,
         ctx: EditContext,
@@ -133,8 +152,10 @@ class FamilyMethod(MethodBase):
         before = _probe(ctx, reqs)
         z_cb = (lambda d, t: progress("z", d, t)) if progress else None
         zr, z_loop = optimise_zs(
-            model, tok, reqs, templates, z_layer, block, hp, z_cb, settings.z_loop
-        )
+            model, tok, reqs, templates, z_layer, block, hp, z_cb, settings.z_loop,
+            self.z_stop(settings),
+        )  # fmt: skip
+        zr = self.adjust_z(ctx, zr, reqs, settings)
         saved: list[tuple[int, torch.Tensor]] = []
         out: list[LayerUpdate] = []
         infos: list[dict[str, Any]] = []
@@ -150,6 +171,8 @@ class FamilyMethod(MethodBase):
                 lc = LayerContext(layer, i, len(layers), keys, resid)
                 solved = self.solve(ctx, lc, settings)
                 lu = LayerUpdate(layer, name, solved.U.float(), solved.V.float())
+                if self.keys_on == "loop" and self.stores_keys(settings):
+                    lu.keys = keys.cpu()
                 saved.append((layer, add_delta(ctx.module(layer), lu.delta())))
                 out.append(lu)
                 infos.append(solved.info)
@@ -158,7 +181,7 @@ class FamilyMethod(MethodBase):
             final_err = (zr.z - reprs_at(model, tok, bare, block, "out").to(zr.z.device)).norm(
                 dim=1
             )
-            if self.stores_keys(settings):
+            if self.keys_on == "edited" and self.stores_keys(settings):
                 for lu in out:
                     lu.keys = _keys(ctx, key_items, lu.weight_name, len(templates)).cpu()
             after = _probe(ctx, reqs)
@@ -186,6 +209,7 @@ class FamilyMethod(MethodBase):
             {"z": zr.z[j].cpu(), "target_init": zr.target_init[j].cpu()} for j in range(len(reqs))
         ]
         upd = Update(self.name, out, records, options=opts, results=results)
+        self.finish(ctx, upd, settings)
         upd.unsafe_reason = ctx.unsafe_reason(upd)
         return upd
 
@@ -198,16 +222,16 @@ def _keys(ctx: EditContext, items: list[Located], name: str, n_templates: int) -
 
 def _probe(ctx: EditContext, reqs: list[EditRequest]) -> list[tuple[float, float | None]]:
     """(p(target_new), p(target_true)) on each bare prompt."""
-    prompts = [r.text for r in reqs] + [r.text for r in reqs if r.target_true is not None]
+    prompts = [r.text for r in reqs] + [r.text for r in reqs if r.true_object is not None]
     targets = [r.target_new for r in reqs] + [
-        r.target_true for r in reqs if r.target_true is not None
+        r.true_object for r in reqs if r.true_object is not None
     ]
     scores = score_targets(ctx.model, ctx.tok, prompts, targets)
     out: list[tuple[float, float | None]] = []
     k = len(reqs)
     for j, r in enumerate(reqs):
         p_true = None
-        if r.target_true is not None:
+        if r.true_object is not None:
             p_true = scores[k].prob
             k += 1
         out.append((scores[j].prob, p_true))

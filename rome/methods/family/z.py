@@ -33,7 +33,7 @@ from ... import nethook
 from ...batching import pad_id_of, pad_right, target_ids
 from ...devices import module_device
 from ...hparams import EditHparams
-from ...optimise import optimise_targets
+from ...optimise import StepFacts, ZStop, optimise_targets
 from ...request import EditRequest
 from ...tokens import Encoded
 from ...vstar import KL_PROMPT, frozen
@@ -67,6 +67,7 @@ def compute_zs(
     block_name: str,
     hp: EditHparams,
     on_request: Callable[[int, int], None] | None = None,
+    stop: ZStop | None = None,
 ) -> ZResult:
     """z for each request at block ``layer`` (module ``block_name``), model unchanged.
 
@@ -76,7 +77,8 @@ def compute_zs(
     """
     zs, inits, steps, traces = [], [], [], []
     for j, req in enumerate(requests):
-        z, init, trace = compute_z(model, tok, req, templates, layer, block_name, hp)
+        rule = stop() if stop is not None else None
+        z, init, trace = compute_z(model, tok, req, templates, layer, block_name, hp, rule)
         zs.append(z)
         inits.append(init)
         steps.append(len(trace))
@@ -96,6 +98,7 @@ def optimise_zs(
     hp: EditHparams,
     on_step: Callable[[int, int], None] | None = None,
     loop: str = "batched",
+    stop: ZStop | None = None,
 ) -> tuple[ZResult, str]:
     """z for each request, and the loop that computed it (``loop`` unless the loss
     layer is below the last block, where only the reference applies).
@@ -109,7 +112,8 @@ def optimise_zs(
         raise ValueError(f"z loop must be one of {', '.join(Z_LOOPS)}, not {loop!r}")
     n_layers = len(nethook.get_module(model, hp.layers_module))  # type: ignore[arg-type]
     if loop == "reference" or _loss_layer(model, hp, layer) != n_layers - 1:
-        return compute_zs(model, tok, requests, templates, layer, block_name, hp), "reference"
+        zr = compute_zs(model, tok, requests, templates, layer, block_name, hp, stop=stop)
+        return zr, "reference"
 
     def encode(t: PreTrainedTokenizerBase, template: str, subject: str) -> Encoded:
         loc = locate(t, template, subject, hp.subject_index)
@@ -130,6 +134,7 @@ def optimise_zs(
             clamp_reference="init",
             on_step=on_step,
             encode=encode,
+            stop_rule=stop() if stop is not None else None,
         )
     z = ZResult(
         torch.stack([v.v_star.float() for v in out]),
@@ -154,6 +159,7 @@ def compute_z(
     layer: int,
     block_name: str,
     hp: EditHparams,
+    rule: Callable[[StepFacts], list[bool]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, float]]]:
     """(z, target_init, per-step trace) for one request. See the module docstring.
 
@@ -242,6 +248,11 @@ def compute_z(
                     break
                 if hp.v_stop == "most_probable" and argmax_all:
                     break
+                if rule is not None:
+                    right = (logp.detach().argmax(-1) == l_labels) & (l_rows != 0)
+                    p_target = float(torch.exp(-nll_each.detach()).mean())
+                    if rule(StepFacts([0], [int(right.sum())], [p_target]))[0]:
+                        break
                 if step == hp.v_num_grad_steps - 1:
                     break
                 loss.backward()

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
+from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 from textual import on
@@ -16,6 +17,9 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import Button, DataTable, Static
+
+from workbench.core.run_stats import compare_runs, p_text
+from workbench.core.summary import SCORE_KEYS, fmt
 
 from ..replay_data import ReplaySeries
 from ..widgets.flagged_edits import FlaggedEdits
@@ -169,12 +173,16 @@ class RunsPane(Horizontal):
         self.query_one("#runs-scores", Static).update(scores_table(self.series))
 
 
-def scores_table(series: Sequence[ReplaySeries]) -> Table | Text:
-    """ES / PS / NS / S of the runs shown, one row per run and protocol."""
+def scores_table(series: Sequence[ReplaySeries]) -> Group | Text:
+    """ES / PS / NS / S of the runs shown with their 95 % intervals, one row per run and
+    protocol; holds among the records that needed an edit; and, for two runs or more,
+    the paired tests between them."""
     if not series:
         return Text("Open a run (Enter, or Open) to see its charts and scores.", style="dim")
+    zsre = [s for s in series if s.zsre]
+    what = "zsRE" if len(zsre) == len(series) else "CounterFact, zsRE" if zsre else "CounterFact"
     t = Table(
-        title="CounterFact scores by protocol",
+        title=f"{what} scores by protocol (95 % intervals)",
         title_style="bold",
         box=None,
         padding=(0, 1),
@@ -188,5 +196,67 @@ def scores_table(series: Sequence[ReplaySeries]) -> Table | Text:
                 t.add_row(s.run_id[:8], p.protocol, Text("not recorded", style="dim"))
                 continue
             hold = f"{p.hold}/{p.n}" if p.hold is not None else ""
-            t.add_row(s.run_id[:8], p.protocol, *p.scores().split(" / "), hold)
+            cells = [_cell(fmt(getattr(p, k)), p.interval(k, 2)) for k in SCORE_KEYS]
+            t.add_row(s.run_id[:8], p.protocol, *cells, _cell(hold, p.interval("hold", 2)))
+    parts: list[Table | Text] = [t]
+    for s in zsre:  # what a zsRE run's ES / PS / NS are, and its teacher-forced figures
+        text = Text(f"{s.run_id[:8]} (zsRE)", style="bold")
+        for label, value in s.zsre:
+            text.append(f"\n  {label}: {value}")
+        parts.append(text)
+    needed = needed_text(series)
+    if needed is not None:
+        parts.append(needed)
+    tests = paired_table(series)
+    if tests is not None:
+        parts.append(tests)
+    return Group(*parts)
+
+
+def _cell(value: str, interval: str) -> Text:
+    out = Text(value)
+    if interval:
+        out.append(f"\n{interval}", style="dim")
+    return out
+
+
+def needed_text(series: Sequence[ReplaySeries]) -> Text | None:
+    """Per run: how many records needed an edit (pre-edit ES < 1) and how many of them
+    hold at the end, beside all."""
+    out = Text("Needed an edit (pre-edit ES < 1):", style="bold")
+    shown = False
+    for s in series:
+        st = s.stats
+        if st is None or st.needed is None:
+            continue
+        shown = True
+        out.append(f"\n{s.run_id[:8]} {st.needed} of {st.n}")
+        if st.needed_hold is not None and st.hold is not None:
+            out.append(f"; hold at the end {st.needed_hold.text(2)}, all {st.hold.text(2)}")
+        elif st.needed_immediate is not None:
+            out.append(f"; ES = 1 right after {st.needed_immediate.text(2)}")
+    return out if shown else None
+
+
+def paired_table(series: Sequence[ReplaySeries]) -> Table | None:
+    """The paired tests between every two stored runs shown (a difference at 0.05, or
+    within noise)."""
+    ev = [s.evidence for s in series if s.evidence is not None]
+    rows = [c for i, a in enumerate(ev) for b in ev[i + 1 :] for c in compare_runs(a, b)]
+    if not rows:
+        return None
+    t = Table(title="Paired tests (same records)", title_style="bold", box=None, padding=(0, 1))
+    for col in ("A", "B", "compared", "A", "B", "p", "difference?"):
+        t.add_column(col, justify="left" if col in ("compared", "difference?") else "right")
+    for c in rows:
+        verdict = Text("yes", style="bold") if c.significant else Text("within noise", style="dim")
+        t.add_row(
+            c.a[:8],
+            c.b[:8],
+            c.what,
+            f"{c.test.a:.3f}",
+            f"{c.test.b:.3f}",
+            p_text(c.test.p),
+            verdict,
+        )
     return t
