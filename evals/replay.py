@@ -46,6 +46,7 @@ from .metrics import aggregate, record_metrics
 from .probes import FLUENCY_PROMPTS, fluency, perplexity
 from .protocols import FLUENCY_TASK
 from .retention import retention_checkpoint
+from .run_state import RunState, run_layers
 from .sink import ReplaySink, RunRow
 from .spec import ReplayConfig, RunSpec
 from .steps import edit_step
@@ -101,21 +102,8 @@ def _record_of(data: dict[str, Any]) -> CounterFactRecord:
     return record_of(data)
 
 
-class _Run:
-    """State of one replay while it runs (kept out of the generator for readability)."""
-
-    def __init__(
-        self, lm: LoadedModel, store: ReplaySink, cfg: ReplayConfig, run_id: str, ed: Editor
-    ):
-        self.lm, self.store, self.cfg, self.run_id = lm, store, cfg, run_id
-        self.editor = ed
-        self.layer = ed.hp.layer
-        self.method = get_method(cfg.method)
-        self.options = run_options(cfg)  # the method's settings given with the run
-        self.layers = run_layers(ed, cfg)
-        self.norms: list[float] = []
-        self.base_fluency: float | None = None
-        self.base_ppl: float | None = None
+class _Run(RunState):
+    """A replay's :class:`~evals.run_state.RunState` and its checkpoints and re-scoring."""
 
     def checkpoint(self, step: int, last_seq: int | None) -> Iterator[ReplayEvent]:
         cfg, model, tok = self.cfg, self.lm.model, self.lm.tokenizer
@@ -246,21 +234,6 @@ def _check_covariance(store: ReplaySink, run: RunRow, ed: Editor, cfg: ReplayCon
         f"({cfg.covariance_fingerprint} -> {now}); the next edits use these. To keep the "
         "run's own, copy the statistics file of the machine it started on into this cache"
     ]
-
-
-def run_options(cfg: ReplayConfig) -> dict[str, Any]:
-    """The settings a run gives its method: ``method_options``, and the run's key mode
-    for a method that has key modes."""
-    opts = dict(cfg.method_options)
-    if get_method(cfg.method).capabilities.key_modes:
-        opts.setdefault("mode", cfg.mode)
-    return opts
-
-
-def run_layers(ed: Editor, cfg: ReplayConfig) -> list[int]:
-    """The layers a run edits: its method's, on the run's editor (the run's ``layer``)."""
-    method = get_method(cfg.method)
-    return method.layers(ed.context(method), method.settings(ed.hp, run_options(cfg)))
 
 
 def covariance_fingerprint(ed: Editor, cfg: ReplayConfig) -> str:

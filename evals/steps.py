@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rome import Editor
 from rome.methods import Update
@@ -25,9 +25,7 @@ from .counterfact import CounterFactRecord
 from .events import EditDone
 from .flags import norm_flag
 from .metrics import record_metrics
-
-if TYPE_CHECKING:
-    from .replay import _Run as RunState
+from .run_state import RunState
 
 
 def layer_drift(ed: Editor, layers: Sequence[int]) -> dict[str, Any]:

@@ -480,7 +480,10 @@ def test_a_missing_batch_file_is_one_line(tmp_path):
     [
         (["--method", "memit", "--batch-size", "0"], "batch size must be at least 1"),
         (["--method", "rome", "--batch-size", "2"], "batch size must be 1 for rome"),
-        (["--method", "nope"], "method must be one of alphaedit, emmet, memit, rome"),
+        (
+            ["--method", "nope"],
+            "method must be one of alphaedit, emmet, memit, memit-seq, rect, rome",
+        ),
     ],
 )
 def test_replay_method_and_batch_size_are_checked_before_anything_is_written(

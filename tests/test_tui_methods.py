@@ -19,11 +19,12 @@ from textual.widgets import DataTable, Input, Select  # noqa: E402
 from tui_helpers import settle, wait_idle  # noqa: E402
 
 from workbench.core.forms import FORM_METHODS, EditForm, field_errors  # noqa: E402
+from workbench.core.method_edits import MethodEdits  # noqa: E402
 from workbench.core.session import NotReapplicableError  # noqa: E402
 from workbench.store import Store  # noqa: E402
 from workbench.tui.screens.dialogs import ConfirmDialog  # noqa: E402
 
-ROWS = ("rome/original", "rome/rrome", "rome/prompt", "memit", "emmet", "alphaedit")
+ROWS = ("rome/original", "rome/rrome", "rome/prompt", *MethodEdits.family())
 
 
 def weights(app) -> dict[int, torch.Tensor]:
@@ -36,7 +37,7 @@ def same(a: dict[int, torch.Tensor], b: dict[int, torch.Tensor]) -> bool:
 
 
 def test_the_form_carries_the_method() -> None:
-    assert FORM_METHODS == ("rome", "memit", "emmet", "alphaedit")
+    assert FORM_METHODS[:4] == ("rome", "memit", "emmet", "alphaedit")
     ok = {"prompt": "{} is in", "subject": "X", "target_new": "Rome", "mode": "rrome"}
     assert "method" in field_errors({**ok, "method": "nope"})
     # ROME's layer and key mode are not checked for another method (it edits its preset's)

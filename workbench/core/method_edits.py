@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from rome import MODES, Editor, EditRequest
 from rome.hparams import method_preset
-from rome.methods import Update
+from rome.methods import Update, get_method, method_names
 from rome.methods.family.templates import family_templates
 from rome.progress import Progress
 from rome.update import weight_out_in
@@ -311,9 +311,13 @@ class MethodEdits:
 
 
 def _family_methods() -> list[str]:
-    from .forms import FORM_METHODS
-
-    return [m for m in FORM_METHODS if m != "rome"]
+    """The methods Compare sets beside ROME's key modes: the locate-then-edit family's
+    (batched, on the family's templates), in the registry's order."""
+    return [
+        m
+        for m in method_names()
+        if get_method(m).capabilities.batched and get_method(m).capabilities.templates == "family"
+    ]
 
 
 def _jsonable(v: Any) -> bool:

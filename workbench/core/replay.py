@@ -54,6 +54,7 @@ from evals.sink import ReplaySink
 from evals.spec import RunSpec
 from rome import MODES, BadRequestError, EditHparams, LoadedModel
 from rome.hparams import method_preset
+from rome.methods import method_names
 
 if TYPE_CHECKING:
     from workbench.store import Store
@@ -79,8 +80,8 @@ FIELD_LABELS = {
     "retention_size": "retention size",
 }
 
-#: the editing methods a replay offers (rome.methods registers them as they land)
-REPLAY_METHODS = ("rome", "memit", "emmet", "alphaedit")
+#: the editing methods a replay offers: the registry's, in its order
+REPLAY_METHODS = tuple(method_names())
 #: the v* stopping rules (rome.hparams.V_STOPS) and the norm anchor, as a replay sets them
 V_STOPS = ("loss", "most_probable")
 

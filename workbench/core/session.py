@@ -36,7 +36,7 @@ from rome.methods.rome import update_of
 from rome.progress import Progress
 from rome.scoring import score_targets
 
-from .forms import EditForm
+from .forms import EditForm, has_key_modes
 from .generation import GenerationPair, greedy
 from .history import history_rows
 from .records import (
@@ -553,7 +553,7 @@ class Session:
                 raise NoModelError("no database is open: nothing to re-apply from")
             edits = [self.store.edit(run_id, seq) for run_id, seq in keys]
             for edit in edits:  # checked before any weight changes
-                if edit.method not in (None, "rome"):
+                if not edit.has_factors:  # a one-request rank-one step keeps u, v in its row
                     raise NotReapplicableError(
                         f"edit {edit.seq} of run {edit.run_id} is one request of a {edit.method} "
                         "batch: its update is the batch's, over several layers, and is not "
@@ -630,7 +630,7 @@ class Session:
         else:
             method = cfg.method if cfg is not None else "rome"
             hp = method_preset(lm.hparams, method)
-        if method != "rome":
+        if not has_key_modes(method):  # a key-mode method (ROME) writes its one layer
             layers |= set(hp.edited_layers())
         return sorted(ed.check_layer(x) for x in layers)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from evals.spec import RunSpec
 from rome import BadRequestError, Editor, load_model
 from rome.methods import LayerUpdate, Update, get_method
+from rome.methods.alphaedit import AlphaEdit
 from rome.methods.alphaedit_state import start_from, state_of, write_state
 from workbench.store import Store
 
@@ -43,7 +44,7 @@ def export_state(
     """Write run ``run_id``'s AlphaEdit state to ``path`` (refused for another method)."""
     run = store.get_run(run_id)
     method = run_method(store, run.id)
-    if method != "alphaedit":
+    if method != AlphaEdit.name:  # the state file is AlphaEdit's package's format
         raise BadRequestError(
             f"run {run.id} edits with {method}: only an alphaedit run carries a state in "
             "AlphaEdit's package format"
