@@ -5,6 +5,8 @@
     python benchmarks/parity.py --method alphaedit --reference-src ~/src/AlphaEdit
     python benchmarks/parity.py --method memit-seq --reference-src ~/src/NAS   (also rect,
         encore, nas: SasyaTitech/NAS; two steps in a row, see parity_steps.py)
+    python benchmarks/parity.py --method prune --reference-src ~/src/AlphaEdit-MEMIT_prune \
+        --settings '{"rule": "published", "when": "end", "end_step": 2}'
     python benchmarks/parity.py --method ultraedit --reference-src ~/src/UltraEdit
 
 (UltraEdit is not locate-then-edit: its comparison is ``benchmarks/parity_ultraedit.py``.)
@@ -46,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from parity_steps import NAS_MAIN, dump_spec, reference_steps, report_steps, run_ours_steps
+from parity_steps import NAS_MAIN, dsets_shim, ours_two_steps, reference_steps, report_steps
 
 MAIN = {
     "memit": ("memit.memit_main", "memit", "MEMITHyperParams"),
@@ -143,13 +145,12 @@ def _reference_hparams(
     if method in NAS_MAIN:
         out["model_name"] = hp.name
     if method == "encore":
-        st = hp.method_settings.get("encore", {})
         out.update(
             calculate_objective_value=False,
-            add_prev_edits=st.get("add_prev_edits", True),
-            update_norm_lambda=st.get("norm_lambda", 0.0),
+            add_prev_edits=settings.add_prev_edits,
+            update_norm_lambda=settings.norm_lambda,
             emmet_lambda=0.1,
-            prob_cutoff=st.get("prob_cutoff", 0),
+            prob_cutoff=settings.prob_cutoff,
             norm_control=0,
             dynamic_multiplier=5,
             random_vector_preservation=False,
@@ -176,6 +177,8 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if args.threshold is not None:
         options["nullspace_threshold"] = args.threshold
+    if args.settings:  # the method's declared settings, as a JSON object
+        options.update(json.loads(args.settings))
     hp = hp.replace(**changes, v_stop="loss")
     ed = Editor(model, tok, hp)
     reqs = [EditRequest(p, s, t) for p, s, t in REQUESTS[: args.n]]
@@ -185,7 +188,9 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     settings = method.settings(hp, options)
     method.prepare(ed.context(method), hp.edited_layers(), settings)  # type: ignore[attr-defined]
     if args.method in NAS_MAIN:
-        return _ours_two_steps(args, work, ed, method, templates, c0)
+        hparams = _reference_hparams(hp, args.method, len(model.get_submodule(hp.layers_module)),
+                                     _head_name(model))  # fmt: skip
+        return ours_two_steps(args, work, ed, method, templates, c0, REQUESTS, hparams)
     seen: list[Any] = []
     solve = method.solve  # type: ignore[attr-defined]
 
@@ -229,42 +234,6 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
 
 
-def _request_dicts(reqs: list[Any], first_id: int) -> list[dict[str, Any]]:
-    return [
-        {"case_id": first_id + i, "prompt": r.prompt, "subject": r.subject,
-         "target_new": {"str": r.target_new}}
-        for i, r in enumerate(reqs)
-    ]  # fmt: skip
-
-
-def _ours_two_steps(
-    args: argparse.Namespace, work: Path, ed: Any, method: Any, templates: Any, c0: Any
-) -> dict[str, Any]:
-    """The NAS repository's methods: two batches of ``args.n`` requests in a row."""
-    from rome import EditRequest
-
-    hp = ed.hp
-    batches = [
-        [EditRequest(p, s, t) for p, s, t in REQUESTS[i * args.n : (i + 1) * args.n]]
-        for i in range(2)
-    ]
-    model, tok = ed.model, ed.tok
-    model.save_pretrained(work / "model", safe_serialization=True)  # before any edit
-    tok.save_pretrained(work / "model")
-    n_layers = len(model.get_submodule(hp.layers_module))
-    torch.save({k: v.float().cpu() for k, v in c0.items()}, work / "c0.pt")
-    ours = run_ours_steps(args, ed, method, batches)
-    spec = {
-        "method": args.method,
-        "templates": templates,
-        "batches": [_request_dicts(b, i * args.n) for i, b in enumerate(batches)],
-        "hparams": _reference_hparams(hp, args.method, n_layers, _head_name(model)),
-        "extra": getattr(method, "parity_extra", lambda _ed: {})(ed),
-    }
-    dump_spec(work, spec)
-    return ours
-
-
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
@@ -285,6 +254,9 @@ def main() -> None:
     )
     ap.add_argument("--lr", type=float, default=0.0, help="UltraEdit lr (default: preset's)")
     ap.add_argument("--threshold", type=float, default=None, help="AlphaEdit nullspace_threshold")
+    ap.add_argument(
+        "--settings", default="", help='the method\'s settings as JSON, e.g. {"prob_cutoff": -2}'
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -363,7 +335,7 @@ def reference_worker(work: Path, src: Path) -> None:
     _tuple_shim(nethook)
     mod_name, pkg, hp_cls = MAIN[method]
     if method in NAS_MAIN:
-        _dsets_shim()
+        dsets_shim()
     main_mod = importlib.import_module(mod_name)
     hparams = getattr(importlib.import_module(pkg), hp_cls)(**spec["hparams"])
     if not torch.cuda.is_available():
@@ -414,25 +386,6 @@ def reference_worker(work: Path, src: Path) -> None:
     m = len(hparams.layers)
     out.update(delta=rec["upd"][:m], keys=rec["keys"][:m], z=torch.stack(rec["z"]))
     torch.save(out, work / "reference.pt")
-
-
-def _dsets_shim() -> None:
-    """The NAS repository's ``dsets`` imports scipy (its TF-IDF statistics) at import time;
-    where scipy is missing, a stand-in ``dsets`` whose datasets refuse to load (the edit
-    functions never read them: NAS's anchors are injected)."""
-    import types
-
-    try:
-        importlib.import_module("dsets")
-    except ImportError:
-        stub = types.ModuleType("dsets")
-
-        class _NoDataset:
-            def __init__(self, *a: Any, **k: Any) -> None:
-                raise RuntimeError("dsets is a parity stand-in here (scipy is not installed)")
-
-        stub.MultiCounterFactDataset = _NoDataset  # type: ignore[attr-defined]
-        sys.modules["dsets"] = stub
 
 
 def _spy(module: Any, name: str, record: Any) -> None:

@@ -237,7 +237,10 @@ def _check_covariance(store: ReplaySink, run: RunRow, ed: Editor, cfg: ReplayCon
 
 
 def covariance_fingerprint(ed: Editor, cfg: ReplayConfig) -> str:
-    """The fingerprint of the statistics of every layer the run edits (one layer: as before)."""
+    """The fingerprint of the statistics of every layer the run edits (one layer: as before;
+    "" for a method that reads none: ``needs_c0`` false)."""
+    if not get_method(cfg.method).capabilities.needs_c0:
+        return ""
     prints = [ed.caches.stats_fingerprint(layer) for layer in run_layers(ed, cfg)]
     return prints[0] if len(prints) == 1 else _digest(prints)
 

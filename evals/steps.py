@@ -154,7 +154,7 @@ def edit_step(
     first = upd.records[0] if upd.records else {}
     # a method that states its rank-one norm in its record (ROME's float32 ‖u‖‖v‖) keeps it
     norm = float(first["update_norm"]) if single and "update_norm" in first else upd.norm
-    w_norm = weight_norm(ed, layers)
+    w_norm = math.sqrt(sum(ed.weight_norm(lu) ** 2 for lu in upd.layers)) or weight_norm(ed, layers)
     reason = norm_flag(norm, norms, cfg)
     unsafe = upd.unsafe_reason or ed.update_unsafe_reason(upd)
     refused = unsafe or (reason if cfg.guard and reason else None)

@@ -34,7 +34,7 @@ class Caches:
         hparams: Callable[[], EditHparams],
         cache: Path | None,
         model_key: str,
-        base_weights: Callable[[], contextlib.AbstractContextManager[None]],
+        base_weights: Callable[..., contextlib.AbstractContextManager[None]],
         templates: Sequence[str] | None = None,
     ):
         self.model, self.tok = model, tok

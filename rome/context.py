@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from torch import nn
@@ -45,6 +45,8 @@ class EditContext:
     hp: EditHparams
     caches: Caches
     state: Any = None
+    # what a step notes for its own records while it computes (NAS's anchored norms)
+    scratch: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_layers(self) -> int:
@@ -56,9 +58,11 @@ class EditContext:
     def module(self, layer: int) -> nn.Module:
         return get_module(self.model, self.hp.weight_module(layer))
 
-    def base_weights(self) -> contextlib.AbstractContextManager[None]:
-        """Inside, every edited layer holds its unedited weight."""
-        return self.caches.base_weights()
+    def base_weights(
+        self, layers: list[int] | None = None
+    ) -> contextlib.AbstractContextManager[None]:
+        """Inside, every edited layer (or each of ``layers``) holds its unedited weight."""
+        return self.caches.base_weights(layers)
 
     def targets(self, lu: Any) -> list[tuple[str | None, nn.Module, int, int]]:
         """Where ``lu`` writes (see :func:`targets`)."""
@@ -116,18 +120,18 @@ def targets(
     return out
 
 
+def weight_norm(where: HasCaches | EditContext, lu: Any) -> float:
+    """‖W‖_F of the weight(s) ``lu`` writes, as they are now."""
+    parts = [float(weight_out_in(m).detach().float().norm()) for _, m, _, _ in targets(where, lu)]
+    return math.sqrt(sum(x * x for x in parts))
+
+
 def update_unsafe_reason(where: HasCaches | EditContext, update: Any) -> str | None:
     """Why an update must not be applied (checked per layer): non-finite or too large."""
     n = len(get_module(where.model, where.hp.layers_module))  # type: ignore[arg-type]
     for lu in update.layers:
         check_layer(n, lu.layer)
-        w_norm = math.sqrt(
-            sum(
-                float(weight_out_in(m).detach().float().norm()) ** 2
-                for _, m, _, _ in targets(where, lu)
-            )
-        )
-        reason = unsafe(where.hp, lu.is_finite(), lu.norm, w_norm)
+        reason = unsafe(where.hp, lu.is_finite(), lu.norm, weight_norm(where, lu))
         if reason:
             return reason if len(update.layers) == 1 else f"layer {lu.layer}: {reason}"
     return None

@@ -28,7 +28,14 @@ from transformers import PreTrainedTokenizerBase
 
 from . import covariance as cov
 from .caches import Caches
-from .context import EditContext, check_layer, targets, unsafe, update_unsafe_reason
+from .context import (
+    EditContext,
+    check_layer,
+    targets,
+    unsafe,
+    update_unsafe_reason,
+    weight_norm,
+)
 from .errors import BadRequestError, NothingToUndoError, UnsafeUpdateError
 from .hparams import MODES, EditHparams
 from .methods import get_method
@@ -128,6 +135,10 @@ class Editor:
     def targets(self, lu: LayerUpdate) -> list[tuple[str | None, nn.Module, int, int]]:
         """Where ``lu`` writes (see :func:`rome.context.targets`)."""
         return targets(self, lu)
+
+    def weight_norm(self, lu: LayerUpdate) -> float:
+        """‖W‖_F of the weight(s) ``lu`` writes, as they are now."""
+        return weight_norm(self, lu)
 
     def cached(self, key: Any, make: Any) -> Any:
         """A value computed once per editor (see :meth:`Caches.cached`)."""

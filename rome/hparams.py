@@ -116,6 +116,12 @@ class EditHparams:
     notes: str = ""
 
     def replace(self, **changes: Any) -> EditHparams:
+        """A copy with ``changes``; an old flat method field (``mom2_update_weight``...)
+        goes into ``shared_settings``, as it does when a preset is read."""
+        flat = {k: changes.pop(k) for k in LEGACY_METHOD_FIELDS if k in changes}
+        if flat:
+            base = changes.get("shared_settings", self.shared_settings)
+            changes["shared_settings"] = {**base, **flat}
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

@@ -77,13 +77,16 @@ class _AddDelta:
         self.deltas: torch.Tensor | None = None  # (rows, d): each row's request's δ
         self.capture = False
         self.captured: torch.Tensor | None = None
+        self.captured_in: torch.Tensor | None = None
 
-    def __call__(self, _mod: nn.Module, _args: tuple[Any, ...], out: Any) -> Any:
+    def __call__(self, _mod: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
         if self.deltas is None:
             return None
         h = out[0] if isinstance(out, tuple) else out
         if self.capture:
             self.captured = h[self.rows, self.cols].detach().clone()
+            if args:
+                self.captured_in = args[0][self.rows, self.cols].detach().clone()
         h = h.clone()
         h[self.rows, self.cols] = h[self.rows, self.cols] + self.deltas.to(h.dtype)
         return (h, *out[1:]) if isinstance(out, tuple) else h
@@ -148,24 +151,35 @@ class _Active:
 
     def logits(
         self, state: _AddDelta, deltas: torch.Tensor, capture: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """Logits at every loss entry with ``deltas`` (per local request) added; and, with
-        ``capture``, the hooked module's output at every active row's subject before δ."""
+        ``capture``, the hooked module's output and input at every active row's subject
+        before δ (in active-row order)."""
         row_deltas = deltas[self.delta_req]
-        outs, caught = [], []
+        outs, caught, caught_in = [], [], []
         for g in self.groups:
-            state.rows = torch.arange(g.members.numel(), device=g.cols.device)
-            state.cols, state.deltas, state.capture = g.cols, row_deltas[g.members], capture
+            rows = torch.arange(g.members.numel(), device=g.cols.device)
+            if g.run.skipped:  # block ``layer`` ran once: δ goes onto its output
+                add = (rows, g.cols, row_deltas[g.members])
+                outs.append(g.run.logits_at(g.loss_rows, g.loss_cols, add))
+                if capture:
+                    assert g.run.module_out is not None and g.run.module_in is not None
+                    caught.append(g.run.module_out[rows, g.cols])
+                    caught_in.append(g.run.module_in[rows, g.cols])
+                continue
+            state.rows, state.cols, state.deltas = rows, g.cols, row_deltas[g.members]
+            state.capture = capture
             outs.append(g.run.logits_at(g.loss_rows, g.loss_cols))
             if capture:
-                assert state.captured is not None
+                assert state.captured is not None and state.captured_in is not None
                 caught.append(state.captured)
-        state.deltas, state.capture, state.captured = None, False, None
+                caught_in.append(state.captured_in)
+        state.deltas, state.capture, state.captured, state.captured_in = None, False, None, None
         logits = torch.cat(outs)[self.order] if len(outs) > 1 else outs[0]
         if not capture:
             return logits, None
-        members = torch.cat([g.members for g in self.groups])
-        return logits, torch.cat(caught)[torch.argsort(members)]
+        back = torch.argsort(torch.cat([g.members for g in self.groups]))
+        return logits, (torch.cat(caught)[back], torch.cat(caught_in)[back])
 
 
 def _length_groups(
@@ -195,6 +209,7 @@ def _activate(
     prefix: Any,
     pad: int,
     device: torch.device,
+    skip_module: str | None = None,
 ) -> _Active:
     """The batch of the requests in ``requests``, in groups of one suffix length each
     (``hp.v_length_buckets``; else one group padded to its longest suffix)."""
@@ -221,7 +236,7 @@ def _activate(
         order += mine
         groups.append(
             _Group(
-                run=UpperRun(model, hp, layer, rows, members, cuts, prefix, pad),
+                run=UpperRun(model, hp, layer, rows, members, cuts, prefix, pad, skip_module),
                 members=t([local[i] for i in members]),
                 cols=t([rows.subject[i] - cuts[i] for i in members]),
                 loss_rows=t([in_group[where[k][0]] for k in mine]),
@@ -250,7 +265,8 @@ def _activate(
 def _losses(
     act: _Active, logits: torch.Tensor, kl_init: torch.Tensor, hp: EditHparams
 ) -> tuple[torch.Tensor, ...]:
-    """Per request (local order): nll, kl, p_target, argmax_all, as ``compute_v_star`` has them."""
+    """Per request (local order): nll, kl, p_target, argmax_all, as ``compute_v_star`` has
+    them; and per rewrite row (active order), the target's summed log-probability."""
     n_req, n_loss = len(act.requests), act.n_loss
     dev = logits.device
     logp = logits[:n_loss].log_softmax(-1)
@@ -265,7 +281,7 @@ def _losses(
     kl = hp.kl_factor * F.kl_div(kl_init, kl_logp, log_target=True, reduction="none").sum(-1)
     wrong = (logits[:n_loss].detach().argmax(-1) != act.labels).to(logits.dtype)
     argmax_all = zeros.index_add(0, act.loss_req, wrong) == 0
-    return nll, kl, p_target, argmax_all
+    return nll, kl, p_target, argmax_all, per_row
 
 
 def optimise_targets(
@@ -283,6 +299,7 @@ def optimise_targets(
     encode: Encoder = encode_with_subject,
     target_tokens: Sequence[Sequence[int]] | None = None,
     stop_rule: StopRule | None = None,
+    skip_edited_block: bool = True,
 ) -> list[VStar]:
     """Optimise one ``δ`` per request together; returns each request's :class:`VStar`.
 
@@ -295,9 +312,16 @@ def optimise_targets(
     ``target_tokens``: the subject-index rule and explicit target ids (see
     :func:`rome.upper.build_rows`), for methods whose published code differs.
     ``stop_rule``: a method's extra stopping rule (:data:`StopRule`).
+    ``skip_edited_block``: run block ``layer`` once and each step from ``layer + 1`` (see
+    :meth:`rome.upper.UpperRun._run_edited_block_once`; float rounding only).
+    Each :class:`VStar` also carries, per template row, the hooked module's input at the
+    subject (ROME's keys) and the target's log-probability, both from the first step
+    (δ = 0: the unedited model; ``None`` under bf16 autocast, whose values they are not).
     (Over 60 lines: one loop whose steps must stay in the reference order.)
     """
     name = hook_module_name or hp.weight_module(layer)
+    residual = (hp.weight_module(layer), f"{hp.layers_module}.{layer}")
+    skip = name if skip_edited_block and name in residual else None
     reuse = hp.v_prefix_reuse if prefix_reuse is None else prefix_reuse
     rows = build_rows(tok, requests, templates_per_request, kl_prompt, encode, target_tokens)
     n = rows.n_requests
@@ -312,23 +336,22 @@ def optimise_targets(
         for _ in range(n)
     ]
     opts = [torch.optim.Adam([d], lr=hp.v_lr) for d in deltas]
-    autocast = torch.autocast(
-        device_type=device.type,
-        dtype=torch.bfloat16,
-        enabled=resolve_autocast(hp.v_autocast, device) == "bf16",
-    )
+    bf16 = resolve_autocast(hp.v_autocast, device) == "bf16"
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
     state = _AddDelta()
     trace: list[list[torch.Tensor]] = [[] for _ in range(n)]
     active = list(range(n))
     act: _Active | None = None
     kl_init = v_init = ref = None
+    first: tuple[torch.Tensor, torch.Tensor] | None = None  # (keys, per-row log-prob), step 0
+    keys = torch.zeros(0)
     mpes = hp.v_stop == "most_probable"
     with frozen(model), contextlib.ExitStack() as stack:
         prefix = compute_prefix(model, rows, cuts, pad)
         stack.enter_context(_hooked(model, name, state))
         for step in range(hp.v_num_grad_steps):
             if act is None or act.requests != active:
-                act = _activate(model, hp, layer, rows, active, cuts, prefix, pad, device)
+                act = _activate(model, hp, layer, rows, active, cuts, prefix, pad, device, skip)
             sel = torch.tensor(active, device=device)
             for r in active:
                 opts[r].zero_grad()
@@ -338,7 +361,9 @@ def optimise_targets(
                 logits = logits.to(device, work)
             if v_init is None:
                 assert caught is not None
-                v_init = caught[[act.rows.index(rows.first_row[r]) for r in range(n)]]
+                v_init = caught[0][[act.rows.index(rows.first_row[r]) for r in range(n)]]
+                rewrite = [j for j, i in enumerate(act.rows) if not rows.is_kl[i]]
+                keys = caught[1][rewrite]
                 v_init = v_init.to(device, work)
                 if isinstance(clamp_reference, str):
                     ref = v_init.norm(dim=-1)
@@ -346,7 +371,11 @@ def optimise_targets(
                     ref = torch.tensor(list(clamp_reference), device=device, dtype=work)
                 kl_init = logits[act.n_loss :].log_softmax(-1).detach().clone()
             assert kl_init is not None and ref is not None
-            nll, kl, p_target, argmax_all = _losses(act, logits, kl_init.index_select(0, sel), hp)
+            nll, kl, p_target, argmax_all, per_row = _losses(
+                act, logits, kl_init.index_select(0, sel), hp
+            )
+            if first is None:
+                first = (keys, per_row.detach())
             d_norm = torch.stack([deltas[r].norm() for r in active])
             wd = hp.v_weight_decay * (d_norm / ref.index_select(0, sel) ** 2)
             loss = nll + kl + wd
@@ -380,12 +409,24 @@ def optimise_targets(
                     dn = deltas[r].norm()
                     deltas[r].mul_(torch.where(dn > max_norm, max_norm / dn, torch.ones_like(dn)))
             active = [active[j] for j in go]
-    assert v_init is not None
-    out = []
+    assert v_init is not None and first is not None
+    out, at = [], 0
     for r in range(n):
         d = deltas[r].detach()
         tr = trace_rows(trace[r])
-        out.append(VStar(v_star=v_init[r] + d, v_init=v_init[r], delta=d, trace=tr, steps=len(tr)))
+        k = slice(at, at + rows.n_rewrite[r])
+        at += rows.n_rewrite[r]
+        out.append(
+            VStar(
+                v_star=v_init[r] + d,
+                v_init=v_init[r],
+                delta=d,
+                trace=tr,
+                steps=len(tr),
+                keys=None if bf16 else first[0][k],
+                row_logprob=None if bf16 else first[1][k],
+            )
+        )
     return out
 
 

@@ -1,8 +1,8 @@
-"""Tiny GPT-2 and Llama models built from a config, for tests and demos.
+"""Tiny GPT-2, Llama and Qwen2 models built from a config, for tests and demos.
 
 Random weights, a byte-level BPE tokenizer trained in-process on a fixed
 text: no download, a few seconds at most. Loaded through
-``load_model("tiny-gpt2")`` / ``load_model("tiny-llama")`` like any model.
+``load_model("tiny-gpt2")`` / ``"tiny-llama"`` / ``"tiny-qwen2"`` like any model.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 TESTING_PREFIX = "testing:"
@@ -100,8 +102,25 @@ def tiny_model(arch: str = "gpt2", seed: int = 0) -> tuple[nn.Module, PreTrained
                     tie_word_embeddings=True,
                 )
             )
+        elif arch == "qwen2":  # Llama's shape with biased q/k/v projections (Qwen2.5)
+            model = Qwen2ForCausalLM(
+                Qwen2Config(
+                    vocab_size=len(tok),
+                    hidden_size=64,
+                    intermediate_size=160,
+                    num_hidden_layers=4,
+                    num_attention_heads=4,
+                    num_key_value_heads=2,
+                    max_position_embeddings=2048,
+                    initializer_range=0.2,
+                    bos_token_id=tok.bos_token_id,
+                    eos_token_id=tok.eos_token_id,
+                    pad_token_id=tok.pad_token_id,
+                    tie_word_embeddings=True,
+                )
+            )
         else:
-            raise ValueError(f"unknown tiny architecture {arch!r} (gpt2 or llama)")
+            raise ValueError(f"unknown tiny architecture {arch!r} (gpt2, llama or qwen2)")
     finally:
         torch.random.set_rng_state(gen_state)
     return model.eval(), tok

@@ -168,6 +168,7 @@ class UpperRun:
         cuts: Sequence[int],
         prefix: Prefix | None,
         pad: int,
+        skip_module: str | None = None,
     ):
         self.layer = layer
         blocks = list(nethook.get_module(model, hp.layers_module))  # type: ignore[call-overload]
@@ -211,13 +212,59 @@ class UpperRun:
         else:
             self.hidden, self.args = kw.pop("hidden_states").detach(), ()
         self.kwargs = kw
+        #: with ``skip_module``: that module's input and output over every suffix position
+        self.module_in: torch.Tensor | None = None
+        self.module_out: torch.Tensor | None = None
+        if skip_module is not None:
+            self._run_edited_block_once(nethook.get_module(model, skip_module))
 
-    def logits_at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """Run blocks ``layer..`` over the suffixes; logits at ``(rows, cols)`` (local)."""
+    @property
+    def skipped(self) -> bool:
+        """Whether block ``layer`` ran once here (``δ`` is then added to its output)."""
+        return self.module_out is not None
+
+    @torch.no_grad()
+    def _run_edited_block_once(self, module: nn.Module) -> None:
+        """Run block ``layer`` once: nothing in it depends on ``δ`` when ``δ`` is added to
+        its output or to a module's output that the block adds to its residual stream
+        (ROME's MLP output projection), so each step starts at block ``layer + 1`` from
+        this output with ``δ`` added at the subject (one addition reassociated: float
+        rounding only; bit for bit when ``δ`` is added to the block's own output)."""
+        seen: dict[str, torch.Tensor] = {}
+
+        def grab(_m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+            seen["in"] = args[0] if args else torch.zeros(0)
+            seen["out"] = out[0] if isinstance(out, tuple) else out
+
+        handle = module.register_forward_hook(grab)
+        try:
+            out = self.blocks[0](self.hidden, *self.args, **self.kwargs)
+        finally:
+            handle.remove()
+        self.hidden = (out[0] if isinstance(out, tuple) else out).detach()
+        self.module_in, self.module_out = seen["in"].detach(), seen["out"].detach()
+        self.blocks = self.blocks[1:]
+        if self.cache is not None:  # block ``layer``'s cache entry is never read again
+            self.saved, self._layers = self.saved[1:], self._layers[1:]
+
+    def logits_at(
+        self,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        add: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Run blocks ``layer..`` over the suffixes; logits at ``(rows, cols)`` (local).
+
+        ``add``: (rows, cols, deltas) added to block ``layer``'s output when it ran once
+        (:attr:`skipped`); otherwise a hook adds ``δ`` inside the block."""
         if self.cache is not None:  # back to the prefix alone: each step appends its suffix
             for layer, (k, v) in zip(self._layers, self.saved, strict=True):
                 layer.keys, layer.values = k, v
         h = self.hidden
+        if add is not None and self.skipped:
+            a_rows, a_cols, deltas = add
+            h = h.clone()
+            h[a_rows, a_cols] = h[a_rows, a_cols] + deltas.to(h.dtype)
         for block in self.blocks:
             out = block(h, *self.args, **self.kwargs)
             h = out[0] if isinstance(out, tuple) else out

@@ -68,6 +68,10 @@ class VStar:
     delta: torch.Tensor
     trace: list[dict[str, float]]
     steps: int
+    #: per template row, from the first step (δ = 0, the unedited model): the hooked
+    #: module's input at the subject (ROME's keys) and the target's summed log-probability
+    keys: torch.Tensor | None = None
+    row_logprob: torch.Tensor | None = None
 
 
 @dataclass

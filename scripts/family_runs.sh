@@ -5,6 +5,7 @@
 # the retention of the first 100 edits every 100 edits.
 # Start:  scripts/family_runs.sh start      Resume: scripts/family_runs.sh resume
 # Each run is one process with one thread, writing into one SQLite database (WAL).
+# The same comparison as a spec: rome-workbench compare docs/results/family-smollm2.toml
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DB=${DB:-docs/results/family-smollm2.db}

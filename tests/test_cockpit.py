@@ -253,6 +253,7 @@ async def test_the_replay_pane_offers_every_setting_and_stores_them(cockpit) -> 
             "#r-retention_size": "1",
             "#r-glue_every": "1",
             "#r-glue_limit": "2",
+            "#r-order_seed": "4",
         }
         for sel, value in settings.items():
             pane.query_one(sel, Input).value = value
@@ -276,7 +277,7 @@ async def test_the_replay_pane_offers_every_setting_and_stores_them(cockpit) -> 
         assert (spec["method"], spec["batch_size"], spec["mode"]) == ("rome", 1, "original")
         assert (spec["glue_every"], spec["glue_limit"], spec["glue_tasks"]) == (1, 2, ["sst2"])
         assert spec["glue_calibration"] == "contextual" and spec["guard"] is True
-        assert spec["perplexity"] is False
+        assert spec["perplexity"] is False and spec["order_seed"] == 4
         assert run.hparams["hparams"]["v_stop"] == "most_probable"
         assert run.hparams["hparams"]["v_norm_anchor"] is False
         assert {e.layer for e in store.edits(run.id)} == {2}

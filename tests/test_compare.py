@@ -18,7 +18,7 @@ import typer
 
 from tests.cli_helpers import one_line, runner
 from workbench.cli import app
-from workbench.core.compare import BOOL_FLAGS, VALUE_FLAGS, load_spec, run_states
+from workbench.core.compare import BOOL_FLAGS, VALUE_FLAGS, load_spec, order_groups, run_states
 from workbench.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +70,24 @@ def test_the_family_spec_names_its_runs_and_their_replay_commands():
         assert args[args.index(flag) + 1] == value
 
 
+def test_orders_are_seeds_and_the_runs_that_differ_only_by_order_are_a_group(tmp_path):
+    spec = load_spec(
+        _spec(
+            tmp_path,
+            'methods = ["memit"]\ndatasets = ["zsre"]\n'
+            'orders = ["file", 1, 2]\nedits = 300\nbatch_sizes = 100',
+        )
+    )
+    names = [r.name for r in spec.runs]
+    assert names == ["memit-zsre-n300-b100", "memit-zsre-o1-n300-b100", "memit-zsre-o2-n300-b100"]
+    args = spec.runs[2].replay_args()
+    assert (
+        args[args.index("--order-seed") + 1] == "2"
+        and "--order-seed" not in spec.runs[0].replay_args()
+    )
+    assert order_groups(spec) == {"memit-zsre-n300-b100": names}
+
+
 def test_every_setting_a_spec_takes_is_an_option_of_replay():
     command = typer.main.get_command(app).commands["replay"]  # type: ignore[attr-defined]
     opts = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
@@ -113,6 +131,24 @@ def test_a_ray_address_that_does_not_answer_is_refused_before_anything(tmp_path)
         res = runner.invoke(app, ["compare", str(spec), "--ray", f"127.0.0.1:{port}"])
     assert res.exit_code == 2, res.output
     assert "does not answer" in one_line(res.output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.toml"]
+
+
+def test_ray_auto_without_ray_or_a_cluster_is_one_line_exit_2(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    spec = _spec(tmp_path)
+    res = runner.invoke(app, ["compare", str(spec), "--ray", "auto"])
+    assert res.exit_code == 2, res.output
+    line = one_line(res.output)  # without the extra: how to install it; with: no cluster
+    assert "pip install 'rome-workbench[ray]'" in line or "no Ray cluster at auto" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.toml"]
+
+
+def test_workers_with_ray_is_refused(tmp_path):
+    spec = _spec(tmp_path)
+    res = runner.invoke(app, ["compare", str(spec), "--ray", "auto", "--workers", "2"])
+    assert res.exit_code == 2, res.output
+    assert "--workers sets local workers" in one_line(res.output)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.toml"]
 
 
@@ -272,3 +308,63 @@ def test_compare_killed_worker_then_the_spec_again_finishes_each_run_once(tmp_pa
     res = runner.invoke(app, ["compare", str(spec), "--dry-run"])
     assert "tiny: 2 runs (0 to start, 0 to resume, 2 finished)" in res.output
     assert run_states(load_spec(spec), out)[0].action == "skip"
+
+
+# ------------------------------------------------------------------ on a local Ray
+
+
+def _parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.slow
+def test_ray_killed_worker_then_the_spec_again_finishes_each_run_once(tmp_path):
+    """A local Ray (``--ray local``): the Ray worker running one run is killed; the spec,
+    run again, resumes that run from the copy its node kept and finishes both."""
+    pytest.importorskip("ray")
+    import tempfile
+    import uuid
+
+    from workbench.core.ray_runner import WORKDIR
+
+    name = f"raytest-{uuid.uuid4().hex[:8]}"
+    spec = _spec(tmp_path, TINY.replace('name = "tiny"', f'name = "{name}"'))
+    node = Path(tempfile.gettempdir()) / WORKDIR / name
+    try:
+        first = _compare(spec, "--ray", "local")
+        replay_db = node / "rome-sample-n8-b1.db"
+        deadline = time.time() + 600
+        while time.time() < deadline and first.poll() is None:
+            time.sleep(0.2)
+            if not replay_db.exists():
+                continue
+            with Store.open(replay_db) as s:
+                runs = s.list_runs()
+                n = len(s.edits(runs[0].id)) if runs else 0
+                holder = s.writer_info(runs[0].id) if runs else None
+            if n >= 2 and holder is not None and holder.pid:
+                worker = _parent(holder.pid)  # the Ray worker that runs the task
+                os.kill(worker, signal.SIGKILL)
+                break
+        text, _ = first.communicate(timeout=600)
+        assert first.returncode == 1, text
+        assert "rome-sample-n8-b1: failed" in text, text
+        assert "memit-sample-n4-b2: done, 4/4 edits" in text
+
+        again = _compare(spec, "--ray", "local")
+        text2, _ = again.communicate(timeout=600)
+        assert again.returncode == 0, text2
+        assert "rome-sample-n8-b1: done, 8/8 edits" in text2
+        with Store.open(tmp_path / f"{name}-runs" / f"{name}.db") as s:
+            runs = s.list_runs()
+            assert len(runs) == 2 and {r.status for r in runs} == {"finished"}
+            for run in runs:
+                seqs = [e.seq for e in s.edits(run.id)]
+                assert seqs == list(range(run.n_edits_planned or 0))  # each edit once
+                steps = [st.step for st in s.iter_steps(run.id)]
+                assert steps == sorted(set(steps))  # each step once
+    finally:
+        import shutil
+
+        shutil.rmtree(node, ignore_errors=True)

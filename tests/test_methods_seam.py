@@ -20,7 +20,7 @@ CFG = dict(
     n_edits=6, glue_every=4, glue_tasks=("sst2",), glue_limit=4, fluency_tokens=8,
     batch_size=2, retention_size=2, perplexity=False,
 )  # fmt: skip
-METHODS = ["memit-seq", "rect"]
+METHODS = ["memit-seq", "rect", "encore", "nas", "prune"]
 
 
 def preset(method: str):

@@ -132,9 +132,17 @@ def test_the_runs_pane_table_shows_intervals_and_tests(two_runs) -> None:
     Console(file=out, width=200).print(scores_table(series))
     text = out.getvalue()
     hold = series[0].stats.hold
-    assert hold is not None and hold.interval(2) in text
+    assert hold is not None and hold.span() in text
     assert "Needed an edit (pre-edit ES < 1):" in text
-    assert "Paired tests (same records)" in text and "holds at the end of the stream" in text
+    assert "Paired tests (same records)" in text and "holds at end, all" in text
+    assert "sst2 @4" in text and "retention @4" in text
+
+
+def test_a_compact_interval() -> None:
+    from workbench.core.run_stats import count_rate
+
+    assert count_rate(874, 1000).span() == ".85–.89"  # [0.852, 0.894]
+    assert count_rate(99, 100).span() == ".95–1.00"  # [0.946, 1.000]
 
 
 def test_layer_medians_are_true_medians(two_runs) -> None:

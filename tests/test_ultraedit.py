@@ -178,3 +178,39 @@ def test_batched_replay_killed_and_resumed_onto_the_same_weights(tmp_path):
         for name in want:
             assert torch.equal(got[name], want[name]), f"{name} differs after resume"
         assert [e.fingerprint for e in store.edits(run_id)] == [e.fingerprint for e in want_edits]
+
+
+def test_edit_report_and_export_of_an_ultraedit_run(tmp_path):
+    from typer.testing import CliRunner
+
+    from workbench.cli import app
+
+    runner = CliRunner()
+    preset = "rome/presets/tiny-llama-ultraedit.json"
+    res = runner.invoke(
+        app,
+        ["edit", "--model", "tiny-llama", "--hparams", preset, "--method", "ultraedit",
+         "--prompt", "{} is located in the city of", "--subject", "The Eiffel Tower",
+         "--target-new", "Rome", "--target-true", "Paris"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    lm = load_model("tiny-llama")
+    hp = load_preset("tiny-llama-ultraedit")
+    written = [f"model.layers.{x}.mlp.{m}.weight" for x in (1, 2) for m in ("gate_proj", "up_proj")]
+    params = dict(lm.model.named_parameters())
+    w_all = sum(float(params[n].detach().norm()) ** 2 for n in written) ** 0.5
+    cfg = ReplayConfig(**{**CFG, "n_edits": 2, "glue_every": 2})
+    with Store.open(tmp_path / "r.db") as store:
+        run_id = list(replay(lm, store, cfg, hparams=hp))[-1].run_id
+        last = store.edits(run_id)[-1]
+    # the step's ‖ΔW‖/‖W‖ is against the weights it wrote (gate and up), not down_proj;
+    # both norms from the same float32 weights: only summation order differs (1e-6)
+    assert last.update_norm_ratio == pytest.approx(last.update_norm / w_all, rel=1e-6)
+    db = ["--db", str(tmp_path / "r.db")]
+    res = runner.invoke(app, ["report", run_id, "-o", str(tmp_path / "page"), *db])
+    assert res.exit_code == 0, res.output
+    page = (tmp_path / "page" / "README.md").read_text()
+    assert "method ultraedit; preset tiny-llama-ultraedit; layers 1, 2; batch size 2" in page
+    res = runner.invoke(app, ["export", run_id, "-o", str(tmp_path / "run.json"), *db])
+    assert res.exit_code == 0, res.output
+    assert "ultraedit" in (tmp_path / "run.json").read_text()

@@ -68,7 +68,7 @@ class AlphaEdit(FamilyMethod):
 
     name = "alphaedit"
     summary = "memit in C's null space"
-    Settings = AlphaEditSettings
+    Settings: type = AlphaEditSettings
 
     def stores_keys(self, settings: Any) -> bool:
         return True

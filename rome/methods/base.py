@@ -263,6 +263,10 @@ class Method(Protocol):
         """Whether each step keeps its keys (``LayerUpdate.keys``) to rebuild the state."""
         ...
 
+    def cannot_edit(self, ctx: EditContext, settings: Any) -> str | None:
+        """Why this method cannot edit the context's model with ``settings`` (None: it can)."""
+        ...
+
 
 class MethodBase:
     """Defaults for a :class:`Method`: settings from the dataclass, no carried state."""
@@ -286,6 +290,9 @@ class MethodBase:
 
     def stores_keys(self, settings: Any) -> bool:
         return False
+
+    def cannot_edit(self, ctx: EditContext, settings: Any) -> str | None:
+        return None
 
 
 def resolve_settings(

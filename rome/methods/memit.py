@@ -75,7 +75,7 @@ class Memit(FamilyMethod):
 
     name = "memit"
     summary = "several layers, least squares"
-    Settings = MemitSettings
+    Settings: type = MemitSettings
 
     def stores_keys(self, settings: Any) -> bool:
         return bool(settings.accumulate)

@@ -12,8 +12,11 @@ from ..hparams import EditHparams, use_settings_check
 from .alphaedit import AlphaEdit
 from .base import Method, check_overrides, options_of
 from .emmet import Emmet
+from .encore import Encore
 from .memit import Memit
 from .memit_seq import MemitSeq
+from .nas import MemitNas, Nas
+from .prune import Prune
 from .rect import Rect
 from .rome import Rome
 from .ultraedit import UltraEdit
@@ -27,6 +30,10 @@ BUILTIN: tuple[Method, ...] = (
     MemitSeq(),
     Rect(),
     UltraEdit(),
+    Encore(),
+    Nas(),
+    MemitNas(),
+    Prune(),
 )
 
 METHODS: dict[str, Method] = {m.name: m for m in BUILTIN}
@@ -73,7 +80,8 @@ def check_preset(hp: EditHparams) -> None:
                 f"preset field method_settings names {name!r}, which is not a method "
                 f"(methods: {', '.join(sorted(METHODS))})"
             )
-        check_overrides(method, values)
+        check_overrides(method, values)  # each name and value; then the whole, cross-checked
+        method.settings(hp)
     flat = hp.shared_settings
     for method in METHODS.values():
         for o in options_of(method.Settings):

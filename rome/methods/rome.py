@@ -92,9 +92,21 @@ class Probe:
     p_new_templated: float
 
 
-def probe(ctx: EditContext, req: EditRequest, templates: Sequence[str]) -> Probe:
-    """p(target_new), p(target_true) on the bare prompt; mean p(new) over prefixed ones."""
+def probe(
+    ctx: EditContext,
+    req: EditRequest,
+    templates: Sequence[str],
+    first: torch.Tensor | None = None,
+) -> Probe:
+    """p(target_new), p(target_true) on the bare prompt; mean p(new) over prefixed ones.
+    ``first``: log p(target_new) per template row, already computed (v*'s step 0)."""
     bare = req.text
+    if first is not None:
+        p = first.double().exp().tolist()
+        p_true = None
+        if req.true_object is not None:  # none for an end-of-text target_true (zsRE)
+            p_true = score_targets(ctx.model, ctx.tok, [bare], [req.true_object])[0].prob
+        return Probe(p[0], p_true, sum(p[1:]) / (len(p) - 1) if len(p) > 1 else p[0])
     prefixed = [t.format(req.prompt).replace("{}", req.subject, 1) for t in templates[1:]]
     prompts = [bare, *prefixed]
     targets = [req.target_new] * len(prompts)
@@ -206,18 +218,23 @@ def _shared(
     factor = caches.factor(layer, progress)
     lap("covariance")
     name = hp.weight_module(layer)
-    prompts = [t.format(req.prompt) for t in templates]
-    keys = keys_at_subject(ctx.model, ctx.tok, name, prompts, req.subject, stop=fast)
+    step_cb = (lambda d, t: progress("v*", d, t)) if progress else None
+    reuse = fast and hp.v_prefix_reuse
+    keys = first = None  # with reuse: the keys and p(target) before, from v*'s step 0
+    if reuse:
+        vs = optimise_targets(ctx.model, ctx.tok, hp, [req], [templates], layer, on_step=step_cb)[0]
+        lap("v_star")
+        if vs.keys is not None:  # None under bf16 autocast: the float32 passes below
+            keys, first = vs.keys.float(), vs.row_logprob
+    if keys is None:
+        prompts = [t.format(req.prompt) for t in templates]
+        keys = keys_at_subject(ctx.model, ctx.tok, name, prompts, req.subject, stop=fast)
     k_s = keys[0]
     k_star = average_keys(keys, hp.key_averaging)
     lap("keys")
-    before = probe(ctx, req, templates)
+    before = probe(ctx, req, templates, first)
     lap("scoring")
-    step_cb = (lambda d, t: progress("v*", d, t)) if progress else None
-    reuse = fast and hp.v_prefix_reuse
-    if reuse:
-        vs = optimise_targets(ctx.model, ctx.tok, hp, [req], [templates], layer, on_step=step_cb)[0]
-    else:
+    if not reuse:
         vs = compute_v_star(ctx.model, ctx.tok, hp, req, templates, layer, step_cb, fast)
     lap("v_star")
     rho = norm_anchor(ctx, layer, progress) if hp.v_norm_anchor else None

@@ -138,6 +138,15 @@ class UltraEdit(MethodBase):
     def stores_keys(self, settings: Any) -> bool:
         return True  # each layer's normaliser after the step, in LayerUpdate.keys
 
+    def cannot_edit(self, ctx: EditContext, settings: Any) -> str | None:
+        """Why this method cannot edit the model with its settings (None: it can)."""
+        try:
+            for layer in self.layers(ctx, settings):
+                self.module_names(ctx, layer, MODULES[settings.modules])
+        except RomeError as exc:
+            return str(exc)
+        return None
+
     def module_names(self, editor: EditContext, layer: int, modules: list[str]) -> list[str]:
         """Full module names at ``layer``; refused when the architecture lacks one."""
         names = []

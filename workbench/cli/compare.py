@@ -18,7 +18,7 @@ from .common import app, err, handled, out, say, sigterm_as_interrupt, writing
 
 if TYPE_CHECKING:
     from workbench.core.compare import CompareSpec, RunState
-    from workbench.core.compare_runner import RunProgress
+    from workbench.core.compare_runner import Runner, RunProgress
 
 _STYLE = {"done": "green", "running": "cyan", "failed": "red", "waiting": "dim"}
 
@@ -73,7 +73,7 @@ def _dry_run(spec: CompareSpec, states: Sequence[RunState]) -> None:
 
 
 def _runner(states: list[RunState], spec: CompareSpec, target: Path, workers: int | None,
-            ray_address: str | None, shown: _Shown):  # type: ignore[no-untyped-def]  # fmt: skip
+            ray_address: str | None, shown: _Shown) -> Runner:  # fmt: skip
     from workbench.core.compare_runner import LocalRunner, local_workers
 
     if ray_address is not None:
@@ -85,6 +85,7 @@ def _runner(states: list[RunState], spec: CompareSpec, target: Path, workers: in
 
 def _finish(spec: CompareSpec, states: Sequence[RunState], rows: Sequence[RunProgress],
             merged: Path, report_dir: Path) -> None:  # fmt: skip
+    from workbench.core.compare import order_groups
     from workbench.core.report import report_markdown
     from workbench.plot import plot_runs
     from workbench.store import Store
@@ -97,14 +98,23 @@ def _finish(spec: CompareSpec, states: Sequence[RunState], rows: Sequence[RunPro
     err.print(f"merged {len(finished)} run database(s) into {merged}: {len(result.added)} "
               f"run(s) added, {len(result.already)} already there", highlight=False)  # fmt: skip
     with Store.open(merged) as store:
-        names = {s.run.name for s, r in zip(states, rows, strict=True) if r.status == "done"}
-        runs = [r for r in store.list_runs() if (r.notes or "").split(": ", 1)[-1] in names]
-        ids = [r.id for r in sorted(runs, key=lambda r: r.notes or "")]
+        done = {s.run.name for s, r in zip(states, rows, strict=True) if r.status == "done"}
+        ids = {}
+        for run in store.list_runs():
+            name = (run.notes or "").removeprefix(f"compare {spec.name}: ")
+            if name in done:
+                ids[name] = run.id
+        order = [s.run.name for s in states if s.run.name in ids]
+        groups = {
+            key: [ids[n] for n in names if n in ids] for key, names in order_groups(spec).items()
+        }
         with writing(report_dir):
             report_dir.mkdir(parents=True, exist_ok=True)
-            plot_runs(store, ids, report_dir / "runs.png")
+            plot_runs(store, [ids[n] for n in order], report_dir / "runs.png")
             command = shlex.join(["rome-workbench", "compare", str(spec.path)])
-            page = report_markdown(store, ids, "runs.png", command)
+            page = report_markdown(
+                store, [ids[n] for n in order], "runs.png", command, groups=groups
+            )
             (report_dir / "README.md").write_text(page, encoding="utf-8")
     err.print(f"wrote {report_dir / 'README.md'} and {report_dir / 'runs.png'}", highlight=False)
 
@@ -136,9 +146,11 @@ def compare(
     """Run a comparison: every run of SPEC (methods x datasets x orders x edits x batch
     sizes) as its own replay, skipping finished runs and resuming interrupted ones; then
     merge their databases and write the comparison's report."""
-    from workbench.core.compare import load_spec, run_states
+    from workbench.core.compare import CompareSpecError, load_spec, run_states
 
     with handled(), sigterm_as_interrupt():
+        if ray is not None and workers is not None:
+            raise CompareSpecError("--workers sets local workers; with --ray each run is a task")
         spec = load_spec(spec_file)
         target = out_dir or spec_file.parent / f"{spec.name}-runs"
         states = run_states(spec, target)

@@ -72,6 +72,7 @@ VALUE_FLAGS = {
     "dtype": "--dtype",
     "device": "--device",
     "hparams": "--hparams",
+    "initial_state": "--initial-state",
 }
 #: on/off replay settings: the flag for each value
 BOOL_FLAGS = {
@@ -251,10 +252,15 @@ def _base_settings(spec: Mapping[str, Any], base: Path) -> dict[str, Any]:
         if key in axis_fields:
             raise CompareSpecError(f"{key} is an axis: give it as {axis_fields[key]} = [...]")
     _check_keys(settings, _setting_keys(), "[settings]")
-    out = dict(settings)
-    if "hparams" in out and not Path(str(out["hparams"])).is_absolute():
-        out["hparams"] = str((base / str(out["hparams"])).absolute())
-    return out
+    return _files_from(dict(settings), base)
+
+
+def _files_from(settings: dict[str, Any], base: Path) -> dict[str, Any]:
+    """``settings`` with its file paths relative to the spec's folder made absolute."""
+    for key in ("hparams", "initial_state", "glue_dir"):
+        if key in settings and not Path(str(settings[key])).expanduser().is_absolute():
+            settings[key] = str((base / str(settings[key])).absolute())
+    return settings
 
 
 def load_spec(path: Path) -> CompareSpec:
@@ -271,7 +277,10 @@ def load_spec(path: Path) -> CompareSpec:
     runs: list[PlannedRun] = []
     for label, method, own in _methods(spec):
         axes = {k: _as_list(own.get(k, spec.get(k, _AXIS_DEFAULTS[k])), k) for k in AXES}
-        mine = {**settings, **{k: v for k, v in own.items() if k in _setting_keys()}}
+        mine = {
+            **settings,
+            **_files_from({k: v for k, v in own.items() if k in _setting_keys()}, base),
+        }
         for data, order, n, b in itertools.product(
             axes["datasets"], axes["orders"], axes["edits"], axes["batch_sizes"]
         ):
@@ -290,6 +299,16 @@ def load_spec(path: Path) -> CompareSpec:
     if dup is not None:
         raise CompareSpecError(f"two runs are named {dup}: the spec lists one of its axes twice")
     return CompareSpec(name, path, tuple(runs))
+
+
+def order_groups(spec: CompareSpec) -> dict[str, list[str]]:
+    """The runs that differ only by order (two or more), by the name they share without
+    their order: ``{"memit-val-n300-b100": ["memit-val-n300-b100", "memit-val-o1-..."]}``."""
+    groups: dict[str, list[str]] = {}
+    for run in spec.runs:
+        key = f"{run.label}-{_tag(run.dataset)}-n{run.n_edits}-b{run.batch_size}"
+        groups.setdefault(key, []).append(run.name)
+    return {k: v for k, v in groups.items() if len(v) > 1}
 
 
 _AXIS_DEFAULTS: dict[str, Any] = {

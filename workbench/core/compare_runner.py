@@ -11,6 +11,7 @@ Progress is a list of :class:`RunProgress` handed to a callback about once a sec
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -21,6 +22,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 from .compare import RunState, read_run
 
@@ -42,6 +44,12 @@ class RunProgress:
     worker: str = ""
     eta_s: float | None = None
     note: str = ""
+
+
+class Runner(Protocol):
+    """What runs a comparison's runs (:class:`LocalRunner`, ``ray_runner.RayRunner``)."""
+
+    def run(self) -> list[RunProgress]: ...
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,13 @@ def eta(edits_then: int, edits_now: int, total: int, since_s: float) -> float | 
     return max(0.0, (total - edits_now) * since_s / done)
 
 
+def die_with_parent() -> None:  # pragma: no cover - runs in the child, before exec
+    """Linux: the replay gets SIGKILL when the process that started it dies (a killed
+    ``compare`` or Ray worker leaves no replay writing on its own; the run resumes)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def failure_note(log_path: Path, rc: int) -> str:
     """Why a replay process ended badly: a signal, or its last ``error:`` line."""
     if rc < 0:
@@ -119,7 +134,8 @@ def name_run(db: Path, text: str) -> None:
         log.warning("could not name run %s in %s: %s", found[0], db, exc)
 
 
-def _row(state: RunState) -> RunProgress:
+def initial_row(state: RunState) -> RunProgress:
+    """A run's row before this session touched it (finished before, to resume, new)."""
     done = state.action == "skip"
     return RunProgress(
         state.run.name, "done" if done else "waiting", state.edits_done, state.run.n_edits,
@@ -141,7 +157,7 @@ class LocalRunner:
         poll_s: float = 1.0,
     ) -> None:
         self.states = {s.run.name: s for s in states}
-        self.rows = {s.run.name: _row(s) for s in states}
+        self.rows = {s.run.name: initial_row(s) for s in states}
         self.queue = deque(s for s in states if s.action != "skip")
         self.workers = list(workers)
         self.log_dir = log_dir
@@ -224,7 +240,7 @@ class LocalRunner:
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(
                 state.argv(), env=env, stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent,
             )  # fmt: skip
             with self.lock:
                 self.procs[name] = proc

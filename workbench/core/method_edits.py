@@ -16,6 +16,7 @@ No Textual and no rich here.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +28,6 @@ from rome.hparams import method_preset
 from rome.methods import Update, get_method, method_names
 from rome.methods.family.templates import family_templates
 from rome.progress import Progress
-from rome.update import weight_out_in
 
 from .forms import EditForm
 from .generation import GenerationPair
@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from workbench.store import Store
 
     from .session import Session
+
+log = logging.getLogger(__name__)
 
 #: a comparison's verdict word -> the Edit tab's verdict level
 VERDICT_LEVELS = {"ok": "ok", "check": "warn", "DISABLING": "bad", "REFUSED": "refused"}
@@ -143,10 +145,13 @@ class MethodEdits:
         med = self._editors.get(method)
         if med is None:
             med = ed.variant(hp)  # the same edits and carried state, its own caches
+            uses = get_method(method).capabilities
             with ed.base_weights():  # the session's edits out of the way for a moment
-                family_templates(med)
-                for layer in hp.edited_layers():
-                    med.factor(layer, progress)
+                if uses.templates == "family":
+                    family_templates(med)
+                if uses.needs_c0:  # C₀ read once (no Cholesky: the family solves with C₀)
+                    for layer in hp.edited_layers():
+                        med.stats(layer, progress)
             self._editors[method] = med
         return med
 
@@ -156,12 +161,7 @@ class MethodEdits:
         row = MethodOutcome(upd.method, preset=method_preset(lm.hparams, upd.method).name)
         row.layer_norms = upd.layer_norms()
         row.norm = upd.norm
-        w = math.sqrt(
-            sum(
-                float(weight_out_in(ed.module(lu.layer)).detach().float().norm()) ** 2
-                for lu in upd.layers
-            )
-        )
+        w = math.sqrt(sum(ed.weight_norm(lu) ** 2 for lu in upd.layers))
         row.ratio = row.norm / w if w else math.inf
         b = next(p for p in before if p.name == "prompt")
         row.p_new_before, row.p_true_before = [b.p_new], [b.p_true]
@@ -306,8 +306,19 @@ class MethodEdits:
             for m in family:
                 if check:
                     check(m)
-                rows.append(run_method(lm, self.editor_for(m), reqs, m, None))
+                med = self.editor_for(m)
+                why = cannot_edit(m, med)
+                if why is not None:  # not this architecture (UltraEdit on GPT-2): no row
+                    log.info("compare leaves out %s: %s", m, why)
+                    continue
+                rows.append(run_method(lm, med, reqs, m, None))
         return judge_outcomes(rows, ed.hp.max_update_ratio)
+
+
+def cannot_edit(method: str, editor: Editor) -> str | None:
+    """Why ``method`` cannot edit ``editor``'s model with its settings (None: it can)."""
+    m = get_method(method)
+    return m.cannot_edit(editor.context(m), m.settings(editor.hp))
 
 
 def _family_methods() -> list[str]:

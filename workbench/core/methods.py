@@ -23,7 +23,6 @@ from rome.hparams import method_preset
 from rome.methods import Update, get_method, method_names, options_of
 from rome.methods.base import parse_pairs
 from rome.scoring import score_targets
-from rome.update import weight_out_in
 
 from .verdict import DISABLING_FRACTION, MODE_NORM_FACTOR
 
@@ -262,7 +261,7 @@ def run_method(
             applied += 1
         out.p_new_after, out.p_true_after = _probe(lm, reqs)
         weights = {
-            lu.layer: float(weight_out_in(editor.module(lu.layer)).detach().float().norm())
+            lu.layer: editor.weight_norm(lu)  # the weight(s) it writes
             for u in out.updates
             for lu in u.layers
         }

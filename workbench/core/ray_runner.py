@@ -9,16 +9,15 @@ resumes whichever copy (shipped or left on its node by an earlier try) holds mor
 edits, and hands the database back when its replay ends, however it ends. A task
 whose worker dies is not retried (``max_retries=0``): the run is reported failed,
 and running the spec again resumes it from the copy its node kept. The replay dies
-with its worker (``PR_SET_PDEATHSIG`` on Linux), so no orphan keeps writing.
+with its worker (``PR_SET_PDEATHSIG`` on Linux, as a local one dies with ``compare``),
+so no orphan keeps writing.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -34,7 +33,7 @@ from typing import Any
 from rome import BadRequestError
 
 from .compare import RunState, read_run
-from .compare_runner import RunProgress, _row, eta, failure_note, name_run
+from .compare_runner import RunProgress, die_with_parent, eta, failure_note, initial_row, name_run
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +103,6 @@ def connect(address: str) -> Any:
 # ------------------------------------------------------------------- on the worker
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child, before exec
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def _write_copy(db: Path, data: bytes) -> None:
     for suffix in ("-wal", "-shm", "-journal"):
         Path(f"{db}{suffix}").unlink(missing_ok=True)
@@ -162,7 +156,7 @@ def run_task(
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(
             local.argv(sys.executable), env=env, stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+            stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
         )  # fmt: skip
         rc = proc.wait()
     done.set()
@@ -205,7 +199,7 @@ class RayRunner:
     ) -> None:
         self.ray = ray
         self.states = {s.run.name: s for s in states}
-        self.rows = {s.run.name: _row(s) for s in states}
+        self.rows = {s.run.name: initial_row(s) for s in states}
         self.on_change = on_change
         self.spec_name = spec_name
         self.workdir = workdir or str(Path(tempfile.gettempdir()) / WORKDIR / spec_name)

@@ -66,6 +66,15 @@ class Rate:
     def interval(self, digits: int = 3) -> str:
         return f"[{self.lo:.{digits}f}, {self.hi:.{digits}f}]"
 
+    def span(self, digits: int = 2) -> str:
+        """``.85–.89``: the interval in the fewest characters (for narrow tables)."""
+
+        def short(x: float) -> str:
+            text = f"{x:.{digits}f}"
+            return text[1:] if text.startswith("0.") else text
+
+        return f"{short(self.lo)}–{short(self.hi)}"
+
 
 def count_rate(k: int, n: int) -> Rate:
     """k of n with its exact (Clopper-Pearson) interval."""

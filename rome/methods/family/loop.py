@@ -93,7 +93,7 @@ class FamilyMethod(MethodBase):
     """The shared compute of the locate-then-edit family; subclasses give the solve."""
 
     capabilities = Capabilities(batched=True, templates="family")
-    Settings = FamilySettings
+    Settings: type = FamilySettings
 
     def prepare(self, ctx: EditContext, layers: list[int], settings: Any) -> None:
         """Anything to compute on the base model before the first layer (projectors)."""

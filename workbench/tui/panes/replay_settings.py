@@ -25,8 +25,16 @@ from workbench.core.replay import (
 
 #: typed fields: ReplayConfig name -> (label, tooltip)
 TEXT_FIELDS = {
-    "dataset": ("Data", "'sample' (bundled), 'val', 'hub' (online) or a CounterFact JSON file"),
+    "dataset": (
+        "Data",
+        "'sample' or 'val' (bundled CounterFact), 'zsre' (bundled zsRE), 'hub' (online), "
+        "or a CounterFact or MEND-format zsRE JSON file",
+    ),
     "n_edits": ("Edits", "How many edits to apply in sequence"),
+    "order_seed": (
+        "Order seed",
+        "Edit the records in the order this seed shuffles them into (empty: the file's order)",
+    ),
     "batch_size": ("Batch size", "Requests per edit step (batch methods: memit, emmet, alphaedit)"),
     "layer": ("Layer", "The layer to edit (empty: the preset's)"),
     "glue_every": (
@@ -40,6 +48,8 @@ TEXT_FIELDS = {
         "Retention protocol: the first M edits re-scored at every checkpoint (0: off)",
     ),
 }
+#: what an empty typed field means
+PLACEHOLDERS = {"glue_dir": "bundled", "layer": "preset", "order_seed": "file order"}
 #: fields chosen from a list: name -> (label, choices, tooltip)
 CHOICE_FIELDS = {
     "method": ("Method", REPLAY_METHODS, "The editing method"),
@@ -101,10 +111,13 @@ class ReplaySettings(Vertical):
             yield from self._choice_row("mode", d)
             yield from self._text_row("layer", d)
             yield from self._text_row("retention_size", d)
+            yield from self._text_row("order_seed", d)
             yield from self._text_row("glue_every", d)
             yield from self._text_row("glue_limit", d)
             yield from self._choice_row("glue_scoring", d)
             yield from self._choice_row("glue_calibration", d)
+            yield Label("", classes="rc-label")  # keeps the rows in pairs
+            yield Static("")
             yield Label("Tasks", classes="rc-label")
             with Horizontal(id="r-tasks", classes="rc-wide"):
                 for task in GLUE_TASKS:
@@ -171,7 +184,7 @@ class ReplaySettings(Vertical):
             _text(value),
             id=f"r-{key}",
             compact=True,
-            placeholder="bundled" if key == "glue_dir" else ("preset" if key == "layer" else ""),
+            placeholder=PLACEHOLDERS.get(key, ""),
             tooltip=tip,
             classes="rc-wide" if wide else "",
         )
