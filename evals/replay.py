@@ -79,6 +79,10 @@ class ReplayError(RomeError):
     """A replay that cannot start or resume (wrong model, fingerprint mismatch...)."""
 
 
+class ResumeRefused(ReplayError):
+    """A resume refused before anything is written: the run is left as it was."""
+
+
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -415,6 +419,8 @@ def replay(
             for note in notes:
                 yield ReplayWarning(note)
             yield from _drive(state, records, total, resume is not None, cancel, loaded.skipped)
+        except ResumeRefused:
+            raise  # nothing was written: the run keeps its status
         except BaseException as exc:
             store.set_status(
                 run.id,
@@ -429,18 +435,18 @@ def _rebuild(st: _Run) -> int:
     store, run_id = st.store, st.run_id
     run = store.get_run(run_id)
     if st.editor.fingerprint(st.layers) != run.base_fingerprint:
-        raise ReplayError("the loaded model is not the base model this run started from")
+        raise ResumeRefused("the loaded model is not the base model this run started from")
     rho: float | None = None
     keyed = st.method.stores_keys(st.method.settings(st.editor.hp, st.options))
     for step in store.iter_steps(run_id):
         if step.method != st.method.name:
-            raise ReplayError(
+            raise ResumeRefused(
                 f"step {step.step} of run {run_id} was made by {step.method}, "
                 f"not {st.method.name}: the method's state does not match the run"
             )
         keyless = [x.layer for x in step.layers if keyed and x.keys is None]
         if keyless:  # its Σ KKᵀ would be rebuilt short: later steps would differ
-            raise ReplayError(
+            raise ResumeRefused(
                 f"step {step.step} of run {run_id} has no stored keys for layer(s) "
                 f"{', '.join(map(str, keyless))}: {st.method.name}'s carried state cannot "
                 "be rebuilt, so the run cannot resume onto the state it had"
@@ -453,7 +459,7 @@ def _rebuild(st: _Run) -> int:
         st.editor.use_norm_anchor(st.layer, rho)
     last = store.last_edit(run_id)
     if last is not None and last.fingerprint != st.editor.fingerprint(st.layers):
-        raise ReplayError(
+        raise ResumeRefused(
             "rebuilt weights do not match the stored fingerprint of edit "
             f"{last.seq}; the run cannot be resumed onto the same weights"
         )

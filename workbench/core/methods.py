@@ -240,8 +240,8 @@ def run_method(
     method's (``method_preset``); otherwise an editor with the shipped variant is made.
     """
     hp = method_preset(editor.hp, method)
-    if hp is not editor.hp:  # the method's own settings on this model (its shipped variant)
-        editor = Editor(lm.model, lm.tokenizer, hp)
+    if hp is not editor.hp:  # the method's own settings on this model (its shipped variant):
+        editor = editor.variant(hp)  # the same model and edits, caches of its own
     out = MethodOutcome(method, label=label, preset=hp.name)
     out.p_new_before, out.p_true_before = _probe(lm, reqs)
     m = get_method(method)
