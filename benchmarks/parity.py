@@ -253,6 +253,7 @@ def main() -> None:
         "--steps", type=int, default=0, help="z steps (default: preset's); ultraedit: steps (2)"
     )
     ap.add_argument("--lr", type=float, default=0.0, help="UltraEdit lr (default: preset's)")
+    ap.add_argument("--modules", default="", help="UltraEdit modules: gate_up, gate, up, mlp_out")
     ap.add_argument("--threshold", type=float, default=None, help="AlphaEdit nullspace_threshold")
     ap.add_argument(
         "--settings", default="", help='the method\'s settings as JSON, e.g. {"prob_cutoff": -2}'

@@ -18,13 +18,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import signal
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from rome import Editor, LoadedModel, RomeError
-from rome.errors import BadRequestError
+from rome.errors import BadRequestError, UnsupportedArchitectureError
 from rome.hparams import EditHparams, method_preset
 from rome.methods import LayerUpdate, Update, get_method
 from rome.methods.alphaedit_state import start_from
@@ -44,8 +45,8 @@ from .flags import fluency_flag, norm_flag, perplexity_flag
 from .glue import evaluate_glue, load_glue
 from .metrics import aggregate, record_metrics
 from .probes import FLUENCY_PROMPTS, fluency, perplexity
-from .protocols import FLUENCY_TASK
-from .retention import retention_checkpoint
+from .protocols import FLUENCY_TASK, RETENTION_TASK
+from .retention import first_edits, retention_checkpoint
 from .run_state import RunState, run_layers
 from .sink import ReplaySink, RunRow
 from .spec import ReplayConfig, RunSpec
@@ -363,6 +364,10 @@ def replay(
     else:
         hp = hparams or method_preset(lm.hparams, cfg.method)
         ed = _editor_for(lm, hp, cfg)
+        check = getattr(get_method(cfg.method), "cannot_edit", None)
+        why = check(ed) if check is not None else None
+        if why is not None:  # refused before the run exists (UltraEdit on GPT-2)
+            raise UnsupportedArchitectureError(why)
         if cfg.initial_state:  # refused here, before the run exists, when it does not fit
             cfg.initial_state = str(Path(cfg.initial_state).expanduser().absolute())
             cfg.initial_state_sha256 = start_from(ed, cfg.method, cfg.initial_state)
@@ -425,9 +430,19 @@ def replay(
             store.set_status(
                 run.id,
                 "failed" if isinstance(exc, Exception) else "interrupted",
-                error=str(exc)[:500],
+                error=_stopped_by(exc),
             )
             raise
+
+
+def _stopped_by(exc: BaseException) -> str:
+    """What stopped a run, for its ``error`` field: the exception's message; Ctrl-C's
+    bare ``KeyboardInterrupt`` is SIGINT (SIGTERM's handler says ``signal 15``)."""
+    if str(exc):
+        return str(exc)[:500]
+    if isinstance(exc, KeyboardInterrupt):
+        return f"signal {int(signal.SIGINT)}"
+    return type(exc).__name__
 
 
 def _rebuild(st: _Run) -> int:
@@ -458,6 +473,7 @@ def _rebuild(st: _Run) -> int:
     if rho is not None:  # the ρ the earlier edits were anchored to, not a new calibration
         st.editor.use_norm_anchor(st.layer, rho)
     last = store.last_edit(run_id)
+    st.last_step_start = None if last is None else last.step_index
     if last is not None and last.fingerprint != st.editor.fingerprint(st.layers):
         raise ResumeRefused(
             "rebuilt weights do not match the stored fingerprint of edit "
@@ -470,6 +486,25 @@ def _rebuild(st: _Run) -> int:
             st.base_ppl = (c.extra or {}).get("perplexity")
     store.set_status(run_id, "running")
     return 0 if last is None else last.seq + 1
+
+
+def _expected(st: _Run, step: int) -> set[str]:
+    """The rows a complete checkpoint after ``step`` edits holds: every GLUE task,
+    fluency, perplexity when on, and retention when on and an edit is there to keep."""
+    cfg = st.cfg
+    tasks = {*cfg.glue_tasks, FLUENCY_TASK, *([PERPLEXITY_TASK] if cfg.perplexity else [])}
+    if step > 0 and cfg.retention_size > 0 and first_edits(st.store, st.run_id, 1):
+        tasks.add(RETENTION_TASK)
+    return tasks
+
+
+def _checkpoint_due(st: _Run, end: int, total: int, rows: dict[int, set[str]]) -> bool:
+    """Whether the run checkpoints after the step ending at ``end`` (the rule of the
+    loop in :func:`_drive`: the step crossed a multiple of ``glue_every``, or it is the
+    last; a batched step need not end on the multiple), or began to."""
+    every = st.cfg.glue_every
+    first = st.last_step_start if st.last_step_start is not None else end - 1
+    return end in rows or end == total or end // every > first // every
 
 
 def _drive(
@@ -486,18 +521,18 @@ def _drive(
         yield ReplayWarning(f"skipped {kind} record {case_id}: {why}")
     start = _rebuild(st) if resuming else 0
     yield ReplayStarted(run_id, total, start)
-    # A checkpoint killed or failed half-way lacks some rows: done again, on the
-    # weights it measures (the last step's, where the run stopped).
-    expected = {*cfg.glue_tasks, FLUENCY_TASK, *([PERPLEXITY_TASK] if cfg.perplexity else [])}
+    # A checkpoint killed or failed half-way, or never begun (a kill right after its
+    # step's commit), lacks some rows: done again, on the weights it measures (the
+    # last step's, where the run stopped).
     rows: dict[int, set[str]] = {}
     for c in store.checkpoints(run_id):
         rows.setdefault(c.step, set()).add(c.task)
-    if 0 not in rows or (start == 0 and not expected <= rows[0]):
+    if 0 not in rows or (start == 0 and not _expected(st, 0) <= rows[0]):
         yield from st.checkpoint(0, None)
     elif (
         start
-        and not expected <= rows.get(start, set())
-        and (start % cfg.glue_every == 0 or start == total)
+        and _checkpoint_due(st, start, total, rows)
+        and not _expected(st, start) <= rows.get(start, set())
     ):
         yield from st.checkpoint(start, start - 1)
     seq = start

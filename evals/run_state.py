@@ -45,3 +45,4 @@ class RunState:
         self.norms: list[float] = []  # ‖ΔW‖ of every applied step, in order
         self.base_fluency: float | None = None
         self.base_ppl: float | None = None
+        self.last_step_start: int | None = None  # the first seq of the last stored step

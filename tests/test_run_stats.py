@@ -110,6 +110,17 @@ def test_paired_tests_count_the_discordant_records(two_runs) -> None:
     assert any(w.startswith("retention after 4 edits") for w in tests)
 
 
+def test_glue_change_within_a_run_is_paired_over_the_examples(two_runs) -> None:
+    from workbench.core.run_stats import glue_changes
+
+    store, ids = two_runs
+    (change,) = glue_changes(store, ids[0])
+    cps = [c for c in store.checkpoints(ids[0]) if c.task == "sst2"]
+    assert change.what == "sst2 after 4 edits against 0"
+    assert change.test.test == "paired bootstrap" and change.test.n == GLUE_LIMIT
+    assert (change.test.a, change.test.b) == (cps[-1].accuracy, cps[0].accuracy)
+
+
 def test_the_report_shows_intervals_needed_and_paired_tests(two_runs) -> None:
     store, ids = two_runs
     page = report_markdown(store, ids, None, groups={"both orders": ids})
@@ -118,6 +129,7 @@ def test_the_report_shows_intervals_needed_and_paired_tests(two_runs) -> None:
     assert "## Differences between runs: paired tests" in page
     assert "paired bootstrap" in page and "McNemar (exact)" in page
     assert "## Order replicates: mean ± spread" in page
+    assert "### GLUE: the end against the start of each run" in page
     assert st.hold is not None and st.hold.text() in page
 
 

@@ -10,7 +10,7 @@ MEMIT's layer loop with three changes, all float64 in the solve:
   ``SEQ_CACHE``), in float64. MEMIT_seq and AlphaEdit re-read them after the
   step, in float32; the keys are the same (a layer's input does not depend on
   its own or later layers' weights), the sums' precision is not. Here the state
-  is folded in when a step is applied (``after_apply``; the published code folds
+  is folded in when a step is applied (``fold``; the published code folds
   it when it computes: the same for a stream whose every step is applied), from
   the keys stored with the step, so a resume rebuilds it;
 - z stops early by the most-probable rule (MPES, ``prob_cutoff``): negative, the

@@ -29,6 +29,7 @@ from .common import (
     out,
     phase_progress,
     progress_bar,
+    say,
 )
 
 
@@ -352,7 +353,7 @@ def _edit_methods(
     from rome import MODES, EditRequest
     from workbench.core.edits import make_editor
     from workbench.core.limits import check_request_length
-    from workbench.core.methods import compare_methods, load_batch, methods_for
+    from workbench.core.methods import batch_conflicts, compare_methods, load_batch, methods_for
 
     methods = methods_for(method)
     prompt, subject, target_new, target_true = fields
@@ -369,14 +370,37 @@ def _edit_methods(
     if mode not in (*MODES, "all"):
         raise rome_errors.BadRequestError(f"unknown mode {mode!r}: {', '.join(MODES)}")
     lm = load(model, device, dtype, hparams, layer, device_map)
-    for r in reqs:
-        check_request_length(lm.tokenizer, r)
+    for n, r in enumerate(reqs, start=1):
+        try:
+            check_request_length(lm.tokenizer, r)
+        except rome_errors.BadRequestError as exc:
+            if batch is None:
+                raise
+            raise rome_errors.BadRequestError(
+                f"{batch}: record {n} of {len(reqs)}: {exc}"
+            ) from None
+    for note in batch_conflicts(reqs):
+        say("warning", f"{batch}: {note}")
     ed = make_editor(lm)
     outs = compare_methods(lm, ed, reqs, methods, None if mode == "all" else mode, options)
     if as_json:
         out.print_json(json.dumps([o.to_dict() for o in outs]))
-        return
-    t = Table(title=f"{len(reqs)} request(s) on {lm.name}")
+    else:
+        _methods_table(lm.name, reqs, outs)
+    refused = [
+        f"{o.label or o.method}: {'; '.join(o.reasons).removeprefix('not applied: ')}"
+        for o in outs
+        if o.verdict == "REFUSED"
+    ]
+    if refused:  # the rows are shown above; the exit status says it was refused (as ROME's)
+        raise rome_errors.UnsafeUpdateError(
+            f"update not applied ({'; '.join(refused)}); the weights are unchanged"
+        )
+
+
+def _methods_table(name: str, reqs: list, outs: list) -> None:
+    """The methods' rows side by side, as ``edit --method`` prints them."""
+    t = Table(title=f"{len(reqs)} request(s) on {name}")
     for col in ("method", "‖ΔW‖ per layer", "‖ΔW‖/‖W‖", "p(new) before → after", "ES", "verdict"):
         t.add_column(col)
     for o in outs:

@@ -188,6 +188,13 @@ def replay(
                         ),
                         highlight=False,
                     )
+                if rescore and run.status != "finished" and extend_to is None:
+                    err.print(
+                        f"note: run {run.id} is {run.status}, not finished: --rescore resumes "
+                        f"it from edit {run.n_edits} of {run.n_edits_planned or '?'}; it is "
+                        "re-scored when it finishes",
+                        highlight=False,
+                    )
                 layer = stored_layer(run)
             lm = load(model, device, dtype, hparams, layer, device_map)
             edit_hp = edit_hparams(

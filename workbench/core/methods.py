@@ -20,7 +20,7 @@ from typing import Any
 from evals.zsre import is_zsre_row, parse_zsre
 from rome import BadRequestError, Editor, EditRequest, LoadedModel, RomeError
 from rome.hparams import method_preset
-from rome.methods import Update, get_method, method_names, options_of
+from rome.methods import METHODS, Update, get_method, method_names, options_of
 from rome.methods.base import parse_pairs
 from rome.scoring import score_targets
 
@@ -35,6 +35,11 @@ def methods_for(name: str) -> list[str]:
     registry's order)."""
     if name == ALL_METHODS:
         return method_names()
+    if name not in METHODS:
+        raise BadRequestError(
+            f"unknown method {name!r}: use one of {', '.join(sorted(METHODS))}, "
+            f"or {ALL_METHODS} (side by side)"
+        )
     get_method(name)
     return [name]
 
@@ -192,6 +197,23 @@ def load_batch(path: Path) -> list[EditRequest]:
         except RomeError as exc:
             raise BadRequestError(f"{path}: {which}: {exc}") from exc
     return out
+
+
+def batch_conflicts(reqs: Sequence[EditRequest]) -> list[str]:
+    """A note for each subject and prompt a batch asks for more than one target of: the
+    methods are given both, and cannot make both hold."""
+    targets: dict[tuple[str, str], list[tuple[int, str]]] = {}
+    for n, r in enumerate(reqs, start=1):
+        targets.setdefault((r.subject, r.prompt), []).append((n, r.target_new))
+    notes = []
+    for (subject, prompt), asked in targets.items():
+        if len({t for _, t in asked}) > 1:
+            which = ", ".join(f"record {n} -> {t!r}" for n, t in asked)
+            notes.append(
+                f"{subject!r} in {prompt!r} is asked for different targets ({which}): "
+                "both are edited in, and at most one can hold"
+            )
+    return notes
 
 
 def _zsre_requests(path: Path, items: list[Any]) -> list[EditRequest]:

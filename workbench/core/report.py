@@ -13,7 +13,7 @@ from evals.protocols import DESCRIPTIONS, PROTOCOLS, RETENTION, RETENTION_TASK
 from workbench.store import Edit, Run, Store
 
 from .forms import has_key_modes
-from .report_stats import groups_section, needed_section, paired_section
+from .report_stats import glue_change_section, groups_section, needed_section, paired_section
 from .run_stats import RunStats, count_rate, run_stats
 from .summary import (
     SCORE_KEYS,
@@ -210,6 +210,7 @@ def report_markdown(
         ]
     lines += needed_section(runs, stats)
     lines += _retention_section(store, runs)
+    lines += glue_change_section(store, runs)
     lines += paired_section(store, runs)
     lines += groups_section(store, groups or {})
     lines += ["", "## Run figures", ""]

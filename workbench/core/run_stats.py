@@ -345,6 +345,24 @@ def paired_tests(store: Store, run_ids: Sequence[str]) -> list[Comparison]:
     return out
 
 
+def glue_changes(store: Store, run_id: str) -> list[Comparison]:
+    """Each GLUE task's accuracy at the last checkpoint against the first (step 0) of the
+    same run: paired over the examples where both stored predictions, else unpaired."""
+    by_task: dict[str, list[Checkpoint]] = {}
+    for c in store.checkpoints(run_id):
+        if c.task not in NON_GLUE_TASKS:
+            by_task.setdefault(c.task, []).append(c)
+    out = []
+    for task, cps in sorted(by_task.items()):
+        if len(cps) < 2:
+            continue
+        t = _glue_pair(cps[-1], cps[0])
+        if t is not None:
+            what = f"{task} after {cps[-1].step} edits against {cps[0].step}"
+            out.append(Comparison(what, run_id, run_id, t))
+    return out
+
+
 # --- replicates -----------------------------------------------------------------------
 
 
@@ -379,6 +397,7 @@ __all__ = [
     "RunRecords",
     "RunStats",
     "count_rate",
+    "glue_changes",
     "glue_rate",
     "mean_rate",
     "p_text",
