@@ -47,7 +47,7 @@ from .metrics import aggregate, record_metrics
 from .probes import FLUENCY_PROMPTS, fluency, perplexity
 from .protocols import FLUENCY_TASK, RETENTION_TASK
 from .retention import first_edits, retention_checkpoint
-from .run_state import RunState, run_layers
+from .run_state import RunState, run_layers, run_options
 from .sink import ReplaySink, RunRow
 from .spec import ReplayConfig, RunSpec
 from .steps import edit_step
@@ -364,8 +364,8 @@ def replay(
     else:
         hp = hparams or method_preset(lm.hparams, cfg.method)
         ed = _editor_for(lm, hp, cfg)
-        check = getattr(get_method(cfg.method), "cannot_edit", None)
-        why = check(ed) if check is not None else None
+        method = get_method(cfg.method)
+        why = method.cannot_edit(ed.context(method), method.settings(ed.hp, run_options(cfg)))
         if why is not None:  # refused before the run exists (UltraEdit on GPT-2)
             raise UnsupportedArchitectureError(why)
         if cfg.initial_state:  # refused here, before the run exists, when it does not fit
