@@ -144,6 +144,8 @@ def _reference_hparams(
         )
     if method in NAS_MAIN:
         out["model_name"] = hp.name
+    if method == "memit-nas":
+        out["use_nas"] = True
     if method == "encore":
         out.update(
             calculate_objective_value=False,

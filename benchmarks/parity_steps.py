@@ -47,10 +47,18 @@ NAS_MAIN = {
         "apply_encore_to_model",
     ),
     "nas": ("NAS.NAS_main", "NAS", "NASHyperParams", "apply_NAS_to_model"),
+    "memit-nas": (
+        "baselines.memit.memit_main",
+        "baselines.memit",
+        "MEMITHyperParams",
+        "apply_memit_to_model",
+    ),
     # PRUNE: jianghoucheng/AlphaEdit, branch MEMIT_prune: MEMIT from its memit package, the
     # restraint from the block of experiments/evaluate.py (read from the checkout, run here)
     "prune": ("memit.memit_main", "memit", "MEMITHyperParams", "apply_memit_to_model"),
 }
+#: the methods with NAS's anchor, and the published module whose compute_z asks for it
+ANCHORED = {"nas": "NAS.compute_z", "memit-nas": "baselines.memit.compute_z"}
 #: the line that opens the MEMIT_prune branch's restraint in experiments/evaluate.py
 PRUNE_MARK = "if cnt == (dataset_size_limit/num_edits) - 1:"
 
@@ -125,7 +133,7 @@ def run_ours_steps(args: Any, ed: Any, method: Any, batches: list[list[Any]]) ->
         seen.append(lc)
         return solve(ctx, lc, settings)
 
-    anchor_info = _our_anchor(ed, method) if args.method == "nas" else None
+    anchor_info = _our_anchor(ed, method) if args.method in ANCHORED else None
     method.solve = spy
     steps: list[dict[str, Any]] = []
     seconds = 0.0
@@ -261,7 +269,8 @@ def reference_steps(work: Path, spec: dict[str, Any], main_mod: Any, hparams: An
         extra["cuda_torch"] = sys.modules["__main__"]._TorchOnCpu()
     if method == "nas":
         extra["P"] = projectors(c0, hparams)
-        anchor_out = _reference_anchor(spec, model, tok, hparams)
+    if method in ANCHORED:
+        anchor_out = _reference_anchor(spec, model, tok, importlib.import_module(ANCHORED[method]))
     steps, notes = [], []
     t0 = time.process_time()
     for batch in spec["batches"]:
@@ -289,13 +298,12 @@ def reference_steps(work: Path, spec: dict[str, Any], main_mod: Any, hparams: An
     torch.save(out, work / "reference.pt")
 
 
-def _reference_anchor(spec: dict[str, Any], model: Any, tok: Any, hparams: Any) -> dict[str, Any]:
+def _reference_anchor(spec: dict[str, Any], model: Any, tok: Any, z_module: Any) -> dict[str, Any]:
     """The published calibration on the same requests and batches; then our ρ injected
     where the published ``compute_z`` asks for the anchor (a statistic, as C₀ is)."""
     import dataclasses
 
     vstar_stats = importlib.import_module("util.vstar_stats")
-    nas_z = importlib.import_module("NAS.compute_z")
     memit_hp = importlib.import_module("baselines.memit").MEMITHyperParams
     names = {f.name for f in dataclasses.fields(memit_hp)}
     mh = memit_hp(**{k: v for k, v in spec["hparams"].items() if k in names})
@@ -309,7 +317,7 @@ def _reference_anchor(spec: dict[str, Any], model: Any, tok: Any, hparams: Any) 
         )  # fmt: skip
     rho, _, _ = vstar_stats._upper_trimmed_mean(norms, upper_quantile=0.95)
     injected = float(a["rho"])
-    nas_z.get_or_compute_mean_vstar_norm = lambda **_k: injected
+    z_module.get_or_compute_mean_vstar_norm = lambda **_k: injected
     return {"norms": norms, "rho": rho}
 
 
