@@ -99,7 +99,15 @@ def _head_name(model: Any) -> str:
     return next(n for n, m in model.named_modules() if m is target)
 
 
-def _reference_hparams(hp: Any, method: str, n_layers: int, head: str) -> dict[str, Any]:
+def _reference_hparams(
+    hp: Any, method: str, settings: Any, n_layers: int, head: str
+) -> dict[str, Any]:
+    from rome.methods import get_method
+
+    # AlphaEdit's published hparams carry MEMIT's λ too (its C₀ weight; unused by its solve)
+    weight = getattr(settings, "mom2_update_weight", None)
+    if weight is None:
+        weight = get_method("memit").settings(hp).mom2_update_weight
     out = {
         "layers": hp.edited_layers(),
         "layer_selection": "all",
@@ -111,7 +119,7 @@ def _reference_hparams(hp: Any, method: str, n_layers: int, head: str) -> dict[s
         "clamp_norm_factor": hp.clamp_norm_factor,
         "kl_factor": hp.kl_factor,
         "mom2_adjustment": True,
-        "mom2_update_weight": hp.mom2_update_weight,
+        "mom2_update_weight": weight,
         "rewrite_module_tmp": hp.mlp_out_module,
         "layer_module_tmp": hp.layers_module + ".{}",
         "mlp_module_tmp": hp.layers_module + ".{}.mlp",
@@ -125,25 +133,26 @@ def _reference_hparams(hp: Any, method: str, n_layers: int, head: str) -> dict[s
     if method == "emmet":
         out.update(
             calculate_objective_value=False,
-            update_norm_lambda=hp.update_norm_lambda,
-            emmet_lambda=hp.emmet_lambda,
+            update_norm_lambda=settings.update_norm_lambda,
+            emmet_lambda=settings.emmet_lambda,
         )
     if method in ("alphaedit", "nas"):
         out.update(
-            nullspace_threshold=hp.nullspace_threshold, L2=hp.alphaedit_l2, model_name=hp.name
+            nullspace_threshold=settings.nullspace_threshold,
+            L2=settings.alphaedit_l2,
+            model_name=hp.name,
         )
     if method in NAS_MAIN:
         out["model_name"] = hp.name
     if method == "memit-nas":
         out["use_nas"] = True
     if method == "encore":
-        st = hp.method_settings.get("encore", {})
         out.update(
             calculate_objective_value=False,
-            add_prev_edits=st.get("add_prev_edits", True),
-            update_norm_lambda=st.get("norm_lambda", 0.0),
+            add_prev_edits=settings.add_prev_edits,
+            update_norm_lambda=settings.norm_lambda,
             emmet_lambda=0.1,
-            prob_cutoff=st.get("prob_cutoff", 0),
+            prob_cutoff=settings.prob_cutoff,
             norm_control=0,
             dynamic_multiplier=5,
             random_vector_preservation=False,
@@ -167,17 +176,19 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         changes.update(layers=layers, layer=layers[-1])
     if args.steps:
         changes["v_num_grad_steps"] = args.steps
+    options: dict[str, Any] = {}
     if args.threshold is not None:
-        changes["nullspace_threshold"] = args.threshold
+        options["nullspace_threshold"] = args.threshold
     if args.settings:  # the method's declared settings, as a JSON object
-        changes["method_settings"] = {args.method: json.loads(args.settings)}
+        options.update(json.loads(args.settings))
     hp = hp.replace(**changes, v_stop="loss")
     ed = Editor(model, tok, hp)
     reqs = [EditRequest(p, s, t) for p, s, t in REQUESTS[: args.n]]
     templates = family_templates(ed)
     c0 = {layer: moment(ed, layer) for layer in hp.edited_layers()}
     method = rome.methods.get_method(args.method)
-    method.prepare(ed, hp.edited_layers(), method.settings(ed, {}))  # type: ignore[attr-defined]
+    settings = method.settings(hp, options)
+    method.prepare(ed.context(method), hp.edited_layers(), settings)  # type: ignore[attr-defined]
     if args.method in NAS_MAIN:
         hparams = _reference_hparams(hp, args.method, len(model.get_submodule(hp.layers_module)),
                                      _head_name(model))  # fmt: skip
@@ -185,14 +196,14 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     seen: list[Any] = []
     solve = method.solve  # type: ignore[attr-defined]
 
-    def spy(editor: Any, ctx: Any, settings: Any) -> Any:
-        seen.append(ctx)
-        return solve(editor, ctx, settings)
+    def spy(ctx: Any, lc: Any, settings: Any) -> Any:
+        seen.append(lc)
+        return solve(ctx, lc, settings)
 
     method.solve = spy  # type: ignore[attr-defined]
     try:
         t0 = time.process_time()
-        upd = ed.edit(reqs, args.method)
+        upd = ed.edit(reqs, args.method, **options)
         seconds = time.process_time() - t0
     finally:
         del method.solve  # type: ignore[attr-defined]
@@ -211,7 +222,7 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             }
             for i, r in enumerate(reqs)
         ],
-        "hparams": _reference_hparams(hp, args.method, n_layers, _head_name(model)),
+        "hparams": _reference_hparams(hp, args.method, settings, n_layers, _head_name(model)),
     }
     (work / "spec.json").write_text(json.dumps(spec, indent=1))
     torch.save({k: v.float().cpu() for k, v in c0.items()}, work / "c0.pt")

@@ -129,9 +129,9 @@ def run_ours_steps(args: Any, ed: Any, method: Any, batches: list[list[Any]]) ->
     seen: list[Any] = []
     solve = method.solve
 
-    def spy(editor: Any, ctx: Any, settings: Any) -> Any:
-        seen.append(ctx)
-        return solve(editor, ctx, settings)
+    def spy(ctx: Any, lc: Any, settings: Any) -> Any:
+        seen.append(lc)
+        return solve(ctx, lc, settings)
 
     anchor_info = _our_anchor(ed, method) if args.method in ANCHORED else None
     method.solve = spy
@@ -165,15 +165,15 @@ def _our_anchor(ed: Any, method: Any) -> dict[str, Any]:
     from rome import anchor
     from rome.methods.nas import calibration_norms, use_anchor
 
-    st = method.settings(ed, {})
+    st = method.settings(ed.hp)
     layer = ed.hp.edited_layers()[-1]
-    reqs = list(anchor.calibration_requests(st["anchor_samples"]))
-    norms = calibration_norms(ed, layer, reqs, st["anchor_batch"])
+    reqs = list(anchor.calibration_requests(st.anchor_samples))
+    norms = calibration_norms(ed.context(method), layer, reqs, st.anchor_batch)
     rho = anchor.trimmed_mean(norms)
     use_anchor(ed, layer, rho)
     return {
         "layer": layer,
-        "batch": st["anchor_batch"],
+        "batch": st.anchor_batch,
         "norms": norms,
         "rho": rho,
         "requests": [

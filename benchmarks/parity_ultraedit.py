@@ -80,10 +80,12 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     tok.save_pretrained(work / "model")
     ed = Editor(model, tok, hp)
     layers = hp.edited_layers()
-    settings = get_method("ultraedit").settings(ed, {})  # type: ignore[attr-defined]
+    from rome.methods.ultraedit import MODULES
+
+    settings = get_method("ultraedit").settings(hp)
     modules = [
         hp.weight_module(x) if m == "mlp_out" else f"{hp.layers_module}.{x}.{m}"
-        for m in settings["module_names"]
+        for m in MODULES[settings.modules]
         for x in layers
     ]
     out: dict[str, Any] = {"steps": [], "layers": layers, "modules": modules}
@@ -99,7 +101,7 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         out["steps"].append({"delta": deltas, "norm": state})
     spec = {
         "modules": modules,
-        "lr": settings["lr"],
+        "lr": settings.lr,
         "steps": [[{"prompt": p.format(s), "answer": t} for p, s, t in st] for st in STEPS],
         "n_steps": args.steps,
     }

@@ -29,7 +29,6 @@ from rome.errors import BadRequestError, UnsupportedArchitectureError
 from rome.hparams import EditHparams, method_preset
 from rome.methods import LayerUpdate, Update, get_method
 from rome.methods.alphaedit_state import start_from
-from rome.methods.family.loop import FamilyMethod
 
 from .counterfact import CounterFactRecord
 from .datasets import load_records
@@ -48,9 +47,10 @@ from .metrics import aggregate, record_metrics
 from .probes import FLUENCY_PROMPTS, fluency, perplexity
 from .protocols import FLUENCY_TASK, RETENTION_TASK
 from .retention import first_edits, retention_checkpoint
+from .run_state import RunState, run_layers, run_options
 from .sink import ReplaySink, RunRow
 from .spec import ReplayConfig, RunSpec
-from .steps import batch_step, rome_step
+from .steps import edit_step
 from .zsre import ZsreRecord, record_of
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,10 @@ class ReplayError(RomeError):
     """A replay that cannot start or resume (wrong model, fingerprint mismatch...)."""
 
 
+class ResumeRefused(ReplayError):
+    """A resume refused before anything is written: the run is left as it was."""
+
+
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -103,21 +107,8 @@ def _record_of(data: dict[str, Any]) -> CounterFactRecord:
     return record_of(data)
 
 
-class _Run:
-    """State of one replay while it runs (kept out of the generator for readability)."""
-
-    def __init__(
-        self, lm: LoadedModel, store: ReplaySink, cfg: ReplayConfig, run_id: str, ed: Editor
-    ):
-        self.lm, self.store, self.cfg, self.run_id = lm, store, cfg, run_id
-        self.editor = ed
-        self.layer = ed.hp.layer
-        self.method = get_method(cfg.method)
-        self.layers = run_layers(ed, cfg)
-        self.norms: list[float] = []
-        self.base_fluency: float | None = None
-        self.base_ppl: float | None = None
-        self.last_step_start: int | None = None  # the first seq of the last stored step
+class _Run(RunState):
+    """A replay's :class:`~evals.run_state.RunState` and its checkpoints and re-scoring."""
 
     def checkpoint(self, step: int, last_seq: int | None) -> Iterator[ReplayEvent]:
         cfg, model, tok = self.cfg, self.lm.model, self.lm.tokenizer
@@ -250,20 +241,12 @@ def _check_covariance(store: ReplaySink, run: RunRow, ed: Editor, cfg: ReplayCon
     ]
 
 
-def run_layers(ed: Editor, cfg: ReplayConfig) -> list[int]:
-    """The layers a run edits: the method's, with the run's ``layer`` for rome."""
-    method = get_method(cfg.method)
-    if method.name == "rome":
-        return [ed.check_layer(ed.hp.layer)]
-    return [ed.check_layer(x) for x in method.layers(ed)]
-
-
 def covariance_fingerprint(ed: Editor, cfg: ReplayConfig) -> str:
     """The fingerprint of the statistics of every layer the run edits (one layer: as before;
-    "" for a method that reads none: ``uses_covariance = False``)."""
-    if not getattr(get_method(cfg.method), "uses_covariance", True):
+    "" for a method that reads none: ``needs_c0`` false)."""
+    if not get_method(cfg.method).capabilities.needs_c0:
         return ""
-    prints = [ed.factor(layer).fingerprint for layer in run_layers(ed, cfg)]
+    prints = [ed.caches.stats_fingerprint(layer) for layer in run_layers(ed, cfg)]
     return prints[0] if len(prints) == 1 else _digest(prints)
 
 
@@ -272,10 +255,9 @@ def _editor_for(lm: LoadedModel, hp: EditHparams, cfg: ReplayConfig) -> Editor:
     if cfg.batch_size < 1:
         raise BadRequestError(f"the batch size must be at least 1, not {cfg.batch_size}")
     method = get_method(cfg.method)
-    if not method.batched and cfg.batch_size != 1:
+    if not method.capabilities.batched and cfg.batch_size != 1:
         raise BadRequestError(
-            f"{method.name} edits one request at a time: use --batch-size 1, "
-            "or a batched method (memit, emmet, alphaedit)"
+            f"{method.name} edits one request at a time: use --batch-size 1, or a batched method"
         )
     hp = hp if cfg.layer is None else hp.replace(layer=cfg.layer)
     return Editor(lm.model, lm.tokenizer, hp, keep_undo=False)
@@ -382,8 +364,8 @@ def replay(
     else:
         hp = hparams or method_preset(lm.hparams, cfg.method)
         ed = _editor_for(lm, hp, cfg)
-        check = getattr(get_method(cfg.method), "cannot_edit", None)
-        why = check(ed) if check is not None else None
+        method = get_method(cfg.method)
+        why = method.cannot_edit(ed.context(method), method.settings(ed.hp, run_options(cfg)))
         if why is not None:  # refused before the run exists (UltraEdit on GPT-2)
             raise UnsupportedArchitectureError(why)
         if cfg.initial_state:  # refused here, before the run exists, when it does not fit
@@ -413,8 +395,8 @@ def replay(
             # Sampled templates depend on the machine (thread count, BLAS): kept with the
             # run, so a resume anywhere edits with the same ones.
             ed.hp = ed.hp.replace(context_templates=ed.templates())
-        uses_templates = getattr(get_method(cfg.method), "uses_templates", True)
-        if cfg.method != "rome" and uses_templates and ed.hp.family_context_templates is None:
+        caps = get_method(cfg.method).capabilities
+        if caps.templates == "family" and ed.hp.family_context_templates is None:
             from rome.methods.family.templates import family_templates
 
             ed.hp = ed.hp.replace(family_context_templates=family_templates(ed))
@@ -423,7 +405,7 @@ def replay(
         run = store.create_run(
             model=lm.name,
             kind="replay",
-            mode=cfg.mode if cfg.method == "rome" else cfg.method,
+            mode=cfg.mode if caps.key_modes else cfg.method,
             preset=hp.name,
             hparams={"hparams": hp.to_dict(), "replay": cfg.to_dict()},
             data_source=cfg.dataset,
@@ -442,6 +424,8 @@ def replay(
             for note in notes:
                 yield ReplayWarning(note)
             yield from _drive(state, records, total, resume is not None, cancel, loaded.skipped)
+        except ResumeRefused:
+            raise  # nothing was written: the run keeps its status
         except BaseException as exc:
             store.set_status(
                 run.id,
@@ -466,20 +450,18 @@ def _rebuild(st: _Run) -> int:
     store, run_id = st.store, st.run_id
     run = store.get_run(run_id)
     if st.editor.fingerprint(st.layers) != run.base_fingerprint:
-        raise ReplayError("the loaded model is not the base model this run started from")
+        raise ResumeRefused("the loaded model is not the base model this run started from")
     rho: float | None = None
-    keyed = isinstance(st.method, FamilyMethod) and st.method.wants_keys(
-        st.method.settings(st.editor, st.cfg.method_options)
-    )
+    keyed = st.method.stores_keys(st.method.settings(st.editor.hp, st.options))
     for step in store.iter_steps(run_id):
         if step.method != st.method.name:
-            raise ReplayError(
+            raise ResumeRefused(
                 f"step {step.step} of run {run_id} was made by {step.method}, "
                 f"not {st.method.name}: the method's state does not match the run"
             )
         keyless = [x.layer for x in step.layers if keyed and x.keys is None]
         if keyless:  # its Σ KKᵀ would be rebuilt short: later steps would differ
-            raise ReplayError(
+            raise ResumeRefused(
                 f"step {step.step} of run {run_id} has no stored keys for layer(s) "
                 f"{', '.join(map(str, keyless))}: {st.method.name}'s carried state cannot "
                 "be rebuilt, so the run cannot resume onto the state it had"
@@ -493,7 +475,7 @@ def _rebuild(st: _Run) -> int:
     last = store.last_edit(run_id)
     st.last_step_start = None if last is None else last.step_index
     if last is not None and last.fingerprint != st.editor.fingerprint(st.layers):
-        raise ReplayError(
+        raise ResumeRefused(
             "rebuilt weights do not match the stored fingerprint of edit "
             f"{last.seq}; the run cannot be resumed onto the same weights"
         )
@@ -560,10 +542,7 @@ def _drive(
             yield ReplayFinished(run_id, "cancelled", {"edits_done": seq})
             return
         batch = records[seq : seq + cfg.batch_size]
-        if st.method.batched:
-            events = batch_step(st, seq, batch, total)
-        else:
-            events = rome_step(st, seq, batch[0], total)
+        events = edit_step(st, seq, batch, total)
         for ev in events:
             yield ev
         if events[-1].flagged:

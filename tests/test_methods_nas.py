@@ -76,7 +76,7 @@ def test_the_anchor_rescales_to_rho():
 def test_the_anchor_is_measured_on_the_unedited_weights():
     a, b = editor(), editor()
     layer = a.hp.edited_layers()[-1]
-    settings = rome.methods.get_method("nas").settings(a, {})
+    settings = rome.methods.get_method("nas").settings(a.hp)
     a.apply_step(a.edit([REQ], "alphaedit"))  # a's weights are edited before it measures
     assert anchor_of(a, layer, settings) == anchor_of(b, layer, settings)
 

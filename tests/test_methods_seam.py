@@ -31,7 +31,7 @@ def some_slow(methods: list[str], fast: set[str]) -> list:
 def preset(method: str):
     hp = load_preset("tiny-gpt2-family")
     if method == "memit":  # the MEMIT_seq path of a running replay: memit, accumulating
-        return hp.replace(memit_accumulate=True)
+        return hp.replace(method_settings={**hp.method_settings, "memit": {"accumulate": True}})
     return hp
 
 

@@ -282,8 +282,7 @@ def test_the_apps_undo_gives_the_normaliser_back(tmp_path, monkeypatch):
         second = EditForm("The capital of {} is", "Japan", "Berlin", "Tokyo", method="ultraedit")
         methods.apply(methods.compute(second), generate=False)
         assert med.method_state["ultraedit"][(64, 160)].n > after_one[(64, 160)].n
-        session.undo()
-        methods.sync()
+        session.undo()  # the carried state goes back with the weights: nothing to sync
         now = med.method_state["ultraedit"][(64, 160)]
         was = after_one[(64, 160)]
         assert now.n == was.n and torch.equal(now.mean, was.mean) and torch.equal(now.var, was.var)

@@ -28,35 +28,29 @@ Vᵀ), so a resume rebuilds S exactly.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from ..context import EditContext
 from ..errors import BadRequestError
 from ..update import weight_out_in
-from . import declared
-from .base import LayerUpdate, Update
-from .memit import Memit
+from .base import LayerUpdate, Update, setting
+from .memit import Memit, MemitSettings
 from .rect import _reprobe, dense_factors
-from .registry import register
 
-if TYPE_CHECKING:
-    from ..editor import Editor
 
-SETTINGS = (
-    declared.Setting(
-        "rule", "choice", "paper", "paper: W₀ + adj(S); published: W + adj(W − W₀)",
-        choices=("paper", "published"),
-    ),
-    declared.Setting(
-        "when", "choice", "every_step", "adjust after every step, or once at end_step",
-        choices=("every_step", "end"),
-    ),
-    declared.Setting(
-        "end_step", "int", 10, "with when=end: the step (1-based) after which to adjust",
-        low=1,
-    ),
-)  # fmt: skip
+@dataclass(frozen=True)
+class PruneSettings(MemitSettings):
+    rule: str = setting(
+        "paper", "paper: W₀ + adj(S); published: W + adj(W − W₀)", choices=("paper", "published")
+    )
+    when: str = setting(
+        "every_step", "adjust after every step, or once at end_step", choices=("every_step", "end")
+    )
+    end_step: int = setting(10, "with when=end: the step (1-based) after which to adjust", low=1)
 
 
 def restrain(s: torch.Tensor, sigma_max: float) -> torch.Tensor:
@@ -67,8 +61,8 @@ def restrain(s: torch.Tensor, sigma_max: float) -> torch.Tensor:
     return (u * adj) @ vh
 
 
-def _check(values: dict[str, Any]) -> dict[str, Any]:
-    if values["rule"] == "published" and values["when"] != "end":
+def _check(values: Any) -> Any:
+    if values.rule == "published" and values.when != "end":
         raise BadRequestError(
             "prune: setting rule published adjusts once, after the last step: use when end"
         )
@@ -79,17 +73,13 @@ class Prune(Memit):
     """PRUNE: MEMIT's steps with the accumulated update restrained (``rule``, ``when``)."""
 
     name = "prune"
+    summary = "memit with the accumulated update's large singular values restrained"
+    Settings = PruneSettings
 
-    def check_settings(self, values: dict[str, Any]) -> dict[str, Any]:
-        return _check(declared.check(self.name, SETTINGS, values))
+    def settings(self, hp: Any, overrides: Any = None) -> Any:
+        return _check(dataclasses.replace(super().settings(hp, overrides), accumulate=False))
 
-    def settings(self, editor: Editor, options: dict[str, Any]) -> dict[str, Any]:
-        out = super().settings(editor, options)
-        out["accumulate"] = False
-        out.update(_check(declared.read(self.name, SETTINGS, editor.hp.method_settings, options)))
-        return out
-
-    def sigma_max(self, editor: Editor, layer: int) -> float:
+    def sigma_max(self, editor: EditContext, layer: int) -> float:
         """The largest singular value of the unedited weight of ``layer`` (cached)."""
 
         def make() -> float:
@@ -97,12 +87,12 @@ class Prune(Memit):
                 w = weight_out_in(editor.module(layer)).detach().double().cpu()
             return float(torch.linalg.matrix_norm(w, ord=2))
 
-        return float(editor.cached(("prune", "sigma_max", layer), make))
+        return float(editor.caches.cached((self.name, "sigma_max", layer), make))
 
-    def finish(self, editor: Editor, update: Update, settings: dict[str, Any]) -> None:
-        state: dict[Any, Any] = editor.method_state.get(self.name, {})
+    def finish(self, editor: EditContext, update: Update, settings: Any) -> None:
+        state: dict[Any, Any] = editor.state or {}
         step = int(state.get("steps", 0)) + 1
-        adjust_now = settings["when"] == "every_step" or step == settings["end_step"]
+        adjust_now = settings.when == "every_step" or step == settings.end_step
         out: list[LayerUpdate] = []
         for lu, info in zip(update.layers, update.options["per_layer"], strict=True):
             raw = lu.delta()
@@ -121,16 +111,16 @@ class Prune(Memit):
 
     def _adjusted(
         self,
-        editor: Editor,
+        editor: EditContext,
         layer: int,
         raw: torch.Tensor,
         state: dict[Any, Any],
-        settings: dict[str, Any],
+        settings: Any,
     ) -> torch.Tensor:
         """The step's update that leaves the layer as the rule says (out × in, float64)."""
         sig = self.sigma_max(editor, layer)
         w = weight_out_in(editor.module(layer)).detach().float().cpu().clone()
-        if settings["rule"] == "published":  # S read from the weights, as the branch does
+        if settings.rule == "published":  # S read from the weights, as the branch does
             with editor.base_weights([layer]):
                 w0 = weight_out_in(editor.module(layer)).detach().float().cpu().clone()
             after = w + raw.cpu()
@@ -138,20 +128,18 @@ class Prune(Memit):
         prev = state.get(layer)
         total = raw.cpu().double() if prev is None else prev.double() + raw.cpu().double()
         now = restrain(total, sig)
-        if settings["when"] == "every_step" and prev is not None:
+        if settings.when == "every_step" and prev is not None:
             return now - restrain(prev, sig)
         # the first adjustment: the layer holds W₀ + S_prev (raw) before this step
         return now - (prev.double() if prev is not None else 0.0)
 
-    def after_apply(self, editor: Editor, update: Update) -> None:
-        state: dict[Any, Any] = editor.method_state.setdefault(self.name, {})
+    def fold(self, state: Any, update: Update) -> Any:
+        out: dict[Any, Any] = dict(state or {})
         for lu in update.layers:
             if lu.keys is None:
                 continue
             width = lu.U.shape[1]
             raw = lu.keys[:, width:].T.float() @ lu.keys[:, :width].float()
-            state[lu.layer] = raw if lu.layer not in state else state[lu.layer] + raw
-        state["steps"] = int(state.get("steps", 0)) + 1
-
-
-register(Prune())
+            out[lu.layer] = raw if lu.layer not in out else out[lu.layer] + raw
+        out["steps"] = int(out.get("steps", 0)) + 1
+        return out
