@@ -190,9 +190,9 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     settings = method.settings(hp, options)
     method.prepare(ed.context(method), hp.edited_layers(), settings)  # type: ignore[attr-defined]
     if args.method in NAS_MAIN:
-        hparams = _reference_hparams(hp, args.method, len(model.get_submodule(hp.layers_module)),
-                                     _head_name(model))  # fmt: skip
-        return ours_two_steps(args, work, ed, method, templates, c0, REQUESTS, hparams)
+        n_layers = len(model.get_submodule(hp.layers_module))
+        hparams = _reference_hparams(hp, args.method, settings, n_layers, _head_name(model))
+        return ours_two_steps(args, work, ed, method, templates, c0, REQUESTS, hparams, options)
     seen: list[Any] = []
     solve = method.solve  # type: ignore[attr-defined]
 

@@ -73,7 +73,7 @@ def _request_dicts(reqs: list[Any], first_id: int) -> list[dict[str, Any]]:
 
 def ours_two_steps(
     args: Any, work: Path, ed: Any, method: Any, templates: Any, c0: Any,
-    requests: list[tuple[str, str, str]], hparams: dict[str, Any],
+    requests: list[tuple[str, str, str]], hparams: dict[str, Any], options: dict[str, Any],
 ) -> dict[str, Any]:  # fmt: skip
     """The NAS repository's methods: two batches of ``args.n`` requests in a row."""
     from rome import EditRequest
@@ -86,7 +86,7 @@ def ours_two_steps(
     model.save_pretrained(work / "model", safe_serialization=True)  # before any edit
     tok.save_pretrained(work / "model")
     torch.save({k: v.float().cpu() for k, v in c0.items()}, work / "c0.pt")
-    ours = run_ours_steps(args, ed, method, batches)
+    ours = run_ours_steps(args, ed, method, batches, options)
     spec: dict[str, Any] = {
         "method": args.method,
         "templates": templates,
@@ -123,8 +123,11 @@ def weights_of(ed: Any, layers: list[int]) -> dict[int, torch.Tensor]:
     return {x: weight_out_in(ed.module(x)).detach().clone() for x in layers}
 
 
-def run_ours_steps(args: Any, ed: Any, method: Any, batches: list[list[Any]]) -> dict[str, Any]:
-    """Our two steps: per step the applied ΔW, the unrectified ΔW, K per layer, z."""
+def run_ours_steps(
+    args: Any, ed: Any, method: Any, batches: list[list[Any]], options: dict[str, Any]
+) -> dict[str, Any]:
+    """Our two steps (``options``: the method's settings): per step the applied ΔW, K per
+    layer, z."""
     layers = ed.hp.edited_layers()
     seen: list[Any] = []
     solve = method.solve
@@ -133,7 +136,7 @@ def run_ours_steps(args: Any, ed: Any, method: Any, batches: list[list[Any]]) ->
         seen.append(lc)
         return solve(ctx, lc, settings)
 
-    anchor_info = _our_anchor(ed, method) if args.method in ANCHORED else None
+    anchor_info = _our_anchor(ed, method, options) if args.method in ANCHORED else None
     method.solve = spy
     steps: list[dict[str, Any]] = []
     seconds = 0.0
@@ -142,7 +145,7 @@ def run_ours_steps(args: Any, ed: Any, method: Any, batches: list[list[Any]]) ->
             seen.clear()
             before = weights_of(ed, layers)
             t0 = time.process_time()
-            upd = ed.edit(reqs, args.method)
+            upd = ed.edit(reqs, args.method, **options)
             seconds += time.process_time() - t0
             ed.apply_step(upd)
             after = weights_of(ed, layers)
@@ -160,12 +163,12 @@ def run_ours_steps(args: Any, ed: Any, method: Any, batches: list[list[Any]]) ->
     return {"steps": steps, "layers": layers, "seconds": seconds, "anchor": anchor_info}
 
 
-def _our_anchor(ed: Any, method: Any) -> dict[str, Any]:
+def _our_anchor(ed: Any, method: Any, options: dict[str, Any]) -> dict[str, Any]:
     """Our calibration norms on the unedited model; their trimmed mean becomes ρ."""
     from rome import anchor
     from rome.methods.nas import calibration_norms, use_anchor
 
-    st = method.settings(ed.hp)
+    st = method.settings(ed.hp, options)
     layer = ed.hp.edited_layers()[-1]
     reqs = list(anchor.calibration_requests(st.anchor_samples))
     norms = calibration_norms(ed.context(method), layer, reqs, st.anchor_batch)
