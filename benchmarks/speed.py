@@ -219,7 +219,11 @@ def run(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
                         )
                     )
                 warm = not rows or args.warm_each
-                rows += run_config(args, sides, reqs, templates, threads, hp, n_layers, head, warm)
+                done = run_config(args, sides, reqs, templates, threads, hp, n_layers, head, warm)
+                for r in done:  # as they come: a long run that is cut short keeps its rows
+                    sys.stdout.write(f"row: {json.dumps(r)}\n")
+                sys.stdout.flush()
+                rows += done
     finally:
         for ref in refs:
             ref.close()
@@ -351,13 +355,13 @@ def profile(args: argparse.Namespace) -> None:
     req = EditRequest(*REQUESTS[0])
     ed.compute(req, mode="rrome", probe_after=False)  # warm-up
     with tprofile(activities=[ProfilerActivity.CPU]) as prof:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = ed.compute(req, mode="rrome", probe_after=False)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     phases = ", ".join(f"{k} {v:.2f}" for k, v in res.timings.items() if v >= 0.005)
     sys.stdout.write(
         f"profile: one rrome edit, {len(ed.templates())} templates, {args.threads[0]} thread(s), "
-        f"{len(res.v_star_trace)} v* steps, {wall:.2f} s wall ({load_text()})\n"
+        f"{len(res.v_star_trace)} v* steps, {wall:.2f} s wall, {cpu:.2f} CPU s ({load_text()})\n"
         f"phases (s): {phases}\n"
     )
     sys.stdout.write(
