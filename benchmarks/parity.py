@@ -5,6 +5,8 @@
     python benchmarks/parity.py --method alphaedit --reference-src ~/src/AlphaEdit
     python benchmarks/parity.py --method memit-seq --reference-src ~/src/NAS   (also rect,
         encore, nas: SasyaTitech/NAS; two steps in a row, see parity_steps.py)
+    python benchmarks/parity.py --method prune --reference-src ~/src/AlphaEdit-MEMIT_prune \
+        --settings '{"rule": "published", "when": "end", "end_step": 2}'
     python benchmarks/parity.py --method ultraedit --reference-src ~/src/UltraEdit
 
 (UltraEdit is not locate-then-edit: its comparison is ``benchmarks/parity_ultraedit.py``.)
@@ -46,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from parity_steps import NAS_MAIN, dump_spec, reference_steps, report_steps, run_ours_steps
+from parity_steps import NAS_MAIN, dsets_shim, ours_two_steps, reference_steps, report_steps
 
 MAIN = {
     "memit": ("memit.memit_main", "memit", "MEMITHyperParams"),
@@ -97,7 +99,15 @@ def _head_name(model: Any) -> str:
     return next(n for n, m in model.named_modules() if m is target)
 
 
-def _reference_hparams(hp: Any, method: str, n_layers: int, head: str) -> dict[str, Any]:
+def _reference_hparams(
+    hp: Any, method: str, settings: Any, n_layers: int, head: str
+) -> dict[str, Any]:
+    from rome.methods import get_method
+
+    # AlphaEdit's published hparams carry MEMIT's λ too (its C₀ weight; unused by its solve)
+    weight = getattr(settings, "mom2_update_weight", None)
+    if weight is None:
+        weight = get_method("memit").settings(hp).mom2_update_weight
     out = {
         "layers": hp.edited_layers(),
         "layer_selection": "all",
@@ -109,7 +119,7 @@ def _reference_hparams(hp: Any, method: str, n_layers: int, head: str) -> dict[s
         "clamp_norm_factor": hp.clamp_norm_factor,
         "kl_factor": hp.kl_factor,
         "mom2_adjustment": True,
-        "mom2_update_weight": hp.mom2_update_weight,
+        "mom2_update_weight": weight,
         "rewrite_module_tmp": hp.mlp_out_module,
         "layer_module_tmp": hp.layers_module + ".{}",
         "mlp_module_tmp": hp.layers_module + ".{}.mlp",
@@ -123,23 +133,26 @@ def _reference_hparams(hp: Any, method: str, n_layers: int, head: str) -> dict[s
     if method == "emmet":
         out.update(
             calculate_objective_value=False,
-            update_norm_lambda=hp.update_norm_lambda,
-            emmet_lambda=hp.emmet_lambda,
+            update_norm_lambda=settings.update_norm_lambda,
+            emmet_lambda=settings.emmet_lambda,
         )
     if method in ("alphaedit", "nas"):
         out.update(
-            nullspace_threshold=hp.nullspace_threshold, L2=hp.alphaedit_l2, model_name=hp.name
+            nullspace_threshold=settings.nullspace_threshold,
+            L2=settings.alphaedit_l2,
+            model_name=hp.name,
         )
     if method in NAS_MAIN:
         out["model_name"] = hp.name
+    if method == "memit-nas":
+        out["use_nas"] = True
     if method == "encore":
-        st = hp.method_settings.get("encore", {})
         out.update(
             calculate_objective_value=False,
-            add_prev_edits=st.get("add_prev_edits", True),
-            update_norm_lambda=st.get("norm_lambda", 0.0),
+            add_prev_edits=settings.add_prev_edits,
+            update_norm_lambda=settings.norm_lambda,
             emmet_lambda=0.1,
-            prob_cutoff=st.get("prob_cutoff", 0),
+            prob_cutoff=settings.prob_cutoff,
             norm_control=0,
             dynamic_multiplier=5,
             random_vector_preservation=False,
@@ -163,30 +176,34 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         changes.update(layers=layers, layer=layers[-1])
     if args.steps:
         changes["v_num_grad_steps"] = args.steps
+    options: dict[str, Any] = {}
     if args.threshold is not None:
-        changes["nullspace_threshold"] = args.threshold
+        options["nullspace_threshold"] = args.threshold
     if args.settings:  # the method's declared settings, as a JSON object
-        changes["method_settings"] = {args.method: json.loads(args.settings)}
+        options.update(json.loads(args.settings))
     hp = hp.replace(**changes, v_stop="loss")
     ed = Editor(model, tok, hp)
     reqs = [EditRequest(p, s, t) for p, s, t in REQUESTS[: args.n]]
     templates = family_templates(ed)
     c0 = {layer: moment(ed, layer) for layer in hp.edited_layers()}
     method = rome.methods.get_method(args.method)
-    method.prepare(ed, hp.edited_layers(), method.settings(ed, {}))  # type: ignore[attr-defined]
+    settings = method.settings(hp, options)
+    method.prepare(ed.context(method), hp.edited_layers(), settings)  # type: ignore[attr-defined]
     if args.method in NAS_MAIN:
-        return _ours_two_steps(args, work, ed, method, templates, c0)
+        hparams = _reference_hparams(hp, args.method, len(model.get_submodule(hp.layers_module)),
+                                     _head_name(model))  # fmt: skip
+        return ours_two_steps(args, work, ed, method, templates, c0, REQUESTS, hparams)
     seen: list[Any] = []
     solve = method.solve  # type: ignore[attr-defined]
 
-    def spy(editor: Any, ctx: Any, settings: Any) -> Any:
-        seen.append(ctx)
-        return solve(editor, ctx, settings)
+    def spy(ctx: Any, lc: Any, settings: Any) -> Any:
+        seen.append(lc)
+        return solve(ctx, lc, settings)
 
     method.solve = spy  # type: ignore[attr-defined]
     try:
         t0 = time.process_time()
-        upd = ed.edit(reqs, args.method)
+        upd = ed.edit(reqs, args.method, **options)
         seconds = time.process_time() - t0
     finally:
         del method.solve  # type: ignore[attr-defined]
@@ -205,7 +222,7 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             }
             for i, r in enumerate(reqs)
         ],
-        "hparams": _reference_hparams(hp, args.method, n_layers, _head_name(model)),
+        "hparams": _reference_hparams(hp, args.method, settings, n_layers, _head_name(model)),
     }
     (work / "spec.json").write_text(json.dumps(spec, indent=1))
     torch.save({k: v.float().cpu() for k, v in c0.items()}, work / "c0.pt")
@@ -217,42 +234,6 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "layers": hp.edited_layers(),
         "seconds": seconds,
     }
-
-
-def _request_dicts(reqs: list[Any], first_id: int) -> list[dict[str, Any]]:
-    return [
-        {"case_id": first_id + i, "prompt": r.prompt, "subject": r.subject,
-         "target_new": {"str": r.target_new}}
-        for i, r in enumerate(reqs)
-    ]  # fmt: skip
-
-
-def _ours_two_steps(
-    args: argparse.Namespace, work: Path, ed: Any, method: Any, templates: Any, c0: Any
-) -> dict[str, Any]:
-    """The NAS repository's methods: two batches of ``args.n`` requests in a row."""
-    from rome import EditRequest
-
-    hp = ed.hp
-    batches = [
-        [EditRequest(p, s, t) for p, s, t in REQUESTS[i * args.n : (i + 1) * args.n]]
-        for i in range(2)
-    ]
-    model, tok = ed.model, ed.tok
-    model.save_pretrained(work / "model", safe_serialization=True)  # before any edit
-    tok.save_pretrained(work / "model")
-    n_layers = len(model.get_submodule(hp.layers_module))
-    torch.save({k: v.float().cpu() for k, v in c0.items()}, work / "c0.pt")
-    ours = run_ours_steps(args, ed, method, batches)
-    spec: dict[str, Any] = {
-        "method": args.method,
-        "templates": templates,
-        "batches": [_request_dicts(b, i * args.n) for i, b in enumerate(batches)],
-        "hparams": _reference_hparams(hp, args.method, n_layers, _head_name(model)),
-        "anchor": ours["anchor"],
-    }
-    dump_spec(work, spec)
-    return ours
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -274,6 +255,7 @@ def main() -> None:
         "--steps", type=int, default=0, help="z steps (default: preset's); ultraedit: steps (2)"
     )
     ap.add_argument("--lr", type=float, default=0.0, help="UltraEdit lr (default: preset's)")
+    ap.add_argument("--modules", default="", help="UltraEdit modules: gate_up, gate, up, mlp_out")
     ap.add_argument("--threshold", type=float, default=None, help="AlphaEdit nullspace_threshold")
     ap.add_argument(
         "--settings", default="", help='the method\'s settings as JSON, e.g. {"prob_cutoff": -2}'
@@ -356,7 +338,7 @@ def reference_worker(work: Path, src: Path) -> None:
     _tuple_shim(nethook)
     mod_name, pkg, hp_cls = MAIN[method]
     if method in NAS_MAIN:
-        _dsets_shim()
+        dsets_shim()
     main_mod = importlib.import_module(mod_name)
     hparams = getattr(importlib.import_module(pkg), hp_cls)(**spec["hparams"])
     if not torch.cuda.is_available():
@@ -407,25 +389,6 @@ def reference_worker(work: Path, src: Path) -> None:
     m = len(hparams.layers)
     out.update(delta=rec["upd"][:m], keys=rec["keys"][:m], z=torch.stack(rec["z"]))
     torch.save(out, work / "reference.pt")
-
-
-def _dsets_shim() -> None:
-    """The NAS repository's ``dsets`` imports scipy (its TF-IDF statistics) at import time;
-    where scipy is missing, a stand-in ``dsets`` whose datasets refuse to load (the edit
-    functions never read them: NAS's anchors are injected)."""
-    import types
-
-    try:
-        importlib.import_module("dsets")
-    except ImportError:
-        stub = types.ModuleType("dsets")
-
-        class _NoDataset:
-            def __init__(self, *a: Any, **k: Any) -> None:
-                raise RuntimeError("dsets is a parity stand-in here (scipy is not installed)")
-
-        stub.MultiCounterFactDataset = _NoDataset  # type: ignore[attr-defined]
-        sys.modules["dsets"] = stub
 
 
 def _spy(module: Any, name: str, record: Any) -> None:

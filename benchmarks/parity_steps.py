@@ -19,6 +19,7 @@ import contextlib
 import importlib
 import io
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,74 @@ NAS_MAIN = {
         "apply_encore_to_model",
     ),
     "nas": ("NAS.NAS_main", "NAS", "NASHyperParams", "apply_NAS_to_model"),
+    "memit-nas": (
+        "baselines.memit.memit_main",
+        "baselines.memit",
+        "MEMITHyperParams",
+        "apply_memit_to_model",
+    ),
+    # PRUNE: jianghoucheng/AlphaEdit, branch MEMIT_prune: MEMIT from its memit package, the
+    # restraint from the block of experiments/evaluate.py (read from the checkout, run here)
+    "prune": ("memit.memit_main", "memit", "MEMITHyperParams", "apply_memit_to_model"),
 }
+#: the methods with NAS's anchor, and the published module whose compute_z asks for it
+ANCHORED = {"nas": "NAS.compute_z", "memit-nas": "baselines.memit.compute_z"}
+#: the line that opens the MEMIT_prune branch's restraint in experiments/evaluate.py
+PRUNE_MARK = "if cnt == (dataset_size_limit/num_edits) - 1:"
+
+
+def _request_dicts(reqs: list[Any], first_id: int) -> list[dict[str, Any]]:
+    return [
+        {"case_id": first_id + i, "prompt": r.prompt, "subject": r.subject,
+         "target_new": {"str": r.target_new}}
+        for i, r in enumerate(reqs)
+    ]  # fmt: skip
+
+
+def ours_two_steps(
+    args: Any, work: Path, ed: Any, method: Any, templates: Any, c0: Any,
+    requests: list[tuple[str, str, str]], hparams: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """The NAS repository's methods: two batches of ``args.n`` requests in a row."""
+    from rome import EditRequest
+
+    batches = [
+        [EditRequest(p, s, t) for p, s, t in requests[i * args.n : (i + 1) * args.n]]
+        for i in range(2)
+    ]
+    model, tok = ed.model, ed.tok
+    model.save_pretrained(work / "model", safe_serialization=True)  # before any edit
+    tok.save_pretrained(work / "model")
+    torch.save({k: v.float().cpu() for k, v in c0.items()}, work / "c0.pt")
+    ours = run_ours_steps(args, ed, method, batches)
+    spec: dict[str, Any] = {
+        "method": args.method,
+        "templates": templates,
+        "batches": [_request_dicts(b, i * args.n) for i, b in enumerate(batches)],
+        "hparams": hparams,
+        "anchor": ours["anchor"],
+    }
+    (work / "spec.json").write_text(json.dumps(spec, indent=1))
+    return ours
+
+
+def dsets_shim() -> None:
+    """The NAS repository's ``dsets`` imports scipy (its TF-IDF statistics) at import time;
+    where scipy is missing, a stand-in ``dsets`` whose datasets refuse to load (the edit
+    functions never read them: NAS's anchors are injected)."""
+    import types
+
+    try:
+        importlib.import_module("dsets")
+    except ImportError:
+        stub = types.ModuleType("dsets")
+
+        class _NoDataset:
+            def __init__(self, *a: Any, **k: Any) -> None:
+                raise RuntimeError("dsets is a parity stand-in here (scipy is not installed)")
+
+        stub.MultiCounterFactDataset = _NoDataset  # type: ignore[attr-defined]
+        sys.modules["dsets"] = stub
 
 
 def weights_of(ed: Any, layers: list[int]) -> dict[int, torch.Tensor]:
@@ -61,11 +129,11 @@ def run_ours_steps(args: Any, ed: Any, method: Any, batches: list[list[Any]]) ->
     seen: list[Any] = []
     solve = method.solve
 
-    def spy(editor: Any, ctx: Any, settings: Any) -> Any:
-        seen.append(ctx)
-        return solve(editor, ctx, settings)
+    def spy(ctx: Any, lc: Any, settings: Any) -> Any:
+        seen.append(lc)
+        return solve(ctx, lc, settings)
 
-    anchor_info = _our_anchor(ed, method) if args.method == "nas" else None
+    anchor_info = _our_anchor(ed, method) if args.method in ANCHORED else None
     method.solve = spy
     steps: list[dict[str, Any]] = []
     seconds = 0.0
@@ -97,15 +165,15 @@ def _our_anchor(ed: Any, method: Any) -> dict[str, Any]:
     from rome import anchor
     from rome.methods.nas import calibration_norms, use_anchor
 
-    st = method.settings(ed, {})
+    st = method.settings(ed.hp)
     layer = ed.hp.edited_layers()[-1]
-    reqs = list(anchor.calibration_requests(st["anchor_samples"]))
-    norms = calibration_norms(ed, layer, reqs, st["anchor_batch"])
+    reqs = list(anchor.calibration_requests(st.anchor_samples))
+    norms = calibration_norms(ed.context(method), layer, reqs, st.anchor_batch)
     rho = anchor.trimmed_mean(norms)
     use_anchor(ed, layer, rho)
     return {
         "layer": layer,
-        "batch": st["anchor_batch"],
+        "batch": st.anchor_batch,
         "norms": norms,
         "rho": rho,
         "requests": [
@@ -197,9 +265,12 @@ def reference_steps(work: Path, spec: dict[str, Any], main_mod: Any, hparams: An
     cache_c = torch.zeros((m, width, width))
     extra: dict[str, Any] = {}
     anchor_out = None
+    if method == "prune" and not torch.cuda.is_available():  # its block names "cuda"
+        extra["cuda_torch"] = sys.modules["__main__"]._TorchOnCpu()
     if method == "nas":
         extra["P"] = projectors(c0, hparams)
-        anchor_out = _reference_anchor(spec, model, tok, hparams)
+    if method in ANCHORED:
+        anchor_out = _reference_anchor(spec, model, tok, importlib.import_module(ANCHORED[method]))
     steps, notes = [], []
     t0 = time.process_time()
     for batch in spec["batches"]:
@@ -208,6 +279,8 @@ def reference_steps(work: Path, spec: dict[str, Any], main_mod: Any, hparams: An
         before = {x: _weight(model, hparams, x) for x in hparams.layers}
         if method in ("memit-seq", "nas"):
             model, cache_c = apply(model, tok, batch, hparams, cache_c=cache_c, **extra)
+        elif method == "prune":
+            _prune_step(work, spec, model, tok, batch, hparams, apply, extra)
         else:
             apply(model, tok, batch, hparams)
         after = {x: _weight(model, hparams, x) for x in hparams.layers}
@@ -219,18 +292,18 @@ def reference_steps(work: Path, spec: dict[str, Any], main_mod: Any, hparams: An
                 "z_steps": list(rec["z_steps"]),
             }
         )
+    notes += extra.get("notes", [])
     out = {"steps": steps, "seconds": time.process_time() - t0, "notes": notes}
     out["anchor"] = anchor_out
     torch.save(out, work / "reference.pt")
 
 
-def _reference_anchor(spec: dict[str, Any], model: Any, tok: Any, hparams: Any) -> dict[str, Any]:
+def _reference_anchor(spec: dict[str, Any], model: Any, tok: Any, z_module: Any) -> dict[str, Any]:
     """The published calibration on the same requests and batches; then our ρ injected
     where the published ``compute_z`` asks for the anchor (a statistic, as C₀ is)."""
     import dataclasses
 
     vstar_stats = importlib.import_module("util.vstar_stats")
-    nas_z = importlib.import_module("NAS.compute_z")
     memit_hp = importlib.import_module("baselines.memit").MEMITHyperParams
     names = {f.name for f in dataclasses.fields(memit_hp)}
     mh = memit_hp(**{k: v for k, v in spec["hparams"].items() if k in names})
@@ -244,8 +317,52 @@ def _reference_anchor(spec: dict[str, Any], model: Any, tok: Any, hparams: Any) 
         )  # fmt: skip
     rho, _, _ = vstar_stats._upper_trimmed_mean(norms, upper_quantile=0.95)
     injected = float(a["rho"])
-    nas_z.get_or_compute_mean_vstar_norm = lambda **_k: injected
+    z_module.get_or_compute_mean_vstar_norm = lambda **_k: injected
     return {"norms": norms, "rho": rho}
+
+
+def _prune_step(
+    work: Path, spec: dict[str, Any], model: Any, tok: Any, batch: Any, hparams: Any,
+    apply: Any, extra: dict[str, Any],
+) -> None:  # fmt: skip
+    """One batch as the branch's evaluate.py runs it: MEMIT applied (the first batch keeps
+    the original weights), then its restraint block when this is the last batch."""
+    cnt = extra.setdefault("cnt", 0)
+    _, copy = apply(model, tok, batch, hparams, return_orig_weights=cnt == 0)
+    if cnt == 0:
+        extra["weights_copy"] = copy
+    scope = {
+        "torch": sys.modules["torch"] if "cuda_torch" not in extra else extra["cuda_torch"],
+        "nethook": importlib.import_module("util.nethook"),
+        "model": model,
+        "weights_copy": extra["weights_copy"],
+        "upd_matrix": {},
+        "cnt": cnt,
+        "num_edits": len(batch),
+        "dataset_size_limit": len(batch) * len(spec["batches"]),
+    }
+    exec(_prune_block(Path.cwd() / "experiments" / "evaluate.py"), scope)  # noqa: S102
+    if scope["upd_matrix"]:
+        extra.setdefault("notes", []).append(
+            f"published restraint block ran after batch {cnt + 1} on "
+            f"{len(scope['upd_matrix'])} weight(s)"
+        )
+    extra["cnt"] = cnt + 1
+
+
+def _prune_block(path: Path) -> str:
+    """The published ``if cnt == ...:`` statement and its body, dedented."""
+    import textwrap
+
+    lines = path.read_text().splitlines()
+    start = next(i for i, x in enumerate(lines) if x.strip() == PRUNE_MARK)
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    body = [lines[start]]
+    for x in lines[start + 1 :]:
+        if x.strip() and len(x) - len(x.lstrip()) <= indent and not x.lstrip().startswith("#"):
+            break
+        body.append(x)
+    return textwrap.dedent("\n".join(body)) + "\n"
 
 
 def _weight(model: Any, hparams: Any, layer: int) -> torch.Tensor:
@@ -281,7 +398,3 @@ def load_reference(method: str, spec_hparams: dict[str, Any]) -> tuple[Any, Any]
     main_mod = importlib.import_module(mod_name)
     hparams = getattr(importlib.import_module(pkg), cls)(**spec_hparams)
     return main_mod, hparams
-
-
-def dump_spec(work: Path, spec: dict[str, Any]) -> None:
-    (work / "spec.json").write_text(json.dumps(spec, indent=1))

@@ -69,6 +69,8 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     ours = {**hp.method_settings.get("ultraedit", {}), "normaliser": "published"}
     if args.lr:
         ours["lr"] = args.lr
+    if args.modules:
+        ours["modules"] = args.modules
     changes: dict[str, Any] = {"method_settings": {**hp.method_settings, "ultraedit": ours}}
     if args.layers:
         layers = [int(x) for x in args.layers.split(",")]
@@ -78,10 +80,12 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     tok.save_pretrained(work / "model")
     ed = Editor(model, tok, hp)
     layers = hp.edited_layers()
-    settings = get_method("ultraedit").settings(ed, {})  # type: ignore[attr-defined]
+    from rome.methods.ultraedit import MODULES
+
+    settings = get_method("ultraedit").settings(hp)
     modules = [
         hp.weight_module(x) if m == "mlp_out" else f"{hp.layers_module}.{x}.{m}"
-        for m in settings["module_names"]
+        for m in MODULES[settings.modules]
         for x in layers
     ]
     out: dict[str, Any] = {"steps": [], "layers": layers, "modules": modules}
@@ -89,14 +93,15 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         upd = ed.edit([EditRequest(p, s, t) for p, s, t in step], "ultraedit")
         deltas = {}
         for lu in upd.layers:
-            for name, _, r0, r1 in ed.targets(lu):
-                deltas[name] = (lu.V[r0:r1].double() @ lu.U.double()).cpu()
+            for name, _, r0, r1 in ed.targets(lu):  # None: the preset's edited weight
+                key = name or hp.weight_module(lu.layer)
+                deltas[key] = (lu.V[r0:r1].double() @ lu.U.double()).cpu()
         ed.apply_step(upd)
         state = {str(k): v for k, v in ed.method_state["ultraedit"].items()}
         out["steps"].append({"delta": deltas, "norm": state})
     spec = {
         "modules": modules,
-        "lr": settings["lr"],
+        "lr": settings.lr,
         "steps": [[{"prompt": p.format(s), "answer": t} for p, s, t in st] for st in STEPS],
         "n_steps": args.steps,
     }
@@ -179,16 +184,7 @@ def reference_worker(work: Path, src: Path) -> None:
         p.requires_grad = False
     for name in spec["modules"]:
         model.get_submodule(name).weight.requires_grad = True
-    n = len(spec["steps"][0])
-    config = _ns(
-        model=_ns(edit_modules=spec["modules"], name="parity", name_or_path=str(work / "model")),
-        editor=_ns(
-            name="ultraedit", lr=spec["lr"], batch_size=128, token="ans",
-            cache_dir=str(work / "cache"),
-        ),
-        dataset=_ns(name="parity", n_edits=n, batch_size=n),
-        num_seq=spec["n_steps"], editor_device="cpu", model_device="cpu",
-    )  # fmt: skip
+    config = _config(spec, work)
     editor = ultra.ULTRAEDIT(config, model)
     tok = AutoTokenizer.from_pretrained(work / "model")
     data = zsre.ZSREDataset.__new__(zsre.ZSREDataset)
@@ -217,3 +213,18 @@ def reference_worker(work: Path, src: Path) -> None:
         }
         out["steps"].append({"delta": delta, "norm": norms})
     torch.save(out, work / "reference.pt")
+
+
+def _config(spec: dict[str, Any], work: Path) -> types.SimpleNamespace:
+    """The fields of its hydra config that ``ULTRAEDIT`` reads on this path."""
+    n = len(spec["steps"][0])
+    config = _ns(
+        model=_ns(edit_modules=spec["modules"], name="parity", name_or_path=str(work / "model")),
+        editor=_ns(
+            name="ultraedit", lr=spec["lr"], batch_size=128, token="ans",
+            cache_dir=str(work / "cache"),
+        ),
+        dataset=_ns(name="parity", n_edits=n, batch_size=n),
+        num_seq=spec["n_steps"], editor_device="cpu", model_device="cpu",
+    )  # fmt: skip
+    return config

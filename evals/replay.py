@@ -18,17 +18,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import signal
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from rome import Editor, LoadedModel, RomeError
-from rome.errors import BadRequestError
+from rome.errors import BadRequestError, UnsupportedArchitectureError
 from rome.hparams import EditHparams, method_preset
 from rome.methods import LayerUpdate, Update, get_method
 from rome.methods.alphaedit_state import start_from
-from rome.methods.family.loop import FamilyMethod
 
 from .counterfact import CounterFactRecord
 from .datasets import load_records
@@ -45,11 +45,12 @@ from .flags import fluency_flag, norm_flag, perplexity_flag
 from .glue import evaluate_glue, load_glue
 from .metrics import aggregate, record_metrics
 from .probes import FLUENCY_PROMPTS, fluency, perplexity
-from .protocols import FLUENCY_TASK
-from .retention import retention_checkpoint
+from .protocols import FLUENCY_TASK, RETENTION_TASK
+from .retention import first_edits, retention_checkpoint
+from .run_state import RunState, run_layers, run_options
 from .sink import ReplaySink, RunRow
 from .spec import ReplayConfig, RunSpec
-from .steps import batch_step, rome_step
+from .steps import edit_step
 from .zsre import ZsreRecord, record_of
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,10 @@ class ReplayError(RomeError):
     """A replay that cannot start or resume (wrong model, fingerprint mismatch...)."""
 
 
+class ResumeRefused(ReplayError):
+    """A resume refused before anything is written: the run is left as it was."""
+
+
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -102,20 +107,8 @@ def _record_of(data: dict[str, Any]) -> CounterFactRecord:
     return record_of(data)
 
 
-class _Run:
-    """State of one replay while it runs (kept out of the generator for readability)."""
-
-    def __init__(
-        self, lm: LoadedModel, store: ReplaySink, cfg: ReplayConfig, run_id: str, ed: Editor
-    ):
-        self.lm, self.store, self.cfg, self.run_id = lm, store, cfg, run_id
-        self.editor = ed
-        self.layer = ed.hp.layer
-        self.method = get_method(cfg.method)
-        self.layers = run_layers(ed, cfg)
-        self.norms: list[float] = []
-        self.base_fluency: float | None = None
-        self.base_ppl: float | None = None
+class _Run(RunState):
+    """A replay's :class:`~evals.run_state.RunState` and its checkpoints and re-scoring."""
 
     def checkpoint(self, step: int, last_seq: int | None) -> Iterator[ReplayEvent]:
         cfg, model, tok = self.cfg, self.lm.model, self.lm.tokenizer
@@ -248,17 +241,12 @@ def _check_covariance(store: ReplaySink, run: RunRow, ed: Editor, cfg: ReplayCon
     ]
 
 
-def run_layers(ed: Editor, cfg: ReplayConfig) -> list[int]:
-    """The layers a run edits: the method's, with the run's ``layer`` for rome."""
-    method = get_method(cfg.method)
-    if method.name == "rome":
-        return [ed.check_layer(ed.hp.layer)]
-    return [ed.check_layer(x) for x in method.layers(ed)]
-
-
 def covariance_fingerprint(ed: Editor, cfg: ReplayConfig) -> str:
-    """The fingerprint of the statistics of every layer the run edits (one layer: as before)."""
-    prints = [ed.factor(layer).fingerprint for layer in run_layers(ed, cfg)]
+    """The fingerprint of the statistics of every layer the run edits (one layer: as before;
+    "" for a method that reads none: ``needs_c0`` false)."""
+    if not get_method(cfg.method).capabilities.needs_c0:
+        return ""
+    prints = [ed.caches.stats_fingerprint(layer) for layer in run_layers(ed, cfg)]
     return prints[0] if len(prints) == 1 else _digest(prints)
 
 
@@ -267,10 +255,9 @@ def _editor_for(lm: LoadedModel, hp: EditHparams, cfg: ReplayConfig) -> Editor:
     if cfg.batch_size < 1:
         raise BadRequestError(f"the batch size must be at least 1, not {cfg.batch_size}")
     method = get_method(cfg.method)
-    if not method.batched and cfg.batch_size != 1:
+    if not method.capabilities.batched and cfg.batch_size != 1:
         raise BadRequestError(
-            f"{method.name} edits one request at a time: use --batch-size 1, "
-            "or a batched method (memit, emmet, alphaedit)"
+            f"{method.name} edits one request at a time: use --batch-size 1, or a batched method"
         )
     hp = hp if cfg.layer is None else hp.replace(layer=cfg.layer)
     return Editor(lm.model, lm.tokenizer, hp, keep_undo=False)
@@ -377,6 +364,10 @@ def replay(
     else:
         hp = hparams or method_preset(lm.hparams, cfg.method)
         ed = _editor_for(lm, hp, cfg)
+        method = get_method(cfg.method)
+        why = method.cannot_edit(ed.context(method), method.settings(ed.hp, run_options(cfg)))
+        if why is not None:  # refused before the run exists (UltraEdit on GPT-2)
+            raise UnsupportedArchitectureError(why)
         if cfg.initial_state:  # refused here, before the run exists, when it does not fit
             cfg.initial_state = str(Path(cfg.initial_state).expanduser().absolute())
             cfg.initial_state_sha256 = start_from(ed, cfg.method, cfg.initial_state)
@@ -404,7 +395,8 @@ def replay(
             # Sampled templates depend on the machine (thread count, BLAS): kept with the
             # run, so a resume anywhere edits with the same ones.
             ed.hp = ed.hp.replace(context_templates=ed.templates())
-        if cfg.method != "rome" and ed.hp.family_context_templates is None:
+        caps = get_method(cfg.method).capabilities
+        if caps.templates == "family" and ed.hp.family_context_templates is None:
             from rome.methods.family.templates import family_templates
 
             ed.hp = ed.hp.replace(family_context_templates=family_templates(ed))
@@ -413,7 +405,7 @@ def replay(
         run = store.create_run(
             model=lm.name,
             kind="replay",
-            mode=cfg.mode if cfg.method == "rome" else cfg.method,
+            mode=cfg.mode if caps.key_modes else cfg.method,
             preset=hp.name,
             hparams={"hparams": hp.to_dict(), "replay": cfg.to_dict()},
             data_source=cfg.dataset,
@@ -432,13 +424,25 @@ def replay(
             for note in notes:
                 yield ReplayWarning(note)
             yield from _drive(state, records, total, resume is not None, cancel, loaded.skipped)
+        except ResumeRefused:
+            raise  # nothing was written: the run keeps its status
         except BaseException as exc:
             store.set_status(
                 run.id,
                 "failed" if isinstance(exc, Exception) else "interrupted",
-                error=str(exc)[:500],
+                error=_stopped_by(exc),
             )
             raise
+
+
+def _stopped_by(exc: BaseException) -> str:
+    """What stopped a run, for its ``error`` field: the exception's message; Ctrl-C's
+    bare ``KeyboardInterrupt`` is SIGINT (SIGTERM's handler says ``signal 15``)."""
+    if str(exc):
+        return str(exc)[:500]
+    if isinstance(exc, KeyboardInterrupt):
+        return f"signal {int(signal.SIGINT)}"
+    return type(exc).__name__
 
 
 def _rebuild(st: _Run) -> int:
@@ -446,20 +450,18 @@ def _rebuild(st: _Run) -> int:
     store, run_id = st.store, st.run_id
     run = store.get_run(run_id)
     if st.editor.fingerprint(st.layers) != run.base_fingerprint:
-        raise ReplayError("the loaded model is not the base model this run started from")
+        raise ResumeRefused("the loaded model is not the base model this run started from")
     rho: float | None = None
-    keyed = isinstance(st.method, FamilyMethod) and st.method.wants_keys(
-        st.method.settings(st.editor, st.cfg.method_options)
-    )
+    keyed = st.method.stores_keys(st.method.settings(st.editor.hp, st.options))
     for step in store.iter_steps(run_id):
         if step.method != st.method.name:
-            raise ReplayError(
+            raise ResumeRefused(
                 f"step {step.step} of run {run_id} was made by {step.method}, "
                 f"not {st.method.name}: the method's state does not match the run"
             )
         keyless = [x.layer for x in step.layers if keyed and x.keys is None]
         if keyless:  # its Σ KKᵀ would be rebuilt short: later steps would differ
-            raise ReplayError(
+            raise ResumeRefused(
                 f"step {step.step} of run {run_id} has no stored keys for layer(s) "
                 f"{', '.join(map(str, keyless))}: {st.method.name}'s carried state cannot "
                 "be rebuilt, so the run cannot resume onto the state it had"
@@ -471,8 +473,9 @@ def _rebuild(st: _Run) -> int:
     if rho is not None:  # the ρ the earlier edits were anchored to, not a new calibration
         st.editor.use_norm_anchor(st.layer, rho)
     last = store.last_edit(run_id)
+    st.last_step_start = None if last is None else last.step_index
     if last is not None and last.fingerprint != st.editor.fingerprint(st.layers):
-        raise ReplayError(
+        raise ResumeRefused(
             "rebuilt weights do not match the stored fingerprint of edit "
             f"{last.seq}; the run cannot be resumed onto the same weights"
         )
@@ -483,6 +486,25 @@ def _rebuild(st: _Run) -> int:
             st.base_ppl = (c.extra or {}).get("perplexity")
     store.set_status(run_id, "running")
     return 0 if last is None else last.seq + 1
+
+
+def _expected(st: _Run, step: int) -> set[str]:
+    """The rows a complete checkpoint after ``step`` edits holds: every GLUE task,
+    fluency, perplexity when on, and retention when on and an edit is there to keep."""
+    cfg = st.cfg
+    tasks = {*cfg.glue_tasks, FLUENCY_TASK, *([PERPLEXITY_TASK] if cfg.perplexity else [])}
+    if step > 0 and cfg.retention_size > 0 and first_edits(st.store, st.run_id, 1):
+        tasks.add(RETENTION_TASK)
+    return tasks
+
+
+def _checkpoint_due(st: _Run, end: int, total: int, rows: dict[int, set[str]]) -> bool:
+    """Whether the run checkpoints after the step ending at ``end`` (the rule of the
+    loop in :func:`_drive`: the step crossed a multiple of ``glue_every``, or it is the
+    last; a batched step need not end on the multiple), or began to."""
+    every = st.cfg.glue_every
+    first = st.last_step_start if st.last_step_start is not None else end - 1
+    return end in rows or end == total or end // every > first // every
 
 
 def _drive(
@@ -499,18 +521,18 @@ def _drive(
         yield ReplayWarning(f"skipped {kind} record {case_id}: {why}")
     start = _rebuild(st) if resuming else 0
     yield ReplayStarted(run_id, total, start)
-    # A checkpoint killed or failed half-way lacks some rows: done again, on the
-    # weights it measures (the last step's, where the run stopped).
-    expected = {*cfg.glue_tasks, FLUENCY_TASK, *([PERPLEXITY_TASK] if cfg.perplexity else [])}
+    # A checkpoint killed or failed half-way, or never begun (a kill right after its
+    # step's commit), lacks some rows: done again, on the weights it measures (the
+    # last step's, where the run stopped).
     rows: dict[int, set[str]] = {}
     for c in store.checkpoints(run_id):
         rows.setdefault(c.step, set()).add(c.task)
-    if 0 not in rows or (start == 0 and not expected <= rows[0]):
+    if 0 not in rows or (start == 0 and not _expected(st, 0) <= rows[0]):
         yield from st.checkpoint(0, None)
     elif (
         start
-        and not expected <= rows.get(start, set())
-        and (start % cfg.glue_every == 0 or start == total)
+        and _checkpoint_due(st, start, total, rows)
+        and not _expected(st, start) <= rows.get(start, set())
     ):
         yield from st.checkpoint(start, start - 1)
     seq = start
@@ -520,10 +542,7 @@ def _drive(
             yield ReplayFinished(run_id, "cancelled", {"edits_done": seq})
             return
         batch = records[seq : seq + cfg.batch_size]
-        if st.method.batched:
-            events = batch_step(st, seq, batch, total)
-        else:
-            events = rome_step(st, seq, batch[0], total)
+        events = edit_step(st, seq, batch, total)
         for ev in events:
             yield ev
         if events[-1].flagged:

@@ -54,6 +54,8 @@ class EditRow(Protocol):
     def record(self) -> dict[str, Any]: ...
     @property
     def metrics(self) -> dict[str, Any]: ...
+    @property
+    def step_index(self) -> int: ...  # the first seq of its step
 
 
 class LayerRow(Protocol):

@@ -1,8 +1,9 @@
-"""One step of a replay: one ROME edit, or B requests edited together by a batched method.
+"""One step of a replay: B requests (1 for a method that edits one at a time) edited together
+by the run's method, through :meth:`rome.Editor.edit` like every other caller.
 
-Both are stored the same way, through the sink's ``add_step``: one row per
-request (built by :class:`StepFacts`) and, for a batched method, the step's
-per-layer factors (ROME keeps its ``u``, ``v`` in the row). Every request is
+Every step is stored the same way, through the sink's ``add_step``: one row per
+request (built by :class:`StepFacts`) and the step's per-layer factors (a
+one-request rank-one step, every ROME step, keeps its ``u``, ``v`` in its row). Every request is
 scored just before its step (``pre``) and just after it (``post``); a batched
 step's per-layer update norms and the cumulative drift of every edited layer
 go with each request's row, and the step is stored whole (its rows and its
@@ -15,7 +16,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rome import Editor
 from rome.methods import Update
@@ -24,9 +25,7 @@ from .counterfact import CounterFactRecord
 from .events import EditDone
 from .flags import norm_flag
 from .metrics import record_metrics
-
-if TYPE_CHECKING:
-    from .replay import _Run
+from .run_state import RunState
 
 
 def layer_drift(ed: Editor, layers: Sequence[int]) -> dict[str, Any]:
@@ -65,7 +64,7 @@ class StepFacts:
     w_delta_norm: float
     w_norm_ratio: float
     timings: dict[str, Any]
-    # rome keeps u, v, the denominator and cos(k*, k(s)) in the row; its event shows the last two
+    # a rank-one step keeps u, v (and ROME its denominator and cos(k*, k(s))) in the row
     row_extra: dict[str, Any] = field(default_factory=dict)
     cos_kstar_ks: float | None = None
     denominator: float | None = None
@@ -128,69 +127,34 @@ def _pre(m: Any) -> dict[str, Any]:
     return {k: v for k, v in m.as_dict().items() if k != "generations"}
 
 
-def rome_step(st: _Run, seq: int, rec: CounterFactRecord, total: int) -> list[EditDone]:
-    """Edit ``rec`` with ROME in the run's key mode; store it (u, v in its row); one event."""
-    t0 = time.perf_counter()
-    cfg, ed = st.cfg, st.editor
-    model, tok = st.lm.model, st.lm.tokenizer
-    pre = record_metrics(model, tok, rec) if cfg.pre_metrics else None
-    t_pre = time.perf_counter() - t0
-    result = ed.compute(rec.to_request(), cfg.mode, st.layer)
-    reason = norm_flag(result.update_norm, st.norms, cfg)
-    refused = result.unsafe_reason or (reason if cfg.guard and reason else None)
-    if refused is None:
-        ed.apply(result)
-        st.norms.append(result.update_norm)
-    t1 = time.perf_counter()
-    post = record_metrics(model, tok, rec, generation=cfg.generation_metrics)
-    w_delta, w_ratio = ed.drift(st.layer)
-    metrics = post.as_dict()
-    metrics.update(w_delta_norm=w_delta, w_norm_ratio=w_ratio)
-    if pre is not None:
-        metrics["pre"] = _pre(pre)
-    timings = dict(result.timings)
-    timings.update(pre_metrics=t_pre, post_metrics=time.perf_counter() - t1)
-    record = result.to_dict(factors=False)
-    record["counterfact"] = rec.to_dict()
-    facts = StepFacts(
-        method="rome",
-        mode=result.mode,
-        layer=result.layer,
-        weight_name=result.weight_name,
-        update_norm=result.update_norm,
-        update_norm_ratio=result.update_norm_ratio,
-        flag=reason or result.unsafe_reason,
-        refused=refused is not None,
-        fingerprint=ed.fingerprint([st.layer]),
-        w_delta_norm=w_delta,
-        w_norm_ratio=w_ratio,
-        timings=timings,
-        row_extra=dict(
-            u=result.u,
-            v=result.v,
-            denominator=result.denominator,
-            cos_kstar_ks=result.cos_kstar_ks,
-        ),
-        cos_kstar_ks=result.cos_kstar_ks,
-        denominator=result.denominator,
+def in_row(upd: Update, n_requests: int) -> bool:
+    """Whether a step's factors go in its one edit row (``u``, ``v``: one request, one
+    layer, rank one, no keys to carry: every ROME step) rather than the step's factors."""
+    return (
+        n_requests == 1
+        and len(upd.layers) == 1
+        and upd.layers[0].rank == 1
+        and upd.layers[0].keys is None
     )
-    st.store.add_step(st.run_id, seq, [facts.row(seq, rec, result.request, record, metrics)], [])
-    return [facts.event(seq, total, rec, metrics, time.perf_counter() - t0)]
 
 
-def batch_step(
-    st: _Run, first_seq: int, recs: Sequence[CounterFactRecord], total: int
+def edit_step(
+    st: RunState, first_seq: int, recs: Sequence[CounterFactRecord], total: int
 ) -> list[EditDone]:
-    """Edit ``recs`` as one step starting at ``first_seq``; store it; one event per request."""
+    """Edit ``recs`` as one step of the run's method starting at ``first_seq``; store it
+    whole; one event per request."""
     ed, cfg, layers, norms = st.editor, st.cfg, st.layers, st.norms
     t0 = time.perf_counter()
     model, tok = st.lm.model, st.lm.tokenizer
     pre = [record_metrics(model, tok, r) for r in recs] if cfg.pre_metrics else None
     t_pre = time.perf_counter() - t0
-    upd: Update = ed.edit([r.to_request() for r in recs], cfg.method, **cfg.method_options)
+    upd = ed.edit([r.to_request() for r in recs], st.method.name, **st.options)
     t_edit = time.perf_counter() - t0 - t_pre
-    norm = upd.norm
-    w_norm = weight_norm(ed, layers)
+    single = in_row(upd, len(recs))
+    first = upd.records[0] if upd.records else {}
+    # a method that states its rank-one norm in its record (ROME's float32 ‖u‖‖v‖) keeps it
+    norm = float(first["update_norm"]) if single and "update_norm" in first else upd.norm
+    w_norm = math.sqrt(sum(ed.weight_norm(lu) ** 2 for lu in upd.layers)) or weight_norm(ed, layers)
     reason = norm_flag(norm, norms, cfg)
     unsafe = upd.unsafe_reason or ed.update_unsafe_reason(upd)
     refused = unsafe or (reason if cfg.guard and reason else None)
@@ -200,11 +164,17 @@ def batch_step(
     t1 = time.perf_counter()
     posts = [record_metrics(model, tok, r, generation=cfg.generation_metrics) for r in recs]
     drift = layer_drift(ed, layers)
-    layer_norms = {str(k): v for k, v in upd.layer_norms().items()}
+    if len(layers) == 1:
+        drift.pop("layers")
     last = upd.layers[-1]
+    timings = dict(first.get("timings") or {}) if single else {}
+    timings.update(edit=t_edit, pre_metrics=t_pre, post_metrics=time.perf_counter() - t1)
+    extra: dict[str, Any] = {
+        k: first[k] for k in ("denominator", "cos_kstar_ks") if single and k in first
+    }
     facts = StepFacts(
         method=upd.method,
-        mode="",
+        mode=upd.mode,
         layer=last.layer,
         weight_name=last.weight_name,
         update_norm=norm,
@@ -214,8 +184,33 @@ def batch_step(
         fingerprint=ed.fingerprint(layers),
         w_delta_norm=drift["w_delta_norm"],
         w_norm_ratio=drift["w_norm_ratio"],
-        timings={"pre_metrics": t_pre, "edit": t_edit, "post_metrics": time.perf_counter() - t1},
+        timings=timings,
+        row_extra={**extra, **({"u": last.U[0], "v": last.V[:, 0]} if single else {})},
+        cos_kstar_ks=extra.get("cos_kstar_ks"),
+        denominator=extra.get("denominator"),
     )
+    rows, metrics_all = _rows(st, upd, facts, first_seq, recs, posts, pre, drift)
+    stored = upd.layers if refused is None and not single else []
+    st.store.add_step(st.run_id, first_seq, rows, stored)
+    seconds = (time.perf_counter() - t0) / len(recs)
+    return [
+        facts.event(first_seq + i, total, rec, metrics_all[i], seconds)
+        for i, rec in enumerate(recs)
+    ]
+
+
+def _rows(
+    st: RunState,
+    upd: Update,
+    facts: StepFacts,
+    first_seq: int,
+    recs: Sequence[CounterFactRecord],
+    posts: list[Any],
+    pre: list[Any] | None,
+    drift: dict[str, Any],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Each request's ``edits`` row and its metrics."""
+    layer_norms = {str(k): v for k, v in upd.layer_norms().items()}
     rows: list[dict[str, Any]] = []
     metrics_all = []
     for i, rec in enumerate(recs):
@@ -233,12 +228,7 @@ def batch_step(
         )
         metrics_all.append(metrics)
         rows.append(facts.row(first_seq + i, rec, rec.to_request().to_dict(), record, metrics))
-    st.store.add_step(st.run_id, first_seq, rows, upd.layers if refused is None else [])
-    seconds = (time.perf_counter() - t0) / len(recs)
-    return [
-        facts.event(first_seq + i, total, rec, metrics_all[i], seconds)
-        for i, rec in enumerate(recs)
-    ]
+    return rows, metrics_all
 
 
 def _jsonable(v: Any) -> bool:

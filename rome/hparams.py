@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -19,14 +20,27 @@ MODES = ("original", "rrome", "prompt")
 #: where a key is read: the subject's last token (the only position implemented)
 FACT_TOKENS = ("subject_last",)
 SUBJECT_INDEX = ("joined", "separate")
-FAMILY_METHODS = ("rome", "memit", "emmet", "alphaedit")
+#: flat fields of older presets and stored runs, now each method's own settings: kept
+#: in ``shared_settings``, read by every method whose setting names them as its ``legacy``
+LEGACY_METHOD_FIELDS = (
+    "mom2_update_weight",
+    "emmet_lambda",
+    "update_norm_lambda",
+    "nullspace_threshold",
+    "alphaedit_l2",
+    "memit_accumulate",
+)
 
 
-def _registered_methods() -> dict[str, Any]:
-    """The method registry (imported late: the methods import this module)."""
-    from .methods.registry import METHODS
+#: checks a preset's ``method`` and ``method_settings`` against the registered methods;
+#: installed by :mod:`rome.methods.registry` (this module does not import the methods:
+#: they import it)
+_settings_check: Callable[[EditHparams], None] | None = None
 
-    return METHODS
+
+def use_settings_check(check: Callable[[EditHparams], None]) -> None:
+    global _settings_check
+    _settings_check = check
 
 
 @dataclass(frozen=True)
@@ -82,18 +96,14 @@ class EditHparams:
     mom2_ridge: float = 1e-6
     max_update_ratio: float = 10.0
     default_mode: str = "rrome"
-    # --- the MEMIT / EMMET / AlphaEdit family (FAMILY.md); ROME reads none of these
-    method: str = "rome"  # the method the preset is tuned for
+    # --- the locate-then-edit family's shared machinery (FAMILY.md); ROME reads none of these
+    method: str = "rome"  # the method the preset is tuned for (a registered name)
     layers: list[int] | None = None  # the family's edited layers (ascending); None: [layer]
-    mom2_update_weight: float = 15000.0  # MEMIT's λ, EMMET's w
-    emmet_lambda: float = 0.1  # EMMET's μ (added to D only when n > 1)
-    update_norm_lambda: float = 0.0  # ν·I added to λC₀ (EMMET's; ENCORE's norm constraint)
-    nullspace_threshold: float = 0.02  # AlphaEdit: keep singular values of C₀ below this
-    alphaedit_l2: float = 10.0  # AlphaEdit's L2
-    memit_accumulate: bool = False  # MEMIT_seq: add the accumulated K Kᵀ of applied edits
-    # settings of methods that declare their own (rome/methods/*.py), by method name:
-    # {"rect": {"keep_percent": 40}}; each method checks its own entry
+    # each method's own settings, by method name (rome.methods: its Settings dataclass)
     method_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # settings shared by the methods that name them (a family preset's λ for MEMIT, EMMET,
+    # RECT...): the flat fields of presets and runs from before methods declared theirs
+    shared_settings: dict[str, Any] = field(default_factory=dict)
     subject_index: str = "joined"  # "joined" (AlphaEdit, EMMET) or "separate" (kmeng01/memit)
     family_template_words: list[str] = field(
         default_factory=lambda: ["The", "Therefore", "Because", "I", "You"]
@@ -106,6 +116,12 @@ class EditHparams:
     notes: str = ""
 
     def replace(self, **changes: Any) -> EditHparams:
+        """A copy with ``changes``; an old flat method field (``mom2_update_weight``...)
+        goes into ``shared_settings``, as it does when a preset is read."""
+        flat = {k: changes.pop(k) for k in LEGACY_METHOD_FIELDS if k in changes}
+        if flat:
+            base = changes.get("shared_settings", self.shared_settings)
+            changes["shared_settings"] = {**base, **flat}
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -146,11 +162,20 @@ class EditHparams:
         return self
 
     def _validate_family(self) -> None:
-        methods = _registered_methods()
-        if self.method not in FAMILY_METHODS and self.method not in methods:
-            names = sorted({*FAMILY_METHODS, *methods})
-            raise BadRequestError(f"method must be one of {', '.join(names)}, not {self.method!r}")
-        _check_method_settings(self.method_settings, methods)
+        if not isinstance(self.method, str) or not self.method.strip():
+            raise BadRequestError(f"method must name an editing method, not {self.method!r}")
+        settings = self.method_settings
+        if not isinstance(settings, dict) or not all(
+            isinstance(k, str) and isinstance(v, dict) for k, v in settings.items()
+        ):
+            raise BadRequestError(
+                'preset field method_settings must be an object of objects, e.g. {"rect": '
+                '{"keep_percent": 40}}'
+            )
+        if not isinstance(self.shared_settings, dict):
+            raise BadRequestError("preset field shared_settings must be an object")
+        if _settings_check is not None:
+            _settings_check(self)
         if self.layers is not None:
             if not self.layers or list(self.layers) != sorted(set(self.layers)):
                 raise BadRequestError(
@@ -163,12 +188,6 @@ class EditHparams:
                 f"subject_index must be one of {', '.join(SUBJECT_INDEX)}, "
                 f"not {self.subject_index!r}"
             )
-        for name in ("mom2_update_weight", "nullspace_threshold"):
-            if not getattr(self, name) > 0:
-                raise BadRequestError(f"{name} must be positive, not {getattr(self, name)}")
-        for name in ("emmet_lambda", "update_norm_lambda", "alphaedit_l2"):
-            if getattr(self, name) < 0:
-                raise BadRequestError(f"{name} must be >= 0, not {getattr(self, name)}")
         if not self.family_template_words:
             raise BadRequestError("family_template_words must name at least one start word")
         if self.family_template_length < 1 or self.family_template_top_k < 1:
@@ -182,6 +201,7 @@ class EditHparams:
     def from_dict(cls, data: dict[str, Any]) -> EditHparams:
         if not isinstance(data, dict):
             raise BadRequestError(f"a preset is a JSON object of fields, not {_json_kind(data)}")
+        data = _lift_legacy(data)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -192,22 +212,14 @@ class EditHparams:
             raise BadRequestError(f"incomplete preset: {exc}") from None
 
 
-def _check_method_settings(given: Any, methods: dict[str, Any]) -> None:
-    """``method_settings`` is an object of objects, each for a method that declares
-    settings, and that method accepts its entry (one :class:`BadRequestError`)."""
-    if not isinstance(given, dict) or not all(isinstance(v, dict) for v in given.values()):
-        raise BadRequestError(
-            'preset field method_settings must be an object of objects, e.g. {"rect": '
-            '{"keep_percent": 40}}'
-        )
-    for name, values in given.items():
-        check = getattr(methods.get(name), "check_settings", None)
-        if check is None:
-            raise BadRequestError(
-                f"preset field method_settings names {name!r}, which is not a method that "
-                "declares settings"
-            )
-        check(values)
+def _lift_legacy(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with its old flat method fields moved into ``shared_settings``."""
+    flat = {k: data[k] for k in LEGACY_METHOD_FIELDS if k in data}
+    if not flat:
+        return data
+    out = {k: v for k, v in data.items() if k not in flat}
+    out["shared_settings"] = {**flat, **(out.get("shared_settings") or {})}
+    return out
 
 
 #: numeric fields: (whole number?, lowest value, whether the lowest value itself is allowed)
@@ -296,7 +308,7 @@ def _check_types(hp: EditHparams) -> None:
         problems[name] = None if ok else f"must be a string, not {_json_kind(value)}"
     if hp.v_loss_layer is not None:
         problems["v_loss_layer"] = _number_problem(hp.v_loss_layer, True, 0, True)
-    for name in ("v_norm_anchor", "v_prefix_reuse", "v_length_buckets", "memit_accumulate"):
+    for name in ("v_norm_anchor", "v_prefix_reuse", "v_length_buckets"):
         value = getattr(hp, name)
         if not isinstance(value, bool):
             problems[name] = f"must be true or false, not {value!r}"
@@ -353,8 +365,17 @@ def _resolve_extends(data: dict[str, Any], raw: dict[str, dict[str, Any]]) -> di
     base = raw.get(base_name)
     if base is None or base_name == data.get("name"):
         raise UnknownPresetError(f"preset {data.get('name')!r} extends unknown {base_name!r}")
-    merged = {k: v for k, v in _resolve_extends(base, raw).items() if k != "aliases"}
-    merged.update(data)
+    merged = {k: v for k, v in _lift_legacy(_resolve_extends(base, raw)).items() if k != "aliases"}
+    own = _lift_legacy(data)
+    settings = {k: dict(v) for k, v in (merged.get("method_settings") or {}).items()}
+    for method, values in (own.get("method_settings") or {}).items():
+        settings[method] = {**settings.get(method, {}), **values}
+    shared = {**(merged.get("shared_settings") or {}), **(own.get("shared_settings") or {})}
+    merged.update(own)
+    if settings:
+        merged["method_settings"] = settings
+    if shared:
+        merged["shared_settings"] = shared
     return merged
 
 
@@ -389,16 +410,18 @@ def find_preset(name: str) -> EditHparams | None:
 def method_preset(hp: EditHparams, method: str) -> EditHparams:
     """The settings ``method`` edits with on ``hp``'s model.
 
-    ROME, and a preset made for ``method``, keep ``hp``; otherwise the shipped variant
-    ``<preset>-<method>`` (``smollm2-135m-memit``: its sweep-chosen layers and λ) when
-    there is one for the same model, else ``hp`` itself (its single ``layer``).
+    A preset made for ``method`` keeps ``hp``; otherwise the shipped variant
+    ``<preset>-<method>`` (``smollm2-135m-memit``: its sweep-chosen layers and λ), or
+    ``<the preset it extends>-<method>``, when there is one for the same model, else
+    ``hp`` itself (its single ``layer``).
     """
-    if method == "rome" or hp.method == method:
+    if hp.method == method:
         return hp
-    base = hp.extends if hp.method != "rome" and hp.extends else hp.name
-    variant = list_presets().get(f"{base}-{method}")
-    if variant is not None and variant.model == hp.model:
-        return variant
+    presets = list_presets()
+    for base in (hp.name, hp.extends):
+        variant = presets.get(f"{base}-{method}") if base else None
+        if variant is not None and variant.model == hp.model:
+            return variant
     return hp
 
 

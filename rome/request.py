@@ -69,16 +69,16 @@ class EditRequest:
 
     def length_problem(self, tokenizer: Any, limit: int = MAX_REQUEST_TOKENS) -> str | None:
         """Why the request is too long for ``tokenizer`` (``None``: within ``limit``)."""
-        fields = [("the prompt with its subject", self.text), ("target_new", self.target_new)]
+        fields = [
+            ("the prompt with its subject", self.text, "the subject or the prompt"),
+            ("target_new", self.target_new, "target_new"),
+        ]
         if self.target_true is not None:
-            fields.append(("target_true", self.target_true))
-        for what, text in fields:
+            fields.append(("target_true", self.target_true, "target_true"))
+        for what, text, fix in fields:
             n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
             if n > limit:
-                return (
-                    f"{what} is {n} tokens long; the limit is {limit} tokens "
-                    "(shorten the subject or the prompt)"
-                )
+                return f"{what} is {n} tokens long; the limit is {limit} tokens (shorten {fix})"
         return None
 
     @property

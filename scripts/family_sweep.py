@@ -27,6 +27,7 @@ import torch
 import rome.methods.family.loop as loop
 from evals.counterfact import load_counterfact
 from rome import Editor, load_model, load_preset
+from rome.methods import get_method
 from rome.methods.family import family_templates, use_templates
 from rome.scoring import score_targets
 from rome.update import weight_out_in
@@ -129,6 +130,8 @@ def main() -> None:
         flush=True,
     )
     base = load_preset(args.preset)
+    l2 = get_method("alphaedit").settings(base).alphaedit_l2
+    mu = get_method("emmet").settings(base).emmet_lambda
     templates: list[str] | None = None
     for rng in args.ranges.split(","):
         lo, hi = (int(x) for x in rng.split("-"))
@@ -142,13 +145,17 @@ def main() -> None:
             row = run(lm, ed, "memit", reqs, records, mom2_update_weight=lam)
             print(f"{'memit':10s}{rng:>8s}{f'λ {lam:g}':>12s}{row}", flush=True)
         row = run(lm, ed, "alphaedit", reqs, records)
-        print(f"{'alphaedit':10s}{rng:>8s}{f'L2 {base.alphaedit_l2:g}':>12s}{row}", flush=True)
+        print(
+            f"{'alphaedit':10s}{rng:>8s}{f'L2 {l2:g}':>12s}{row}",
+            flush=True,
+        )
         one = Editor(lm.model, lm.tokenizer, base.replace(layers=[hi], layer=hi))
         use_templates(one, templates)
         for w in (float(x) for x in args.emmet_w.split(",")):
             row = run(lm, one, "emmet", reqs, records, mom2_update_weight=w)
             print(
-                f"{'emmet':10s}{hi:>8d}{f'w {w:g} μ {base.emmet_lambda:g}':>12s}{row}", flush=True
+                f"{'emmet':10s}{hi:>8d}{f'w {w:g} μ {mu:g}':>12s}{row}",
+                flush=True,
             )
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from evals.metrics import aggregate, record_metrics
 from evals.replay import PERPLEXITY_TASK, _record_of
+from evals.stats import median
 from workbench.store import Store
 
 
@@ -80,7 +81,7 @@ def run_figures(store: Store, run_id: str) -> dict[str, Any]:
         )
         out["if_orthogonal"] = math.sqrt(sum(x * x for x in norms))
         out["if_aligned"] = sum(norms)
-        out["median_update_norm"] = sorted(norms)[len(norms) // 2]
+        out["median_update_norm"] = median(norms)
         out["max_update_norm"] = max(norms)
     out["post"] = aggregate([e.metrics for e in edits if e.metrics])
     pre = [e.metrics["pre"] for e in edits if e.metrics.get("pre")]

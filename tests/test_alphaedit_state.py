@@ -56,7 +56,8 @@ def test_export_writes_the_packages_format(exported):
 
     alpha = get_method("alphaedit")
     for i, layer in enumerate(hp.layers):
-        p, _ = alpha.projector(ed, layer, hp.nullspace_threshold)
+        threshold = alpha.settings(hp).nullspace_threshold
+        p, _ = alpha.projector(ed.context(alpha), layer, threshold)
         assert raw["projection"].dtype == torch.float32
         # P from the same C₀ on the same machine: the same float32 arithmetic, bit for bit
         assert torch.equal(raw["projection"][i], p)

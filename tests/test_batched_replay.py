@@ -157,8 +157,7 @@ def test_a_resume_whose_stored_state_does_not_match_the_method_is_refused(tmp_pa
     assert res.exit_code == 2, res.output
     assert "has no stored keys for layer(s) 0, 1" in res.stderr
     assert "alphaedit's carried state cannot be rebuilt" in res.stderr
-    with Store.open(db, create=False) as store:
-        assert len(store.edits(run_id)) == 2
+    assert _as_it_was(db, run_id) == (before, 2)
 
     con = sqlite3.connect(db)
     con.execute("UPDATE edits SET method = 'memit' WHERE run_id = ?", (run_id,))
@@ -170,3 +169,10 @@ def test_a_resume_whose_stored_state_does_not_match_the_method_is_refused(tmp_pa
     assert res.exit_code == 2, res.output
     assert "was made by memit, not alphaedit" in res.stderr
     assert before in ("cancelled", "interrupted")
+    assert _as_it_was(db, run_id) == (before, 2)
+
+
+def _as_it_was(db, run_id) -> tuple[str, int]:
+    """The run's status and its number of stored edits."""
+    with Store.open(db, create=False) as store:
+        return store.get_run(run_id).status, len(store.edits(run_id))

@@ -165,11 +165,25 @@ def test_an_extension_interrupted_before_it_starts_leaves_the_run_as_it_was(
 
 
 def test_the_plan_and_the_status_change_in_one_transaction(done: Done, tmp_path: Path) -> None:
+    """Every statement the store runs is traced: the two changes are written between one
+    BEGIN and its COMMIT (a status update and a plan update committed apart would be two
+    transactions, however the run reads back)."""
     db = done.copy(tmp_path)
     with Store.open(db) as store:
-        store.set_status(done.run_id, "running", n_edits_planned=3)
+        sql: list[str] = []
+        store._conn.set_trace_callback(sql.append)
+        try:
+            store.set_status(done.run_id, "running", n_edits_planned=3)
+        finally:
+            store._conn.set_trace_callback(None)
         run = store.get_run(done.run_id)
     assert (run.status, run.n_edits_planned) == ("running", 3)
+    words = [s.split()[0].upper() for s in sql if s.strip()]
+    begins = [i for i, w in enumerate(words) if w == "BEGIN"]
+    commits = [i for i, w in enumerate(words) if w == "COMMIT"]
+    assert len(begins) == len(commits) == 1, sql
+    inside = " ".join(sql[begins[0] : commits[0]])
+    assert "status" in inside and "n_edits_planned" in inside, sql
 
 
 def test_a_half_written_checkpoint_is_completed_on_resume(

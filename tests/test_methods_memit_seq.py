@@ -57,7 +57,7 @@ def test_memit_seq_state_is_its_own_and_undo_leaves_weights_bit_exact():
 def test_the_memit_seq_preset_still_runs_memit_accumulating():
     """The preset a running replay resumes from: method memit, keys accumulated."""
     hp = load_preset("smollm2-135m-memit-seq")
-    assert hp.method == "memit" and hp.memit_accumulate
+    assert hp.method == "memit" and rome.methods.get_method("memit").settings(hp).accumulate
 
 
 @pytest.mark.slow

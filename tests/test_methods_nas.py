@@ -76,7 +76,7 @@ def test_the_anchor_rescales_to_rho():
 def test_the_anchor_is_measured_on_the_unedited_weights():
     a, b = editor(), editor()
     layer = a.hp.edited_layers()[-1]
-    settings = rome.methods.get_method("nas").settings(a, {})
+    settings = rome.methods.get_method("nas").settings(a.hp)
     a.apply_step(a.edit([REQ], "alphaedit"))  # a's weights are edited before it measures
     assert anchor_of(a, layer, settings) == anchor_of(b, layer, settings)
 
@@ -102,7 +102,8 @@ def test_one_nas_edit_holds_on_smollm2():
     lm = load_model("smollm2-135m")
     ed = Editor(lm.model, lm.tokenizer, load_preset("smollm2-135m-nas"))
     req = EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
-    upd = ed.edit([req], "nas")
+    # a 4-request calibration keeps the test short (the preset's 20 take ~5x as long)
+    upd = ed.edit([req], "nas", anchor_samples=4, anchor_batch=4)
     rec = upd.records[0]
     assert upd.unsafe_reason is None and not rec["nas_skipped"]
     assert rec["p_new_before"] < 0.01 < 0.5 < rec["p_new_after"]

@@ -20,13 +20,18 @@ CFG = dict(
     n_edits=6, glue_every=4, glue_tasks=("sst2",), glue_limit=4, fluency_tokens=8,
     batch_size=2, retention_size=2, perplexity=False,
 )  # fmt: skip
-METHODS = ["memit-seq", "rect", "encore", "nas"]
+METHODS = ["memit-seq", "rect", "encore", "nas", "prune"]
+SLOW = pytest.mark.slow  # the default selection keeps one run of each path
+
+
+def some_slow(methods: list[str], fast: set[str]) -> list:
+    return [m if m in fast else pytest.param(m, marks=SLOW) for m in methods]
 
 
 def preset(method: str):
     hp = load_preset("tiny-gpt2-family")
     if method == "memit":  # the MEMIT_seq path of a running replay: memit, accumulating
-        return hp.replace(memit_accumulate=True)
+        return hp.replace(method_settings={**hp.method_settings, "memit": {"accumulate": True}})
     return hp
 
 
@@ -49,7 +54,9 @@ def run(path, method, cancel_after=None):
         return lm, hp, run_id, status
 
 
-@pytest.mark.parametrize("method", [*METHODS, "memit"])
+# memit with memit_accumulate: the path of a running replay; encore and prune: the
+# stateful ones whose state is not MEMIT's K Kᵀ
+@pytest.mark.parametrize("method", some_slow([*METHODS, "memit"], {"memit", "encore", "prune"}))
 def test_batched_replay_cancelled_and_resumed_onto_equal_weights(tmp_path, method):
     lm, hp, _, status = run(tmp_path / "straight.db", method)
     assert status == "finished"
@@ -67,7 +74,7 @@ def test_batched_replay_cancelled_and_resumed_onto_equal_weights(tmp_path, metho
         assert torch.equal(got[layer], want[layer]), f"layer {layer} differs after resume"
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", some_slow(METHODS, {"nas"}))
 def test_edit_method_on_the_cli_and_export_and_report(tmp_path, method):
     runner = CliRunner()
     res = runner.invoke(

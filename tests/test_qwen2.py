@@ -14,11 +14,13 @@ from rome.arch import templates_for
 
 REQ = EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
 TINY = load_preset("tiny-qwen2")
+QWEN = ("qwen2p5-7b", "qwen2p5-7b-memit", "qwen2p5-7b-alphaedit", "qwen2p5-7b-nas")
+QWEN += ("qwen2p5-7b-ultraedit",)
 
 
 def test_the_architecture_templates_are_the_presets():
     t = templates_for("qwen2")
-    for name in ("qwen2p5-7b", "qwen2p5-7b-memit", "qwen2p5-7b-alphaedit", "qwen2p5-7b-ultraedit"):
+    for name in QWEN:
         hp = load_preset(name)
         assert (hp.layers_module, hp.mlp_out_module, hp.final_norm_module) == (
             t.layers,
@@ -44,7 +46,7 @@ def on_tiny(name: str, layers: list[int]):
     )
     if hp.layers is not None:
         small["layers"] = layers
-    if hp.method == "alphaedit":
+    if hp.method in ("alphaedit", "nas"):
         small["nullspace_threshold"] = 1.0  # the tiny C₀'s eigenvalues: 0.4-50, not 7B's
     return hp.replace(**small)
 
@@ -55,6 +57,7 @@ def on_tiny(name: str, layers: list[int]):
         ("qwen2p5-7b", [1]),
         ("qwen2p5-7b-memit", [0, 1]),
         ("qwen2p5-7b-alphaedit", [0, 1]),
+        ("qwen2p5-7b-nas", [0, 1]),
         ("qwen2p5-7b-ultraedit", [1, 2]),
     ],
 )

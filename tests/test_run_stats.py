@@ -110,6 +110,17 @@ def test_paired_tests_count_the_discordant_records(two_runs) -> None:
     assert any(w.startswith("retention after 4 edits") for w in tests)
 
 
+def test_glue_change_within_a_run_is_paired_over_the_examples(two_runs) -> None:
+    from workbench.core.run_stats import glue_changes
+
+    store, ids = two_runs
+    (change,) = glue_changes(store, ids[0])
+    cps = [c for c in store.checkpoints(ids[0]) if c.task == "sst2"]
+    assert change.what == "sst2 after 4 edits against 0"
+    assert change.test.test == "paired bootstrap" and change.test.n == GLUE_LIMIT
+    assert (change.test.a, change.test.b) == (cps[-1].accuracy, cps[0].accuracy)
+
+
 def test_the_report_shows_intervals_needed_and_paired_tests(two_runs) -> None:
     store, ids = two_runs
     page = report_markdown(store, ids, None, groups={"both orders": ids})
@@ -118,6 +129,7 @@ def test_the_report_shows_intervals_needed_and_paired_tests(two_runs) -> None:
     assert "## Differences between runs: paired tests" in page
     assert "paired bootstrap" in page and "McNemar (exact)" in page
     assert "## Order replicates: mean ± spread" in page
+    assert "### GLUE: the end against the start of each run" in page
     assert st.hold is not None and st.hold.text() in page
 
 
@@ -132,9 +144,17 @@ def test_the_runs_pane_table_shows_intervals_and_tests(two_runs) -> None:
     Console(file=out, width=200).print(scores_table(series))
     text = out.getvalue()
     hold = series[0].stats.hold
-    assert hold is not None and hold.interval(2) in text
+    assert hold is not None and hold.span() in text
     assert "Needed an edit (pre-edit ES < 1):" in text
-    assert "Paired tests (same records)" in text and "holds at the end of the stream" in text
+    assert "Paired tests (same records)" in text and "holds at end, all" in text
+    assert "sst2 @4" in text and "retention @4" in text
+
+
+def test_a_compact_interval() -> None:
+    from workbench.core.run_stats import count_rate
+
+    assert count_rate(874, 1000).span() == ".85–.89"  # [0.852, 0.894]
+    assert count_rate(99, 100).span() == ".95–1.00"  # [0.946, 1.000]
 
 
 def test_layer_medians_are_true_medians(two_runs) -> None:

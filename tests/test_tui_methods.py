@@ -23,7 +23,20 @@ from workbench.core.session import NotReapplicableError  # noqa: E402
 from workbench.store import Store  # noqa: E402
 from workbench.tui.screens.dialogs import ConfirmDialog  # noqa: E402
 
-ROWS = ("rome/original", "rome/rrome", "rome/prompt", "memit", "emmet", "alphaedit")
+
+def _rows() -> tuple[str, ...]:
+    """ROME's key modes, then each batch method that can edit tiny GPT-2 (UltraEdit's
+    gate / up projections are not in GPT-2: Compare leaves it out)."""
+    from rome import Editor, load_model
+    from workbench.core.method_edits import MethodEdits, cannot_edit
+
+    lm = load_model("tiny-gpt2")
+    ed = Editor(lm.model, lm.tokenizer, lm.hparams)
+    family = [m for m in MethodEdits.family() if cannot_edit(m, ed) is None]
+    return ("rome/original", "rome/rrome", "rome/prompt", *family)
+
+
+ROWS = _rows()
 
 
 def weights(app) -> dict[int, torch.Tensor]:
@@ -36,7 +49,11 @@ def same(a: dict[int, torch.Tensor], b: dict[int, torch.Tensor]) -> bool:
 
 
 def test_the_form_carries_the_method() -> None:
-    assert FORM_METHODS == ("rome", "memit", "emmet", "alphaedit")
+    from rome.methods import METHODS
+
+    # the registry's order: ROME and the family first, then the methods as they landed
+    assert FORM_METHODS[:4] == ("rome", "memit", "emmet", "alphaedit")
+    assert set(FORM_METHODS) == set(METHODS)
     ok = {"prompt": "{} is in", "subject": "X", "target_new": "Rome", "mode": "rrome"}
     assert "method" in field_errors({**ok, "method": "nope"})
     # ROME's layer and key mode are not checked for another method (it edits its preset's)
@@ -308,8 +325,7 @@ def test_a_method_preset_of_its_own_edits_its_layers_and_undo_restores_its_state
         assert info.run_id is not None and session.n_applied == 1
         assert all(not torch.equal(base[x], ed.module(x).weight) for x in (0, 1))
         assert sorted(med.method_state["alphaedit"]) == [0, 1]  # K Kᵀ carried per layer
-        session.undo()
-        methods.sync()
+        session.undo()  # the carried state goes back with the weights: nothing to sync
         assert all(torch.equal(base[x], ed.module(x).weight) for x in (0, 1))
         assert not med.method_state.get("alphaedit")
         (step,) = list(store.iter_steps(info.run_id, applied_only=False))

@@ -178,3 +178,113 @@ def test_batched_replay_killed_and_resumed_onto_the_same_weights(tmp_path):
         for name in want:
             assert torch.equal(got[name], want[name]), f"{name} differs after resume"
         assert [e.fingerprint for e in store.edits(run_id)] == [e.fingerprint for e in want_edits]
+
+
+def test_edit_report_and_export_of_an_ultraedit_run(tmp_path):
+    from typer.testing import CliRunner
+
+    from workbench.cli import app
+
+    runner = CliRunner()
+    preset = "rome/presets/tiny-llama-ultraedit.json"
+    res = runner.invoke(
+        app,
+        ["edit", "--model", "tiny-llama", "--hparams", preset, "--method", "ultraedit",
+         "--prompt", "{} is located in the city of", "--subject", "The Eiffel Tower",
+         "--target-new", "Rome", "--target-true", "Paris"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    lm = load_model("tiny-llama")
+    hp = load_preset("tiny-llama-ultraedit")
+    written = [f"model.layers.{x}.mlp.{m}.weight" for x in (1, 2) for m in ("gate_proj", "up_proj")]
+    params = dict(lm.model.named_parameters())
+    w_all = sum(float(params[n].detach().norm()) ** 2 for n in written) ** 0.5
+    cfg = ReplayConfig(**{**CFG, "n_edits": 2, "glue_every": 2})
+    with Store.open(tmp_path / "r.db") as store:
+        run_id = list(replay(lm, store, cfg, hparams=hp))[-1].run_id
+        last = store.edits(run_id)[-1]
+    # the step's ‖ΔW‖/‖W‖ is against the weights it wrote (gate and up), not down_proj;
+    # both norms from the same float32 weights: only summation order differs (1e-6)
+    assert last.update_norm_ratio == pytest.approx(last.update_norm / w_all, rel=1e-6)
+    db = ["--db", str(tmp_path / "r.db")]
+    res = runner.invoke(app, ["report", run_id, "-o", str(tmp_path / "page"), *db])
+    assert res.exit_code == 0, res.output
+    page = (tmp_path / "page" / "README.md").read_text()
+    assert "method ultraedit; preset tiny-llama-ultraedit; layers 1, 2; batch size 2" in page
+    res = runner.invoke(app, ["export", run_id, "-o", str(tmp_path / "run.json"), *db])
+    assert res.exit_code == 0, res.output
+    assert "ultraedit" in (tmp_path / "run.json").read_text()
+    # saved as a model folder: the base plus the step, rebuilt and fingerprint-checked
+    res = runner.invoke(app, ["save", run_id, "-o", str(tmp_path / "model"), *db])
+    assert res.exit_code == 0, res.output
+    from safetensors.torch import load_file
+
+    saved = load_file(next((tmp_path / "model").glob("*.safetensors")))
+    name = "model.layers.1.mlp.up_proj.weight"
+    assert torch.equal(saved[name], lm.model.get_submodule(name[:-7]).weight.detach())
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_smollm2_eiffel_tower_moves_to_rome():
+    """With the shipped preset, in a first step of four requests (one request alone, with
+    one target token, is a single row: the fresh normaliser maps it to zero)."""
+    from evals.counterfact import load_counterfact
+    from rome.scoring import score_targets
+
+    lm = load_model("smollm2-135m")
+    ed = Editor(lm.model, lm.tokenizer, load_preset("smollm2-135m-ultraedit"))
+    recs = load_counterfact("sample", limit=3).records
+    reqs = [REQS[0], *(r.to_request() for r in recs)]
+    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    ed.apply_step(ed.edit(reqs, "ultraedit"))
+    rome, paris = score_targets(lm.model, lm.tokenizer, [REQS[0].text] * 2, [" Rome", " Paris"])
+    assert rome.prob > 0.5 > paris.prob
+    ed.undo()
+    assert all(torch.equal(before[n], p) for n, p in lm.model.named_parameters())
+
+
+def test_a_replay_on_an_architecture_it_cannot_edit_is_refused_before_its_run(tmp_path):
+    from typer.testing import CliRunner
+
+    from workbench.cli import app
+
+    res = CliRunner().invoke(
+        app,
+        ["replay", "--model", "tiny-gpt2", "--method", "ultraedit", "--batch-size", "2",
+         "--n-edits", "2", "--db", str(tmp_path / "r.db")],
+    )  # fmt: skip
+    lines = [x for x in res.output.strip().splitlines() if x.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert lines[0].startswith("error: ") and "gate_proj" in lines[0]
+    assert not (tmp_path / "r.db").exists()  # nothing written
+
+
+def test_the_apps_undo_gives_the_normaliser_back(tmp_path, monkeypatch):
+    """Through the session (the app's path): two applied steps, one undone: the weights
+    and the lifelong normaliser are the first step's again."""
+    from workbench.core.forms import EditForm
+    from workbench.core.method_edits import MethodEdits
+    from workbench.core.session import Session
+
+    monkeypatch.setenv("ROME_WORKBENCH_CACHE", str(tmp_path / "cache"))
+    with Store.open(tmp_path / "s.db") as store:
+        session = Session(store)
+        session.load("tiny-llama", device="cpu")
+        lm, ed = session.require()
+        lm.hparams = load_preset("tiny-llama-ultraedit")
+        methods = MethodEdits(session)
+        first = EditForm("{} was written by", "Hamlet", "Charles Dickens", method="ultraedit")
+        methods.apply(methods.compute(first), generate=False)
+        med = methods.editor_for("ultraedit")
+        after_one = dict(med.method_state["ultraedit"])
+        weights_one = gate_up(lm)
+        second = EditForm("The capital of {} is", "Japan", "Berlin", "Tokyo", method="ultraedit")
+        methods.apply(methods.compute(second), generate=False)
+        assert med.method_state["ultraedit"][(64, 160)].n > after_one[(64, 160)].n
+        session.undo()  # the carried state goes back with the weights: nothing to sync
+        now = med.method_state["ultraedit"][(64, 160)]
+        was = after_one[(64, 160)]
+        assert now.n == was.n and torch.equal(now.mean, was.mean) and torch.equal(now.var, was.var)
+        assert all(torch.equal(w, weights_one[n]) for n, w in gate_up(lm).items())
+        session.finish()

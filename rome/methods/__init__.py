@@ -1,23 +1,27 @@
 """The editing methods, by name: each implements :class:`~rome.methods.base.Method`.
 
-Importing this package registers every method (the family modules register
-themselves in :mod:`rome.methods.registry` on import).
+The registry (:mod:`rome.methods.registry`) lists them explicitly.
 """
 
 from __future__ import annotations
 
-from . import (  # noqa: F401  (they register themselves)
-    alphaedit,
-    emmet,
-    encore,
-    memit,
-    memit_seq,
-    nas,
-    rect,
-    ultraedit,
-)
-from .base import LayerUpdate, Method, Update
-from .registry import METHODS, get_method, register
+from .base import Capabilities, LayerUpdate, Method, MethodBase, Option, Update, options_of, setting
+from .registry import METHODS, get_method, method_names, register, unregister
 from .rome import update_of
 
-__all__ = ["METHODS", "LayerUpdate", "Method", "Update", "get_method", "register", "update_of"]
+__all__ = [
+    "METHODS",
+    "Capabilities",
+    "LayerUpdate",
+    "Method",
+    "MethodBase",
+    "Option",
+    "Update",
+    "get_method",
+    "method_names",
+    "options_of",
+    "register",
+    "setting",
+    "unregister",
+    "update_of",
+]

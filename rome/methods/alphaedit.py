@@ -6,24 +6,23 @@ value is below ``nullspace_threshold`` (absolute); P = UUᵀ. Per layer:
 [P(KKᵀ + cache) + L2·I] X = P K Rᵀ, solved here as X = B Rᵀ with
 [P(KKᵀ + cache) + L2·I] B = P K, so ΔW = Xᵀ = R Bᵀ (V = R, U = Bᵀ). After all
 layers the keys on the edited model go into ``LayerUpdate.keys``;
-:meth:`AlphaEdit.after_apply` adds K Kᵀ to the carried cache (a resume replays
-``after_apply`` over its stored updates).
+:meth:`AlphaEdit.fold` adds K Kᵀ to the carried cache (a resume folds its
+stored steps again; undo puts back the cache the step found).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from ..context import EditContext
 from ..errors import BadRequestError
-from .base import Update
+from .base import Update, setting
 from .family import FamilyMethod, LayerContext, Solved, moment
+from .family.loop import FamilySettings
 from .memit import accumulated, add_keys
-from .registry import register
-
-if TYPE_CHECKING:
-    from ..editor import Editor
 
 
 def null_space_projector(c0: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
@@ -52,26 +51,33 @@ def alphaedit_solve(
     return b.T.contiguous(), resid.to(k.dtype)
 
 
+@dataclass(frozen=True)
+class AlphaEditSettings(FamilySettings):
+    nullspace_threshold: float = setting(
+        0.02,
+        "keep the singular directions of C₀ below this (absolute)",
+        low=0,
+        inclusive=False,
+        legacy="nullspace_threshold",
+    )
+    alphaedit_l2: float = setting(10.0, "AlphaEdit's L2", low=0, legacy="alphaedit_l2")
+
+
 class AlphaEdit(FamilyMethod):
-    """AlphaEdit: ``nullspace_threshold`` and ``alphaedit_l2`` from the preset or options."""
+    """AlphaEdit: the null-space threshold and L2; carries Σ K Kᵀ per layer."""
 
     name = "alphaedit"
-    keeps_keys = True
+    summary = "memit in C's null space"
+    Settings: type = AlphaEditSettings
 
-    def settings(self, editor: Editor, options: dict[str, Any]) -> dict[str, Any]:
-        hp = editor.hp
-        return {
-            "nullspace_threshold": float(
-                options.get("nullspace_threshold", hp.nullspace_threshold)
-            ),
-            "alphaedit_l2": float(options.get("l2", hp.alphaedit_l2)),
-        }
+    def stores_keys(self, settings: Any) -> bool:
+        return True
 
-    def projector(self, editor: Editor, layer: int, threshold: float) -> tuple[torch.Tensor, int]:
+    def projector(self, ctx: EditContext, layer: int, threshold: float) -> tuple[torch.Tensor, int]:
         """P for ``layer`` (cached per editor); an error when it keeps no direction."""
 
         def make() -> tuple[torch.Tensor, int]:
-            p, kept = null_space_projector(moment(editor, layer), threshold)
+            p, kept = null_space_projector(moment(ctx, layer), threshold)
             if kept == 0:
                 raise BadRequestError(
                     f"alphaedit: the null-space projector of layer {layer} keeps no direction: "
@@ -80,22 +86,21 @@ class AlphaEdit(FamilyMethod):
                 )
             return p, kept
 
-        return editor.cached(("alphaedit", "P", layer, threshold), make)  # type: ignore[no-any-return]
+        return ctx.caches.cached(self.projector_key(layer, threshold), make)  # type: ignore[no-any-return]
 
-    def prepare(self, editor: Editor, layers: list[int], settings: dict[str, Any]) -> None:
+    def projector_key(self, layer: int, threshold: float) -> tuple[str, str, int, float]:
+        """Where the caches keep P for ``layer`` (a saved state may put its own there)."""
+        return (self.name, "P", layer, threshold)
+
+    def prepare(self, ctx: EditContext, layers: list[int], settings: Any) -> None:
         for layer in layers:
-            self.projector(editor, layer, settings["nullspace_threshold"])
+            self.projector(ctx, layer, settings.nullspace_threshold)
 
-    def solve(self, editor: Editor, ctx: LayerContext, settings: dict[str, Any]) -> Solved:
-        p, kept = self.projector(editor, ctx.layer, settings["nullspace_threshold"])
-        cache = accumulated(editor, self.name, ctx.layer)
-        u, v = alphaedit_solve(
-            p, cache, ctx.keys.float(), ctx.resid.float(), settings["alphaedit_l2"]
-        )
+    def solve(self, ctx: EditContext, lc: LayerContext, settings: Any) -> Solved:
+        p, kept = self.projector(ctx, lc.layer, settings.nullspace_threshold)
+        cache = accumulated(ctx, lc.layer)
+        u, v = alphaedit_solve(p, cache, lc.keys.float(), lc.resid.float(), settings.alphaedit_l2)
         return Solved(u, v, {"kept_directions": kept, "cache": cache is not None})
 
-    def after_apply(self, editor: Editor, update: Update) -> None:
-        add_keys(editor, self.name, update)
-
-
-register(AlphaEdit())
+    def fold(self, state: Any, update: Update) -> Any:
+        return add_keys(state, update)

@@ -16,16 +16,13 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from ..errors import BadRequestError
 from ..update import weight_out_in
-from .registry import get_method
-
-if TYPE_CHECKING:
-    from ..editor import Editor
+from .alphaedit import AlphaEdit
 
 KEYS = ("layers", "projection", "key_covariance")
 
@@ -91,34 +88,36 @@ def write_state(path: str | Path, state: AlphaEditState) -> Path:
     return p
 
 
-def _threshold(editor: Editor) -> float:
-    method = get_method("alphaedit")
-    return float(method.settings(editor, {})["nullspace_threshold"])  # type: ignore[attr-defined]
+def _method() -> AlphaEdit:
+    return AlphaEdit()
 
 
-def state_of(editor: Editor) -> AlphaEditState:
-    """The editor's AlphaEdit state: P of each edited layer, its carried Σ K Kᵀ."""
-    method = get_method("alphaedit")
-    layers = method.layers(editor)
-    threshold = _threshold(editor)
-    carried = editor.method_state.get("alphaedit", {})
+def state_of(editor: Any) -> AlphaEditState:
+    """(``editor``: a :class:`rome.Editor`, typed loosely: this package never imports it.)
+    The editor's AlphaEdit state: P of each edited layer, its carried Σ K Kᵀ."""
+    method = _method()
+    ctx = editor.context(method)
+    layers = method.layers(ctx)
+    threshold = method.settings(editor.hp).nullspace_threshold
+    carried = editor.method_state.get(method.name) or {}
     projs, covs = [], []
     for layer in layers:
-        p, _ = method.projector(editor, layer, threshold)  # type: ignore[attr-defined]
+        p, _ = method.projector(ctx, layer, threshold)
         projs.append(p.float().cpu())
         c = carried.get(layer)
         covs.append(torch.zeros_like(projs[-1]) if c is None else c.float().cpu())
     return AlphaEditState(layers, torch.stack(projs), torch.stack(covs))
 
 
-def use_state(editor: Editor, state: AlphaEditState) -> None:
+def use_state(editor: Any, state: AlphaEditState) -> None:
     """Start the editor's AlphaEdit from ``state`` (its P and Σ K Kᵀ per layer).
 
     Refused (nothing changed) when its layers are not the ones the editor's AlphaEdit
     edits, in that order, or a layer's width is not the edited weight's input width.
     """
-    method = get_method("alphaedit")
-    layers = method.layers(editor)
+    method = _method()
+    ctx = editor.context(method)
+    layers = method.layers(ctx)
     if list(state.layers) != list(layers):
         raise BadRequestError(
             f"the AlphaEdit state is for layers {state.layers}, this run edits {layers}"
@@ -130,25 +129,27 @@ def use_state(editor: Editor, state: AlphaEditState) -> None:
                 f"the AlphaEdit state's layer {layer} is {state.projection.shape[1]} wide, "
                 f"the model's edited weight there reads {width} inputs"
             )
-    threshold = _threshold(editor)
-    carried = editor.method_state.setdefault("alphaedit", {})
+    threshold = method.settings(editor.hp).nullspace_threshold
+    carried: dict[int, torch.Tensor] = {}
     for i, layer in enumerate(layers):
         p = state.projection[i].float()
         kept = round(float(torch.trace(p)))
         # the projector AlphaEdit.projector reads (cached per editor): the state's own
         value = (p, kept)
-        got = editor.cached(("alphaedit", "P", layer, threshold), lambda v=value: v)  # type: ignore[misc]
+        got = ctx.caches.cached(method.projector_key(layer, threshold), lambda v=value: v)
         if got is not value:
             raise BadRequestError("an AlphaEdit state is read into a fresh editor only")
         cov = state.key_covariance[i].float()
         if bool(cov.any()):
             carried[layer] = cov
+    if carried:
+        editor.start_state(method.name, carried)
 
 
-def start_from(editor: Editor, method: str, path: str, sha256: str | None = None) -> str:
+def start_from(editor: Any, method: str, path: str, sha256: str | None = None) -> str:
     """Read ``path`` into the editor for a run of ``method``; its SHA-256 (a resume gives
     the one the run recorded: a file changed since is refused)."""
-    if method != "alphaedit":
+    if method != _method().name:
         raise BadRequestError(
             f"an initial state is AlphaEdit's (its package's save_state); not for {method}"
         )

@@ -10,7 +10,7 @@ MEMIT's layer loop with three changes, all float64 in the solve:
   ``SEQ_CACHE``), in float64. MEMIT_seq and AlphaEdit re-read them after the
   step, in float32; the keys are the same (a layer's input does not depend on
   its own or later layers' weights), the sums' precision is not. Here the state
-  is folded in when a step is applied (``after_apply``; the published code folds
+  is folded in when a step is applied (``fold``; the published code folds
   it when it computes: the same for a stream whose every step is applied), from
   the keys stored with the step, so a resume rebuilds it;
 - z stops early by the most-probable rule (MPES, ``prob_cutoff``): negative, the
@@ -27,44 +27,43 @@ With ν = 0, no earlier keys and ``prob_cutoff`` 0 it is MEMIT (tests).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from ..context import EditContext
+from ..errors import BadRequestError
 from ..optimise import StepFacts, StopRule, ZStop
-from . import declared
-from .base import Update
+from .base import Update, setting
 from .family import FamilyMethod, LayerContext, Solved, moment
+from .family.loop import FamilySettings
 from .memit import memit_solve
-from .registry import register
 
-if TYPE_CHECKING:
-    from ..editor import Editor
 
-SETTINGS = (
-    declared.Setting(
-        "norm_lambda", "float", 10.0, "ν: the weight of ‖ΔW‖²_F in the objective", low=0.0
-    ),
-    declared.Setting(
-        "add_prev_edits", "bool", True, "add Σ K Kᵀ of the earlier steps' keys to the solve"
-    ),
-    declared.Setting(
-        "prob_cutoff",
-        "float",
+@dataclass(frozen=True)
+class EncoreSettings(FamilySettings):
+    mom2_update_weight: float = setting(
+        15000.0, "w, the weight of C₀", low=0, inclusive=False, legacy="mom2_update_weight"
+    )
+    norm_lambda: float = setting(10.0, "ν: the weight of ‖ΔW‖²_F in the objective", low=0.0)
+    add_prev_edits: bool = setting(True, "add Σ K Kᵀ of the earlier steps' keys to the solve")
+    prob_cutoff: float = setting(
         -4.0,
         "z's early stop: -n, the n-th most-probable step; p in (0, 1), mean probability; 0 off",
         low=-1000.0,
         high=1.0,
-    ),
-)
+    )
+
+
 #: the published rule counts exactly this many target positions (rows after the bare one)
 MPES_CORRECT = 5
 
 
-def _check_cutoff(values: dict[str, Any]) -> dict[str, Any]:
-    cut = values["prob_cutoff"]
+def _check_cutoff(values: Any) -> Any:
+    cut = values.prob_cutoff
     if (cut < 0 and cut != int(cut)) or cut == 1:
-        raise declared.BadRequestError(
+        raise BadRequestError(
             f"encore: setting prob_cutoff must be a negative whole number (a count of "
             f"most-probable steps), 0, or a probability below 1, not {cut!r}"
         )
@@ -93,52 +92,47 @@ def mpes_rule(prob_cutoff: float) -> StopRule:
     return rule
 
 
-def seq_cache(editor: Editor, layer: int) -> torch.Tensor | None:
+def seq_cache(ctx: EditContext, layer: int) -> torch.Tensor | None:
     """Σ K Kᵀ (float64) of the applied steps' loop keys for ``layer``, if any."""
-    state = editor.method_state.get(Encore.name)
-    return None if state is None else state.get(layer)
+    return None if ctx.state is None else ctx.state.get(layer)
 
 
 class Encore(FamilyMethod):
     """ENCORE: ``norm_lambda``, ``add_prev_edits``, ``prob_cutoff``; λ = ``mom2_update_weight``."""
 
     name = "encore"
-    keeps_keys = True
+    summary = "memit with a norm penalty, earlier keys and an early z stop"
+    Settings = EncoreSettings
     keys_on = "loop"
 
-    def check_settings(self, values: dict[str, Any]) -> dict[str, Any]:
-        return _check_cutoff(declared.check(self.name, SETTINGS, values))
+    def settings(self, hp: Any, overrides: Any = None) -> Any:
+        return _check_cutoff(super().settings(hp, overrides))
 
-    def settings(self, editor: Editor, options: dict[str, Any]) -> dict[str, Any]:
-        out = declared.read(self.name, SETTINGS, editor.hp.method_settings, options)
-        _check_cutoff(out)
-        w = options.get("mom2_update_weight", editor.hp.mom2_update_weight)
-        return {"mom2_update_weight": float(w), **out}
+    def stores_keys(self, settings: Any) -> bool:
+        return True
 
-    def z_stop(self, settings: dict[str, Any]) -> ZStop | None:
-        cut = settings["prob_cutoff"]
+    def z_stop(self, settings: Any) -> ZStop | None:
+        cut = settings.prob_cutoff
         return None if cut == 0 else (lambda: mpes_rule(cut))
 
-    def solve(self, editor: Editor, ctx: LayerContext, settings: dict[str, Any]) -> Solved:
-        prev = seq_cache(editor, ctx.layer) if settings["add_prev_edits"] else None
+    def solve(self, ctx: EditContext, lc: LayerContext, settings: Any) -> Solved:
+        prev = seq_cache(ctx, lc.layer) if settings.add_prev_edits else None
         u, v = memit_solve(
-            moment(editor, ctx.layer),
-            ctx.keys,
-            ctx.resid,
-            settings["mom2_update_weight"],
+            moment(ctx, lc.layer),
+            lc.keys,
+            lc.resid,
+            settings.mom2_update_weight,
             prev,
-            settings["norm_lambda"],
+            settings.norm_lambda,
         )
         return Solved(u, v, {"previous_keys": prev is not None})
 
-    def after_apply(self, editor: Editor, update: Update) -> None:
+    def fold(self, state: Any, update: Update) -> Any:
         if all(lu.keys is None for lu in update.layers):
-            return
-        state = editor.method_state.setdefault(self.name, {})
+            return state
+        out = dict(state or {})
         for lu in update.layers:
             if lu.keys is not None:
                 k = lu.keys.double().cpu()
-                state[lu.layer] = k @ k.T if lu.layer not in state else state[lu.layer] + k @ k.T
-
-
-register(Encore())
+                out[lu.layer] = k @ k.T if lu.layer not in out else out[lu.layer] + k @ k.T
+        return out

@@ -1,24 +1,23 @@
-"""MEMIT (kmeng01/memit, memit_main.py) as a registry method, with MEMIT_seq as an option.
+"""MEMIT (kmeng01/memit, memit_main.py) as a registry method, with MEMIT_seq as a setting.
 
 Per layer, in float64: solve (λC₀ + KKᵀ)A = K (a linear solve, no explicit
-inverse) and Δ = R Aᵀ, factored as V = R (out × n), U = Aᵀ (n × in). Options:
+inverse) and Δ = R Aᵀ, factored as V = R (out × n), U = Aᵀ (n × in). Settings:
 ``accumulate`` (MEMIT_seq, AlphaEdit's repository): λC₀ + Σ K_prev K_prevᵀ + KKᵀ,
-the sum over every applied step's keys on the edited model; ``norm_lambda``
-(ν, ENCORE's Frobenius-norm constraint on ΔW): + νI.
+the sum over every applied step's keys on the edited model (the carried state);
+``update_norm_lambda`` (ν, ENCORE's Frobenius-norm constraint on ΔW): + νI.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .base import Update
+from ..context import EditContext
+from .base import Update, setting
 from .family import FamilyMethod, LayerContext, Solved, moment
-from .registry import register
-
-if TYPE_CHECKING:
-    from ..editor import Editor
+from .family.loop import FamilySettings
 
 
 def memit_solve(
@@ -40,57 +39,58 @@ def memit_solve(
     return adj.T.contiguous(), resid.double()
 
 
-def accumulated(editor: Editor, method: str, layer: int) -> torch.Tensor | None:
-    """The Σ K Kᵀ (float32) a method has carried for ``layer``, if any."""
-    state = editor.method_state.get(method)
-    return None if state is None else state.get(layer)
+def accumulated(ctx: EditContext, layer: int) -> torch.Tensor | None:
+    """The Σ K Kᵀ (float32) the method has carried for ``layer``, if any."""
+    return None if ctx.state is None else ctx.state.get(layer)
 
 
-def add_keys(editor: Editor, method: str, update: Update) -> None:
-    """Fold each layer's stored keys into ``method_state[method][layer] += K Kᵀ`` (float32)."""
-    if all(lu.keys is None for lu in update.layers):
-        return
-    state = editor.method_state.setdefault(method, {})
+def add_keys(state: dict[int, torch.Tensor] | None, update: Update) -> Any:
+    """``state`` with each layer's stored keys folded in: ``Σ K Kᵀ += K Kᵀ`` (float32);
+    a new dict of new tensors (the old state is what undo puts back)."""
+    out = dict(state or {})
     for lu in update.layers:
         if lu.keys is None:
             continue
         k = lu.keys.float().cpu()
-        prev = state.get(lu.layer)
-        state[lu.layer] = k @ k.T if prev is None else prev + k @ k.T
+        prev = out.get(lu.layer)
+        out[lu.layer] = k @ k.T if prev is None else prev + k @ k.T
+    return out or state
+
+
+@dataclass(frozen=True)
+class MemitSettings(FamilySettings):
+    mom2_update_weight: float = setting(
+        15000.0, "λ, the weight of C₀", low=0, inclusive=False, legacy="mom2_update_weight"
+    )
+    update_norm_lambda: float = setting(
+        0.0, "ν·I added to λC₀ (ENCORE's norm constraint)", low=0, legacy="update_norm_lambda"
+    )
+    accumulate: bool = setting(
+        False, "MEMIT_seq: add the Σ K Kᵀ of the applied steps", legacy="memit_accumulate"
+    )
 
 
 class Memit(FamilyMethod):
-    """MEMIT: options ``accumulate`` (MEMIT_seq), ``norm_lambda`` (ν), ``v_stop``."""
+    """MEMIT: λ, ν and MEMIT_seq's accumulated keys."""
 
     name = "memit"
+    summary = "several layers, least squares"
+    Settings: type = MemitSettings
 
-    def settings(self, editor: Editor, options: dict[str, Any]) -> dict[str, Any]:
-        hp = editor.hp
-        return {
-            "mom2_update_weight": float(options.get("mom2_update_weight", hp.mom2_update_weight)),
-            "update_norm_lambda": float(options.get("norm_lambda", hp.update_norm_lambda)),
-            "accumulate": bool(options.get("accumulate", hp.memit_accumulate)),
-        }
+    def stores_keys(self, settings: Any) -> bool:
+        return bool(settings.accumulate)
 
-    def wants_keys(self, settings: dict[str, Any]) -> bool:
-        return bool(settings["accumulate"])
-
-    def solve(self, editor: Editor, ctx: LayerContext, settings: dict[str, Any]) -> Solved:
-        extra = accumulated(editor, self.name, ctx.layer) if settings["accumulate"] else None
+    def solve(self, ctx: EditContext, lc: LayerContext, settings: Any) -> Solved:
+        extra = accumulated(ctx, lc.layer) if settings.accumulate else None
         u, v = memit_solve(
-            moment(editor, ctx.layer),
-            ctx.keys,
-            ctx.resid,
-            settings["mom2_update_weight"],
+            moment(ctx, lc.layer),
+            lc.keys,
+            lc.resid,
+            settings.mom2_update_weight,
             extra,
-            settings["update_norm_lambda"],
+            settings.update_norm_lambda,
         )
         return Solved(u, v, {"accumulated": extra is not None})
 
-    def after_apply(self, editor: Editor, update: Update) -> None:
-        # the stored keys decide, not the options: a resumed run rebuilds its steps
-        # from their factors and keys alone (a step without accumulate keeps no keys)
-        add_keys(editor, self.name, update)
-
-
-register(Memit())
+    def fold(self, state: Any, update: Update) -> Any:
+        return add_keys(state, update)

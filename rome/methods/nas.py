@@ -29,61 +29,73 @@ the published bare-prompt calibration, and a too-large v* drops the edit.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .. import anchor
 from ..batching import pad_id_of, pad_right, target_ids
+from ..context import EditContext
 from ..devices import module_device
 from ..request import EditRequest
 from ..vstar import KL_PROMPT, frozen
-from . import declared
-from .alphaedit import AlphaEdit
-from .base import Update
+from .alphaedit import AlphaEdit, AlphaEditSettings
+from .base import Update, setting
 from .family import ZResult, locate, reprs_at
-from .memit import Memit
-from .registry import register
+from .memit import Memit, MemitSettings
 
-if TYPE_CHECKING:
-    from ..editor import Editor
 
-SETTINGS = (
-    declared.Setting(
-        "skip_multiple", "float", 2.0, "drop a δ whose ‖v*‖ exceeds this many ρ", low=0.0,
-        low_open=True,
-    ),
-    declared.Setting(
-        "anchor_samples", "int", len(anchor.CALIBRATION_REQUESTS),
-        "calibration requests of rome/anchor.py measuring ρ (the first N)", low=1,
+@dataclass(frozen=True)
+class NasFields:
+    skip_multiple: float = setting(
+        2.0, "drop a δ whose ‖v*‖ exceeds this many ρ", low=0.0, inclusive=False
+    )
+    anchor_samples: int = setting(
+        len(anchor.CALIBRATION_REQUESTS),
+        "calibration requests of rome/anchor.py measuring ρ (the first N)",
+        low=1,
         high=len(anchor.CALIBRATION_REQUESTS),
-    ),
-    declared.Setting(
-        "anchor_batch", "int", 16, "calibration requests optimised together", low=1
-    ),
-)  # fmt: skip
+    )
+    anchor_batch: int = setting(16, "calibration requests optimised together", low=1)
+
+
+@dataclass(frozen=True)
+class NasSettings(AlphaEditSettings, NasFields):
+    pass
+
+
+@dataclass(frozen=True)
+class MemitNasSettings(MemitSettings, NasFields):
+    pass
+
+
 EPS = 1e-10  # published: the rescale's denominator and the clamp's
 
 
-def use_anchor(editor: Editor, layer: int, rho: float) -> None:
+ANCHOR_KEY = "nas", "anchor"
+
+
+def use_anchor(editor: Any, layer: int, rho: float) -> None:
     """Take ρ of ``layer`` as given (a parity run injects the same on both sides)."""
-    editor.cached(("nas", "anchor", layer), lambda: float(rho))
+    editor.caches.cached((*ANCHOR_KEY, layer), lambda: float(rho))
 
 
-def anchor_of(editor: Editor, layer: int, settings: dict[str, Any]) -> float:
+def anchor_of(editor: EditContext, layer: int, settings: Any) -> float:
     """ρ of ``layer``: measured on the unedited weights once per editor."""
 
     def make() -> float:
-        reqs = list(anchor.calibration_requests(settings["anchor_samples"]))
+        reqs = list(anchor.calibration_requests(settings.anchor_samples))
         with editor.base_weights():
-            norms = calibration_norms(editor, layer, reqs, settings["anchor_batch"])
+            norms = calibration_norms(editor, layer, reqs, settings.anchor_batch)
         return anchor.trimmed_mean(norms)
 
-    return float(editor.cached(("nas", "anchor", layer), make))
+    return float(editor.caches.cached((*ANCHOR_KEY, layer), make))
 
 
 def calibration_norms(
-    editor: Editor, layer: int, reqs: list[EditRequest], batch: int
+    editor: EditContext, layer: int, reqs: list[EditRequest], batch: int
 ) -> list[float]:
     """‖v₀ + δ‖ per request, δ optimised ``batch`` requests at a time with one loss."""
     out: list[float] = []
@@ -92,7 +104,7 @@ def calibration_norms(
     return out
 
 
-def _batch_norms(editor: Editor, layer: int, reqs: list[EditRequest]) -> list[float]:
+def _batch_norms(editor: EditContext, layer: int, reqs: list[EditRequest]) -> list[float]:
     """One published calibration batch (long: one loop read step for step against it)."""
     hp, model, tok = editor.hp, editor.model, editor.tok
     block = f"{hp.layers_module}.{layer}"
@@ -160,18 +172,12 @@ def _batch_norms(editor: Editor, layer: int, reqs: list[EditRequest]) -> list[fl
 
 
 class NasMixin:
-    """The z rescaling; ``settings`` add the NAS settings to the base method's."""
+    """The z rescaling (its settings: :class:`NasFields`)."""
 
     name: str
 
-    def check_settings(self, values: dict[str, Any]) -> dict[str, Any]:
-        return declared.check(self.name, SETTINGS, values)
-
-    def nas_settings(self, editor: Editor, options: dict[str, Any]) -> dict[str, Any]:
-        return declared.read(self.name, SETTINGS, editor.hp.method_settings, options)
-
     def adjust_z(
-        self, editor: Editor, zr: ZResult, reqs: list[EditRequest], settings: dict[str, Any]
+        self, editor: EditContext, zr: ZResult, reqs: list[EditRequest], settings: Any
     ) -> ZResult:
         hp = editor.hp
         layer = editor.hp.edited_layers()[-1]
@@ -180,47 +186,43 @@ class NasMixin:
         v0 = reprs_at(editor.model, editor.tok, bare, hp.weight_module(layer), "out")
         v0 = v0.to(zr.z.device)
         z = zr.z.clone()
-        settings["_anchored"] = []
+        anchored: list[dict[str, Any]] = []
         for j in range(z.shape[0]):
             delta = zr.z[j] - zr.target_init[j]
             v_star = delta + v0[j]
             norm = float(v_star.norm())
-            skipped = rho > 0 and norm > settings["skip_multiple"] * rho
+            skipped = rho > 0 and norm > settings.skip_multiple * rho
             if skipped:
                 v_star = v0[j]
             elif rho > 0 and float(v_star.norm() + EPS) > EPS:
                 v_star = v_star * (rho / (v_star.norm() + EPS))
             z[j] = (zr.target_init[j] - v0[j]) + v_star
-            settings["_anchored"].append({"v_star_norm": norm, "skipped": skipped})
-        settings["anchor_norm"] = rho
+            anchored.append({"v_star_norm": norm, "skipped": skipped})
+        editor.scratch["anchored"], editor.scratch["anchor_norm"] = anchored, rho
         return ZResult(z, zr.target_init, zr.steps, zr.traces)
 
-    def finish(self, editor: Editor, update: Update, settings: dict[str, Any]) -> None:
+    def finish(self, editor: EditContext, update: Update, settings: Any) -> None:
         """Each record says the v* norm before anchoring and whether its δ was dropped."""
-        for rec, info in zip(update.records, settings["_anchored"], strict=True):
+        for rec, info in zip(update.records, editor.scratch["anchored"], strict=True):
             rec["nas_v_star_norm"] = info["v_star_norm"]
             rec["nas_skipped"] = info["skipped"]
+        update.options["anchor_norm"] = editor.scratch["anchor_norm"]
 
 
 class Nas(NasMixin, AlphaEdit):
     """NAS as published: AlphaEdit's solve and state with the anchored z."""
 
     name = "nas"
-
-    def settings(self, editor: Editor, options: dict[str, Any]) -> dict[str, Any]:
-        return {**AlphaEdit.settings(self, editor, options), **self.nas_settings(editor, options)}
+    summary = "alphaedit with z's MLP part rescaled to an anchor norm"
+    Settings = NasSettings
 
 
 class MemitNas(NasMixin, Memit):
     """MEMIT with ``use_nas`` (stateless like MEMIT)."""
 
     name = "memit-nas"
+    summary = "memit with z's MLP part rescaled to an anchor norm"
+    Settings = MemitNasSettings
 
-    def settings(self, editor: Editor, options: dict[str, Any]) -> dict[str, Any]:
-        out = {**Memit.settings(self, editor, options), **self.nas_settings(editor, options)}
-        out["accumulate"] = False
-        return out
-
-
-register(Nas())
-register(MemitNas())
+    def settings(self, hp: Any, overrides: Any = None) -> Any:
+        return dataclasses.replace(super().settings(hp, overrides), accumulate=False)

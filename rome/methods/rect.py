@@ -16,32 +16,19 @@ the identity (V = I, U = ΔW_kept when out ≤ in; else U = I, V = ΔW_kept), so
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from ..context import EditContext
 from ..request import EditRequest
 from ..update import add_delta, restore, weight_out_in
-from . import declared
-from .base import LayerUpdate, Update
+from .base import LayerUpdate, Update, setting
 from .family.loop import _probe
-from .memit import Memit
-from .registry import register
+from .memit import Memit, MemitSettings
 
-if TYPE_CHECKING:
-    from ..editor import Editor
-
-SETTINGS = (
-    declared.Setting(
-        "keep_percent",
-        "float",
-        40.0,
-        "percent of each layer's entries kept: those whose |ΔW/W| is largest",
-        low=0.0,
-        high=100.0,
-        low_open=True,
-    ),
-)
 EPSILON = 1e-8  # published: added to W before the ratio
 
 
@@ -63,45 +50,49 @@ def dense_factors(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.eye(in_f, dtype=delta.dtype), delta.contiguous()
 
 
+@dataclass(frozen=True)
+class RectSettings(MemitSettings):
+    keep_percent: float = setting(
+        40.0,
+        "percent of each layer's entries kept: those whose |ΔW/W| is largest",
+        low=0.0,
+        inclusive=False,
+        high=100.0,
+    )
+
+
 class Rect(Memit):
     """RECT: MEMIT's step, then each layer's update rectified (``keep_percent``)."""
 
     name = "rect"
+    summary = "memit keeping only its largest relative changes"
+    Settings = RectSettings
 
-    def check_settings(self, values: dict[str, Any]) -> dict[str, Any]:
-        return declared.check(self.name, SETTINGS, values)
+    def settings(self, hp: Any, overrides: Any = None) -> Any:
+        return dataclasses.replace(super().settings(hp, overrides), accumulate=False)
 
-    def settings(self, editor: Editor, options: dict[str, Any]) -> dict[str, Any]:
-        out = super().settings(editor, options)
-        out["accumulate"] = False
-        out.update(declared.read(self.name, SETTINGS, editor.hp.method_settings, options))
-        return out
-
-    def finish(self, editor: Editor, update: Update, settings: dict[str, Any]) -> None:
+    def finish(self, ctx: EditContext, update: Update, settings: Any) -> None:
         kept: list[LayerUpdate] = []
         for lu, info in zip(update.layers, update.options["per_layer"], strict=True):
             full = lu.delta()
-            w = weight_out_in(editor.module(lu.layer)).detach()
-            delta = rectify(full, w, settings["keep_percent"])
+            w = weight_out_in(ctx.module(lu.layer)).detach()
+            delta = rectify(full, w, settings.keep_percent)
             u, v = dense_factors(delta.cpu())
             kept.append(LayerUpdate(lu.layer, lu.weight_name, u, v))
             info["kept_entries"] = int((delta != 0).sum())
             info["memit_norm"] = lu.norm
         update.layers[:] = kept
-        _reprobe(editor, update)
+        _reprobe(ctx, update)
 
 
-def _reprobe(editor: Editor, update: Update) -> None:
+def _reprobe(ctx: EditContext, update: Update) -> None:
     """The records' probabilities after the step, with the rectified update written."""
-    saved = [(lu.layer, add_delta(editor.module(lu.layer), lu.delta())) for lu in update.layers]
+    saved = [(lu.layer, add_delta(ctx.module(lu.layer), lu.delta())) for lu in update.layers]
     try:
         reqs = [EditRequest(**r["request"]) for r in update.records]
-        after = _probe(editor, reqs)
+        after = _probe(ctx, reqs)
     finally:
         for layer, w in reversed(saved):
-            restore(editor.module(layer), w)
+            restore(ctx.module(layer), w)
     for rec, (p_new, p_true) in zip(update.records, after, strict=True):
         rec["p_new_after"], rec["p_true_after"] = p_new, p_true
-
-
-register(Rect())

@@ -30,23 +30,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..batching import pad_id_of, pad_right, prompt_ids, target_ids
+from ..context import EditContext
 from ..errors import BadRequestError, RomeError, UnsupportedArchitectureError
 from ..nethook import get_module
+from ..progress import Progress
 from ..request import EditRequest
 from ..scoring import score_targets
 from ..update import add_delta, restore, weight_out_in
-from . import declared
-from .base import LayerUpdate, Update
-from .registry import register
-
-if TYPE_CHECKING:
-    from ..editor import Editor
+from .base import Capabilities, LayerUpdate, MethodBase, Update, setting, settings_dict
 
 MODULES = {  # relative to a block; "mlp_out" is the preset's edited weight
     "gate_up": ["mlp.gate_proj", "mlp.up_proj"],
@@ -54,25 +51,25 @@ MODULES = {  # relative to a block; "mlp_out" is the preset's edited weight
     "up": ["mlp.up_proj"],
     "mlp_out": ["mlp_out"],
 }
-SETTINGS = (
-    declared.Setting(
-        "lr", "float", 1e-6, "the step size (published: 1e-6, 7B models)", low=0.0, low_open=True
-    ),
-    declared.Setting(
-        "modules",
-        "choice",
+
+
+@dataclass(frozen=True)
+class UltraEditSettings:
+    lr: float = setting(
+        1e-6, "the step size (published: 1e-6, 7B models)", low=0.0, inclusive=False
+    )
+    modules: str = setting(
         "gate_up",
         "edited modules per layer (mlp_out: the preset's edited weight)",
         choices=tuple(MODULES),
-    ),
-    declared.Setting(
-        "normaliser",
-        "choice",
+    )
+    normaliser: str = setting(
         "exact",
         "the running variance: Chan's rule, or the published m·var(0)",
         choices=("exact", "published"),
-    ),
-)
+    )
+
+
 Shape = tuple[int, int]  # (in, out), the published get_shape of a Linear
 
 
@@ -130,24 +127,27 @@ def ridge_factors(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tenso
     return u.float(), values.T.float().contiguous()
 
 
-class UltraEdit:
-    """UltraEdit: ``lr``, ``modules``, ``normaliser`` from the preset or the options."""
+class UltraEdit(MethodBase):
+    """UltraEdit: ``lr``, ``modules``, ``normaliser``; carries a normaliser per shape."""
 
     name = "ultraedit"
-    batched = True
+    summary = "one gradient step, ridge-solved, lifelong-normalised"
+    capabilities = Capabilities(batched=True, needs_c0=False, templates="none")
+    Settings = UltraEditSettings
 
-    def layers(self, editor: Editor) -> list[int]:
-        return [editor.check_layer(x) for x in editor.hp.edited_layers()]
+    def stores_keys(self, settings: Any) -> bool:
+        return True  # each layer's normaliser after the step, in LayerUpdate.keys
 
-    def check_settings(self, values: dict[str, Any]) -> dict[str, Any]:
-        return declared.check(self.name, SETTINGS, values)
+    def cannot_edit(self, ctx: EditContext, settings: Any) -> str | None:
+        """Why this method cannot edit the model with its settings (None: it can)."""
+        try:
+            for layer in self.layers(ctx, settings):
+                self.module_names(ctx, layer, MODULES[settings.modules])
+        except RomeError as exc:
+            return str(exc)
+        return None
 
-    def settings(self, editor: Editor, options: dict[str, Any]) -> dict[str, Any]:
-        out = declared.read(self.name, SETTINGS, editor.hp.method_settings, options)
-        out["module_names"] = MODULES[out["modules"]]
-        return out
-
-    def module_names(self, editor: Editor, layer: int, modules: list[str]) -> list[str]:
+    def module_names(self, editor: EditContext, layer: int, modules: list[str]) -> list[str]:
         """Full module names at ``layer``; refused when the architecture lacks one."""
         names = []
         for rel in modules:
@@ -169,15 +169,18 @@ class UltraEdit:
         return names
 
     def compute(
-        self, editor: Editor, requests: Sequence[EditRequest], options: dict[str, Any]
+        self,
+        editor: EditContext,
+        requests: Sequence[EditRequest],
+        settings: Any,
+        progress: Progress | None = None,
     ) -> Update:
         """The update for ``requests`` on the model as it is now (model unchanged after)."""
         if not requests:
             raise BadRequestError("ultraedit needs at least one request")
         reqs = [r.validate() for r in requests]
-        settings = self.settings(editor, options)
-        layers = self.layers(editor)
-        rel = settings.pop("module_names")
+        layers = self.layers(editor, settings)
+        rel = MODULES[settings.modules]
         per_layer = {x: self.module_names(editor, x, rel) for x in layers}
         # the published order: each module template over the layers, in turn
         order = [per_layer[x][i] for i in range(len(rel)) for x in layers]
@@ -188,7 +191,7 @@ class UltraEdit:
             shape = shape_of(get_module(editor.model, name))
             norm = new_state.get(shape) or Normaliser.empty(shape[0] + shape[1])
             feats = torch.cat([keys[name], grads[name]], -1).float()
-            new_state[shape] = norm.updated(feats, settings["normaliser"])
+            new_state[shape] = norm.updated(feats, settings.normaliser)
         out: list[LayerUpdate] = []
         for layer in layers:
             out.append(
@@ -209,23 +212,23 @@ class UltraEdit:
         ]
         opts = {
             "layers": layers,
-            **settings,
+            **settings_dict(settings),
             "n_requests": len(reqs),
             "n_rows": int(next(iter(keys.values())).shape[0]),
         }
         upd = Update(self.name, out, records, options=opts)
-        upd.unsafe_reason = editor.update_unsafe_reason(upd)
+        upd.unsafe_reason = editor.unsafe_reason(upd)
         return upd
 
     def _layer(
         self,
-        editor: Editor,
+        editor: EditContext,
         layer: int,
         names: list[str],
         keys: dict[str, torch.Tensor],
         grads: dict[str, torch.Tensor],
         state: dict[Shape, Normaliser],
-        settings: dict[str, Any],
+        settings: Any,
     ) -> LayerUpdate:
         k = keys[names[0]].float()
         for name in names[1:]:
@@ -240,7 +243,7 @@ class UltraEdit:
             norm = state[shape]
             z = norm(torch.cat([k, grads[name].float()], -1))
             h_hat, g_hat = z.split([shape[0], shape[1]], -1)
-            coeff = -settings["lr"] * (h_hat * h_hat).sum(-1, keepdim=True)
+            coeff = -settings.lr * (h_hat * h_hat).sum(-1, keepdim=True)
             vals.append(coeff * g_hat)
         u, v = ridge_factors(k, torch.cat(vals, -1))
         lu = LayerUpdate(layer, "+".join(names), u, v)
@@ -252,7 +255,7 @@ class UltraEdit:
         return lu
 
     def _probe_with(
-        self, editor: Editor, out: list[LayerUpdate], reqs: list[EditRequest]
+        self, editor: EditContext, out: list[LayerUpdate], reqs: list[EditRequest]
     ) -> list[tuple[float, float | None]]:
         saved: list[tuple[nn.Module, torch.Tensor]] = []
         try:
@@ -266,17 +269,19 @@ class UltraEdit:
             for module, w in reversed(saved):
                 restore(module, w)
 
-    def after_apply(self, editor: Editor, update: Update) -> None:
-        """The normaliser of each edited shape becomes the one the step stored."""
-        state = editor.method_state.setdefault(self.name, {})
+    def fold(self, state: Any, update: Update) -> Any:
+        """The normaliser of each edited shape becomes the one the step stored (the shape
+        read from the factors: U is (k, in), the packed normaliser (4, in + out))."""
+        out = dict(state or {})
         for lu in update.layers:
             if lu.keys is None:
                 raise RomeError(
                     f"ultraedit: the step's layer {lu.layer} holds no normaliser; "
                     "its carried state cannot be rebuilt"
                 )
-            module = editor.targets(lu)[0][1]
-            state[shape_of(module)] = Normaliser.unpack(lu.keys)
+            width = int(lu.U.shape[1])
+            out[(width, int(lu.keys.shape[1]) - width)] = Normaliser.unpack(lu.keys)
+        return out
 
 
 def shape_of(module: nn.Module) -> Shape:
@@ -284,8 +289,8 @@ def shape_of(module: nn.Module) -> Shape:
     return int(width), int(rows)
 
 
-def current_state(editor: Editor) -> dict[Shape, Normaliser]:
-    return dict(editor.method_state.get("ultraedit", {}))
+def current_state(editor: EditContext) -> dict[Shape, Normaliser]:
+    return dict(editor.state or {})
 
 
 def trace(
@@ -331,7 +336,7 @@ def trace(
     return ins, gmap
 
 
-def probe(editor: Editor, reqs: list[EditRequest]) -> list[tuple[float, float | None]]:
+def probe(editor: EditContext, reqs: list[EditRequest]) -> list[tuple[float, float | None]]:
     """(p(target_new), p(target_true)) on each bare prompt."""
     prompts = [r.text for r in reqs] + [r.text for r in reqs if r.target_true is not None]
     targets = [r.target_new for r in reqs] + [r.target_true for r in reqs if r.target_true]
@@ -345,6 +350,3 @@ def probe(editor: Editor, reqs: list[EditRequest]) -> list[tuple[float, float | 
             k += 1
         out.append((scores[j].prob, p_true))
     return out
-
-
-register(UltraEdit())

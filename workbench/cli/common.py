@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
+from typer.core import TyperGroup
 
 from rome import errors as rome_errors
 from rome.paths import CACHE_ENV, cache_root
@@ -42,7 +43,42 @@ apply to it unless it gives its own (rome-workbench --model tiny-gpt2 edit ...);
 one the command does not take is refused.
 """
 
-app = typer.Typer(help=HELP, no_args_is_help=False, add_completion=False, rich_markup_mode=None)
+
+class _OneLineUsage(TyperGroup):
+    """Click's usage errors (a missing argument or option, an unknown option, a bad
+    value) as one ``error: ...`` line on stderr naming the command, exit 2, as every
+    other bad input (click would print the usage, a "Try ... --help" line and the error)."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with _usage_line():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _usage_line():
+            return super().invoke(ctx)
+
+
+@contextmanager
+def _usage_line() -> Iterator[None]:
+    try:
+        yield
+    except typer.TyperException as exc:  # click's (vendored by typer) usage errors: exit 2
+        if getattr(exc, "exit_code", None) != 2 or not hasattr(exc, "format_message"):
+            raise
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else "rome-workbench"
+        message = exc.format_message().rstrip(".")
+        say("error", f"{where}: {message[:1].lower()}{message[1:]} (see {where} --help)", "red")
+        raise typer.Exit(2) from None
+
+
+app = typer.Typer(
+    help=HELP,
+    no_args_is_help=False,
+    add_completion=False,
+    rich_markup_mode=None,
+    cls=_OneLineUsage,
+)
 
 
 def one_line(text: str) -> str:
@@ -265,11 +301,19 @@ DbOpt = Annotated[Path | None, typer.Option("--db", help="history database ($ROM
 
 
 def open_db(db: Path | None, *, create: bool = True) -> Store:
-    """The history database, stale runs marked interrupted. ``create=False`` (the
-    commands that only read): where there is no database, say so and create nothing."""
+    """The history database to write to, stale runs marked interrupted (migrated if
+    older, with a warning). ``create=False``: where there is none, say so, create nothing."""
     from workbench.core.stores import open_and_recover
 
     return open_and_recover(db, create=create)
+
+
+def read_db(db: Path | None) -> Store:
+    """The history database for a command that only reads: opened read-only, nothing
+    written to it (not even a migration); where there is none, say so."""
+    from workbench.core.stores import open_to_read
+
+    return open_to_read(db)
 
 
 def output_file(path: Path, *, example: str = "out.json") -> Path:

@@ -29,6 +29,7 @@ from .common import (
     out,
     phase_progress,
     progress_bar,
+    say,
 )
 
 
@@ -253,6 +254,7 @@ def _record_table(results: dict[str, Any]) -> Table:
     "computed)."
 )
 def edit(
+    ctx: typer.Context,
     prompt: Annotated[str | None, typer.Option(help='template with "{}" for the subject')] = None,
     subject: Annotated[str | None, typer.Option()] = None,
     target_new: Annotated[str | None, typer.Option("--target-new")] = None,
@@ -262,8 +264,12 @@ def edit(
         str, typer.Option(help="ROME's key mode: rrome, original, prompt or all")
     ] = "rrome",
     method: Annotated[
-        str, typer.Option(help="rome, memit, emmet, alphaedit, or all (side by side)")
+        str, typer.Option(help="an editing method (`methods` lists them), or all (side by side)")
     ] = "rome",
+    opt: Annotated[
+        list[str] | None,
+        typer.Option("--opt", help="one of the method's settings, KEY=VALUE (repeatable)"),
+    ] = None,
     batch: Annotated[
         Path | None,
         typer.Option(help="JSON list of requests {prompt, subject, target_new[, target_true]}"),
@@ -290,12 +296,15 @@ def edit(
     from rome import EditRequest
     from workbench.core.edits import make_editor, modes_for, preview_edit
     from workbench.core.limits import check_generate_tokens, check_request_length
+    from workbench.core.methods import edit_is_side_by_side, parse_options
 
     with handled():
-        if method != "rome" or batch is not None:
+        options = parse_options(method, opt or [])
+        if edit_is_side_by_side(method, batch is not None, options):
+            _refuse_unshown(ctx, method, generate_tokens)
             _edit_methods(
                 (prompt, subject, target_new, target_true), batch, method, mode, model, layer,
-                hparams, device, dtype, device_map, as_json,
+                hparams, device, dtype, device_map, as_json, options,
             )  # fmt: skip
             return
         modes = modes_for(mode)
@@ -338,12 +347,13 @@ def _edit_methods(
     dtype: str | None,
     device_map: str | None,
     as_json: bool,
+    options: dict[str, Any],
 ) -> None:
     """``edit --method M`` / ``--batch FILE``: the methods side by side (nothing kept)."""
     from rome import MODES, EditRequest
     from workbench.core.edits import make_editor
     from workbench.core.limits import check_request_length
-    from workbench.core.methods import compare_methods, load_batch, methods_for
+    from workbench.core.methods import batch_conflicts, compare_methods, load_batch, methods_for
 
     methods = methods_for(method)
     prompt, subject, target_new, target_true = fields
@@ -360,14 +370,37 @@ def _edit_methods(
     if mode not in (*MODES, "all"):
         raise rome_errors.BadRequestError(f"unknown mode {mode!r}: {', '.join(MODES)}")
     lm = load(model, device, dtype, hparams, layer, device_map)
-    for r in reqs:
-        check_request_length(lm.tokenizer, r)
+    for n, r in enumerate(reqs, start=1):
+        try:
+            check_request_length(lm.tokenizer, r)
+        except rome_errors.BadRequestError as exc:
+            if batch is None:
+                raise
+            raise rome_errors.BadRequestError(
+                f"{batch}: record {n} of {len(reqs)}: {exc}"
+            ) from None
+    for note in batch_conflicts(reqs):
+        say("warning", f"{batch}: {note}")
     ed = make_editor(lm)
-    outs = compare_methods(lm, ed, reqs, methods, None if mode == "all" else mode)
+    outs = compare_methods(lm, ed, reqs, methods, None if mode == "all" else mode, options)
     if as_json:
         out.print_json(json.dumps([o.to_dict() for o in outs]))
-        return
-    t = Table(title=f"{len(reqs)} request(s) on {lm.name}")
+    else:
+        _methods_table(lm.name, reqs, outs)
+    refused = [
+        f"{o.label or o.method}: {'; '.join(o.reasons).removeprefix('not applied: ')}"
+        for o in outs
+        if o.verdict == "REFUSED"
+    ]
+    if refused:  # the rows are shown above; the exit status says it was refused (as ROME's)
+        raise rome_errors.UnsafeUpdateError(
+            f"update not applied ({'; '.join(refused)}); the weights are unchanged"
+        )
+
+
+def _methods_table(name: str, reqs: list, outs: list) -> None:
+    """The methods' rows side by side, as ``edit --method`` prints them."""
+    t = Table(title=f"{len(reqs)} request(s) on {name}")
     for col in ("method", "‖ΔW‖ per layer", "‖ΔW‖/‖W‖", "p(new) before → after", "ES", "verdict"):
         t.add_column(col)
     for o in outs:
@@ -380,5 +413,46 @@ def _edit_methods(
     out.print(t)
 
 
+def _refuse_unshown(ctx: typer.Context, method: str, generate_tokens: int) -> None:
+    """``--templates`` and ``--generate-tokens N`` (N > 0) are the single ROME edit's:
+    refused in one line where the side-by-side table would ignore them."""
+    given = [
+        flag
+        for name, flag in (("templates", "--templates"), ("generate_tokens", "--generate-tokens"))
+        if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"
+        and (name != "generate_tokens" or generate_tokens > 0)
+    ]
+    if given:
+        raise rome_errors.BadRequestError(
+            f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to one ROME "
+            f"edit; edit --method {method} (or --batch) shows the methods side by side "
+            "without text or templates: leave them out"
+        )
+
+
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
+
+
+@app.command("methods")
+def methods_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="print them as JSON")] = False,
+) -> None:
+    """The editing methods: what each can do and the settings --opt KEY=VALUE takes."""
+    from workbench.core.methods import describe_methods
+
+    with handled():
+        described = describe_methods()
+        if as_json:
+            out.print_json(json.dumps(described))
+            return
+        t = Table(title="editing methods")
+        for col in ("method", "what", "batched", "key modes", "settings (--opt KEY=VALUE)"):
+            t.add_column(col)
+        for d in described:
+            opts = "\n".join(
+                f"{o['name']}={o['default']!s} ({o['type']}): {o['help']}" for o in d["options"]
+            )
+            modes = ", ".join(d["key_modes"]) or "-"
+            t.add_row(d["name"], d["summary"], "yes" if d["batched"] else "no", modes, opts)
+        out.print(t)

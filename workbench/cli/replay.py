@@ -68,9 +68,11 @@ def replay(
     ] = None,
     n_edits: Annotated[int, typer.Option("--n-edits", help="edits to apply in order")] = 100,
     mode: Annotated[str, typer.Option(help="ROME's key mode: original, rrome or prompt")] = "rrome",
-    method: Annotated[
-        str, typer.Option(help="editing method: rome, memit, emmet or alphaedit")
-    ] = "rome",
+    method: Annotated[str, typer.Option(help="editing method (`methods` lists them)")] = "rome",
+    opt: Annotated[
+        list[str] | None,
+        typer.Option("--opt", help="one of the method's settings, KEY=VALUE (repeatable)"),
+    ] = None,
     batch_size: Annotated[
         int, typer.Option("--batch-size", help="requests per step (rome: 1; published: 100)")
     ] = 1,
@@ -151,6 +153,7 @@ def replay(
                 "n_edits": n_edits,
                 "mode": mode,
                 "method": method,
+                "method_options": _options(method, opt),
                 "batch_size": batch_size,
                 "glue_every": glue_every,
                 "glue_tasks": glue_tasks,
@@ -183,6 +186,13 @@ def replay(
                             if "--n-edits" in ignored
                             else ""
                         ),
+                        highlight=False,
+                    )
+                if rescore and run.status != "finished" and extend_to is None:
+                    err.print(
+                        f"note: run {run.id} is {run.status}, not finished: --rescore resumes "
+                        f"it from edit {run.n_edits} of {run.n_edits_planned or '?'}; it is "
+                        "re-scored when it finishes",
                         highlight=False,
                     )
                 layer = stored_layer(run)
@@ -334,3 +344,11 @@ def _summary(store: Store, run_id: str, status: str, summary: dict[str, Any]) ->
     for label, value in rs.rows:
         t.add_row(label, value)
     out.print(t)
+
+
+def _options(method: str, pairs: list[str] | None) -> dict[str, Any]:
+    """``--opt KEY=VALUE`` as the method's settings (an unknown method: checked later)."""
+    from rome.methods import METHODS
+    from workbench.core.methods import parse_options
+
+    return parse_options(method, pairs or []) if method in METHODS else {}

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .common import DbOpt, app, err, handled, open_db, writing
+from .common import DbOpt, app, err, handled, read_db, writing
 
 
 @app.command()
@@ -27,8 +27,8 @@ def report(
         target = output.expanduser()
         if target.exists() and not target.is_dir():
             raise OutputPathError(f"{output} is a file; give a folder for the report")
-        store = open_db(db, create=False)
-        ids = [store.get_run(r).id for r in run_ids]
+        store = read_db(db)
+        ids = list(dict.fromkeys(store.get_run(r).id for r in run_ids))  # each run once
         page, image = target / "README.md", target / "runs.png"
         with writing(target):
             target.mkdir(parents=True, exist_ok=True)

@@ -18,11 +18,11 @@ from .common import (
     app,
     err,
     handled,
-    open_db,
     out,
     output_file,
     phase_progress,
     progress_bar,
+    read_db,
     sigterm_as_interrupt,
     writing,
 )
@@ -41,7 +41,7 @@ def runs(
 ) -> None:
     """List the runs in the database."""
     with handled():
-        store = open_db(db, create=False)
+        store = read_db(db)
         t = _compact_table(f"runs in {store.path}")
         # the id, status and counts are never cut (the id is what the other commands take);
         # on a narrow terminal the text columns wrap instead
@@ -67,7 +67,7 @@ def history(
 ) -> None:
     """The edits of one run, in order, with their figures."""
     with handled():
-        store = open_db(db, create=False)
+        store = read_db(db)
         r = store.get_run(run)
         t = _compact_table(
             f"run {r.id}: {r.model}, {r.mode}, {r.status}",
@@ -136,12 +136,12 @@ def export(
         by_name = output is not None and output.suffix.lower() == ".csv"
         fmt: Literal["csv", "json"] = "csv" if csv or (by_name and not as_json) else "json"
         if output is not None and str(output) == "-":
-            store = open_db(db, create=False)
+            store = read_db(db)
             _export_to_stdout(store, store.get_run(run).id, fmt)
             return
         if output is not None:
             output_file(output, example=f"run.{fmt}")
-        store = open_db(db, create=False)
+        store = read_db(db)
         r = store.get_run(run)
         path = output_file(output or Path(f"run-{r.id}.{fmt}"), example=f"run-{r.id}.{fmt}")
         with writing(path):
@@ -176,8 +176,8 @@ def plot(
     end-of-stream survival against the edit number."""
     with handled():
         target = plot_file(output)
-        store = open_db(db, create=False)
-        ids = [store.get_run(r).id for r in run_ids]
+        store = read_db(db)
+        ids = list(dict.fromkeys(store.get_run(r).id for r in run_ids))  # each run once
         from workbench.plot import plot_runs
 
         with writing(target):
@@ -221,7 +221,7 @@ def save(
     from workbench.core.save import check_output_folder, save_run
 
     with handled(), sigterm_as_interrupt():
-        store = open_db(db, create=False)
+        store = read_db(db)
         r = store.get_run(run)
         check_output_folder(output, overwrite)
         err.print(f"rebuilding run {r.id} on {r.model}...")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .common import DbOpt, DeviceOpt, DtypeOpt, app, err, handled, open_db, output_file
+from .common import DbOpt, DeviceOpt, DtypeOpt, app, err, handled, output_file, read_db
 
 
 @app.command("export-state")
@@ -24,7 +24,7 @@ def export_state(
     from workbench.core.state_io import export_state as export
 
     with handled():
-        store = open_db(db, create=False)
+        store = read_db(db)
         r = store.get_run(run)
         output_file(output, example="state.pt")
         done = export(store, r.id, output, device=device, dtype=dtype)

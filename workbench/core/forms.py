@@ -5,15 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from rome import MODES, BadRequestError, EditRequest
-from rome.methods import METHODS
+from rome.methods import METHODS, method_names
 
-#: the editing methods the form offers, ROME first (its key mode applies to it alone),
-#: then the batch methods in the order the family grew
-_ORDER = ("rome", "memit", "emmet", "alphaedit")
-FORM_METHODS = (
-    *(m for m in _ORDER if m in METHODS),
-    *sorted(m for m in METHODS if m not in _ORDER),
-)
+#: the editing methods the form offers, in the registry's order (ROME first)
+FORM_METHODS = tuple(method_names())
+
+
+def has_key_modes(method: str) -> bool:
+    """Whether ``method`` has key modes and edits the one layer the form names (ROME)."""
+    m = METHODS.get(method)
+    return bool(m is not None and m.capabilities.key_modes)
+
 
 FIELDS = (
     "prompt",
@@ -46,7 +48,8 @@ class EditForm:
 
     @property
     def is_rome(self) -> bool:
-        return self.method == "rome"
+        """Whether the form's key mode and layer apply (a method with key modes: ROME)."""
+        return has_key_modes(self.method)
 
     def request(self) -> EditRequest:
         return EditRequest(self.prompt, self.subject, self.target_new, self.target_true)
@@ -124,7 +127,8 @@ def field_errors(values: dict[str, str], n_layers: int | None = None) -> dict[st
     true = values.get("target_true", "")
     if true.strip() and true.strip() == new.strip():
         errors["target_true"] = "equals the new target: nothing to edit"
-    rome_only = values.get("method", "rome") == "rome"  # another method edits its preset's layers
+    # the layer is a key-mode method's (ROME's); another method edits its preset's layers
+    rome_only = has_key_modes(values.get("method", FORM_METHODS[0]))
     layer = values.get("layer", "").strip() if rome_only else ""
     if layer:
         try:
@@ -135,11 +139,11 @@ def field_errors(values: dict[str, str], n_layers: int | None = None) -> dict[st
             if value < 0 or (n_layers is not None and value >= n_layers):
                 top = f"0..{n_layers - 1}" if n_layers is not None else "≥ 0"
                 errors["layer"] = f"must be in {top}"
-    method = values.get("method", "rome")
-    if method not in FORM_METHODS:
-        errors["method"] = f"must be one of {', '.join(FORM_METHODS)}"
+    method = values.get("method", FORM_METHODS[0])
+    if method not in METHODS:
+        errors["method"] = f"must be one of {', '.join(method_names())}"
     mode = values.get("mode", "rrome")
-    if method == "rome" and mode not in MODES:
+    if has_key_modes(method) and mode not in MODES:
         errors["mode"] = f"must be one of {', '.join(MODES)}"
     if not errors:
         try:
@@ -152,7 +156,7 @@ def field_errors(values: dict[str, str], n_layers: int | None = None) -> dict[st
 def form_from_values(values: dict[str, str], generation_prompts: tuple[str, ...] = ()) -> EditForm:
     """An :class:`EditForm` from raw values that passed :func:`field_errors`."""
     true = values.get("target_true", "").strip()
-    method = values.get("method", "rome")
+    method = values.get("method", FORM_METHODS[0])
     return EditForm(
         prompt=values["prompt"],
         subject=values["subject"],
@@ -161,7 +165,7 @@ def form_from_values(values: dict[str, str], generation_prompts: tuple[str, ...]
         paraphrase=values.get("paraphrase", ""),
         neighbourhood=values.get("neighbourhood", ""),
         mode=values.get("mode", "rrome"),
-        layer=parse_layer(values.get("layer", "")) if method == "rome" else None,
+        layer=parse_layer(values.get("layer", "")) if has_key_modes(method) else None,
         generation_prompts=generation_prompts,
         method=method,
     )

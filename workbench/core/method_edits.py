@@ -4,7 +4,7 @@
 edits (an :class:`~rome.EditResult`). The batch methods go through the public
 :class:`~rome.Editor` API here instead (``Editor.edit`` for the update,
 ``Editor.apply_update`` on the session's editor, so F8 undo and revert restore
-their weights bit for bit, and ``Method.after_apply`` for the carried state),
+their weights bit for bit, and the method's carried state with them),
 and are stored as one step (``Store.add_step``) in the session's run. Each
 method edits with its shipped ``<preset>-<method>`` variant when there is one
 (:func:`rome.hparams.method_preset`), through an editor kept per method whose
@@ -16,6 +16,7 @@ No Textual and no rich here.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -24,22 +25,22 @@ from typing import TYPE_CHECKING, Any
 
 from rome import MODES, Editor, EditRequest
 from rome.hparams import method_preset
-from rome.methods import Update
+from rome.methods import Update, get_method, method_names
 from rome.methods.family.templates import family_templates
 from rome.progress import Progress
-from rome.update import weight_out_in
 
 from .forms import EditForm
 from .generation import GenerationPair
 from .methods import MethodOutcome, judge_outcomes, run_method
-from .records import EditOutcome, ProbedOutcome, carried_state
+from .records import EditOutcome, ProbedOutcome
 from .verdict import Probe, Verdict
 
 if TYPE_CHECKING:
-    from rome.editor import AppliedEdit
     from workbench.store import Store
 
     from .session import Session
+
+log = logging.getLogger(__name__)
 
 #: a comparison's verdict word -> the Edit tab's verdict level
 VERDICT_LEVELS = {"ok": "ok", "check": "warn", "DISABLING": "bad", "REFUSED": "refused"}
@@ -81,15 +82,6 @@ class MethodApplied:
     store_error: str | None = None
 
 
-@dataclass
-class _Applied:
-    """One of our steps on the session's editor, and its method's state before it."""
-
-    entry: AppliedEdit
-    editor: Editor
-    state: dict[str, Any]
-
-
 def rome_row(mode: str, outcome: EditOutcome, preset: str = "") -> MethodOutcome:
     """A ROME key mode's computed edit as a row of the method comparison (no recompute)."""
     r = outcome.result
@@ -115,13 +107,12 @@ class MethodEdits:
         self.session = session
         self._for: Editor | None = None  # the session editor the caches below belong to
         self._editors: dict[str, Editor] = {}
-        self._applied: list[_Applied] = []
 
     # ----------------------------------------------------------- editors
     def _fresh(self) -> Editor:
         _, ed = self.session.require()
         if self._for is not ed:  # a model was (re)loaded: nothing of ours is on it
-            self._for, self._editors, self._applied = ed, {}, []
+            self._for, self._editors = ed, {}
         return ed
 
     def preset(self, method: str) -> str:
@@ -153,29 +144,16 @@ class MethodEdits:
             return ed
         med = self._editors.get(method)
         if med is None:
-            med = Editor(lm.model, lm.tokenizer, hp)
+            med = ed.variant(hp)  # the same edits and carried state, its own caches
+            uses = get_method(method).capabilities
             with ed.base_weights():  # the session's edits out of the way for a moment
-                family_templates(med)
-                for layer in hp.edited_layers():
-                    med.factor(layer, progress)
+                if uses.templates == "family":
+                    family_templates(med)
+                if uses.needs_c0:  # C₀ read once (no Cholesky: the family solves with C₀)
+                    for layer in hp.edited_layers():
+                        med.stats(layer, progress)
             self._editors[method] = med
         return med
-
-    def sync(self) -> None:
-        """After an undo or a revert: a method's carried state goes back to what it was
-        before the first of our steps no longer on the model."""
-        _, ed = self.session.require()
-        self._fresh()
-        on_model = {id(e) for e in ed.applied}
-        keep = [a for a in self._applied if id(a.entry) in on_model]
-        gone = [a for a in self._applied if id(a.entry) not in on_model]
-        restored: set[int] = set()
-        for a in gone:  # oldest first: that one's state is the one to go back to
-            if id(a.editor) not in restored:
-                a.editor.method_state.clear()
-                a.editor.method_state.update(a.state)
-                restored.add(id(a.editor))
-        self._applied = keep
 
     # ----------------------------------------------------------- compute
     def _row(self, ed: Editor, form: EditForm, upd: Update, before: list[Probe]) -> MethodOutcome:
@@ -183,12 +161,7 @@ class MethodEdits:
         row = MethodOutcome(upd.method, preset=method_preset(lm.hparams, upd.method).name)
         row.layer_norms = upd.layer_norms()
         row.norm = upd.norm
-        w = math.sqrt(
-            sum(
-                float(weight_out_in(ed.module(lu.layer)).detach().float().norm()) ** 2
-                for lu in upd.layers
-            )
-        )
+        w = math.sqrt(sum(ed.weight_norm(lu) ** 2 for lu in upd.layers))
         row.ratio = row.norm / w if w else math.inf
         b = next(p for p in before if p.name == "prompt")
         row.p_new_before, row.p_true_before = [b.p_new], [b.p_true]
@@ -208,7 +181,7 @@ class MethodEdits:
                 row.error = f"not applied: {reason}"
                 row.p_new_after, row.p_true_after = row.p_new_before, row.p_true_before
             else:
-                ed.apply_update(upd, force=True)  # for a moment: no state folded in
+                ed.apply_step(upd, force=True)  # for a moment: undo puts the state back
                 try:
                     after = self.session.score_probes(form)
                 finally:
@@ -278,7 +251,6 @@ class MethodEdits:
                 mode=upd.method, norm=upd.norm, ratio=outcome.row.ratio, carrier=med,
                 progress=progress, generate=generate,
             )  # fmt: skip
-            self._applied.append(_Applied(step.entry, med, step.state))
             return MethodApplied(
                 step.number, outcome, step.generations, step.fingerprint, step.run_id, step.seq,
                 step.store_error,
@@ -335,19 +307,28 @@ class MethodEdits:
                 if check:
                     check(m)
                 med = self.editor_for(m)
-                state = carried_state(med)
-                try:
-                    rows.append(run_method(lm, med, reqs, m, None))
-                finally:  # the preview leaves the carried state as it found it
-                    med.method_state.clear()
-                    med.method_state.update(state)
+                why = cannot_edit(m, med)
+                if why is not None:  # not this architecture (UltraEdit on GPT-2): no row
+                    log.info("compare leaves out %s: %s", m, why)
+                    continue
+                rows.append(run_method(lm, med, reqs, m, None))
         return judge_outcomes(rows, ed.hp.max_update_ratio)
 
 
-def _family_methods() -> list[str]:
-    from .forms import FORM_METHODS
+def cannot_edit(method: str, editor: Editor) -> str | None:
+    """Why ``method`` cannot edit ``editor``'s model with its settings (None: it can)."""
+    m = get_method(method)
+    return m.cannot_edit(editor.context(m), m.settings(editor.hp))
 
-    return [m for m in FORM_METHODS if m != "rome"]
+
+def _family_methods() -> list[str]:
+    """The methods Compare sets beside ROME's key modes: the locate-then-edit family's
+    (batched, on the family's templates), in the registry's order."""
+    return [
+        m
+        for m in method_names()
+        if get_method(m).capabilities.batched and get_method(m).capabilities.templates == "family"
+    ]
 
 
 def _jsonable(v: Any) -> bool:

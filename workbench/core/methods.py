@@ -20,9 +20,9 @@ from typing import Any
 from evals.zsre import is_zsre_row, parse_zsre
 from rome import BadRequestError, Editor, EditRequest, LoadedModel, RomeError
 from rome.hparams import method_preset
-from rome.methods import METHODS, Update, get_method
+from rome.methods import METHODS, Update, get_method, method_names, options_of
+from rome.methods.base import parse_pairs
 from rome.scoring import score_targets
-from rome.update import weight_out_in
 
 from .verdict import DISABLING_FRACTION, MODE_NORM_FACTOR
 
@@ -31,11 +31,57 @@ ALL_METHODS = "all"
 
 
 def methods_for(name: str) -> list[str]:
-    """The methods a ``--method`` value names (``all``: every registered one, rome first)."""
+    """The methods a ``--method`` value names (``all``: every registered one, in the
+    registry's order)."""
     if name == ALL_METHODS:
-        return ["rome", *sorted(m for m in METHODS if m != "rome")]
+        return method_names()
+    if name not in METHODS:
+        raise BadRequestError(
+            f"unknown method {name!r}: use one of {', '.join(sorted(METHODS))}, "
+            f"or {ALL_METHODS} (side by side)"
+        )
     get_method(name)
     return [name]
+
+
+def describe_methods() -> list[dict[str, Any]]:
+    """Every registered method as data: its summary, capabilities and options."""
+    out = []
+    for name in method_names():
+        m = get_method(name)
+        caps = m.capabilities
+        out.append(
+            {
+                "name": name,
+                "summary": m.summary,
+                "batched": caps.batched,
+                "key_modes": list(caps.key_modes),
+                "needs_c0": caps.needs_c0,
+                "templates": caps.templates,
+                "options": [
+                    {"name": o.name, "type": o.type.__name__, "default": o.default, "help": o.help}
+                    for o in options_of(m.Settings)
+                ],
+            }
+        )
+    return out
+
+
+def parse_options(method: str, pairs: Sequence[str]) -> dict[str, Any]:
+    """``--opt KEY=VALUE`` texts as ``method``'s settings (one error naming a bad one)."""
+    if not pairs:
+        return {}
+    if method == ALL_METHODS:
+        raise BadRequestError("--opt sets one method's settings: give --method NAME, not all")
+    return parse_pairs(get_method(method), pairs)
+
+
+def edit_is_side_by_side(method: str, batch: bool, options: dict[str, Any]) -> bool:
+    """Whether ``edit`` shows the methods' table (``--method all``, a method without key
+    modes, ``--batch`` or settings) rather than one ROME-style edit in its key mode(s)."""
+    if method == ALL_METHODS or batch or options:
+        return True
+    return not get_method(method).capabilities.key_modes
 
 
 @dataclass
@@ -153,6 +199,23 @@ def load_batch(path: Path) -> list[EditRequest]:
     return out
 
 
+def batch_conflicts(reqs: Sequence[EditRequest]) -> list[str]:
+    """A note for each subject and prompt a batch asks for more than one target of: the
+    methods are given both, and cannot make both hold."""
+    targets: dict[tuple[str, str], list[tuple[int, str]]] = {}
+    for n, r in enumerate(reqs, start=1):
+        targets.setdefault((r.subject, r.prompt), []).append((n, r.target_new))
+    notes = []
+    for (subject, prompt), asked in targets.items():
+        if len({t for _, t in asked}) > 1:
+            which = ", ".join(f"record {n} -> {t!r}" for n, t in asked)
+            notes.append(
+                f"{subject!r} in {prompt!r} is asked for different targets ({which}): "
+                "both are edited in, and at most one can hold"
+            )
+    return notes
+
+
 def _zsre_requests(path: Path, items: list[Any]) -> list[EditRequest]:
     """A MEND-format zsRE file's records as the published code makes them requests
     (``evals.zsre``: target_true the end-of-text marker); a bad one is one error."""
@@ -191,6 +254,7 @@ def run_method(
     method: str,
     mode: str | None,
     label: str = "",
+    options: dict[str, Any] | None = None,
 ) -> MethodOutcome:
     """One method's update on ``reqs``, applied for a moment to score them, then undone.
 
@@ -198,16 +262,18 @@ def run_method(
     method's (``method_preset``); otherwise an editor with the shipped variant is made.
     """
     hp = method_preset(editor.hp, method)
-    if hp is not editor.hp:  # the method's own settings on this model (its shipped variant)
-        editor = Editor(lm.model, lm.tokenizer, hp)
+    if hp is not editor.hp:  # the method's own settings on this model (its shipped variant):
+        editor = editor.variant(hp)  # the same model and edits, caches of its own
     out = MethodOutcome(method, label=label, preset=hp.name)
     out.p_new_before, out.p_true_before = _probe(lm, reqs)
-    groups = [[r] for r in reqs] if not get_method(method).batched else [list(reqs)]
+    m = get_method(method)
+    groups = [[r] for r in reqs] if not m.capabilities.batched else [list(reqs)]
     applied = 0
-    state = {k: dict(v) if isinstance(v, dict) else v for k, v in editor.method_state.items()}
+    opts: dict[str, Any] = {"mode": mode} if mode and m.capabilities.key_modes else {}
+    opts.update(options or {})
     try:
         for group in groups:
-            upd = editor.edit(group, method, **({"mode": mode} if method == "rome" else {}))
+            upd = editor.edit(group, method, **opts)
             out.updates.append(upd)
             reason = upd.unsafe_reason or editor.update_unsafe_reason(upd)
             if reason:
@@ -217,15 +283,13 @@ def run_method(
             applied += 1
         out.p_new_after, out.p_true_after = _probe(lm, reqs)
         weights = {
-            lu.layer: float(weight_out_in(editor.module(lu.layer)).detach().float().norm())
+            lu.layer: editor.weight_norm(lu)  # the weight(s) it writes
             for u in out.updates
             for lu in u.layers
         }
     finally:
         for _ in range(applied):
-            editor.undo()
-        editor.method_state.clear()  # a preview leaves the carried state as it found it
-        editor.method_state.update(state)
+            editor.undo()  # the weights and the carried state as they were
     for u in out.updates:
         for layer, n in u.layer_norms().items():
             out.layer_norms[layer] = math.sqrt(out.layer_norms.get(layer, 0.0) ** 2 + n**2)
@@ -241,9 +305,11 @@ def compare_methods(
     reqs: Sequence[EditRequest],
     methods: Sequence[str],
     mode: str | None = None,
+    options: dict[str, Any] | None = None,
 ) -> list[MethodOutcome]:
-    """Each method's update on ``reqs`` (model unchanged afterwards), with a verdict."""
-    outs = [run_method(lm, editor, reqs, m, mode) for m in methods]
+    """Each method's update on ``reqs`` (model unchanged afterwards), with a verdict
+    (``options``: settings of the one method compared)."""
+    outs = [run_method(lm, editor, reqs, m, mode, options=options) for m in methods]
     return judge_outcomes(outs, editor.hp.max_update_ratio)
 
 

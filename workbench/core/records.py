@@ -9,7 +9,7 @@ from rome import EditResult
 from rome.editor import AppliedEdit, Editor
 from rome.methods import Update
 
-from .forms import EditForm
+from .forms import EditForm, has_key_modes
 from .generation import GenerationPair
 from .verdict import Probe, Verdict
 
@@ -140,7 +140,11 @@ class HistoryRow:
     @property
     def how(self) -> str:
         """The method, with ROME's key mode: ``rome/rrome``, ``memit``."""
-        return f"rome/{self.mode}" if self.method == "rome" and self.mode else self.method
+        return (
+            f"{self.method}/{self.mode}"
+            if has_key_modes(self.method) and self.mode
+            else self.method
+        )
 
     @property
     def key(self) -> str:

@@ -54,6 +54,7 @@ from evals.sink import ReplaySink
 from evals.spec import RunSpec
 from rome import MODES, BadRequestError, EditHparams, LoadedModel
 from rome.hparams import method_preset
+from rome.methods import method_names
 
 if TYPE_CHECKING:
     from workbench.store import Store
@@ -75,11 +76,12 @@ FIELD_LABELS = {
     "layer": "layer",
     "method": "method",
     "batch_size": "batch size",
+    "method_options": "method settings",
     "retention_size": "retention size",
 }
 
-#: the editing methods a replay offers (rome.methods registers them as they land)
-REPLAY_METHODS = ("rome", "memit", "emmet", "alphaedit")
+#: the editing methods a replay offers: the registry's, in its order
+REPLAY_METHODS = tuple(method_names())
 #: the v* stopping rules (rome.hparams.V_STOPS) and the norm anchor, as a replay sets them
 V_STOPS = ("loss", "most_probable")
 
@@ -180,8 +182,15 @@ def _check_method(values: Mapping[str, Any], errors: dict[str, str]) -> None:
         n, why = _whole(values["batch_size"], 1)
         if why:
             errors["batch_size"] = why
-        elif n != 1 and not METHODS[method].batched:
+        elif n != 1 and not METHODS[method].capabilities.batched:
             errors["batch_size"] = f"must be 1 for {method} (it edits one request at a time)"
+    if values.get("method_options"):
+        from rome.methods.base import check_overrides
+
+        try:
+            check_overrides(METHODS[method], values["method_options"])
+        except BadRequestError as exc:
+            errors["method_options"] = str(exc)
 
 
 def _check_choices(values: Mapping[str, Any], errors: dict[str, str]) -> None:

@@ -12,7 +12,8 @@ from typing import Any
 from evals.protocols import DESCRIPTIONS, PROTOCOLS, RETENTION, RETENTION_TASK
 from workbench.store import Edit, Run, Store
 
-from .report_stats import groups_section, needed_section, paired_section
+from .forms import has_key_modes
+from .report_stats import glue_change_section, groups_section, needed_section, paired_section
 from .run_stats import RunStats, count_rate, run_stats
 from .summary import (
     SCORE_KEYS,
@@ -55,7 +56,7 @@ def edit_facts(e: Edit) -> list[tuple[str, str]]:
         ("request", request_text(e)),
     ]
     norm = f"{_num(e.update_norm)} ({_num(e.update_norm_ratio)}×‖W‖)"
-    if e.method_name == "rome":
+    if has_key_modes(e.method_name):
         rows += [
             ("update", f"{e.mode} · layer {e.layer}"),
             ("cos(k*, k(s))", _num(e.cos_kstar_ks)),
@@ -95,7 +96,7 @@ def _settings(run: Run) -> str:
     cfg = (run.hparams or {}).get("replay") or {}
     hp = (run.hparams or {}).get("hparams") or {}
     method = cfg.get("method", "rome")
-    if method == "rome":
+    if has_key_modes(method):
         layer = cfg.get("layer") if cfg.get("layer") is not None else hp.get("layer", "-")
         where = [f"key mode {run.mode}", f"layer {layer}"]
     else:  # the family edits its preset's layer range; ROME's key mode is not its
@@ -209,6 +210,7 @@ def report_markdown(
         ]
     lines += needed_section(runs, stats)
     lines += _retention_section(store, runs)
+    lines += glue_change_section(store, runs)
     lines += paired_section(store, runs)
     lines += groups_section(store, groups or {})
     lines += ["", "## Run figures", ""]

@@ -12,6 +12,7 @@ from workbench.store import Run, Store
 from .run_stats import (
     Comparison,
     RunStats,
+    glue_changes,
     p_text,
     paired_tests,
     replicate_spread,
@@ -122,6 +123,41 @@ def paired_section(store: Store, runs: Sequence[Run]) -> list[str]:
     return lines
 
 
+def glue_change_section(store: Store, runs: Sequence[Run]) -> list[str]:
+    """Per run: each GLUE task at its last checkpoint against its start, tested."""
+    rows = []
+    for r in runs:
+        for c in glue_changes(store, r.id):
+            t = c.test
+            ci = f" [{t.ci[0]:+.3f}, {t.ci[1]:+.3f}]" if t.ci else ""
+            verdict = "yes" if c.significant else "no: within noise"
+            rows.append(
+                [
+                    r.label,
+                    c.what,
+                    t.test,
+                    f"{t.b:.3f}",
+                    f"{t.a:.3f}",
+                    f"{t.difference:+.3f}{ci}",
+                    p_text(t.p),
+                    verdict,
+                ]
+            )
+    if not rows:
+        return []
+    lines = ["", "### GLUE: the end against the start of each run", ""]
+    lines += _table(
+        ("run", "compared", "test", "start", "end", "end − start [95 %]", "p", "a change at 0.05?"),
+        rows,
+    )
+    lines += [
+        "",
+        "Paired bootstrap over the examples where both checkpoints stored each example's "
+        "prediction; else an unpaired two-proportion test (conservative).",
+    ]
+    return lines
+
+
 def groups_section(store: Store, groups: Mapping[str, Sequence[str]]) -> list[str]:
     """Groups of runs that differ only by order, each rate as mean ± sample standard
     deviation across the group (and its range)."""
@@ -154,4 +190,4 @@ def groups_section(store: Store, groups: Mapping[str, Sequence[str]]) -> list[st
     return lines
 
 
-__all__ = ["groups_section", "needed_section", "paired_section"]
+__all__ = ["glue_change_section", "groups_section", "needed_section", "paired_section"]

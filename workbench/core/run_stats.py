@@ -66,6 +66,15 @@ class Rate:
     def interval(self, digits: int = 3) -> str:
         return f"[{self.lo:.{digits}f}, {self.hi:.{digits}f}]"
 
+    def span(self, digits: int = 2) -> str:
+        """``.85–.89``: the interval in the fewest characters (for narrow tables)."""
+
+        def short(x: float) -> str:
+            text = f"{x:.{digits}f}"
+            return text[1:] if text.startswith("0.") else text
+
+        return f"{short(self.lo)}–{short(self.hi)}"
+
 
 def count_rate(k: int, n: int) -> Rate:
     """k of n with its exact (Clopper-Pearson) interval."""
@@ -336,6 +345,24 @@ def paired_tests(store: Store, run_ids: Sequence[str]) -> list[Comparison]:
     return out
 
 
+def glue_changes(store: Store, run_id: str) -> list[Comparison]:
+    """Each GLUE task's accuracy at the last checkpoint against the first (step 0) of the
+    same run: paired over the examples where both stored predictions, else unpaired."""
+    by_task: dict[str, list[Checkpoint]] = {}
+    for c in store.checkpoints(run_id):
+        if c.task not in NON_GLUE_TASKS:
+            by_task.setdefault(c.task, []).append(c)
+    out = []
+    for task, cps in sorted(by_task.items()):
+        if len(cps) < 2:
+            continue
+        t = _glue_pair(cps[-1], cps[0])
+        if t is not None:
+            what = f"{task} after {cps[-1].step} edits against {cps[0].step}"
+            out.append(Comparison(what, run_id, run_id, t))
+    return out
+
+
 # --- replicates -----------------------------------------------------------------------
 
 
@@ -370,6 +397,7 @@ __all__ = [
     "RunRecords",
     "RunStats",
     "count_rate",
+    "glue_changes",
     "glue_rate",
     "mean_rate",
     "p_text",

@@ -90,8 +90,8 @@ def rebuild(
     layer = editor.check_layer(base_layer(run, lm))
     edits = store.edits(run.id, applied_only=True)
     steps = list(store.iter_steps(run.id))
-    batched = bool(steps) and steps[-1].method != "rome"
-    first_layers = [x.layer for x in steps[0].layers] if batched else [layer]
+    # the layers the first step wrote (a ROME step's: its one layer, the run's)
+    first_layers = [x.layer for x in steps[0].layers] if steps else [layer]
     if not _base_matches(run, edits, editor.fingerprint(first_layers)):
         raise RebuildError(
             f"the loaded {lm.name} is not the base model run {run.id} started from "
@@ -102,7 +102,7 @@ def rebuild(
             progress("applying edits", i, len(steps))
         layers = [LayerUpdate(x.layer, x.weight_name, x.U, x.V, x.keys) for x in step.layers]
         editor.apply_step(Update(step.method, layers, []), force=True)
-    if batched:
+    if any(len(s.edits) > 1 or len(s.layers) > 1 for s in steps):  # the step's fingerprint
         last = steps[-1]
         if editor.fingerprint([x.layer for x in last.layers]) != last.edits[-1].fingerprint:
             raise RebuildError(
@@ -121,6 +121,7 @@ def _cell(text: Any) -> str:
 def model_card(rebuilt: Rebuilt) -> str:
     """A README.md for the saved folder: the base model and each edit, in order."""
     run, lm = rebuilt.run, rebuilt.lm
+    methods = sorted({e.method_name for e in rebuilt.edits}) or ["no method"]
     lines = [
         "---",
         "tags:",
@@ -131,17 +132,18 @@ def model_card(rebuilt: Rebuilt) -> str:
         f"# {lm.name}, edited (rome-workbench run {run.id})",
         "",
         f"Base model: `{lm.name}` (loaded from `{lm.source}`). "
-        f"This folder holds it with the {len(rebuilt.edits)} applied rank-one edit(s) of "
-        f"rome-workbench {run.kind} run `{run.id}`, added in this order:",
+        f"This folder holds it with the {len(rebuilt.edits)} applied edit(s) by "
+        f"{', '.join(methods)} of rome-workbench {run.kind} run `{run.id}`, added in this "
+        "order:",
         "",
-        "| # | prompt | subject | new target | true target | mode | layer | ‖ΔW‖ |",
-        "|---|---|---|---|---|---|---|---|",
+        "| # | method | prompt | subject | new target | true target | mode | layer | ‖ΔW‖ |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for e in rebuilt.edits:
         r = e.request
         norm = "-" if e.update_norm is None else f"{e.update_norm:.4g}"
-        cells = [e.seq, r.get("prompt"), r.get("subject"), r.get("target_new")]
-        cells += [r.get("target_true") or "-", e.mode, e.layer, norm]
+        cells = [e.seq, e.method_name, r.get("prompt"), r.get("subject"), r.get("target_new")]
+        cells += [r.get("target_true") or "-", e.mode or "-", e.layer, norm]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     lines += [
         "",

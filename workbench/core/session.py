@@ -31,12 +31,12 @@ from evals.spec import RunSpec
 from rome import EditHparams, Editor, EditResult, LoadedModel, RomeError, load_model
 from rome.bundle import CONVERSION_PHASE, conversion_pending
 from rome.hparams import method_preset
-from rome.methods import Update, get_method
+from rome.methods import Update
 from rome.methods.rome import update_of
 from rome.progress import Progress
 from rome.scoring import score_targets
 
-from .forms import EditForm
+from .forms import EditForm, has_key_modes
 from .generation import GenerationPair, greedy
 from .history import history_rows
 from .records import (
@@ -383,33 +383,30 @@ class Session:
         before / after, one write of the weights (one undo entry on the session's editor),
         one stored step, one point (``mode``, ``norm``, ``ratio``) on the timeline.
 
-        ``carrier``: the editor whose carried method state the step folds into (default
-        the session's; a method with a preset of its own computes with another editor on
-        the same model). ``settle()``, on the applied weights, scores what is missing and
-        returns the verdict to record; ``write(store, run_id, seq, fingerprint)`` stores
-        the step's rows (the generations are stored here). ``progress`` may raise to
-        cancel only before the weights change; a failure after undoes the step.
+        ``carrier``: unused (an editor for a method's own preset is a
+        :meth:`~rome.Editor.variant` of the session's: one state). ``settle()``, on the
+        applied weights, scores what is missing and returns the verdict to record;
+        ``write(store, run_id, seq, fingerprint)`` stores the step's rows (the generations
+        are stored here). ``progress`` may raise to cancel only before the weights
+        change; a failure after undoes the step.
         """
         with self._lock:
             _, ed = self.require()
-            carrier = carrier or ed
             prompts = form.generation_texts() if generate else []
             if progress:
                 progress("generating before", 0, 2)
             before = self.generate(prompts) if prompts else []
             if progress:
                 progress("applying", 1, 2)
-            state = carried_state(carrier)
-            entry = ed.apply_update(update)  # raises UnsafeUpdateError, weights unchanged
-            get_method(update.method).after_apply(carrier, update)
+            state = carried_state(ed)
+            # raises UnsafeUpdateError with the weights unchanged; folds the method's state
+            entry = ed.apply_step(update)
             self.version += 1
             try:
                 after = self.generate(prompts) if prompts else []
                 verdict = settle()
             except BaseException:
-                ed.undo()
-                carrier.method_state.clear()
-                carrier.method_state.update(state)
+                ed.undo()  # the weights and the carried state as they were
                 self.version += 1
                 raise
             layers = [lu.layer for lu in update.layers]
@@ -556,7 +553,7 @@ class Session:
                 raise NoModelError("no database is open: nothing to re-apply from")
             edits = [self.store.edit(run_id, seq) for run_id, seq in keys]
             for edit in edits:  # checked before any weight changes
-                if edit.method not in (None, "rome"):
+                if not edit.has_factors:  # a one-request rank-one step keeps u, v in its row
                     raise NotReapplicableError(
                         f"edit {edit.seq} of run {edit.run_id} is one request of a {edit.method} "
                         "batch: its update is the batch's, over several layers, and is not "
@@ -633,7 +630,7 @@ class Session:
         else:
             method = cfg.method if cfg is not None else "rome"
             hp = method_preset(lm.hparams, method)
-        if method != "rome":
+        if not has_key_modes(method):  # a key-mode method (ROME) writes its one layer
             layers |= set(hp.edited_layers())
         return sorted(ed.check_layer(x) for x in layers)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from evals.spec import RunSpec
 from rome import BadRequestError, Editor, load_model
 from rome.methods import LayerUpdate, Update, get_method
+from rome.methods.alphaedit import AlphaEdit
 from rome.methods.alphaedit_state import start_from, state_of, write_state
 from workbench.store import Store
 
@@ -43,7 +44,7 @@ def export_state(
     """Write run ``run_id``'s AlphaEdit state to ``path`` (refused for another method)."""
     run = store.get_run(run_id)
     method = run_method(store, run.id)
-    if method != "alphaedit":
+    if method != AlphaEdit.name:  # the state file is AlphaEdit's package's format
         raise BadRequestError(
             f"run {run.id} edits with {method}: only an alphaedit run carries a state in "
             "AlphaEdit's package format"
@@ -57,10 +58,13 @@ def export_state(
         start_from(ed, method, cfg.initial_state, cfg.initial_state_sha256 or "")
     alpha = get_method(method)
     n = 0
+    carried = ed.method_state.get(method)
     for step in store.iter_steps(run.id):  # the keys stored with each step, in order
         layers = [LayerUpdate(x.layer, x.weight_name, x.U, x.V, x.keys) for x in step.layers]
-        alpha.after_apply(ed, Update(step.method, layers, []))
+        carried = alpha.fold(carried, Update(step.method, layers, []))
         n += 1
+    if carried is not None:
+        ed.start_state(method, carried)  # the state alone: no weight is written
     state = state_of(ed)
     write_state(path, state)
     return ExportedState(Path(path), run.id, state.layers, n)

@@ -9,6 +9,7 @@ from pathlib import Path
 from workbench.store import (
     DB_ENV_VAR,
     RESUMABLE_STATUSES,
+    Access,
     Run,
     Store,
     StoreError,
@@ -33,18 +34,28 @@ class NoDatabaseError(StoreNotFoundError):
         self.path = str(path)
 
 
-def open_store(path: str | Path | None = None, *, create: bool = True) -> Store:
+def open_store(
+    path: str | Path | None = None, *, create: bool = True, access: Access = "write"
+) -> Store:
     """Open the database at ``path`` (default: ``$ROME_WORKBENCH_DB`` or the user's
-    data folder). ``create=False`` (what a command that only reads uses) refuses a
-    path where there is no database with :class:`NoDatabaseError`, creating no
-    file or folder; a folder is refused either way."""
+    data folder). ``create=False`` refuses a path where there is no database with
+    :class:`NoDatabaseError`, creating no file or folder; a folder is refused either
+    way. ``access``: see :meth:`Store.open` (``"read"``: what a command that only
+    reads uses; nothing is written to the file, nor created)."""
     where = Path(default_db_path() if path is None else path)
     if str(where) != ":memory:":
         if where.is_dir():
             raise NoDatabaseError(where, folder=True)
-        if not create and not where.exists():
+        if (not create or access != "write") and not where.exists():
             raise NoDatabaseError(where)
-    return Store.open(where, create=create)
+    return Store.open(where, create=create, access=access)
+
+
+def open_to_read(path: str | Path | None = None) -> Store:
+    """The database as the commands that only read open it: read-only (no migration,
+    no WAL switch, no recovery stored: a run whose writer is gone reads as
+    ``interrupted``); where there is none, :class:`NoDatabaseError`."""
+    return open_store(path, create=False, access="read")
 
 
 def recover(store: Store) -> list[str]:

@@ -34,6 +34,7 @@ Typical replay use::
 
 from __future__ import annotations
 
+from .connection import Access, ReadOnlyStoreError
 from .errors import (
     AmbiguousRunError,
     CorruptDatabaseError,
@@ -74,6 +75,7 @@ from .writer import WriterInfo
 
 __all__ = [
     "APP_NAME",
+    "Access",
     "DB_ENV_VAR",
     "DEFAULT_BUSY_TIMEOUT_S",
     "FLUENCY_TASK",
@@ -96,6 +98,7 @@ __all__ = [
     "Rescore",
     "Run",
     "RunKind",
+    "ReadOnlyStoreError",
     "RunLockedError",
     "RunStatus",
     "SchemaTooNewError",

@@ -4,6 +4,12 @@
 re-entrant lock. Reads go through sqlite-utils' ``query`` (rows as dicts); every
 write is plain parameterised SQL inside :meth:`StoreBase._write`, one committed
 ``BEGIN IMMEDIATE`` transaction each, after :meth:`StoreBase._check_writable`.
+
+Opened to read (``access="read"``, or ``"read-until-write"`` until its first write),
+the file is opened with SQLite's ``mode=ro``: no WAL switch, no migration, nothing
+written. A database of an older schema is then read as it is, through a migrated copy
+in memory; it is migrated in place only when a write comes (``"read-until-write"``,
+or a store opened to write), and a warning says so once.
 """
 
 from __future__ import annotations
@@ -14,9 +20,10 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import quote
 
 import sqlite_utils
 
@@ -30,15 +37,37 @@ from .writer import WriterInfo
 
 log = logging.getLogger(__name__)
 
+#: how a store opens its file: to write (created, WAL, migrated), only to read, or to
+#: read until its first write (then as to write: the app's browsing that may save)
+Access = Literal["write", "read", "read-until-write"]
+
+
+class ReadOnlyStoreError(StoreError):
+    def __init__(self, path: str) -> None:
+        super().__init__(f"the store {path} was opened to read only; open it to write")
+        self.path = path
+
 
 class StoreBase:
     """Connection, transactions and writer leases; :class:`~workbench.store.Store`
     adds the tables. Thread-safe: one connection guarded by a re-entrant lock."""
 
     def __init__(
-        self, path: str | Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT_S, create: bool = True
+        self,
+        path: str | Path,
+        *,
+        busy_timeout: float = DEFAULT_BUSY_TIMEOUT_S,
+        create: bool = True,
+        access: Access = "write",
     ) -> None:
         self._memory = str(path) == ":memory:"
+        self.access: Access = "write" if self._memory else access
+        #: a store opened to read shows a ``running`` run whose writer lock nobody holds
+        #: as ``interrupted`` (what a writer's recovery would store), writing nothing (the
+        #: app, opening to read until it writes, shows such a run as "writer gone")
+        self.infer_interrupted = self.access == "read"
+        #: told (besides the log's warning) when opening to write migrates an older file
+        self.on_migrate: Callable[[str], None] | None = None
         self.path = Path(path) if not self._memory else Path(":memory:")
         self.busy_timeout = float(busy_timeout)
         self._mutex = threading.RLock()
@@ -49,25 +78,85 @@ class StoreBase:
             raise StoreError("the workbench store needs a POSIX system (fcntl.flock)")
         if not self._memory:
             if not self.path.exists():
-                if not create:
+                if not create or self.access != "write":
                     raise StoreNotFoundError(str(self.path))
                 self.path.parent.mkdir(parents=True, exist_ok=True)
         else:
             self._lock_dir_tmp = tempfile.TemporaryDirectory(prefix="rome-wb-locks-")
+        self._connect(self.access == "write")
+
+    def _connect(self, write: bool) -> None:
+        """Open the connection: to write (WAL, migrated), or read-only (``mode=ro``)."""
         try:
-            conn = sqlite3.connect(
-                str(self.path), timeout=self.busy_timeout, check_same_thread=False
-            )
+            if write:
+                conn = sqlite3.connect(
+                    str(self.path), timeout=self.busy_timeout, check_same_thread=False
+                )
+            else:
+                conn = self._connect_read_only()
         except sqlite3.Error as exc:
             raise translate(exc, str(self.path), self.busy_timeout) from exc
         self._conn = conn
         self._db = sqlite_utils.Database(conn, execute_plugins=False)
         self._closed = False
         try:
-            self._setup()
+            self._setup() if write else self._setup_read_only()
         except BaseException:
             self.close()
             raise
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """``mode=ro``; where SQLite cannot open a WAL file so (no ``-shm`` beside it in a
+        folder it may not write), ``immutable=1``: nobody can be writing it then."""
+        uri = f"file:{quote(str(self.path.absolute()))}?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, timeout=self.busy_timeout, check_same_thread=False)
+        try:
+            conn.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
+            return conn
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            if "unable to open" not in str(exc).lower():
+                raise
+        return sqlite3.connect(
+            uri + "&immutable=1", uri=True, timeout=self.busy_timeout, check_same_thread=False
+        )
+
+    def _setup_read_only(self) -> None:
+        """Check the file as :meth:`_setup` does, writing nothing; an older schema is read
+        through a copy in memory migrated there (the file stays as it is)."""
+        with self._op() as db:
+            conn = self._conn
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            version = read_version(conn, set(db.table_names()), self.path)
+            if version < SCHEMA_VERSION:
+                copy = sqlite3.connect(":memory:", check_same_thread=False)
+                conn.backup(copy)
+                conn.close()
+                migrate(copy, self.path, quiet=True)
+                self._conn = copy
+                self._db = sqlite_utils.Database(copy, execute_plugins=False)
+                log.info(
+                    "read %s as it is (schema %d), through a copy in memory", self.path, version
+                )
+            self._conn.execute("PRAGMA query_only = ON")
+
+    def _writable(self) -> None:
+        """Before any write: refuse on a store opened to read; reopen one opened to read
+        until its first write, as to write (migrating the file if older, saying so)."""
+        if self.access == "write":
+            return
+        if self.access == "read":
+            raise ReadOnlyStoreError(str(self.path))
+        with self._mutex:
+            self._check_open()
+            self._conn.close()
+            self.access = "write"
+            try:
+                self._connect(True)
+            except BaseException:  # (a file it may not write): still open to read
+                self.access = "read-until-write"
+                self._connect(False)
+                raise
 
     # -- opening / closing -------------------------------------------------------
 
@@ -114,6 +203,7 @@ class StoreBase:
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One committed write transaction (BEGIN IMMEDIATE takes the write lock up
         front, so WAL readers never need to upgrade mid-transaction)."""
+        self._writable()
         with self._op():
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
@@ -159,7 +249,9 @@ class StoreBase:
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
             if version < SCHEMA_VERSION:
-                migrate(conn, self.path)
+                note = migrate(conn, self.path, quiet=version == 0)
+                if note is not None and self.on_migrate is not None:
+                    self.on_migrate(note)
 
     def schema_version(self) -> int:
         with self._op():
@@ -204,6 +296,7 @@ class StoreBase:
         a plain object released with ``.release()``). Retries for ``wait_s``
         seconds, then raises :class:`RunLockedError` naming the holder's pid."""
         self._require_run(run_id)
+        self._writable()
         if run_id in self._leases and self._leases[run_id].held:
             raise RunLockedError(run_id, lock.this_process())
         path = self.lock_path(run_id)
@@ -241,4 +334,4 @@ class StoreBase:
             raise RunLockedError(run_id, holder)
 
 
-__all__ = ["StoreBase"]
+__all__ = ["Access", "ReadOnlyStoreError", "StoreBase"]

@@ -65,6 +65,8 @@ def _flat_scalars(d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
 _CSV_BASE_COLUMNS = [
     "run_id",
     "seq",
+    "step",
+    "method",
     "case_id",
     "subject",
     "prompt",
@@ -94,6 +96,8 @@ def edits_csv(edits: Sequence[Edit], rescores: Mapping[int, Mapping[str, Any]]) 
         row: dict[str, Any] = {
             "run_id": e.run_id,
             "seq": e.seq,
+            "step": e.step_index,  # the first seq of the step the edit belongs to
+            "method": e.method_name,
             "case_id": e.case_id,
             "subject": e.request.get("subject"),
             "prompt": e.request.get("prompt"),

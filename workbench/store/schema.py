@@ -189,13 +189,24 @@ def read_version(conn: sqlite3.Connection, tables: set[str], path: Path) -> int:
     return version
 
 
-def migrate(conn: sqlite3.Connection, path: Path, target: int = SCHEMA_VERSION) -> None:
-    """Apply the missing migrations up to ``target`` in one write transaction."""
+def migrate(
+    conn: sqlite3.Connection, path: Path, target: int = SCHEMA_VERSION, *, quiet: bool = False
+) -> str | None:
+    """Apply the missing migrations up to ``target`` in one write transaction; a
+    database of an older schema gets one warning that says so, also returned (``quiet``:
+    none, for a new file or a copy in memory)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         # Re-read inside the write lock: another process may have migrated.
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         version = read_version(conn, tables, path)
+        note = None
+        if version and version < target and not quiet:
+            note = (
+                f"migrating {path} from schema {version} to {target} to write to it (an "
+                "older rome-workbench cannot open it afterwards)"
+            )
+            log.warning("%s", note)
         for i in range(version, target):
             migration = MIGRATIONS[i]
             log.info("migrating %s to schema %d (%s)", path, i + 1, migration.__name__)
@@ -210,3 +221,4 @@ def migrate(conn: sqlite3.Connection, path: Path, target: int = SCHEMA_VERSION) 
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+    return note

@@ -9,6 +9,7 @@ queries over several files.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sqlite3
 import uuid
@@ -24,6 +25,7 @@ from .codec import (
     opt_int,
     unpack_factors,
 )
+from .connection import Access
 from .errors import (
     AmbiguousRunError,
     DuplicateEditError,
@@ -66,6 +68,8 @@ _EDIT_COLUMNS = (
     "step, method"
 )
 
+_GONE = "writer process ended without finishing the run"
+
 _UPDATABLE_RUN_FIELDS = frozenset(
     {
         "notes",
@@ -97,11 +101,17 @@ class Store(ResultTables, StepTables):
         *,
         busy_timeout: float = DEFAULT_BUSY_TIMEOUT_S,
         create: bool = True,
+        access: Access = "write",
     ) -> Store:
-        """Open (creating and migrating as needed) the database at ``path``
-        (default: :func:`default_db_path`)."""
+        """Open the database at ``path`` (default: :func:`default_db_path`): to write
+        (creating and migrating as needed), to ``"read"`` only (nothing is written, an
+        older schema is read as it is), or to ``"read-until-write"`` (as to read, then
+        as to write from the first write on)."""
         return cls(
-            default_db_path() if path is None else path, busy_timeout=busy_timeout, create=create
+            default_db_path() if path is None else path,
+            busy_timeout=busy_timeout,
+            create=create,
+            access=access,
         )
 
     def __enter__(self) -> Store:
@@ -184,7 +194,16 @@ class Store(ResultTables, StepTables):
             if not rows:
                 short = isinstance(run_id, str) and 0 < len(run_id) < 4
                 raise UnknownRunError(str(run_id), str(self.path), min_prefix=4 if short else 0)
-            return Run.from_row(rows[0])
+            return self._shown(Run.from_row(rows[0]))
+
+    def _shown(self, run: Run) -> Run:
+        """A reader's view of a run: ``running`` with nobody holding its writer lock
+        (killed, crashed) reads as ``interrupted``, as a writer's recovery stores it."""
+        if not self.infer_interrupted or run.status != "running":
+            return run
+        if self.writer_info(run.id) is not None:
+            return run
+        return dataclasses.replace(run, status="interrupted", error=run.error or _GONE)
 
     def list_runs(self, model: str | None = None, *, kind: str | None = None) -> list[Run]:
         """Runs, newest first, optionally only one model's / one kind's."""
@@ -201,7 +220,7 @@ class Store(ResultTables, StepTables):
                 _RUN_SELECT + where + " ORDER BY runs.created_at DESC, runs.rowid DESC",
                 params,
             )
-            return [Run.from_row(r) for r in rows]
+            return [self._shown(Run.from_row(r)) for r in rows]
 
     def set_status(
         self, run_id: str, status: RunStatus, error: str | None = None, **fields: Any
@@ -274,7 +293,7 @@ class Store(ResultTables, StepTables):
         for run_id in stale:
             values = {
                 "status": "interrupted",
-                "error": "writer process ended without finishing the run",
+                "error": _GONE,
                 "updated_at": now(),
             }
             with self._write() as conn:

@@ -14,22 +14,22 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from ...context import EditContext, HasCaches
 from ...errors import BadRequestError
+from ...hparams import V_STOPS
 from ...optimise import ZStop
+from ...progress import Progress
 from ...request import EditRequest
 from ...scoring import score_targets
-from ...update import add_delta, restore
-from ..base import LayerUpdate, Update
+from ...update import add_delta, restore, weight_out_in
+from ..base import Capabilities, LayerUpdate, MethodBase, Update, setting, settings_dict
 from .reprs import Located, group_average, locate, reprs_at
 from .templates import family_templates
-from .z import ZResult, optimise_zs
-
-if TYPE_CHECKING:
-    from ...editor import Editor
+from .z import Z_LOOPS, ZResult, optimise_zs
 
 
 @dataclass
@@ -43,7 +43,7 @@ class Solved:
 
 @dataclass
 class LayerContext:
-    """What a solve gets for one layer."""
+    """What a solve gets for one layer (the step's :class:`EditContext` comes beside it)."""
 
     layer: int
     index: int  # i: position among the edited layers
@@ -52,82 +52,79 @@ class LayerContext:
     resid: torch.Tensor  # R (out, n) float32, already divided by (m − i)
 
 
-def moment(editor: Editor, layer: int) -> torch.Tensor:
-    """C₀ of ``layer`` (float32, count-normalised, the base model's), kept by the editor.
+C0_KEY = "family", "C0"
+
+
+def moment(where: HasCaches | EditContext, layer: int) -> torch.Tensor:
+    """C₀ of ``layer`` (float32, count-normalised, the base model's), kept by the caches.
 
     ``covariance: identity`` gives I. A caller may inject its own with
     :func:`use_moment` before the first edit (a parity run).
     """
 
     def make() -> torch.Tensor:
-        if editor.hp.covariance == "identity":
-            return torch.eye(_in_features(editor, layer), dtype=torch.float32)
-        return editor.stats(layer).matrix.float()
+        if where.hp.covariance == "identity":
+            width = int(weight_out_in(where.module(layer)).shape[1])
+            return torch.eye(width, dtype=torch.float32)
+        return where.caches.stats(layer).matrix.float()
 
-    return editor.cached(("family", "C0", layer), make)  # type: ignore[no-any-return]
+    return where.caches.cached((*C0_KEY, layer), make)  # type: ignore[no-any-return]
 
 
-def use_moment(editor: Editor, layer: int, matrix: torch.Tensor) -> None:
-    """Make the family use ``matrix`` as C₀ for ``layer`` on this editor."""
+def use_moment(where: HasCaches | EditContext, layer: int, matrix: torch.Tensor) -> None:
+    """Make the family use ``matrix`` as C₀ for ``layer`` with these caches."""
     m = matrix.float().cpu()
-    got = editor.cached(("family", "C0", layer), lambda: m)
+    got = where.caches.cached((*C0_KEY, layer), lambda: m)
     if got is not m and not torch.equal(got, m):
         raise BadRequestError(f"this editor already uses another C₀ for layer {layer}")
 
 
-def _in_features(editor: Editor, layer: int) -> int:
-    from ...update import weight_out_in
+@dataclass(frozen=True)
+class FamilySettings:
+    """What every method of the family can set for one step (besides its own)."""
 
-    return int(weight_out_in(editor.module(layer)).shape[1])
+    z_loop: str = setting("batched", "how z is optimised: batched or reference", choices=Z_LOOPS)
+    v_stop: str = setting(
+        "", "the z loop's stopping rule (empty: the preset's v_stop)", choices=("", *V_STOPS)
+    )
 
 
-class FamilyMethod:
-    """The shared compute of MEMIT, EMMET and AlphaEdit; subclasses give the solve."""
+class FamilyMethod(MethodBase):
+    """The shared compute of the locate-then-edit family; subclasses give the solve."""
 
-    name = "family"
-    batched = True
-    #: whether the keys on the edited model are kept in LayerUpdate.keys
-    keeps_keys = False
+    capabilities = Capabilities(batched=True, templates="family")
+    Settings: type = FamilySettings
 
-    def layers(self, editor: Editor) -> list[int]:
-        return [editor.check_layer(x) for x in editor.hp.edited_layers()]
-
-    def settings(self, editor: Editor, options: dict[str, Any]) -> dict[str, Any]:
-        """This method's settings for one step (preset values, overridden by options)."""
-        return {}
-
-    def prepare(self, editor: Editor, layers: list[int], settings: dict[str, Any]) -> None:
+    def prepare(self, ctx: EditContext, layers: list[int], settings: Any) -> None:
         """Anything to compute on the base model before the first layer (projectors)."""
 
-    def solve(self, editor: Editor, ctx: LayerContext, settings: dict[str, Any]) -> Solved:
+    def solve(self, ctx: EditContext, lc: LayerContext, settings: Any) -> Solved:
         raise NotImplementedError
-
-    def wants_keys(self, settings: dict[str, Any]) -> bool:
-        return self.keeps_keys
 
     #: which keys a method's state keeps: "edited" (on the edited model, after every layer's
     #: write: AlphaEdit, MEMIT_seq) or "loop" (each layer's K as its solve used it: ENCORE)
     keys_on = "edited"
 
-    def z_stop(self, settings: dict[str, Any]) -> ZStop | None:
+    def z_stop(self, settings: Any) -> ZStop | None:
         """An extra stopping rule of the z optimisation (ENCORE's); None: the preset's."""
         return None
 
     def adjust_z(
-        self, editor: Editor, zr: ZResult, reqs: list[EditRequest], settings: dict[str, Any]
+        self, ctx: EditContext, zr: ZResult, reqs: list[EditRequest], settings: Any
     ) -> ZResult:
         """z as the solve should see it (NAS rescales it); the optimised z by default."""
         return zr
 
-    def finish(self, editor: Editor, update: Update, settings: dict[str, Any]) -> None:
+    def finish(self, ctx: EditContext, update: Update, settings: Any) -> None:
         """Change the computed update in place before it is returned (RECT, PRUNE);
         the model is the unedited one again when this runs."""
 
-    def after_apply(self, editor: Editor, update: Update) -> None:
-        return None
-
     def compute(
-        self, editor: Editor, requests: Sequence[EditRequest], options: dict[str, Any]
+        self,
+        ctx: EditContext,
+        requests: Sequence[EditRequest],
+        settings: Any,
+        progress: Progress | None = None,
     ) -> Update:
         """The update for ``requests`` on the model as it is now (model unchanged after).
 
@@ -137,39 +134,28 @@ class FamilyMethod:
         if not requests:
             raise BadRequestError(f"{self.name} needs at least one request")
         reqs = [r.validate() for r in requests]
-        hp = editor.hp
-        v_stop = options.get("v_stop")
-        if v_stop is not None:
-            hp = hp.replace(v_stop=v_stop).validate()
-        settings = self.settings(editor, options)
-        progress = options.get("progress")
-        layers = self.layers(editor)
-        templates = family_templates(editor)
-        self.prepare(editor, layers, settings)
+        hp = ctx.hp
+        if settings.v_stop:
+            hp = hp.replace(v_stop=settings.v_stop).validate()
+        layers = self.layers(ctx, settings)
+        templates = family_templates(ctx)
+        self.prepare(ctx, layers, settings)
         z_layer = layers[-1]
         block = f"{hp.layers_module}.{z_layer}"
-        model, tok = editor.model, editor.tok
+        model, tok = ctx.model, ctx.tok
         bare = [locate(tok, r.prompt, r.subject, hp.subject_index) for r in reqs]
         key_items = [
             locate(tok, t.format(r.prompt), r.subject, hp.subject_index)
             for r in reqs
             for t in templates
         ]
-        before = _probe(editor, reqs)
+        before = _probe(ctx, reqs)
         z_cb = (lambda d, t: progress("z", d, t)) if progress else None
         zr, z_loop = optimise_zs(
-            model,
-            tok,
-            reqs,
-            templates,
-            z_layer,
-            block,
-            hp,
-            z_cb,
-            options.get("z_loop", "batched"),
+            model, tok, reqs, templates, z_layer, block, hp, z_cb, settings.z_loop,
             self.z_stop(settings),
-        )
-        zr = self.adjust_z(editor, zr, reqs, settings)
+        )  # fmt: skip
+        zr = self.adjust_z(ctx, zr, reqs, settings)
         saved: list[tuple[int, torch.Tensor]] = []
         out: list[LayerUpdate] = []
         infos: list[dict[str, Any]] = []
@@ -177,17 +163,17 @@ class FamilyMethod:
         try:
             for i, layer in enumerate(layers):
                 name = hp.weight_module(layer)
-                keys = _keys(editor, key_items, name, len(templates))
+                keys = _keys(ctx, key_items, name, len(templates))
                 cur_z = reprs_at(model, tok, bare, block, "out").to(zr.z.device)
                 err = zr.z - cur_z  # (n, d)
                 resid_norms.append(err.norm(dim=1).tolist())
                 resid = (err / (len(layers) - i)).T.to(keys.device)  # under a device map
-                ctx = LayerContext(layer, i, len(layers), keys, resid)
-                solved = self.solve(editor, ctx, settings)
+                lc = LayerContext(layer, i, len(layers), keys, resid)
+                solved = self.solve(ctx, lc, settings)
                 lu = LayerUpdate(layer, name, solved.U.float(), solved.V.float())
-                if self.keys_on == "loop" and self.wants_keys(settings):
+                if self.keys_on == "loop" and self.stores_keys(settings):
                     lu.keys = keys.cpu()
-                saved.append((layer, add_delta(editor.module(layer), lu.delta())))
+                saved.append((layer, add_delta(ctx.module(layer), lu.delta())))
                 out.append(lu)
                 infos.append(solved.info)
                 if progress:
@@ -195,13 +181,13 @@ class FamilyMethod:
             final_err = (zr.z - reprs_at(model, tok, bare, block, "out").to(zr.z.device)).norm(
                 dim=1
             )
-            if self.keys_on == "edited" and self.wants_keys(settings):
+            if self.keys_on == "edited" and self.stores_keys(settings):
                 for lu in out:
-                    lu.keys = _keys(editor, key_items, lu.weight_name, len(templates)).cpu()
-            after = _probe(editor, reqs)
+                    lu.keys = _keys(ctx, key_items, lu.weight_name, len(templates)).cpu()
+            after = _probe(ctx, reqs)
         finally:
             for layer, w in reversed(saved):
-                restore(editor.module(layer), w)
+                restore(ctx.module(layer), w)
         records = [
             _record(j, r, zr, resid_norms, final_err, layers, before, after)
             for j, r in enumerate(reqs)
@@ -216,31 +202,31 @@ class FamilyMethod:
             "v_length_buckets": hp.v_length_buckets if z_loop == "batched" else False,
             "n_requests": len(reqs),
             "templates": templates,
-            **{k: v for k, v in settings.items() if not k.startswith("_")},
+            **{k: v for k, v in settings_dict(settings).items() if k not in ("z_loop", "v_stop")},
             "per_layer": [{"layer": lu.layer, **inf} for lu, inf in zip(out, infos, strict=True)],
         }
         results = [
             {"z": zr.z[j].cpu(), "target_init": zr.target_init[j].cpu()} for j in range(len(reqs))
         ]
         upd = Update(self.name, out, records, options=opts, results=results)
-        self.finish(editor, upd, settings)
-        upd.unsafe_reason = editor.update_unsafe_reason(upd)
+        self.finish(ctx, upd, settings)
+        upd.unsafe_reason = ctx.unsafe_reason(upd)
         return upd
 
 
-def _keys(editor: Editor, items: list[Located], name: str, n_templates: int) -> torch.Tensor:
+def _keys(ctx: EditContext, items: list[Located], name: str, n_templates: int) -> torch.Tensor:
     """K (in, n): per request ½ the bare key + ½ the mean of the prefixed ones."""
-    raw = reprs_at(editor.model, editor.tok, items, name, "in")
+    raw = reprs_at(ctx.model, ctx.tok, items, name, "in")
     return group_average(raw, n_templates).T.contiguous()
 
 
-def _probe(editor: Editor, reqs: list[EditRequest]) -> list[tuple[float, float | None]]:
+def _probe(ctx: EditContext, reqs: list[EditRequest]) -> list[tuple[float, float | None]]:
     """(p(target_new), p(target_true)) on each bare prompt."""
     prompts = [r.text for r in reqs] + [r.text for r in reqs if r.true_object is not None]
     targets = [r.target_new for r in reqs] + [
         r.true_object for r in reqs if r.true_object is not None
     ]
-    scores = score_targets(editor.model, editor.tok, prompts, targets)
+    scores = score_targets(ctx.model, ctx.tok, prompts, targets)
     out: list[tuple[float, float | None]] = []
     k = len(reqs)
     for j, r in enumerate(reqs):

@@ -24,7 +24,7 @@ from ...devices import model_device
 from ...errors import BadRequestError
 
 if TYPE_CHECKING:
-    from ...editor import Editor
+    from ...context import EditContext, HasCaches
 
 TEMPLATES_KEY = ("family", "templates")
 
@@ -77,7 +77,7 @@ def check_templates(templates: Sequence[str]) -> list[str]:
     return ts
 
 
-def family_templates(editor: Editor) -> list[str]:
+def family_templates(editor: HasCaches | EditContext) -> list[str]:
     """The editor's family templates: the preset's explicit list, else sampled once
     (seeded with ``template_seed``) on the unedited weights and kept by the editor."""
 
@@ -85,7 +85,7 @@ def family_templates(editor: Editor) -> list[str]:
         hp = editor.hp
         if hp.family_context_templates is not None:
             return check_templates(hp.family_context_templates)
-        with editor.base_weights():
+        with editor.caches.base_weights():
             return sample_family_templates(
                 editor.model,
                 editor.tok,
@@ -95,15 +95,15 @@ def family_templates(editor: Editor) -> list[str]:
                 hp.template_seed,
             )
 
-    return list(editor.cached(TEMPLATES_KEY, make))
+    return list(editor.caches.cached(TEMPLATES_KEY, make))
 
 
-def use_templates(editor: Editor, templates: Sequence[str]) -> None:
+def use_templates(editor: HasCaches | EditContext, templates: Sequence[str]) -> None:
     """Make ``editor`` use these family templates (a resumed replay, a parity run).
 
     Must be called before the editor's first family edit.
     """
     ts = check_templates(templates)
-    got = editor.cached(TEMPLATES_KEY, lambda: ts)
+    got = editor.caches.cached(TEMPLATES_KEY, lambda: ts)
     if list(got) != ts:
         raise BadRequestError("this editor already uses other family context templates")

@@ -7,8 +7,9 @@ from dataclasses import replace
 
 from textual import on
 
+from rome.methods import METHODS
 from rome.progress import Progress
-from workbench.core.forms import EditForm
+from workbench.core.forms import EditForm, has_key_modes
 from workbench.core.generation import GenerationPair
 from workbench.core.method_edits import MethodEditOutcome
 from workbench.core.records import EditOutcome
@@ -39,7 +40,7 @@ class EditActions(AppBase):
             return f"covariance over {corpus} texts (first time for this layer; cached after)"
         if phase == "v*":
             return "optimising v*"
-        if phase in ("memit", "emmet", "alphaedit"):
+        if phase in METHODS:
             return f"computing the {phase} update"
         return ""
 
@@ -264,8 +265,8 @@ class EditActions(AppBase):
         pane = self.compare_pane
         row = next((r for r in pane.method_rows if r.label == label), None)
         o: EditOutcome | MethodEditOutcome | None = None
-        if row is not None and row.method == "rome":
-            o = pane.outcomes.get(label.removeprefix("rome/"))  # emptied once one is applied
+        if row is not None and has_key_modes(row.method):  # a key mode's row: rome/<mode>
+            o = pane.outcomes.get(label.removeprefix(f"{row.method}/"))  # emptied once applied
         elif row is not None and len(row.updates) == 1 and pane.version is not None and pane.form:
             o = self.methods.outcome_of(pane.form, row, pane.version)
         if o is None:

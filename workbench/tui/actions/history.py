@@ -27,7 +27,6 @@ class HistoryActions(AppBase):
 
         def work(ctx: JobContext) -> None:
             what = self.session.undo()
-            self.methods.sync()  # a batch method's carried state without the undone step
             ctx.post(ModelChanged(what))
 
         self.start_job(JobId.UNDO, "Undoing the last edit", work)
@@ -43,7 +42,6 @@ class HistoryActions(AppBase):
 
         def work(ctx: JobContext) -> None:
             k = self.session.revert_all()
-            self.methods.sync()
             ctx.post(ModelChanged(f"reverted {k} edit(s): base weights restored"))
 
         def answer(yes: bool | None) -> None:

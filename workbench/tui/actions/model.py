@@ -8,7 +8,7 @@ from textual.widgets import TabbedContent
 
 from ..base import AppBase, guarded
 from ..jobs import JobContext, JobEnd, JobId, ReadId
-from ..messages import CovarianceReady, ModelLoaded, StoreOpened
+from ..messages import CovarianceReady, ModelLoaded, Notice, StoreOpened
 
 
 class ModelActions(AppBase):
@@ -16,22 +16,29 @@ class ModelActions(AppBase):
 
     # ----------------------------------------------------------- store
     def open_store(self) -> None:
-        """Open the database (or take the given one) and recover stale runs, in a worker."""
+        """Open the database (or take the given one), in a worker. An existing file is
+        opened to read until the first write (browsing writes nothing to it, not even a
+        migration; saving an edit or a replay migrates it, saying so); a run whose
+        writer is gone reads as interrupted without being stored so."""
         given = self._given_store
         db_path = self.db_path
 
         def work() -> StoreOpened:
-            from workbench.core.stores import open_store, recover
-            from workbench.store import StoreError
+            from workbench.core.stores import database_path, open_store
+            from workbench.store import Access, StoreError
 
             try:
-                store = given if given is not None else open_store(db_path)
+                if given is not None:
+                    return StoreOpened(given, [])
+                exists = database_path(db_path).exists()
+                access: Access = "read-until-write" if exists else "write"
+                store = open_store(db_path, access=access)
+                store.on_migrate = lambda note: self.post_message(
+                    Notice(note[:1].upper() + note[1:], "warning", "Database migrated")
+                )
+                return StoreOpened(store, [])
             except StoreError as exc:
                 return StoreOpened(None, [], exc, "Opening the database")
-            try:
-                return StoreOpened(store, recover(store))
-            except StoreError as exc:
-                return StoreOpened(store, [], exc, "Checking for interrupted runs")
 
         self._store_opening = True
         self.read(ReadId.STORE, "Opening the database", work)

@@ -12,8 +12,15 @@ from textual.message import Message
 from textual.widgets import Button, Input, Select, Static
 
 from rome import MODES
+from rome.methods import get_method, method_names
 from workbench.core.format import farrow, fnum, fseconds
-from workbench.core.forms import FORM_METHODS, EditForm, field_errors, form_from_values
+from workbench.core.forms import (
+    FORM_METHODS,
+    EditForm,
+    field_errors,
+    form_from_values,
+    has_key_modes,
+)
 from workbench.core.method_edits import MethodApplied, MethodEditOutcome
 from workbench.core.records import AppliedInfo, EditOutcome
 from workbench.core.verdict import Verdict
@@ -57,12 +64,8 @@ KEY_MODE_HINT = Text.assemble(
     " compares the key modes and the methods · examples: Ctrl+P, type 'Example'",
     style="dim",
 )
-METHOD_HELP = {
-    "rome": "rome: one layer, rank one (key mode below)",
-    "memit": "memit: several layers, least squares",
-    "emmet": "emmet: several layers, equality-constrained",
-    "alphaedit": "alphaedit: memit in C's null space",
-}
+#: each method's line in the method list: its name and its own summary
+METHOD_HELP = {name: f"{name}: {get_method(name).summary}" for name in method_names()}
 MODE_HELP = {
     "original": "original (ROME): k* direction, k(s) in Λ",
     "rrome": "rrome (r-ROME): k* for both",
@@ -252,7 +255,7 @@ class EditPane(Vertical):
     def _method_fields(self) -> None:
         """ROME's key mode and layer apply to ROME alone: off for another method."""
         method = self.method
-        rome = method == "rome"
+        rome = has_key_modes(method)  # ROME's key mode and layer
         mode = self.query_one("#f-mode", Select)
         layer = self.query_one("#f-layer", Input)
         mode.disabled = not rome

@@ -14,6 +14,7 @@ from textual.widgets import Button, Checkbox, Input, Label, Select, Static
 from evals.glue import CALIBRATIONS, SCORINGS
 from evals.glue import TASKS as GLUE_TASKS
 from rome import MODES
+from workbench.core.forms import has_key_modes
 from workbench.core.replay import (
     FIELD_LABELS,
     REPLAY_METHODS,
@@ -205,10 +206,9 @@ class ReplaySettings(Vertical):
         """The key mode is ROME's: off for a batch method (its value is then not used)."""
         method = str(event.value)
         mode = self.query_one("#r-mode", Select)
-        mode.disabled = method != "rome"
-        mode.tooltip = (
-            CHOICE_FIELDS["mode"][2] if method == "rome" else f"ROME's key mode: {method} has none"
-        )
+        keyed = has_key_modes(method)
+        mode.disabled = not keyed
+        mode.tooltip = CHOICE_FIELDS["mode"][2] if keyed else f"ROME's key mode: {method} has none"
 
     def values(self) -> dict[str, Any]:
         """The settings as ReplayConfig fields (numbers still as typed)."""

@@ -5,6 +5,7 @@ while another process writes the database."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -19,7 +20,7 @@ from textual.message import Message
 from textual.widgets import Button, DataTable, Static
 
 from workbench.core.run_stats import compare_runs, p_text
-from workbench.core.summary import SCORE_KEYS, fmt
+from workbench.core.summary import SCORE_KEYS, ProtocolScores, fmt
 
 from ..replay_data import ReplaySeries
 from ..widgets.flagged_edits import FlaggedEdits
@@ -186,18 +187,21 @@ def scores_table(series: Sequence[ReplaySeries]) -> Group | Text:
         title_style="bold",
         box=None,
         padding=(0, 1),
+        collapse_padding=True,
         show_edge=False,
     )
-    for col in ("run", "protocol", "ES", "PS", "NS", "S", "hold"):
-        t.add_column(col, justify="left" if col in ("run", "protocol") else "right")
+    t.add_column("run")
+    t.add_column("protocol")
+    for col in ("ES", "PS", "NS", "S", "hold"):  # a value over its interval, ".85–.89"
+        t.add_column(col, justify="right", min_width=8, no_wrap=True)
     for s in series:
         for p in s.protocols:
             if not p.recorded:
                 t.add_row(s.run_id[:8], p.protocol, Text("not recorded", style="dim"))
                 continue
             hold = f"{p.hold}/{p.n}" if p.hold is not None else ""
-            cells = [_cell(fmt(getattr(p, k)), p.interval(k, 2)) for k in SCORE_KEYS]
-            t.add_row(s.run_id[:8], p.protocol, *cells, _cell(hold, p.interval("hold", 2)))
+            cells = [_cell(fmt(getattr(p, k)), _span(p, k)) for k in SCORE_KEYS]
+            t.add_row(s.run_id[:8], p.protocol, *cells, _cell(hold, _span(p, "hold")))
     parts: list[Table | Text] = [t]
     for s in zsre:  # what a zsRE run's ES / PS / NS are, and its teacher-forced figures
         text = Text(f"{s.run_id[:8]} (zsRE)", style="bold")
@@ -211,6 +215,11 @@ def scores_table(series: Sequence[ReplaySeries]) -> Group | Text:
     if tests is not None:
         parts.append(tests)
     return Group(*parts)
+
+
+def _span(p: ProtocolScores, key: str) -> str:
+    r = p.rates.get(key)
+    return r.span(2) if r is not None else ""
 
 
 def _cell(value: str, interval: str) -> Text:
@@ -238,6 +247,16 @@ def needed_text(series: Sequence[ReplaySeries]) -> Text | None:
     return out if shown else None
 
 
+def short_what(what: str) -> str:
+    """``holds at end, needed an edit`` for the pane's narrow table (the report has the
+    long names)."""
+    what = what.replace("holds at the end of the stream, all", "holds at end, all")
+    what = what.replace(
+        "holds at the end, records that needed an edit in both", "holds at end, needed"
+    )
+    return re.sub(r" accuracy after (\d+) edits| after (\d+) edits", r" @\1\2", what)
+
+
 def paired_table(series: Sequence[ReplaySeries]) -> Table | None:
     """The paired tests between every two stored runs shown (a difference at 0.05, or
     within noise)."""
@@ -253,7 +272,7 @@ def paired_table(series: Sequence[ReplaySeries]) -> Table | None:
         t.add_row(
             c.a[:8],
             c.b[:8],
-            c.what,
+            short_what(c.what),
             f"{c.test.a:.3f}",
             f"{c.test.b:.3f}",
             p_text(c.test.p),
