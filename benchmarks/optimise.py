@@ -1,8 +1,14 @@
 """The v* loop on the same model, templates and requests: the published per-request structure,
 today's fast path, prefix reuse, and prefix reuse with many requests in one optimisation.
 
+A breakdown of the levers, not a comparison with the published code: "published" here is
+this project's re-implementation of the published loop's structure, which runs slower
+than the published code itself. ``benchmarks/speed.py --reference-src DIR`` times the
+published code (kmeng01/rome, rebuilding-rome) beside this project's edit.
+
   published: ``compute_v_star(fast=False)``: the whole model at every step, logits at
-             every position, parameters requiring grad (the published code's structure);
+             every position, parameters requiring grad (the published code's structure,
+             re-implemented here);
   fast:      ``compute_v_star``: blocks from the edited layer up, logits only where read;
   reuse:     ``optimise_targets``, one request: blocks from the edited layer up over the
              positions from the subject's last token on (the prefix computed once);
@@ -192,7 +198,8 @@ def edit_times(lm, reqs: list[EditRequest]) -> None:
             ed.compute(r, fast=fast)
         out[fast] = (time.process_time() - t0) / len(reqs)
     print(
-        f"\nwhole edit (Editor.compute, rrome, CPU s): published structure {out[False]:.2f} s, "
+        f"\nwhole edit (Editor.compute, rrome, CPU s): re-implemented published structure "
+        f"{out[False]:.2f} s, "
         f"fast + prefix reuse {out[True]:.2f} s: {out[False] / out[True]:.2f}x"
     )
 

@@ -129,6 +129,12 @@ class Reference:
         self.log.close()
 
 
+def prepared(ed: Any) -> Any:
+    """The editor with its templates and C⁻¹ factor ready (the reference's are injected)."""
+    ed.prepare()
+    return ed
+
+
 def timed_ours(ed: Any, req: Any, mode: str) -> tuple[float, float, Any]:
     t0, c0 = time.perf_counter(), time.process_time()
     res = ed.compute(req, mode=mode, probe_after=False)
@@ -194,7 +200,11 @@ def run(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
                 sides: list[tuple[str, Any, str]] = []  # (label, editor or Reference, mode)
                 for ref in refs:
                     sides.append(
-                        (f"ours {ref.kind}", Editor(model, tok, hp, templates=templates), ref.kind)
+                        (
+                            f"ours {ref.kind}",
+                            prepared(Editor(model, tok, hp, templates=templates)),
+                            ref.kind,
+                        )
                     )
                     sides.append((ref.name, ref, ref.kind))
                 for name, changes in variants:
@@ -202,11 +212,18 @@ def run(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
                     sides.append(
                         (
                             f"ours {mode} {name}",
-                            Editor(model, tok, hp.replace(**changes), templates=templates),
+                            prepared(
+                                Editor(model, tok, hp.replace(**changes), templates=templates)
+                            ),
                             mode,
                         )
                     )
-                rows += run_config(args, sides, reqs, templates, threads, hp, n_layers, head)
+                warm = not rows or args.warm_each
+                done = run_config(args, sides, reqs, templates, threads, hp, n_layers, head, warm)
+                for r in done:  # as they come: a long run that is cut short keeps its rows
+                    sys.stdout.write(f"row: {json.dumps(r)}\n")
+                sys.stdout.flush()
+                rows += done
     finally:
         for ref in refs:
             ref.close()
@@ -222,15 +239,16 @@ def run_config(
     hp: Any,
     n_layers: int,
     head: str,
+    warm: bool,
 ) -> list[dict[str, Any]]:
-    """One thread count and template set: a warm-up edit per side, then the repeats,
-    the sides interleaved."""
+    """One thread count and template set: with ``warm``, a warm-up edit per side first
+    (not recorded); then the repeats, the sides interleaved."""
     torch.set_num_threads(threads)
     stats: dict[str, dict[str, list[Any]]] = {
         label: {"wall": [], "cpu": [], "dw": [], "steps": [], "eff": [], "phases": []}
         for label, _, _ in sides
     }
-    for rep in range(-1, args.repeats):  # rep -1: warm-up, not recorded
+    for rep in range(-1 if warm else 0, args.repeats):  # rep -1: warm-up, not recorded
         req = reqs[max(rep, 0) % len(reqs)]
         deltas: dict[str, torch.Tensor] = {}
         for label, side, mode in sides:
@@ -337,13 +355,13 @@ def profile(args: argparse.Namespace) -> None:
     req = EditRequest(*REQUESTS[0])
     ed.compute(req, mode="rrome", probe_after=False)  # warm-up
     with tprofile(activities=[ProfilerActivity.CPU]) as prof:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = ed.compute(req, mode="rrome", probe_after=False)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     phases = ", ".join(f"{k} {v:.2f}" for k, v in res.timings.items() if v >= 0.005)
     sys.stdout.write(
         f"profile: one rrome edit, {len(ed.templates())} templates, {args.threads[0]} thread(s), "
-        f"{len(res.v_star_trace)} v* steps, {wall:.2f} s wall ({load_text()})\n"
+        f"{len(res.v_star_trace)} v* steps, {wall:.2f} s wall, {cpu:.2f} CPU s ({load_text()})\n"
         f"phases (s): {phases}\n"
     )
     sys.stdout.write(
@@ -406,6 +424,7 @@ def main() -> None:
     ap.add_argument("--templates", default="11,21", help="comma-separated template counts")
     ap.add_argument("--repeats", type=int, default=3, help="timed edits per side and setting")
     ap.add_argument("--requests", type=int, default=3, help="distinct requests (cycled)")
+    ap.add_argument("--warm-each", action="store_true", help="a warm-up edit per setting")
     ap.add_argument("--variant", action="append", default=[], help="name:key=value,...")
     ap.add_argument("--profile", action="store_true", help="profile one of our edits first")
     ap.add_argument("--profile-rows", type=int, default=25)
