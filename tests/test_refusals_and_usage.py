@@ -158,3 +158,17 @@ def test_rescore_of_a_run_that_did_not_finish_says_it_resumes_it(
     assert len(notes) == 1 and "interrupted, not finished" in notes[0], res.stderr
     with Store.open(db, access="read") as store:
         assert store.get_run(done.run_id).status == "finished"
+
+
+def test_edit_method_all_leaves_out_what_cannot_edit_the_model_and_says_so() -> None:
+    """``--method all`` on GPT-2: UltraEdit (no gate/up projections) is left out with one
+    note; every other registered method has its row and the command succeeds."""
+    from rome.methods import method_names
+
+    res = invoke(["edit", "--model", "tiny-gpt2", "--method", "all", "--json", *EIFFEL])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout[res.stdout.index("[") :])
+    shown = {r["method"] for r in rows}
+    assert "ultraedit" not in shown
+    assert shown == set(method_names()) - {"ultraedit"}
+    assert "note: ultraedit left out: ultraedit cannot edit this model" in res.stderr

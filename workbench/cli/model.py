@@ -353,7 +353,14 @@ def _edit_methods(
     from rome import MODES, EditRequest
     from workbench.core.edits import make_editor
     from workbench.core.limits import check_request_length
-    from workbench.core.methods import batch_conflicts, compare_methods, load_batch, methods_for
+    from workbench.core.methods import (
+        ALL_METHODS,
+        batch_conflicts,
+        compare_methods,
+        editable_methods,
+        load_batch,
+        methods_for,
+    )
 
     methods = methods_for(method)
     prompt, subject, target_new, target_true = fields
@@ -382,6 +389,10 @@ def _edit_methods(
     for note in batch_conflicts(reqs):
         say("warning", f"{batch}: {note}")
     ed = make_editor(lm)
+    if method == ALL_METHODS:  # side by side: what cannot edit this model is left out, said once
+        methods, left = editable_methods(ed, methods)
+        for name, why in left:
+            say("note", f"{name} left out: {why}")
     outs = compare_methods(lm, ed, reqs, methods, None if mode == "all" else mode, options)
     if as_json:
         out.print_json(json.dumps([o.to_dict() for o in outs]))

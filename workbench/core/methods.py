@@ -247,6 +247,25 @@ def _probe(lm: LoadedModel, reqs: Sequence[EditRequest]) -> tuple[list[float], l
     return new, true
 
 
+def editable_methods(
+    editor: Editor, names: Sequence[str]
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """``names`` split into the methods that can edit ``editor``'s model (each with its
+    shipped variant's settings) and, for the others, why not (UltraEdit on GPT-2)."""
+    kept: list[str] = []
+    left: list[tuple[str, str]] = []
+    for name in names:
+        m = get_method(name)
+        hp = method_preset(editor.hp, name)
+        ed = editor if hp is editor.hp else editor.variant(hp)
+        why = m.cannot_edit(ed.context(m), m.settings(hp))
+        if why is None:
+            kept.append(name)
+        else:
+            left.append((name, why))
+    return kept, left
+
+
 def run_method(
     lm: LoadedModel,
     editor: Editor,
