@@ -296,9 +296,10 @@ def edit(
     from rome import EditRequest
     from workbench.core.edits import make_editor, modes_for, preview_edit
     from workbench.core.limits import check_generate_tokens, check_request_length
-    from workbench.core.methods import edit_is_side_by_side, parse_options
+    from workbench.core.methods import edit_is_side_by_side, methods_for, parse_options
 
     with handled():
+        methods_for(method)  # an unknown name is refused with the list, ``all`` included
         options = parse_options(method, opt or [])
         if edit_is_side_by_side(method, batch is not None, options):
             _refuse_unshown(ctx, method, generate_tokens)
