@@ -17,7 +17,7 @@ PALETTE: tuple[tuple[str, str, str], ...] = (
     ("Compute edit", "Compute the Edit tab's update; model unchanged (F5)", "compute"),
     (
         "Compare key modes and methods",
-        "ROME's original / rrome / prompt beside memit, emmet, alphaedit (F6)",
+        "ROME's original / rrome / prompt beside the batch methods (F6)",
         "compare",
     ),
     ("Apply edit", "Apply the Edit tab's edit to the model (F7)", "apply"),

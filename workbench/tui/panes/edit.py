@@ -56,8 +56,9 @@ KEY_MODE_HINT = Text.assemble(
     ": r-ROME, k* for both; small norms, the bare prompt may get less of the edit.\n",
     ("prompt", "bold"),
     ": k(s) for both; the edit holds on the prompt, weaker on paraphrases.\n\n",
-    ("memit, emmet, alphaedit", "bold"),
-    ": the batch editors, on their preset's layers (no key mode).\n\n",
+    ("The other methods", "bold"),
+    " (MEMIT, EMMET, AlphaEdit and those after them: the Method list): on their preset's"
+    " layers, no key mode.\n\n",
     ("Enter", "bold"),
     " in a field computes · ",
     ("F6", "bold"),

@@ -35,7 +35,7 @@ TEXT_FIELDS = {
         "Order seed",
         "Edit the records in the order this seed shuffles them into (empty: the file's order)",
     ),
-    "batch_size": ("Batch size", "Requests per edit step (batch methods: memit, emmet, alphaedit)"),
+    "batch_size": ("Batch size", "Requests per edit step (batch methods; rome: 1)"),
     "layer": ("Layer", "The layer to edit (empty: the preset's)"),
     "glue_every": (
         "GLUE every",
