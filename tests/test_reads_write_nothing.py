@@ -172,15 +172,20 @@ async def test_the_app_browses_an_older_database_without_writing_it(
 # ------------------------------------------------------------- a writer killed
 
 
+N_KILLED = 150
+
+
 def _replay_killed(tmp_path: Path, sig: signal.Signals) -> tuple[Path, str]:
-    """A CLI replay of 8 edits sent ``sig`` after its first edit; the database and stderr."""
-    data = tmp_path / "eight.json"
-    data.write_text(json.dumps(records(8)))
+    """A CLI replay sent ``sig`` after its first edit; the database and stderr. The stream
+    is long (150 edits) so that a fast machine cannot finish it between the poll that sees
+    the first edit and the signal (8 edits could: the run was found finished)."""
+    data = tmp_path / "stream.json"
+    data.write_text(json.dumps(records(N_KILLED)))
     glue = tmp_path / "glue"
     glue.mkdir()
     (glue / "sst2.jsonl").write_text((GLUE / "sst2.jsonl").read_text())
     db = tmp_path / "w.db"
-    args = [sys.executable, "-m", "workbench.cli", *map(str, replay_args(db, data, glue, 8))]
+    args = [sys.executable, "-m", "workbench.cli", *map(str, replay_args(db, data, glue, N_KILLED))]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -204,7 +209,7 @@ def test_a_run_killed_with_sigkill_lists_as_interrupted(tmp_path: Path) -> None:
     before = files(db.parent)
     with Store.open(db, access="read") as store:
         (run,) = store.list_runs()
-        assert run.status == "interrupted" and run.n_edits < 8  # the lock: no writer alive
+        assert run.status == "interrupted" and run.n_edits < N_KILLED  # the lock: no writer alive
     res = invoke(["runs", "--db", db])
     assert res.exit_code == 0 and "interrupted" in res.stdout and "running" not in res.stdout
     res = invoke(["report", run.id, "-o", tmp_path / "report", "--db", db])
