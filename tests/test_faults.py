@@ -338,10 +338,10 @@ def test_a_relative_dataset_is_stored_as_an_absolute_path(
 
 
 def test_sigterm_during_a_replay_marks_it_interrupted(done: Done, tmp_path: Path) -> None:
-    data = tmp_path / "eight.json"
-    data.write_text(json.dumps(records(8)))
+    data = tmp_path / "stream.json"  # long enough that a fast machine cannot finish it first
+    data.write_text(json.dumps(records(150)))
     db = tmp_path / "w.db"
-    args = [sys.executable, "-m", "workbench.cli", *map(str, replay_args(db, data, done.glue, 8))]
+    args = [sys.executable, "-m", "workbench.cli", *map(str, replay_args(db, data, done.glue, 150))]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -361,4 +361,4 @@ def test_sigterm_during_a_replay_marks_it_interrupted(done: Done, tmp_path: Path
     text = stderr.decode()
     assert proc.returncode == 1, text
     assert "Traceback" not in text and f"resume with --resume {run.id}" in text
-    assert run.status == "interrupted" and 1 <= run.n_edits < 8
+    assert run.status == "interrupted" and 1 <= run.n_edits < 150
