@@ -187,7 +187,16 @@ def _replay_killed(tmp_path: Path, sig: signal.Signals) -> tuple[Path, str]:
     db = tmp_path / "w.db"
     args = [sys.executable, "-m", "workbench.cli", *map(str, replay_args(db, data, glue, N_KILLED))]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        # a shell's background job inherits SIGINT ignored, and Python then keeps it ignored:
+        # give the child the default, as a terminal's replay has
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and proc.poll() is None:
