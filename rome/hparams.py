@@ -29,6 +29,10 @@ LEGACY_METHOD_FIELDS = (
     "nullspace_threshold",
     "alphaedit_l2",
     "memit_accumulate",
+    # UltraEdit's settings were flat fields for a few commits (runs made then store them)
+    "ultraedit_lr",
+    "ultraedit_modules",
+    "ultraedit_normaliser",
 )
 
 

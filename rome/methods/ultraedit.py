@@ -56,7 +56,11 @@ MODULES = {  # relative to a block; "mlp_out" is the preset's edited weight
 @dataclass(frozen=True)
 class UltraEditSettings:
     lr: float = setting(
-        1e-6, "the step size (published: 1e-6, 7B models)", low=0.0, inclusive=False
+        1e-6,
+        "the step size (published: 1e-6, 7B models)",
+        low=0.0,
+        inclusive=False,
+        legacy="ultraedit_lr",
     )
     modules: str = setting(
         "gate_up",
@@ -67,6 +71,7 @@ class UltraEditSettings:
         "exact",
         "the running variance: Chan's rule, or the published m·var(0)",
         choices=("exact", "published"),
+        legacy="ultraedit_normaliser",
     )
 
 
