@@ -37,7 +37,9 @@ def test_old_flat_preset_fields_map_onto_the_methods_that_name_them():
     again = EditHparams.from_dict(flat)
     assert get_method("memit").settings(again).accumulate is True
     # runs made while UltraEdit's settings were flat fields store them (zsre-smollm2.db)
-    flat.update(ultraedit_lr=2e-6, ultraedit_modules=["mlp.gate_proj"], ultraedit_normaliser="exact")
+    flat.update(
+        ultraedit_lr=2e-6, ultraedit_modules=["mlp.gate_proj"], ultraedit_normaliser="exact"
+    )
     ultra = get_method("ultraedit").settings(EditHparams.from_dict(flat))
     assert ultra.lr == 2e-6 and ultra.normaliser == "exact"
     # a method's own entry wins over the old shared field
