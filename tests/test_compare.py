@@ -70,6 +70,23 @@ def test_the_family_spec_names_its_runs_and_their_replay_commands():
         assert args[args.index(flag) + 1] == value
 
 
+def test_the_specs_of_the_runs_still_to_make_name_every_method_and_dataset():
+    ref = load_spec(ROOT / "docs/results/reference-smollm2.toml")
+    by_name = {r.name: r for r in ref.runs}
+    assert {(r.method, r.dataset) for r in ref.runs} == {
+        ("memit", "val"), ("emmet", "val"), ("alphaedit", "val"), ("memit-seq", "val"),
+        ("rome", "zsre"), ("memit", "zsre"), ("emmet", "zsre"), ("alphaedit", "zsre"),
+    }  # fmt: skip
+    args = by_name["memit-val-o2-n300-b100"].replay_args()
+    assert args[args.index("--order-seed") + 1] == "2"
+    assert sorted(r.order for r in ref.runs if r.n_edits == 300) == [1, 1, 1, 2, 2, 2]
+    assert by_name["rrome-zsre-zsre-n800-b1"].batch_size == 1
+    methods = load_spec(ROOT / "docs/results/methods-smollm2.toml")
+    assert [r.method for r in methods.runs] == [
+        "encore", "rect", "prune", "memit-nas", "nas", "ultraedit",
+    ]  # fmt: skip
+
+
 def test_orders_are_seeds_and_the_runs_that_differ_only_by_order_are_a_group(tmp_path):
     spec = load_spec(
         _spec(

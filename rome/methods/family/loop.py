@@ -11,6 +11,7 @@ restored at the end: computing leaves the model as it was.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,9 @@ from ...update import add_delta, restore, weight_out_in
 from ..base import Capabilities, LayerUpdate, MethodBase, Update, setting, settings_dict
 from .reprs import Located, group_average, locate, reprs_at
 from .templates import family_templates
-from .z import Z_LOOPS, ZResult, optimise_zs
+from .z import Z_LOOPS, ZResult, optimise_zs, z_key
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -144,6 +147,9 @@ class FamilyMethod(MethodBase):
             hp = hp.replace(v_stop=settings.v_stop).validate()
         layers = self.layers(ctx, settings)
         templates = family_templates(ctx)
+        if self.capabilities.needs_c0:  # C₀ of the base model, before the loop writes
+            for layer in layers:
+                moment(ctx, layer)
         self.prepare(ctx, layers, settings)
         z_layer = layers[-1]
         block = f"{hp.layers_module}.{z_layer}"
@@ -155,11 +161,7 @@ class FamilyMethod(MethodBase):
             for t in templates
         ]
         before = _probe(ctx, reqs)
-        z_cb = (lambda d, t: progress("z", d, t)) if progress else None
-        zr, z_loop = optimise_zs(
-            model, tok, reqs, templates, z_layer, block, hp, z_cb, settings.z_loop,
-            self.z_stop(settings),
-        )  # fmt: skip
+        zr, z_loop = self._z(ctx, reqs, templates, z_layer, hp, settings, progress)
         zr = self.adjust_z(ctx, zr, reqs, settings)
         saved: list[tuple[int, torch.Tensor]] = []
         out: list[LayerUpdate] = []
@@ -219,6 +221,41 @@ class FamilyMethod(MethodBase):
         self.finish(ctx, upd, settings)
         upd.unsafe_reason = ctx.unsafe_reason(upd)
         return upd
+
+    def _z(
+        self,
+        ctx: EditContext,
+        reqs: list[EditRequest],
+        templates: list[str],
+        z_layer: int,
+        hp: Any,
+        settings: Any,
+        progress: Progress | None,
+    ) -> tuple[ZResult, str]:
+        """z for ``reqs``, optimised once per state of the weights for every method of
+        the family with the preset's stopping rule (:meth:`rome.caches.Caches.z`): the
+        same requests, templates, block and z settings give the same z, bit for bit."""
+        block = f"{hp.layers_module}.{z_layer}"
+        stop = self.z_stop(settings)
+        z_cb = (lambda d, t: progress("z", d, t)) if progress else None
+
+        def make() -> tuple[ZResult, str]:
+            return optimise_zs(
+                ctx.model, ctx.tok, reqs, templates, z_layer, block, hp, z_cb, settings.z_loop,
+                stop,
+            )  # fmt: skip
+
+        if stop is not None:  # a method's own rule (ENCORE's): not comparable, not kept
+            return make()
+        key = ("family", "z", z_key(reqs, templates, block, hp, settings.z_loop))
+        (zr, loop), kept = ctx.caches.z([z_layer], key, make)
+        if kept:
+            log.debug("%s: z for %d request(s) kept from an earlier method", self.name, len(reqs))
+            if progress:
+                progress("z", 1, 1)
+        copy = ZResult(zr.z.clone(), zr.target_init.clone(), list(zr.steps))
+        copy.traces = [[dict(t) for t in trace] for trace in zr.traces]
+        return copy, loop
 
 
 def _keys(ctx: EditContext, items: list[Located], name: str, n_templates: int) -> torch.Tensor:
