@@ -286,7 +286,6 @@ def test_the_apps_undo_gives_the_normaliser_back(tmp_path, monkeypatch):
     """Through the session (the app's path): two applied steps, one undone: the weights
     and the lifelong normaliser are the first step's again."""
     from workbench.core.forms import EditForm
-    from workbench.core.method_edits import MethodEdits
     from workbench.core.session import Session
 
     monkeypatch.setenv("ROME_WORKBENCH_CACHE", str(tmp_path / "cache"))
@@ -295,14 +294,13 @@ def test_the_apps_undo_gives_the_normaliser_back(tmp_path, monkeypatch):
         session.load("tiny-llama", device="cpu")
         lm, ed = session.require()
         lm.hparams = load_preset("tiny-llama-ultraedit")
-        methods = MethodEdits(session)
         first = EditForm("{} was written by", "Hamlet", "Charles Dickens", method="ultraedit")
-        methods.apply(methods.compute(first), generate=False)
-        med = methods.editor_for("ultraedit")
+        session.apply(session.compute(first), generate=False)
+        med = session.editor_for("ultraedit")
         after_one = dict(med.method_state["ultraedit"])
         weights_one = gate_up(lm)
         second = EditForm("The capital of {} is", "Japan", "Berlin", "Tokyo", method="ultraedit")
-        methods.apply(methods.compute(second), generate=False)
+        session.apply(session.compute(second), generate=False)
         assert med.method_state["ultraedit"][(64, 160)].n > after_one[(64, 160)].n
         session.undo()  # the carried state goes back with the weights: nothing to sync
         now = med.method_state["ultraedit"][(64, 160)]

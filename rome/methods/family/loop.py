@@ -104,6 +104,11 @@ class FamilyMethod(MethodBase):
     def solve(self, ctx: EditContext, lc: LayerContext, settings: Any) -> Solved:
         raise NotImplementedError
 
+    #: whether the layer loop's weights are the update it returns (False: :meth:`finish`
+    #: changes its layers, RECT's rectified and PRUNE's restrained Δ), so that a caller's
+    #: probes taken in the loop (``EditContext.while_applied``) hold for the update
+    finish_keeps_layers = True
+
     #: which keys a method's state keeps: "edited" (on the edited model, after every layer's
     #: write: AlphaEdit, MEMIT_seq) or "loop" (each layer's K as its solve used it: ENCORE)
     keys_on = "edited"
@@ -187,6 +192,8 @@ class FamilyMethod(MethodBase):
                 for lu in out:
                     lu.keys = _keys(ctx, key_items, lu.weight_name, len(templates)).cpu()
             after = _probe(ctx, reqs)
+            if ctx.while_applied is not None and self.finish_keeps_layers:
+                ctx.while_applied()  # the loop's weights are the update's
         finally:
             for layer, w in reversed(saved):
                 restore(ctx.module(layer), w)
