@@ -196,10 +196,6 @@ def _glue_row(r: Any) -> dict[str, Any]:
     return {"accuracy": r.accuracy, "f1": r.f1, "mcc": r.mcc, "invalid": r.invalid, "n": r.n}
 
 
-def _stored(run: RunRow) -> dict[str, Any]:
-    return RunSpec.of(run).raw
-
-
 def _config_of(run: RunRow) -> ReplayConfig:
     cfg = RunSpec.of(run).replay
     if cfg is None:
@@ -215,7 +211,7 @@ def _hparams_of(run: RunRow, lm: LoadedModel) -> EditHparams:
 def _freeze_templates(store: ReplaySink, run: RunRow, ed: Editor) -> Editor:
     """Store the context templates in use with a run that has none stored."""
     hp = ed.hp.replace(context_templates=list(ed.templates()))
-    store.update_run(run.id, hparams={**_stored(run), "hparams": hp.to_dict()})
+    store.update_run(run.id, hparams=RunSpec.of(run).with_hparams(hp).to_dict())
     ed.hp = hp
     return ed
 
@@ -228,8 +224,8 @@ def _check_covariance(store: ReplaySink, run: RunRow, ed: Editor, cfg: ReplayCon
         return []
     if cfg.covariance_fingerprint is None:
         cfg.covariance_fingerprint = now
-        stored = {**_stored(store.get_run(run.id)), "replay": cfg.to_dict()}
-        store.update_run(run.id, hparams=stored)
+        stored = RunSpec.of(store.get_run(run.id)).with_replay(cfg)
+        store.update_run(run.id, hparams=stored.to_dict())
         return [
             "this run stored no covariance fingerprint; the statistics used from now on "
             f"({now}) are recorded with it"
@@ -286,7 +282,7 @@ def _extend(
         run.id,
         "running",
         n_edits_planned=len(records),
-        hparams={**_stored(store.get_run(run.id)), "replay": cfg.to_dict()},
+        hparams=RunSpec.of(store.get_run(run.id)).with_replay(cfg).to_dict(),
     )
     return f"run {run.id} extended from {planned} to {len(records)} edits"
 
@@ -407,7 +403,7 @@ def replay(
             kind="replay",
             mode=cfg.mode if caps.key_modes else cfg.method,
             preset=hp.name,
-            hparams={"hparams": hp.to_dict(), "replay": cfg.to_dict()},
+            hparams=RunSpec.new(hp, cfg).to_dict(),
             data_source=cfg.dataset,
             n_edits_planned=total,
             glue_every=cfg.glue_every,

@@ -66,16 +66,21 @@ class ReplayConfig:
 
 @dataclass
 class RunSpec:
-    """A run's stored specification: ``hparams`` (the preset, as a dict) and ``replay``."""
+    """A run's stored specification: ``hparams`` (the preset, as a dict) and ``replay``.
+
+    Writers: :meth:`new` (a run's first), :meth:`with_replay` and :meth:`with_hparams`
+    (a stored run's, one part changed), then :meth:`to_dict` for the store. Readers: the
+    properties below; nothing else picks the stored JSON apart.
+    """
 
     raw: dict[str, Any]
 
     @classmethod
     def of(cls, run: Any) -> RunSpec:
-        """From a stored run (its ``hparams`` column, a dict or JSON text)."""
-        data = run.hparams if not isinstance(run, dict) else run
+        """From a stored run, its ``hparams`` column (a dict or JSON text), or None."""
+        data = run if isinstance(run, (dict, str)) or run is None else run.hparams
         if isinstance(data, str):
-            data = json.loads(data)
+            data = json.loads(data) if data.strip() else {}
         return cls(dict(data) if isinstance(data, dict) else {})
 
     @classmethod
@@ -86,17 +91,28 @@ class RunSpec:
         return cls(raw)
 
     def to_dict(self) -> dict[str, Any]:
+        """What the store keeps (the ``runs.hparams`` column)."""
         return dict(self.raw)
 
-    def with_replay(self, replay: ReplayConfig) -> dict[str, Any]:
-        return {**self.raw, "replay": replay.to_dict()}
+    def with_replay(self, replay: ReplayConfig) -> RunSpec:
+        """This spec with ``replay`` as its replay settings (the preset kept)."""
+        return RunSpec({**self.raw, "replay": replay.to_dict()})
 
-    def with_hparams(self, hparams: EditHparams) -> dict[str, Any]:
-        return {**self.raw, "hparams": hparams.to_dict()}
+    def with_hparams(self, hparams: EditHparams) -> RunSpec:
+        """This spec with ``hparams`` as its preset (the replay settings kept)."""
+        return RunSpec({**self.raw, "hparams": hparams.to_dict()})
+
+    @property
+    def stored_replay(self) -> dict[str, Any]:
+        """The replay settings exactly as stored: only the keys the run was started with
+        (a run stored before a setting existed lacks it; :attr:`replay` fills in the
+        default), ``{}`` for a run without any (an app session)."""
+        cfg = self.raw.get("replay")
+        return dict(cfg) if isinstance(cfg, dict) else {}
 
     @property
     def replay(self) -> ReplayConfig | None:
-        cfg = self.raw.get("replay")
+        cfg = self.stored_replay
         return ReplayConfig.from_dict(cfg) if cfg else None
 
     @property
@@ -120,7 +136,7 @@ class RunSpec:
 
     def layer(self) -> int | None:
         """The ROME layer the run edits: the replay's ``layer``, else its preset's."""
-        cfg = self.raw.get("replay") or {}
+        cfg = self.stored_replay
         if cfg.get("layer") is not None:
             return int(cfg["layer"])
         hp = self.hparams
@@ -128,4 +144,16 @@ class RunSpec:
 
     @property
     def method(self) -> str:
-        return str((self.raw.get("replay") or {}).get("method") or "rome")
+        """The run's editing method (a run stored before methods existed: ROME's)."""
+        return str(self.stored_replay.get("method") or "rome")
+
+    def edited_layers(self) -> list[Any]:
+        """The layers the preset edits: its ``layers`` range, else its one ``layer``
+        (``["-"]`` when neither is stored)."""
+        hp = self.hparams
+        return list(hp.get("layers") or [hp.get("layer", "-")])
+
+    @property
+    def preset_name(self) -> str | None:
+        name = self.hparams.get("name")
+        return None if name is None else str(name)

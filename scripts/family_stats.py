@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from evals.spec import RunSpec
 from evals.stats import holm, median, two_proportions
 from workbench.core.run_stats import (
     count_rate,
@@ -44,7 +45,7 @@ def table(head: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
 
 def name(store: Store, run_id: str) -> str:
     run = store.get_run(run_id)
-    return ((run.hparams or {}).get("replay") or {}).get("method", "rome") + f" {run_id}"
+    return f"{RunSpec.of(run).method} {run_id}"
 
 
 def rates(store: Store, ids: Sequence[str]) -> None:
@@ -118,7 +119,7 @@ def _unedited_needed(store: Store, ids: Sequence[str], size: int) -> list[object
     """The first block's records that needed an edit on the unedited model: a batch run's
     first batch is scored before any edit (the first run with batches of ``size`` or more)."""
     for r in ids:
-        cfg = (store.get_run(r).hparams or {}).get("replay") or {}
+        cfg = RunSpec.of(store.get_run(r)).stored_replay
         if int(cfg.get("batch_size") or 1) >= size:
             rec = run_records(store, r)
             return [k for k in rec.keys[:size] if rec.needed(k)]

@@ -346,7 +346,7 @@ class RunState:
 def read_run(db: Path) -> tuple[str, str, int, dict[str, Any]] | None:
     """The one run of a comparison's database, read-only: ``(id, status, edits stored,
     stored replay settings)``; ``None`` when it holds no run (or is no database)."""
-    import json
+    from evals.spec import RunSpec
 
     try:
         conn = sqlite3.connect(db.absolute().as_uri() + "?mode=ro", uri=True)
@@ -360,8 +360,7 @@ def read_run(db: Path) -> tuple[str, str, int, dict[str, Any]] | None:
             raise CompareSpecError(f"{db} holds {len(rows)} runs; a comparison's holds one")
         rid, status, hp = rows[0]
         n = conn.execute("SELECT COUNT(*) FROM edits WHERE run_id = ?", (rid,)).fetchone()[0]
-        stored = (json.loads(hp or "{}") or {}).get("replay") or {}
-        return str(rid), str(status), int(n), dict(stored)
+        return str(rid), str(status), int(n), RunSpec.of(hp).stored_replay
     except sqlite3.Error:
         return None
     finally:

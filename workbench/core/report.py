@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from evals.protocols import DESCRIPTIONS, PROTOCOLS, RETENTION, RETENTION_TASK
+from evals.spec import RunSpec
 from workbench.store import Edit, Run, Store
 
 from .forms import has_key_modes
@@ -93,15 +94,14 @@ def edit_facts(e: Edit) -> list[tuple[str, str]]:
 
 
 def _settings(run: Run) -> str:
-    cfg = (run.hparams or {}).get("replay") or {}
-    hp = (run.hparams or {}).get("hparams") or {}
-    method = cfg.get("method", "rome")
+    spec = RunSpec.of(run)
+    cfg, hp, method = spec.stored_replay, spec.hparams, spec.method
     if has_key_modes(method):
-        layer = cfg.get("layer") if cfg.get("layer") is not None else hp.get("layer", "-")
-        where = [f"key mode {run.mode}", f"layer {layer}"]
+        layer = spec.layer()
+        where = [f"key mode {run.mode}", f"layer {'-' if layer is None else layer}"]
     else:  # the family edits its preset's layer range; ROME's key mode is not its
-        layers = hp.get("layers") or [hp.get("layer", "-")]
-        where = [f"preset {hp.get('name', '-')}", f"layers {', '.join(map(str, layers))}"]
+        layers = ", ".join(map(str, spec.edited_layers()))
+        where = [f"preset {spec.preset_name or '-'}", f"layers {layers}"]
     parts = [
         f"dataset {cfg.get('dataset', run.data_source)}" + _order(cfg),
         f"method {method}",
@@ -184,8 +184,7 @@ def report_markdown(
     for r in runs:
         for p in protocol_scores(store, r.id, stats=stats[r.id]):
             if p.protocol == RETENTION and not p.recorded:
-                cfg = (r.hparams or {}).get("replay") or {}
-                if cfg.get("retention_size"):
+                if RunSpec.of(r).stored_replay.get("retention_size"):
                     retention_pending.append(r.id)
                 else:
                     missing_retention.append(r.id)

@@ -54,13 +54,14 @@ class Run:
     def label(self) -> str:
         """Short label for legends and lists: ``"<id> <mode>"``, plus the stabilisers
         the run's preset switched on (``"+ norm anchor"``, ``"+ MPES"``)."""
+        from evals.spec import RunSpec  # the one reader of the stored settings
+
         label = f"{self.id} {self.mode}" if self.mode else self.id
-        hp = self.hparams.get("hparams") if isinstance(self.hparams, dict) else None
-        if isinstance(hp, dict):
-            if hp.get("v_norm_anchor"):
-                label += " + norm anchor"
-            if hp.get("v_stop") == "most_probable":
-                label += " + MPES"
+        hp = RunSpec.of(self.hparams if isinstance(self.hparams, dict) else None).hparams
+        if hp.get("v_norm_anchor"):
+            label += " + norm anchor"
+        if hp.get("v_stop") == "most_probable":
+            label += " + MPES"
         return label
 
     @classmethod
