@@ -5,14 +5,15 @@
 
 What the app's Compare runs (``workbench/tui/actions/edit.py`` ``action_compare``):
 ``Session.compare`` (the key modes, one v* shared), then
-``MethodEdits.compare`` over the batch methods (each on the editor of its own
-preset: templates and statistics, its update, applied for a moment to score
-it, undone). The model is loaded first and not timed; the cache folder is a
-new temporary one (``--cache`` to keep one), so shipped statistics and
-templates are read as on a first Compare. Printed: the commit of the ``rome``
-package imported (run it with ``PYTHONPATH`` at another checkout to time that
-one), the seconds of each part and in all, how many z optimisations the batch
-methods ran, and the load average (``os.getloadavg``) before and after.
+``MethodCompare.compare`` (``MethodEdits.compare`` before it) over the batch
+methods (each on the editor of its own preset: templates and statistics, its
+update, applied for a moment to score it, undone). The model is loaded first
+and not timed; the cache folder is a new temporary one (``--cache`` to keep
+one), so shipped statistics and templates are read as on a first Compare.
+Printed: the commit of the ``rome`` package imported (run it with
+``PYTHONPATH`` at another checkout to time that one), the seconds of each part
+and in all, how many z optimisations the batch methods ran, and the load
+average (``os.getloadavg``) before and after.
 """
 
 from __future__ import annotations
@@ -79,7 +80,11 @@ def main() -> int:
     import rome
     from rome.methods import method_names
     from workbench.core.forms import EditForm
-    from workbench.core.method_edits import MethodEdits
+
+    try:
+        from workbench.core.method_compare import MethodCompare
+    except ImportError:  # a tree from before the app's one application path
+        from workbench.core.method_edits import MethodEdits as MethodCompare  # type: ignore
     from workbench.core.session import Session
     from workbench.store import Store
 
@@ -99,7 +104,7 @@ def main() -> int:
         t0 = time.perf_counter()
         modes = session.compare(form)
         t1 = time.perf_counter()
-        rows = MethodEdits(session).compare(form, modes, methods)
+        rows = MethodCompare(session).compare(form, modes, methods)
         t2 = time.perf_counter()
         session.finish()
     for r in rows:

@@ -21,7 +21,7 @@ import contextlib
 import hashlib
 import logging
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -388,13 +388,15 @@ class Editor:
         *,
         progress: Progress | None = None,
         layer: int | None = None,
+        while_applied: Callable[[], None] | None = None,
         **options: Any,
     ) -> Update:
         """Compute one step of ``method`` (default: the preset's) for ``requests``.
 
         The one validation of a request: its rules and the tokenizer's length limit.
         ``options`` override the method's settings (its ``Settings`` fields); ``layer``
-        the preset's ``layer`` (a method that edits one). The model is unchanged after.
+        the preset's ``layer`` (a method that edits one); ``while_applied``: see
+        :attr:`EditContext.while_applied`. The model is unchanged after.
         """
         m = get_method(method or self.hp.method)
         reqs = list(requests)
@@ -408,7 +410,9 @@ class Editor:
         for r in reqs:
             self.check_request(r)
         settings = m.settings(self.hp, options)
-        return m.compute(self.context(m, layer), reqs, settings, progress)
+        ctx = self.context(m, layer)
+        ctx.while_applied = while_applied
+        return m.compute(ctx, reqs, settings, progress)
 
     def apply_step(self, update: Update, force: bool = False) -> AppliedEdit:
         """Add every layer's ``V U`` in order and fold the step into its method's state;

@@ -110,10 +110,10 @@ def test_an_applied_edit_changes_z_and_undo_brings_the_kept_one_back(lm, z_runs)
 def test_app_compare_of_the_three_methods_optimises_z_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, z_runs: list[str]
 ) -> None:
-    """The app's Compare (MethodEdits.compare, each method on an editor of its own preset,
+    """The app's Compare (MethodCompare.compare, each method on an editor of its own preset,
     its update applied for a moment and undone to score it) computes z once."""
     from workbench.core.forms import EditForm
-    from workbench.core.method_edits import MethodEdits
+    from workbench.core.method_compare import MethodCompare
     from workbench.core.session import Session
     from workbench.store import Store
 
@@ -124,7 +124,7 @@ def test_app_compare_of_the_three_methods_optimises_z_once(
         lm, _ = session.require()
         lm.hparams = load_preset("tiny-gpt2-family")
         form = EditForm(REQ.prompt, REQ.subject, REQ.target_new, REQ.true_object)
-        rows = MethodEdits(session).compare(form, {}, ["memit", "emmet", "alphaedit"])
+        rows = MethodCompare(session).compare(form, {}, ["memit", "emmet", "alphaedit"])
         assert [r.method for r in rows] == ["memit", "emmet", "alphaedit"]
         assert all(r.error is None for r in rows)
         assert len(z_runs) == 1
