@@ -4,11 +4,19 @@ One :class:`Caches` per :class:`~rome.Editor`; the methods reach it through
 their :class:`~rome.context.EditContext`. Everything here describes the
 unedited model: statistics and sampled templates are made inside the owner's
 ``base_weights()`` (every edited layer back at its base weight for the while).
+
+An editor and its variants (the same model under another method's preset:
+``Editor.variant``) share one :class:`Shared`: the second moments read from disk
+(keyed by every setting that names or makes them, so a variant with other
+statistics settings reads its own) and the family's z, kept for one state of the
+weights (:meth:`Caches.z`): MEMIT, EMMET and AlphaEdit with the same z settings,
+templates and last layer optimise the same z, so Compare computes it once.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +32,30 @@ from .progress import Progress
 from .templates import cached_templates, normalise_templates
 
 
+class Shared:
+    """What an editor and its variants share (see the module's docstring)."""
+
+    #: how many states of the weights keep their z (the latest used; a replay changes
+    #: the weights at every step, the app goes back to one with undo)
+    Z_STATES = 4
+
+    def __init__(self) -> None:
+        self.stats: dict[tuple[Any, ...], cov.SecondMoment] = {}
+        self._z: OrderedDict[str, dict[Any, Any]] = OrderedDict()
+
+    def z(self, weights: str, key: Any, make: Callable[[], Any]) -> tuple[Any, bool]:
+        """(the value for ``key`` on the weights whose fingerprint is ``weights``, whether
+        it was kept from an earlier call)."""
+        kept = self._z.setdefault(weights, {})
+        self._z.move_to_end(weights)
+        while len(self._z) > self.Z_STATES:
+            self._z.popitem(last=False)
+        hit = key in kept
+        if not hit:
+            kept[key] = make()
+        return kept[key], hit
+
+
 class Caches:
     """Templates, second moments, covariance factors and any value a method keeps."""
 
@@ -36,8 +68,13 @@ class Caches:
         model_key: str,
         base_weights: Callable[..., contextlib.AbstractContextManager[None]],
         templates: Sequence[str] | None = None,
+        weights_print: Callable[[Sequence[int]], str] | None = None,
     ):
         self.model, self.tok = model, tok
+        # the fingerprint of the weights as they are now, over every edited layer and
+        # the ones given (None: no such thing, nothing is kept per weights state)
+        self.weights_print = weights_print
+        self.shared = Shared()
         self._hp = hparams
         self.cache = cache
         self.model_key = model_key
@@ -45,7 +82,6 @@ class Caches:
         self._templates = normalise_templates(templates) if templates is not None else None
         self._factors: dict[int, cov.CovFactor] = {}
         self._stats_meta: dict[int, cov.StatsMeta | None] = {}
-        self._stats: dict[tuple[int, str | None], cov.SecondMoment] = {}
         self._values: dict[Any, Any] = {}
 
     @property
@@ -112,11 +148,28 @@ class Caches:
         self, layer: int, progress: Progress | None = None, corpus: str | None = None
     ) -> cov.SecondMoment:
         """Second moment for ``layer``: read (or collected on the unedited weights and
-        saved) once per editor; the factor and a method's C₀ share the one read."""
-        key = (layer, corpus)
-        if key not in self._stats:
-            self._stats[key] = self._read_stats(layer, progress, corpus)
-        return self._stats[key]
+        saved) once per editor and its variants; the factor and a method's C₀ share it."""
+        key = self._stats_key(layer, corpus)
+        got = self.shared.stats.get(key)
+        if got is None:
+            got = self.shared.stats[key] = self._read_stats(layer, progress, corpus)
+        return got
+
+    def _stats_key(self, layer: int, corpus: str | None) -> tuple[Any, ...]:
+        """Everything that names the statistics file or makes the statistics."""
+        hp = self.hp
+        return (
+            str(self.cache), self.model_key, hp.weight_module(layer), corpus or hp.mom2_dataset,
+            hp.mom2_n_samples, hp.mom2_max_len, hp.mom2_dtype, hp.template_seed,
+        )  # fmt: skip
+
+    def z(self, layers: Sequence[int], key: Any, make: Callable[[], Any]) -> tuple[Any, bool]:
+        """(``make()`` for ``key`` on the model as it is now, whether it was kept from an
+        earlier call on the same weights): kept per the fingerprint of the edited layers
+        and ``layers`` (the others hold their base weights), shared with the variants."""
+        if self.weights_print is None:
+            return make(), False
+        return self.shared.z(self.weights_print(layers), key, make)
 
     def _read_stats(
         self, layer: int, progress: Progress | None, corpus: str | None

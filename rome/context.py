@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -47,6 +48,10 @@ class EditContext:
     state: Any = None
     # what a step notes for its own records while it computes (NAS's anchored norms)
     scratch: dict[str, Any] = field(default_factory=dict)
+    # a caller's probes, called once while the step's whole update is on the model inside
+    # the method's own trial (ROME's probe trial, the family's layer loop), so the caller
+    # needs no trial of its own; a method without such a trial never calls it
+    while_applied: Callable[[], None] | None = None
 
     @property
     def n_layers(self) -> int:

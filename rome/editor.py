@@ -21,7 +21,7 @@ import contextlib
 import hashlib
 import logging
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,8 +107,9 @@ class Editor:
         self.keep_undo = keep_undo
         explicit = templates if templates is not None else hparams.context_templates
         self.caches = Caches(
-            model, tok, lambda: self._hp, self.cache, self.model_key, self.base_weights, explicit
-        )
+            model, tok, lambda: self._hp, self.cache, self.model_key, self.base_weights, explicit,
+            weights_print=self._weights_print,
+        )  # fmt: skip
         self._base: dict[int, torch.Tensor] = {}
         # weights other than the preset's that a step named (LayerUpdate.weight_name), by
         # module name: (layer, unedited weight); UltraEdit's gate/up projections
@@ -188,10 +189,12 @@ class Editor:
         """An editor with other settings (a method's own preset) on the same model and the
         same edits: it shares the applied steps, the base weights and every method's
         carried state (an undo or revert on either is one on both), and keeps caches of
-        its own (templates and statistics for its preset)."""
+        its own (templates, factors, a method's values for its preset) but for what the
+        caches share (:class:`~rome.caches.Shared`: statistics read once, the family's z)."""
         other = Editor(
             self.model, self.tok, hparams, cache_dir=self.cache, keep_undo=self.keep_undo
         )
+        other.caches.shared = self.caches.shared
         other._base, other._other_base = self._base, self._other_base
         other._state, other.applied = self._state, self.applied
         other._initial = self._initial
@@ -385,13 +388,15 @@ class Editor:
         *,
         progress: Progress | None = None,
         layer: int | None = None,
+        while_applied: Callable[[], None] | None = None,
         **options: Any,
     ) -> Update:
         """Compute one step of ``method`` (default: the preset's) for ``requests``.
 
         The one validation of a request: its rules and the tokenizer's length limit.
         ``options`` override the method's settings (its ``Settings`` fields); ``layer``
-        the preset's ``layer`` (a method that edits one). The model is unchanged after.
+        the preset's ``layer`` (a method that edits one); ``while_applied``: see
+        :attr:`EditContext.while_applied`. The model is unchanged after.
         """
         m = get_method(method or self.hp.method)
         reqs = list(requests)
@@ -405,7 +410,9 @@ class Editor:
         for r in reqs:
             self.check_request(r)
         settings = m.settings(self.hp, options)
-        return m.compute(self.context(m, layer), reqs, settings, progress)
+        ctx = self.context(m, layer)
+        ctx.while_applied = while_applied
+        return m.compute(ctx, reqs, settings, progress)
 
     def apply_step(self, update: Update, force: bool = False) -> AppliedEdit:
         """Add every layer's ``V U`` in order and fold the step into its method's state;
@@ -494,6 +501,13 @@ class Editor:
     def edited_layers(self) -> list[int]:
         """Every layer an applied update has touched since the editor was made."""
         return sorted(set(self._base) | {layer for layer, _ in self._other_base.values()})
+
+    def _weights_print(self, layers: Iterable[int]) -> str:
+        """The fingerprint of the model as it is now, for what is kept per state of the
+        weights: the layers the applied steps wrote and ``layers`` (every other layer
+        holds its base weight: undo and revert put them back bit for bit)."""
+        written = {lu.layer for e in self.applied if e.update for lu in e.update.layers}
+        return self.fingerprint([*written, *(e.layer for e in self.applied), *layers])
 
     def fingerprint(self, layers: Iterable[int] | None = None) -> str:
         """SHA-256 of the editable weights of ``layers`` (default: the preset's and edited)."""

@@ -135,3 +135,38 @@ def test_a_killed_batched_replay_resumes_onto_equal_weights_then_exports_and_rep
     res = runner.invoke(app, ["report", run_id, "--db", str(db), "-o", str(tmp_path / "rep")])
     assert res.exit_code == 0, res.output
     assert NAME in (tmp_path / "rep" / "README.md").read_text()
+
+
+def test_the_apps_compute_apply_undo_and_history(tmp_path, monkeypatch):
+    """The app's one path (``Session``, what the Edit tab's F5 / F7 / F8 and History call):
+    computed on its own preset's layers with the model unchanged, applied as one stored
+    step, listed in History under its name, undone bit for bit."""
+    from workbench.core.forms import EditForm
+    from workbench.core.session import Session
+
+    monkeypatch.setenv("ROME_WORKBENCH_CACHE", str(tmp_path / "cache"))
+    with Store.open(tmp_path / "s.db") as store:
+        session = Session(store)
+        session.load("tiny-gpt2", device="cpu")
+        lm, ed = session.require()
+        lm.hparams = ed.hp = load_preset("tiny-gpt2-family")  # layers 0-1
+        base = {x: ed.module(x).weight.detach().clone() for x in (0, 1)}
+        form = EditForm(REQ.prompt, REQ.subject, REQ.target_new, REQ.target_true, method=NAME)
+        outcome = session.compute(form)
+        assert outcome.method == NAME and sorted(outcome.layer_norms) == [0, 1]
+        assert outcome.after is not None and outcome.update.options["scale"] == 0.5
+        assert all(torch.equal(base[x], ed.module(x).weight) for x in (0, 1))
+        info = session.apply(outcome, generate=False)
+        for lu in outcome.update.layers:  # the computed update, written as it is
+            w = ed.module(lu.layer).weight
+            assert not torch.equal(w, base[lu.layer])
+        (row,) = session.history()
+        assert (row.method, row.how, row.applied, row.in_session) == (NAME, NAME, True, True)
+        assert session.timeline[-1].mode == NAME and info.run_id == row.run_id
+        session.undo()
+        assert all(torch.equal(base[x], ed.module(x).weight) for x in (0, 1))
+        (row,) = session.history()
+        assert not row.applied
+        (step,) = list(store.iter_steps(info.run_id, applied_only=False))
+        assert step.method == NAME and [lu.layer for lu in step.layers] == [0, 1]
+        session.finish()

@@ -28,11 +28,11 @@ def _rows() -> tuple[str, ...]:
     """ROME's key modes, then each batch method that can edit tiny GPT-2 (UltraEdit's
     gate / up projections are not in GPT-2: Compare leaves it out)."""
     from rome import Editor, load_model
-    from workbench.core.method_edits import MethodEdits, cannot_edit
+    from workbench.core.method_compare import cannot_edit, family_methods
 
     lm = load_model("tiny-gpt2")
     ed = Editor(lm.model, lm.tokenizer, lm.hparams)
-    family = [m for m in MethodEdits.family() if cannot_edit(m, ed) is None]
+    family = [m for m in family_methods() if cannot_edit(m, ed) is None]
     return ("rome/original", "rome/rrome", "rome/prompt", *family)
 
 
@@ -297,10 +297,11 @@ def test_a_method_preset_of_its_own_edits_its_layers_and_undo_restores_its_state
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The headless part: a method whose preset is not the session's (here the tiny
-    family preset, layers 0-1) gets its own editor; the session's editor applies and
-    undoes its step over both layers, and AlphaEdit's carried K Kᵀ goes back on undo."""
+    family preset, layers 0-1) computes on a variant of the session's editor; the
+    session applies and undoes its step over both layers, and AlphaEdit's carried K Kᵀ
+    goes back on undo."""
     from rome import load_preset
-    from workbench.core.method_edits import MethodEdits
+    from workbench.core.method_compare import family_methods
     from workbench.core.session import Session
 
     monkeypatch.setenv("ROME_WORKBENCH_CACHE", str(tmp_path / "cache"))
@@ -309,19 +310,19 @@ def test_a_method_preset_of_its_own_edits_its_layers_and_undo_restores_its_state
         session.load("tiny-gpt2", device="cpu")
         lm, ed = session.require()
         lm.hparams = load_preset("tiny-gpt2-family")  # memit, emmet, alphaedit on layers 0-1
-        methods = MethodEdits(session)
-        assert methods.layers()["alphaedit"] == ("tiny-gpt2-family", [0, 1])
+        layers = session.method_layers(family_methods())
+        assert layers["alphaedit"] == ("tiny-gpt2-family", [0, 1])
         base = {x: ed.module(x).weight.detach().clone() for x in (0, 1)}
         form = EditForm(
             "{} is located in the city of", "The Eiffel Tower", "Rome", "Paris", method="alphaedit"
         )
-        outcome = methods.compute(form)
-        med = methods.editor_for("alphaedit")
+        outcome = session.compute(form)
+        med = session.editor_for("alphaedit")
         assert med is not ed and med.hp.name == "tiny-gpt2-family"
-        assert sorted(outcome.row.layer_norms) == [0, 1]
+        assert sorted(outcome.layer_norms) == [0, 1] and outcome.preset == "tiny-gpt2-family"
         assert all(torch.equal(base[x], ed.module(x).weight) for x in (0, 1))
         assert not med.method_state.get("alphaedit")
-        info = methods.apply(outcome, generate=False)
+        info = session.apply(outcome, generate=False)
         assert info.run_id is not None and session.n_applied == 1
         assert all(not torch.equal(base[x], ed.module(x).weight) for x in (0, 1))
         assert sorted(med.method_state["alphaedit"]) == [0, 1]  # K Kᵀ carried per layer

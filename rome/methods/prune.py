@@ -73,6 +73,7 @@ class Prune(Memit):
     """PRUNE: MEMIT's steps with the accumulated update restrained (``rule``, ``when``)."""
 
     name = "prune"
+    finish_keeps_layers = False  # the loop's Δ is restrained after it (then reprobed)
     summary = "memit with the accumulated update's large singular values restrained"
     Settings = PruneSettings
 

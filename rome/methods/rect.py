@@ -65,6 +65,7 @@ class Rect(Memit):
     """RECT: MEMIT's step, then each layer's update rectified (``keep_percent``)."""
 
     name = "rect"
+    finish_keeps_layers = False  # the loop's Δ is rectified after it (then reprobed)
     summary = "memit keeping only its largest relative changes"
     Settings = RectSettings
 
@@ -91,6 +92,8 @@ def _reprobe(ctx: EditContext, update: Update) -> None:
     try:
         reqs = [EditRequest(**r["request"]) for r in update.records]
         after = _probe(ctx, reqs)
+        if ctx.while_applied is not None:  # the caller's probes, in this same trial
+            ctx.while_applied()
     finally:
         for layer, w in reversed(saved):
             restore(ctx.module(layer), w)

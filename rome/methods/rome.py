@@ -194,6 +194,8 @@ def compute_modes(
             saved = add_update(module, r1.u, r1.v)
             try:
                 after = probe(ctx, req, sh.templates)
+                if ctx.while_applied is not None:
+                    ctx.while_applied()
             finally:
                 restore(module, saved)
         else:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from rome import EditResult
-from rome.editor import AppliedEdit, Editor
 from rome.methods import Update
 
 from .forms import EditForm, has_key_modes
@@ -14,14 +14,51 @@ from .generation import GenerationPair
 from .verdict import Probe, Verdict
 
 
-class ProbedOutcome:
-    """What every computed edit shares (ROME's and the batch methods'): the form's probes
-    before and after, and the verdict, as the store keeps them besides the method's record."""
+def result_of(update: Update) -> EditResult | None:
+    """The rank-one record of a one-request step that keeps one (ROME's)."""
+    res = update.results
+    return res[0] if len(res) == 1 and isinstance(res[0], EditResult) else None
+
+
+@dataclass
+class EditOutcome:
+    """A computed (not yet applied) step of any method on the form's request: the
+    engine's update, the form's probes before and after, the verdict."""
 
     form: EditForm
+    update: Update  # computed once, written once by the apply
     before: list[Probe]
     after: list[Probe] | None
     verdict: Verdict
+    seconds: float = 0.0
+    version: int = 0  # Session.version when computed: the weights it was computed on
+    ratio: float = math.nan  # ‖ΔW‖ / ‖W‖ over the weights it writes
+    preset: str = ""  # the preset it edited with (the method's shipped variant, or the model's)
+
+    @property
+    def result(self) -> EditResult | None:
+        """The rank-one record of a method that keeps one (ROME's ``EditResult``)."""
+        return result_of(self.update)
+
+    @property
+    def method(self) -> str:
+        return self.update.method
+
+    @property
+    def mode(self) -> str:
+        """What the status lines name the edit by: the key mode (ROME's) or the method."""
+        return self.update.mode or self.update.method
+
+    @property
+    def norm(self) -> float:
+        """‖ΔW‖: a rank-one record's own figure (ROME's float32 ‖u‖‖v‖), else the update's."""
+        res = self.result
+        return float(res.update_norm) if res is not None else self.update.norm
+
+    @property
+    def layer_norms(self) -> dict[int, float]:
+        res = self.result
+        return {res.layer: self.norm} if res is not None else self.update.layer_norms()
 
     def probe(self, name: str, after: bool) -> Probe | None:
         for p in (self.after or []) if after else self.before:
@@ -47,25 +84,6 @@ class ProbedOutcome:
 
 
 @dataclass
-class EditOutcome(ProbedOutcome):
-    """A computed (not yet applied) edit with its probes before and after."""
-
-    form: EditForm
-    result: EditResult
-    before: list[Probe]
-    after: list[Probe] | None
-    verdict: Verdict
-    seconds: float = 0.0
-    version: int = 0  # Session.version when computed: the weights it was computed on
-    # the engine's update (Editor.edit), applied as it is: computed once, written once
-    update: Update | None = field(default=None, repr=False)
-
-    @property
-    def mode(self) -> str:
-        return self.result.mode
-
-
-@dataclass
 class ModelInfo:
     name: str
     source: str
@@ -85,6 +103,8 @@ class ModelInfo:
 
 @dataclass
 class AppliedInfo:
+    """An applied step of any method: its session number, outcome, generations, where stored."""
+
     number: int  # this session's edit number (1-based)
     outcome: EditOutcome
     generations: list[GenerationPair]
@@ -155,24 +175,3 @@ class HistoryRow:
         if self.refused:
             return "refused"
         return "applied" if self.applied else "undone"
-
-
-@dataclass
-class AppliedStep:
-    """What :meth:`Session.apply_step` did: the edit's number, its undo entry, the carrier's
-    method state before it (what an undo goes back to), generations, where it is stored."""
-
-    number: int  # this session's edit number (1-based)
-    entry: AppliedEdit
-    state: dict[str, Any]
-    generations: list[GenerationPair]
-    fingerprint: str
-    run_id: str | None
-    seq: int | None
-    store_error: str | None = None
-
-
-def carried_state(editor: Editor) -> dict[str, Any]:
-    """A copy of ``editor.method_state`` to put back later (its tensors are replaced, never
-    changed in place: a shallow copy per method)."""
-    return {k: dict(v) if isinstance(v, dict) else v for k, v in editor.method_state.items()}

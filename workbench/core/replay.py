@@ -52,9 +52,9 @@ from evals.replay import (
 )
 from evals.sink import ReplaySink
 from evals.spec import RunSpec
-from rome import MODES, BadRequestError, EditHparams, LoadedModel
+from rome import MODES, BadRequestError, EditHparams, Editor, LoadedModel
 from rome.hparams import method_preset
-from rome.methods import method_names
+from rome.methods import get_method, method_names
 
 if TYPE_CHECKING:
     from workbench.store import Store
@@ -279,6 +279,23 @@ def replay_layer(lm: LoadedModel, cfg: ReplayConfig | None, run_hparams: Mapping
         stored = RunSpec.of(dict(run_hparams)).replay
         layer = stored.layer if stored is not None else None
     return lm.hparams.layer if layer is None else int(layer)
+
+
+def replay_layers(
+    lm: LoadedModel, ed: Editor, cfg: ReplayConfig | None, run_hparams: Mapping | None
+) -> list[int]:
+    """Every layer a replay may write: its layer (a key-mode method's one) and the
+    method's edited layers (its preset's, or the resumed run's)."""
+    layers = {replay_layer(lm, cfg, run_hparams)}
+    if run_hparams is not None:
+        spec = RunSpec.of(dict(run_hparams))
+        method, hp = spec.method, spec.edit_hparams(lm.hparams)
+    else:
+        method = (cfg or ReplayConfig()).method
+        hp = method_preset(lm.hparams, method)
+    if not get_method(method).capabilities.key_modes:  # ROME writes its one layer
+        layers |= set(hp.edited_layers())
+    return sorted(ed.check_layer(x) for x in layers)
 
 
 # --------------------------------------------------------------------------- events

@@ -1,80 +1,54 @@
 """The interactive editing session: one loaded model, compute, compare, apply,
 record, undo, revert, re-apply, and a replay that gives the weights back.
 
-(Over 500 lines, not by design: the app still has two application paths, this
-Session and core/method_edits.py; folding them into one (issue 28's open part)
-is what shrinks this file, and splitting it before that would only move the twin
-code around.)
+One application path for every method: :meth:`Session.compute` asks
+``Editor.edit`` for the form's method (``get_method`` behind it), :meth:`Session.apply`
+writes the update once (``Editor.apply_step``: one undo entry, the method's carried
+state folded) and stores it as one step (``Store.add_step``), :meth:`Session.undo`
+takes it off. A method with a shipped ``<preset>-<method>`` variant computes on a
+:meth:`~rome.Editor.variant` of the one editor (the same weights, applied steps and
+carried state; caches of its own).
 
 No Textual and no rich here: the app calls these methods from thread workers,
-and tests can call them directly. The engine and the store are reached only
-through their public functions. Methods that change the weights hold the
-session's lock and bump :attr:`Session.version`; :meth:`Session.apply_step`
-applies and records an edit of any method (ROME's here, the batch methods'
-from :mod:`.method_edits`, which holds the lock through :meth:`Session.locked`).
-
-Over 500 lines on purpose: one class whose methods share that lock, the
-version counter and the session run's writer lease; its records, verdicts,
-history rows and the replay driver live in their own modules.
+and tests can call them directly. Methods that change the weights hold the
+session's lock and bump :attr:`Session.version`. The probes and the figures live in
+:mod:`.outcomes`, the store side in :mod:`.session_run`, the model's facts in
+:mod:`.model_facts`, the replay driver in :mod:`.replay`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
-
-import torch
+from typing import TYPE_CHECKING
 
 from evals.replay import ReplayConfig, ReplayFinished
 from evals.spec import RunSpec
 from rome import EditHparams, Editor, EditResult, LoadedModel, RomeError, load_model
 from rome.bundle import CONVERSION_PHASE, conversion_pending
-from rome.hparams import method_preset
-from rome.methods import Update
+from rome.methods import Update, get_method
 from rome.methods.rome import update_of
 from rome.progress import Progress
-from rome.scoring import score_targets
 
-from .forms import EditForm, has_key_modes
+from .forms import EditForm
 from .generation import GenerationPair, greedy
 from .history import history_rows
-from .records import (
-    AppliedInfo,
-    AppliedStep,
-    EditOutcome,
-    HistoryRow,
-    ModelInfo,
-    NormPoint,
-    carried_state,
-)
-from .replay import ReplayHandler, replay_layer, run_replay
+from .method_editors import MethodEditors, method_layers
+from .model_facts import covariance_status, model_info
+from .outcomes import figures, form_options, score_applied, score_probes, trial, update_ratio
+from .records import AppliedInfo, EditOutcome, HistoryRow, ModelInfo, NormPoint
+from .replay import ReplayHandler, replay_layer, replay_layers, run_replay
+from .session_run import SessionRun, reapplied_rows, step_rows
 from .verdict import DISABLING_FRACTION, Probe, Verdict, judge
 
 if TYPE_CHECKING:
-    from workbench.store import Edit, Run, Store
+    from workbench.store import Run, Store
 
 log = logging.getLogger(__name__)
-
-
-#: what a re-applied edit takes over from the stored one
-_COPIED_EDIT_FIELDS = (
-    "request",
-    "mode",
-    "layer",
-    "weight_name",
-    "case_id",
-    "update_norm",
-    "update_norm_ratio",
-    "denominator",
-    "cos_kstar_ks",
-    "record",
-)
 
 
 class NoModelError(RomeError):
@@ -93,19 +67,37 @@ class Session:
     """One loaded model, its editor, the applied edits and their store records."""
 
     def __init__(self, store: Store | None = None, store_error: str | None = None):
-        self.store = store
-        self.store_error = store_error
+        self.run = SessionRun(store, store_error)
         self.lm: LoadedModel | None = None
         self.editor: Editor | None = None
+        self._editors = MethodEditors()  # a method's preset on the same edits
         self.refs: list[tuple[str, int] | None] = []  # parallel to editor.applied
         self.timeline: list[NormPoint] = []
-        self.run_id: str | None = None
-        self._lease: Any = None
         self._lock = threading.RLock()
         self.version = 0  # bumped whenever the weights change
         self.base_fingerprint: str | None = None  # of the preset's layer, as loaded
 
     # ----------------------------------------------------------- model
+    @property
+    def store(self) -> Store | None:
+        return self.run.store
+
+    @store.setter
+    def store(self, value: Store | None) -> None:
+        self.run.store = value
+
+    @property
+    def store_error(self) -> str | None:
+        return self.run.store_error
+
+    @store_error.setter
+    def store_error(self, value: str | None) -> None:
+        self.run.store_error = value
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.run_id
+
     @property
     def loaded(self) -> bool:
         return self.lm is not None
@@ -154,42 +146,11 @@ class Session:
         return self.info()
 
     def info(self) -> ModelInfo:
-        lm, _ = self.require()
-        gpu = None
-        if lm.device.type == "cuda":
-            gpu = int(torch.cuda.memory_allocated(lm.device))
-        cov, ready = self.covariance_status(lm.hparams.layer)
-        return ModelInfo(
-            name=lm.name,
-            source=lm.source,
-            device=str(lm.device),
-            dtype=str(lm.dtype).replace("torch.", ""),
-            n_layers=lm.n_layers,
-            layer=lm.hparams.layer,
-            weight_module=lm.hparams.weight_module(),
-            memory_bytes=lm.memory_bytes(),
-            gpu_memory_bytes=gpu,
-            default_mode=lm.hparams.default_mode,
-            covariance=cov,
-            covariance_ready=ready,
-            notes=lm.hparams.notes,
-            seconds=lm.seconds,
-        )
+        return model_info(*self.require())
 
     def covariance_status(self, layer: int) -> tuple[str, bool]:
         """A description of layer's covariance and whether it is ready (in memory or cached)."""
-        lm, ed = self.require()
-        hp = lm.hparams
-        if hp.covariance == "identity":
-            return "identity (no covariance)", True
-        meta = ed.stats_meta(layer)
-        if meta is not None:
-            return f"{meta.corpus}: {meta.n_texts} texts, {meta.n_tokens} tokens", True
-        corpus = corpus_words(hp.mom2_dataset)
-        path = ed.stats_file(layer)
-        if path is not None and path.is_file():
-            return f"{corpus}, {hp.mom2_n_samples} texts (cached on disk)", True
-        return f"{corpus}, {hp.mom2_n_samples} texts (not computed yet)", False
+        return covariance_status(*self.require(), layer)
 
     def prepare(self, layer: int | None = None, progress: Progress | None = None) -> str:
         """Templates and the covariance factor for ``layer``; returns the corpus description."""
@@ -198,131 +159,114 @@ class Session:
         ed.prepare(layer, progress)
         return ed.factor(layer).description
 
-    # ----------------------------------------------------------- compute
-    def score_probes(self, form: EditForm) -> list[Probe]:
-        lm, _ = self.require()
-        probes = form.probes()
-        prompts: list[str] = []
-        targets: list[str] = []
-        true = form.request().true_object if form.target_true else None  # not end of text
-        for _, text in probes:
-            prompts.append(text)
-            targets.append(form.target_new)
-            if true:
-                prompts.append(text)
-                targets.append(true)
-        scores = iter(score_targets(lm.model, lm.tokenizer, prompts, targets))
-        out = []
-        for name, text in probes:
-            p_new = next(scores).prob
-            p_true = next(scores).prob if true else None
-            out.append(Probe(name, text, p_new, p_true))
-        return out
+    def editor_for(self, method: str, progress: Progress | None = None) -> Editor:
+        """The editor ``method`` computes on (:mod:`.method_editors`)."""
+        lm, ed = self.require()
+        return self._editors.get(ed, lm.hparams, method, progress)
 
-    def _after(self, update: Update, form: EditForm) -> list[Probe] | None:
-        """Probes with the update applied for a moment (then undone, bit for bit)."""
-        _, ed = self.require()
-        if not all(lu.is_finite() for lu in update.layers):
-            return None
-        ed.apply_update(update, force=True)
-        try:
-            for res in update.results:
-                if math.isnan(res.p_new_after):  # the engine's probes, in the same trial
-                    ed.score_applied(res)
-            return self.score_probes(form)
-        finally:
-            ed.undo()
+    def method_layers(self, methods: Sequence[str]) -> dict[str, tuple[str, list[int]]]:
+        """Each of ``methods``' preset and edited layers on the loaded model."""
+        return method_layers(self.require()[0].hparams, methods)
+
+    # ----------------------------------------------------------- compute
+    def compute(
+        self, form: EditForm, progress: Progress | None = None, *, trial: bool = True
+    ) -> EditOutcome:
+        """The form's method's update, with probes before and after. Nothing applied.
+
+        The probes after are scored once, in the method's own trial (the update added
+        for a moment, then put back) or, for a method without one, in the session's.
+        ``trial=False`` (computing to apply at once) asks for no trial: an outcome
+        without probes after gets them from :meth:`apply`, on the applied weights."""
+        with self._lock:
+            lm, _ = self.require()
+            ed = self.editor_for(form.method, progress)
+            t0 = time.perf_counter()
+            before = score_probes(lm, form)
+            seen: list[list[Probe]] = []
+            opts = form_options(get_method(form.method), form, trial)
+            upd = ed.edit(
+                [form.request()], form.method, progress=progress, layer=form.layer,
+                while_applied=lambda: seen.append(score_probes(lm, form)), **opts,
+            )  # fmt: skip
+            after = seen[0] if seen else None
+            if after is None and trial:
+                after = self._trial(upd, form)
+            return self._outcome(ed, form, upd, before, after, t0)
+
+    def compare(self, form: EditForm, progress: Progress | None = None) -> dict[str, EditOutcome]:
+        """ROME's update in every key mode (one v* shared), each probed in one trial.
+        Nothing applied."""
+        with self._lock:
+            lm, ed = self.require()
+            t0 = time.perf_counter()
+            before = score_probes(lm, form)
+            results = ed.compare(
+                form.request(), layer=form.layer, progress=progress, probe_after=False
+            )
+            out = {}
+            for mode, res in results.items():
+                upd, f = update_of(res), form.with_mode(mode)
+                others = results.values()
+                out[mode] = self._outcome(ed, f, upd, before, self._trial(upd, f), t0, others)
+            return out
+
+    def _trial(self, update: Update, form: EditForm) -> list[Probe] | None:
+        lm, ed = self.require()
+        return trial(ed, update, lambda: score_probes(lm, form))
+
+    def _outcome(
+        self,
+        ed: Editor,
+        form: EditForm,
+        update: Update,
+        before: list[Probe],
+        after: list[Probe] | None,
+        t0: float,
+        others: Iterable[EditResult] = (),
+    ) -> EditOutcome:
+        verdict = self._judge(ed, update, before, after, others)
+        secs = time.perf_counter() - t0
+        ratio = update_ratio(ed, update)
+        return EditOutcome(
+            form, update, before, after, verdict, secs, self.version, ratio, ed.hp.name
+        )
+
+    def _judge(
+        self,
+        ed: Editor,
+        update: Update,
+        before: list[Probe],
+        after: list[Probe] | None,
+        others: Iterable[EditResult] = (),
+    ) -> Verdict:
+        res = figures(ed, update)
+        return judge(
+            res,
+            before,
+            after,
+            others=[o for o in others if o is not res],
+            history_norms=self.history_norms(update.layers[-1].layer),
+            disabling_ratio=DISABLING_FRACTION * ed.hp.max_update_ratio,
+        )
 
     def tried(self, outcome: EditOutcome) -> EditOutcome:
         """``outcome`` with its probes after from a trial (the update added for a moment,
         then undone), judged with them: for an outcome computed without one and not
         applied. Nothing applied."""
         with self._lock:
-            if outcome.after is not None or outcome.update is None:
+            if outcome.after is not None:
                 return outcome
-            after = self._after(outcome.update, outcome.form)
-            verdict = self._judge(outcome.result, outcome.before, after)
-            return dataclasses.replace(outcome, after=after, verdict=verdict)
+            after = self._trial(outcome.update, outcome.form)
+            return self._rejudged(outcome, after)
 
-    @property
-    def disabling_ratio(self) -> float:
-        lm, _ = self.require()
-        return DISABLING_FRACTION * lm.hparams.max_update_ratio
+    def _rejudged(self, outcome: EditOutcome, after: list[Probe] | None) -> EditOutcome:
+        ed = self.editor_for(outcome.method)
+        verdict = self._judge(ed, outcome.update, outcome.before, after)
+        return dataclasses.replace(outcome, after=after, verdict=verdict)
 
     def history_norms(self, layer: int) -> list[float]:
         return [p.norm for p in self.timeline if p.active and p.layer == layer]
-
-    def compute(
-        self, form: EditForm, progress: Progress | None = None, *, trial: bool = True
-    ) -> EditOutcome:
-        """The update for the form's mode, with probes before and after. Nothing applied.
-
-        The probes after (the session's and the engine's) come from one trial: the
-        update added for a moment, then undone. ``trial=False`` (computing to apply at
-        once) skips it: the outcome has no probes after until :meth:`apply` scores
-        them on the applied weights, so computing and applying write the weight once."""
-        with self._lock:
-            _, ed = self.require()
-            t0 = time.perf_counter()
-            before = self.score_probes(form)
-            upd = ed.edit(
-                [form.request()],
-                "rome",
-                mode=form.mode,
-                layer=form.layer,
-                progress=progress,
-                probe_after=False,  # the engine's probes after: in the session's trial
-            )
-            return self._outcome(form, upd, before, upd.results, t0, trial)
-
-    def compare(self, form: EditForm, progress: Progress | None = None) -> dict[str, EditOutcome]:
-        """The update in every key mode (one v* shared), each probed in one trial.
-        Nothing applied."""
-        with self._lock:
-            _, ed = self.require()
-            t0 = time.perf_counter()
-            before = self.score_probes(form)
-            results = ed.compare(
-                form.request(), layer=form.layer, progress=progress, probe_after=False
-            )
-            return {
-                mode: self._outcome(
-                    form.with_mode(mode), update_of(res), before, results.values(), t0
-                )
-                for mode, res in results.items()
-            }
-
-    def _outcome(
-        self,
-        form: EditForm,
-        update: Update,
-        before: list[Probe],
-        results: Iterable[EditResult],
-        t0: float,
-        trial: bool = True,
-    ) -> EditOutcome:
-        res = update.results[0]
-        after = self._after(update, form) if trial else None
-        others = [r for r in results if r is not res]
-        verdict = self._judge(res, before, after, others)
-        secs = time.perf_counter() - t0
-        return EditOutcome(form, res, before, after, verdict, secs, self.version, update)
-
-    def _judge(
-        self,
-        res: EditResult,
-        before: list[Probe],
-        after: list[Probe] | None,
-        others: Sequence[EditResult] = (),
-    ) -> Verdict:
-        return judge(
-            res,
-            before,
-            after,
-            others=others,
-            history_norms=self.history_norms(res.layer),
-            disabling_ratio=self.disabling_ratio,
-        )
 
     # ----------------------------------------------------------- apply / undo
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 24) -> list[str]:
@@ -335,120 +279,76 @@ class Session:
         return ed.drift(layer)[0]
 
     def apply(
-        self,
-        outcome: EditOutcome,
-        progress: Progress | None = None,
-        generate: bool = True,
+        self, outcome: EditOutcome, progress: Progress | None = None, generate: bool = True
     ) -> AppliedInfo:
-        """Apply a computed ROME edit through :meth:`apply_step`: its update written once
-        (``Editor.apply_update``), an outcome computed without a trial scored after it, on
-        the applied weights. ``progress`` may raise to cancel only before the weights change.
-        """
-        res = outcome.result
-        done = outcome
+        """Apply a computed step of any method as one session edit: generations before /
+        after, one write of its weights (``Editor.apply_step``: one undo entry, the
+        method's carried state folded), one stored step, one point on the timeline.
 
-        def settle() -> Verdict:
-            nonlocal done
-            if done.after is None:
-                done = self._scored_after(done)
-            return done.verdict
-
-        def write(store: Store, run_id: str, seq: int, fp: str) -> None:
-            v = done.verdict
-            store.add_edit_result(
-                run_id, seq, res, metrics=done.metrics(), flagged=v.disabling,
-                flag_reason=v.summary or None, fingerprint=fp,
-            )  # fmt: skip
-
-        step = self.apply_step(
-            outcome.form, outcome.update or update_of(res), settle, write,
-            mode=res.mode, norm=res.update_norm, ratio=res.update_norm_ratio,
-            progress=progress, generate=generate,
-        )  # fmt: skip
-        return AppliedInfo(
-            step.number, done, step.generations, step.fingerprint, step.run_id, step.seq,
-            step.store_error,
-        )  # fmt: skip
-
-    def apply_step(
-        self,
-        form: EditForm,
-        update: Update,
-        settle: Callable[[], Verdict],
-        write: Callable[[Store, str, int, str], None],
-        *,
-        mode: str,
-        norm: float,
-        ratio: float,
-        carrier: Editor | None = None,
-        progress: Progress | None = None,
-        generate: bool = True,
-    ) -> AppliedStep:
-        """Apply a computed ``update`` of any method as one session edit: generations
-        before / after, one write of the weights (one undo entry on the session's editor),
-        one stored step, one point (``mode``, ``norm``, ``ratio``) on the timeline.
-
-        ``carrier``: unused (an editor for a method's own preset is a
-        :meth:`~rome.Editor.variant` of the session's: one state). ``settle()``, on the
-        applied weights, scores what is missing and returns the verdict to record;
-        ``write(store, run_id, seq, fingerprint)`` stores the step's rows (the generations
-        are stored here). ``progress`` may raise to cancel only before the weights
+        An outcome without probes after (computed with ``trial=False``) is scored on the
+        applied weights and judged again; one without probes before (a comparison row's
+        update, :meth:`MethodCompare.outcome_of`) is scored first and keeps the
+        comparison's verdict. ``progress`` may raise to cancel only before the weights
         change; a failure after undoes the step.
         """
         with self._lock:
-            _, ed = self.require()
-            prompts = form.generation_texts() if generate else []
+            lm, ed = self.require()
+            judged = bool(outcome.before)  # else a comparison row's: its verdict stands
+            if not judged:
+                outcome = dataclasses.replace(outcome, before=score_probes(lm, outcome.form))
+            prompts = outcome.form.generation_texts() if generate else []
             if progress:
                 progress("generating before", 0, 2)
             before = self.generate(prompts) if prompts else []
             if progress:
                 progress("applying", 1, 2)
-            state = carried_state(ed)
-            # raises UnsafeUpdateError with the weights unchanged; folds the method's state
-            entry = ed.apply_step(update)
+            ed.apply_step(outcome.update)  # refuses an unsafe update, the weights unchanged
             self.version += 1
             try:
                 after = self.generate(prompts) if prompts else []
-                verdict = settle()
+                done = self._settled(outcome, judged)
             except BaseException:
                 ed.undo()  # the weights and the carried state as they were
                 self.version += 1
                 raise
-            layers = [lu.layer for lu in update.layers]
-            fp = ed.fingerprint(layers)
-            pairs = [
-                GenerationPair(p, b, a) for p, b, a in zip(prompts, before, after, strict=True)
-            ]
-            run_id, seq, err = self._record(write, fp, pairs, mode)
-            self.refs.append((run_id, seq) if run_id is not None and seq is not None else None)
-            req = form.request()
-            label = f"{req.subject} → {req.target_new}"
-            self._add_point(
-                label, mode, layers[-1], norm, ratio, verdict.disabling, verdict.summary
-            )
-            return AppliedStep(len(self.timeline), entry, state, pairs, fp, run_id, seq, err)
+            pairs = [GenerationPair(*g) for g in zip(prompts, before, after, strict=True)]
+            return self._recorded(done, pairs)
 
-    def _scored_after(self, outcome: EditOutcome) -> EditOutcome:
-        """The outcome with its probes after scored on the applied weights (the engine's
-        too, when it computed without a trial), judged again with them."""
+    def _settled(self, outcome: EditOutcome, judge_again: bool) -> EditOutcome:
+        """On the applied weights: what the outcome lacks scored (a rank-one record's
+        probes after, the form's), judged again with them if ``judge_again``."""
+        lm, ed = self.require()
+        score_applied(ed, outcome.update)
+        if outcome.after is not None:
+            return outcome
+        after = score_probes(lm, outcome.form)
+        if not judge_again:
+            return dataclasses.replace(outcome, after=after)
+        return self._rejudged(outcome, after)
+
+    def _recorded(self, done: EditOutcome, pairs: list[GenerationPair]) -> AppliedInfo:
+        """Store an applied outcome and put it on the timeline."""
         _, ed = self.require()
-        res = outcome.result
-        if math.isnan(res.p_new_after):
-            ed.score_applied(res)
-        after = self.score_probes(outcome.form)
-        verdict = self._judge(res, outcome.before, after)
-        return dataclasses.replace(outcome, after=after, verdict=verdict)
+        layers = [lu.layer for lu in done.update.layers]
+        fp = ed.fingerprint(layers)
+        run_id, seq, err = self.run.record(self._start(), step_rows(done, fp), pairs, done.mode)
+        self.refs.append((run_id, seq) if run_id is not None and seq is not None else None)
+        req = done.form.request()
+        v = done.verdict
+        point = (done.mode, layers[-1], done.norm, done.ratio, v.disabling, v.summary)
+        self._add_point(f"{req.subject} → {req.target_new}", *point)
+        return AppliedInfo(len(self.timeline), done, pairs, fp, run_id, seq, err)
+
+    def _start(self) -> tuple[str, EditHparams, str]:
+        """What the session's run is made from: the model, its preset, its base fingerprint."""
+        lm, ed = self.require()
+        hp = lm.hparams
+        return lm.name, hp, self.base_fingerprint or ed.fingerprint([hp.layer])
 
     def _add_point(
-        self,
-        label: str,
-        mode: str,
-        layer: int,
-        norm: float,
-        ratio: float,
-        flagged: bool,
+        self, label: str, mode: str, layer: int, norm: float, ratio: float, flagged: bool,
         reason: str,
-    ) -> None:
+    ) -> None:  # fmt: skip
         self.timeline.append(
             NormPoint(
                 number=len(self.timeline) + 1,
@@ -460,54 +360,12 @@ class Session:
                 cumulative=self.cumulative_norm(layer),
                 flagged=flagged,
                 reason=reason,
-            )
+            )  # fmt: skip
         )
 
-    def _ensure_run(self) -> str:
-        lm, ed = self.require()
-        assert self.store is not None
-        if self.run_id is None:
-            hp = lm.hparams
-            run = self.store.create_run(
-                model=lm.name,
-                kind="session",
-                preset=hp.name,
-                hparams={"hparams": hp.to_dict()},
-                # the weights as loaded: the run starts when its first edit is
-                # stored, after that edit was applied
-                base_fingerprint=self.base_fingerprint or ed.fingerprint([hp.layer]),
-                notes="interactive session (rome-workbench TUI)",
-            )
-            self._lease = self.store.acquire_writer(run.id)
-            self.run_id = run.id
-        return self.run_id
-
-    def _record(
-        self,
-        write: Callable[[Store, str, int, str], None],
-        fp: str,
-        pairs: Sequence[GenerationPair] = (),
-        what: str = "",
-    ) -> tuple[str | None, int | None, str | None]:
-        """Store a step in the session's run: ``write``'s rows at the next seq, then the
-        generations; ``(run_id, seq, None)``, or ``(None, None, why not)``."""
-        if self.store is None:
-            return None, None, self.store_error or "no database open"
-        from workbench.store import StoreError
-
-        try:
-            run_id = self._ensure_run()
-            seq = self.store.next_seq(run_id)
-            write(self.store, run_id, seq, fp)
-            for g in pairs:
-                self.store.add_generation(run_id, seq, g.prompt, g.before, g.after)
-            return run_id, seq, None
-        except StoreError as exc:
-            log.warning("could not store the %s edit: %s", what, exc)
-            return None, None, str(exc)
-
     def undo(self) -> str:
-        """Undo the last applied edit (weights restored bit for bit); returns a description."""
+        """Undo the last applied edit (weights and carried state restored bit for bit);
+        returns a description."""
         with self._lock:
             _, ed = self.require()
             entry = ed.undo()
@@ -517,7 +375,7 @@ class Session:
                 if p.active:
                     p.active = False
                     break
-            self._mark_undone([ref])
+            self.run.mark_undone([ref])
             req = entry.result.request if entry.result is not None else None
             what = f"{req.subject} → {req.target_new}" if req else f"layer {entry.layer}"
             return f"undid {what}"
@@ -528,24 +386,11 @@ class Session:
             _, ed = self.require()
             n = ed.revert_all()
             self.version += 1
-            self._mark_undone(self.refs)
+            self.run.mark_undone(self.refs)
             self.refs = []
             for p in self.timeline:
                 p.active = False
             return n
-
-    def _mark_undone(self, refs: Iterable[tuple[str, int] | None]) -> None:
-        if self.store is None:
-            return
-        from workbench.store import StoreError
-
-        for ref in refs:
-            if ref is None:
-                continue
-            try:
-                self.store.mark_undone(*ref)
-            except StoreError as exc:
-                log.warning("could not mark %s:%s undone: %s", *ref, exc)
 
     def reapply(self, keys: Sequence[tuple[str, int]], progress: Progress | None = None) -> int:
         """Apply stored edits (``(run_id, seq)``, in order) onto the model; returns how many.
@@ -564,40 +409,22 @@ class Session:
                         "batch: its update is the batch's, over several layers, and is not "
                         "re-applied from History; replay or extend its run instead"
                     )
-            done = 0
             for i, edit in enumerate(edits):
                 if progress:
                     progress("re-applying", i, len(keys))
                 u, v = self.store.load_factors(edit, device=lm.device)
                 ed.apply_factors(edit.layer, u, v)
                 self.version += 1
-                self.refs.append(self._record_reapplied(edit, u, v))
+                rows = reapplied_rows(edit, u, v, ed.fingerprint([edit.layer]))
+                run_id, seq, _ = self.run.record(self._start(), rows, what="re-applied")
+                self.refs.append((run_id, seq) if run_id is not None and seq is not None else None)
                 req = edit.request
                 self._add_point(
-                    f"{req.get('subject')} → {req.get('target_new')}",
-                    edit.mode,
-                    edit.layer,
-                    float(edit.update_norm or 0.0),
-                    float(edit.update_norm_ratio or 0.0),
-                    edit.flagged,
-                    edit.flag_reason or "",
-                )
-                done += 1
-            return done
-
-    def _record_reapplied(
-        self, edit: Edit, u: torch.Tensor, v: torch.Tensor
-    ) -> tuple[str, int] | None:
-        """Store a re-applied edit in this session's run; its ``(run_id, seq)``, or None."""
-        _, ed = self.require()
-        copied = {k: getattr(edit, k) for k in _COPIED_EDIT_FIELDS}
-        metrics = {"source": "reapplied", "from": f"{edit.run_id}:{edit.seq}"}
-
-        def write(store: Store, run_id: str, seq: int, fp: str) -> None:
-            store.add_edit(run_id, seq, u=u, v=v, metrics=metrics, fingerprint=fp, **copied)
-
-        run_id, seq, _ = self._record(write, ed.fingerprint([edit.layer]), what="re-applied")
-        return (run_id, seq) if run_id is not None and seq is not None else None
+                    f"{req.get('subject')} → {req.get('target_new')}", edit.mode, edit.layer,
+                    float(edit.update_norm or 0.0), float(edit.update_norm_ratio or 0.0),
+                    edit.flagged, edit.flag_reason or "",
+                )  # fmt: skip
+            return len(edits)
 
     # ----------------------------------------------------------- store reads
     def history(self, model: str | None = None) -> list[HistoryRow]:
@@ -617,27 +444,19 @@ class Session:
     # ----------------------------------------------------------- replay
     def replay_layer(self, cfg: ReplayConfig | None = None, resume: str | None = None) -> int:
         """The layer the replay ``cfg`` (or the resumed run ``resume``) edits."""
-        lm, _ = self.require()
-        hparams = None
-        if resume is not None and self.store is not None:
-            hparams = self.store.get_run(resume).hparams or {}
-        return replay_layer(lm, cfg, hparams)
+        return replay_layer(self.require()[0], cfg, self._run_hparams(resume))
 
     def replay_layers(
         self, cfg: ReplayConfig | None = None, resume: str | None = None
     ) -> list[int]:
         """Every layer the replay may write: ROME's layer and the method's edited layers."""
         lm, ed = self.require()
-        layers = {self.replay_layer(cfg, resume)}
-        if resume is not None and self.store is not None:
-            spec = RunSpec.of(self.store.get_run(resume))
-            method, hp = spec.method, spec.edit_hparams(lm.hparams)
-        else:
-            method = cfg.method if cfg is not None else "rome"
-            hp = method_preset(lm.hparams, method)
-        if not has_key_modes(method):  # a key-mode method (ROME) writes its one layer
-            layers |= set(hp.edited_layers())
-        return sorted(ed.check_layer(x) for x in layers)
+        return replay_layers(lm, ed, cfg, self._run_hparams(resume))
+
+    def _run_hparams(self, resume: str | None) -> dict | None:
+        if resume is None or self.store is None:
+            return None
+        return RunSpec.of(self.store.get_run(resume)).to_dict()
 
     def run_replay(
         self,
@@ -677,24 +496,4 @@ class Session:
     # ----------------------------------------------------------- end
     def finish(self) -> None:
         """Close this model's session run in the store (status finished, lock released)."""
-        if self.store is None or self.run_id is None:
-            return
-        from workbench.store import StoreError
-
-        try:
-            self.store.set_status(self.run_id, "finished")
-        except StoreError as exc:
-            log.warning("could not close session run %s: %s", self.run_id, exc)
-        if self._lease is not None:
-            self._lease.release()
-            self._lease = None
-        self.run_id = None
-
-
-def corpus_words(dataset: str) -> str:
-    """The covariance corpus in words."""
-    return {
-        "sampled": "text sampled from the model",
-        "wikipedia": "Wikipedia",
-        "wikitext": "WikiText-103",
-    }.get(dataset, dataset)
+        self.run.finish()

@@ -1,5 +1,6 @@
 """Whether a computed update looks safe: probes before / after, and the verdict on
-one edit, each key mode of a compare judged against the others.
+one edit of any method (the app's one verdict engine), each key mode of a compare
+judged against the others.
 
 The thresholds below are the interactive session's own; the "norm far above
 the running median" rule is the replay's (``evals.replay.norm_flag``), applied
@@ -8,9 +9,11 @@ to the session's earlier edits.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from evals.replay import ReplayConfig, norm_flag
 from rome import EditResult
@@ -61,8 +64,38 @@ class Verdict:
         return "; ".join(self.reasons)
 
 
+class Judged(Protocol):
+    """The figures a verdict reads: a ROME :class:`~rome.EditResult`, or :class:`Figures`."""
+
+    @property
+    def mode(self) -> str: ...
+    @property
+    def update_norm(self) -> float: ...
+    @property
+    def update_norm_ratio(self) -> float: ...
+    @property
+    def unsafe_reason(self) -> str | None: ...
+    @property
+    def cos_kstar_ks(self) -> float: ...
+    @property
+    def p_new_after_templated(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class Figures:
+    """A step's figures for :func:`judge` when its method keeps no rank-one record
+    (the batch methods): its name, ‖ΔW‖ and ‖ΔW‖ / ‖W‖ over the edited weights."""
+
+    mode: str
+    update_norm: float
+    update_norm_ratio: float
+    unsafe_reason: str | None = None
+    cos_kstar_ks: float = math.nan
+    p_new_after_templated: float = math.nan
+
+
 def judge(
-    result: EditResult,
+    result: Judged,
     before: Sequence[Probe] = (),
     after: Sequence[Probe] | None = None,
     others: Iterable[EditResult] = (),
@@ -98,10 +131,9 @@ def judge(
             if p.name == "prompt" and q and p.p_new <= q.p_new:
                 warn.append("p(new) on the prompt did not rise")
             elif p.name == "prompt" and p.p_new < 0.5:
-                warn.append(
-                    f"weak on the bare prompt: p(new) {fprob(p.p_new)} "
-                    f"(templated {fprob(result.p_new_after_templated)})"
-                )
+                templated = result.p_new_after_templated
+                shown = "" if math.isnan(templated) else f" (templated {fprob(templated)})"
+                warn.append(f"weak on the bare prompt: p(new) {fprob(p.p_new)}{shown}")
             if p.name == "paraphrase" and p.p_new < 0.1 and (q is None or p.p_new <= 2 * q.p_new):
                 warn.append("does not carry over to the paraphrase")
     if bad:

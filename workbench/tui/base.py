@@ -25,7 +25,7 @@ from textual.widgets import TabbedContent, Tabs
 from textual.worker import Worker, WorkerState
 
 from workbench.core.errors import describe as describe_error
-from workbench.core.method_edits import MethodEdits
+from workbench.core.method_compare import MethodCompare
 from workbench.core.session import Session
 
 from .job_kinds import JobEnd, JobId, ReadId
@@ -122,7 +122,7 @@ class AppBase(App[None]):
         self._given_store = store
         self._own_store = False
         self.session = Session()
-        self.methods = MethodEdits(self.session)  # MEMIT, EMMET, AlphaEdit on the session
+        self.methods = MethodCompare(self.session)  # Compare: key modes beside the family
         self.jobs = JobRunner(self)
         self.quiet = QuietTerminal(log_file)
         self._on_end: dict[JobId, Callable[[JobEnd], None]] = {}

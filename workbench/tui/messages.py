@@ -12,7 +12,6 @@ from textual.message import Message
 
 if TYPE_CHECKING:
     from evals.replay import CheckpointDone, EditDone, ReplayFinished, ReplayWarning
-    from workbench.core.method_edits import MethodApplied, MethodEditOutcome
     from workbench.core.methods import MethodOutcome
     from workbench.core.records import AppliedInfo, EditOutcome, HistoryRow, ModelInfo
 
@@ -93,6 +92,8 @@ class CovarianceReady(Message):
 
 
 class EditComputed(Message):
+    """A computed update of any method on the Edit tab's request (not applied)."""
+
     def __init__(self, outcome: EditOutcome) -> None:
         super().__init__()
         self.outcome = outcome
@@ -104,26 +105,12 @@ class CompareComputed(Message):
         self.outcomes = outcomes
 
 
-class MethodEditComputed(Message):
-    """A batch method's update on the Edit tab's request (not applied)."""
-
-    def __init__(self, outcome: MethodEditOutcome) -> None:
-        super().__init__()
-        self.outcome = outcome
-
-
 class MethodsCompared(Message):
     """Every method beside ROME's key modes on the Edit tab's request (nothing applied)."""
 
     def __init__(self, rows: list[MethodOutcome]) -> None:
         super().__init__()
         self.rows = rows
-
-
-class MethodEditApplied(Message):
-    def __init__(self, info: MethodApplied) -> None:
-        super().__init__()
-        self.info = info
 
 
 class EditApplied(Message):

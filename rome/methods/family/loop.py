@@ -11,6 +11,7 @@ restored at the end: computing leaves the model as it was.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,12 +25,14 @@ from ...hparams import V_STOPS
 from ...optimise import ZStop
 from ...progress import Progress
 from ...request import EditRequest
-from ...scoring import score_targets
+from ...scoring import probe_requests
 from ...update import add_delta, restore, weight_out_in
 from ..base import Capabilities, LayerUpdate, MethodBase, Update, setting, settings_dict
 from .reprs import Located, group_average, locate, reprs_at
 from .templates import family_templates
-from .z import Z_LOOPS, ZResult, optimise_zs
+from .z import Z_LOOPS, ZResult, optimise_zs, z_key
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -101,6 +104,11 @@ class FamilyMethod(MethodBase):
     def solve(self, ctx: EditContext, lc: LayerContext, settings: Any) -> Solved:
         raise NotImplementedError
 
+    #: whether the layer loop's weights are the update it returns (False: :meth:`finish`
+    #: changes its layers, RECT's rectified and PRUNE's restrained Δ), so that a caller's
+    #: probes taken in the loop (``EditContext.while_applied``) hold for the update
+    finish_keeps_layers = True
+
     #: which keys a method's state keeps: "edited" (on the edited model, after every layer's
     #: write: AlphaEdit, MEMIT_seq) or "loop" (each layer's K as its solve used it: ENCORE)
     keys_on = "edited"
@@ -139,6 +147,9 @@ class FamilyMethod(MethodBase):
             hp = hp.replace(v_stop=settings.v_stop).validate()
         layers = self.layers(ctx, settings)
         templates = family_templates(ctx)
+        if self.capabilities.needs_c0:  # C₀ of the base model, before the loop writes
+            for layer in layers:
+                moment(ctx, layer)
         self.prepare(ctx, layers, settings)
         z_layer = layers[-1]
         block = f"{hp.layers_module}.{z_layer}"
@@ -150,11 +161,7 @@ class FamilyMethod(MethodBase):
             for t in templates
         ]
         before = _probe(ctx, reqs)
-        z_cb = (lambda d, t: progress("z", d, t)) if progress else None
-        zr, z_loop = optimise_zs(
-            model, tok, reqs, templates, z_layer, block, hp, z_cb, settings.z_loop,
-            self.z_stop(settings),
-        )  # fmt: skip
+        zr, z_loop = self._z(ctx, reqs, templates, z_layer, hp, settings, progress)
         zr = self.adjust_z(ctx, zr, reqs, settings)
         saved: list[tuple[int, torch.Tensor]] = []
         out: list[LayerUpdate] = []
@@ -185,6 +192,8 @@ class FamilyMethod(MethodBase):
                 for lu in out:
                     lu.keys = _keys(ctx, key_items, lu.weight_name, len(templates)).cpu()
             after = _probe(ctx, reqs)
+            if ctx.while_applied is not None and self.finish_keeps_layers:
+                ctx.while_applied()  # the loop's weights are the update's
         finally:
             for layer, w in reversed(saved):
                 restore(ctx.module(layer), w)
@@ -213,6 +222,41 @@ class FamilyMethod(MethodBase):
         upd.unsafe_reason = ctx.unsafe_reason(upd)
         return upd
 
+    def _z(
+        self,
+        ctx: EditContext,
+        reqs: list[EditRequest],
+        templates: list[str],
+        z_layer: int,
+        hp: Any,
+        settings: Any,
+        progress: Progress | None,
+    ) -> tuple[ZResult, str]:
+        """z for ``reqs``, optimised once per state of the weights for every method of
+        the family with the preset's stopping rule (:meth:`rome.caches.Caches.z`): the
+        same requests, templates, block and z settings give the same z, bit for bit."""
+        block = f"{hp.layers_module}.{z_layer}"
+        stop = self.z_stop(settings)
+        z_cb = (lambda d, t: progress("z", d, t)) if progress else None
+
+        def make() -> tuple[ZResult, str]:
+            return optimise_zs(
+                ctx.model, ctx.tok, reqs, templates, z_layer, block, hp, z_cb, settings.z_loop,
+                stop,
+            )  # fmt: skip
+
+        if stop is not None:  # a method's own rule (ENCORE's): not comparable, not kept
+            return make()
+        key = ("family", "z", z_key(reqs, templates, block, hp, settings.z_loop))
+        (zr, loop), kept = ctx.caches.z([z_layer], key, make)
+        if kept:
+            log.debug("%s: z for %d request(s) kept from an earlier method", self.name, len(reqs))
+            if progress:
+                progress("z", 1, 1)
+        copy = ZResult(zr.z.clone(), zr.target_init.clone(), list(zr.steps))
+        copy.traces = [[dict(t) for t in trace] for trace in zr.traces]
+        return copy, loop
+
 
 def _keys(ctx: EditContext, items: list[Located], name: str, n_templates: int) -> torch.Tensor:
     """K (in, n): per request ½ the bare key + ½ the mean of the prefixed ones."""
@@ -221,21 +265,8 @@ def _keys(ctx: EditContext, items: list[Located], name: str, n_templates: int) -
 
 
 def _probe(ctx: EditContext, reqs: list[EditRequest]) -> list[tuple[float, float | None]]:
-    """(p(target_new), p(target_true)) on each bare prompt."""
-    prompts = [r.text for r in reqs] + [r.text for r in reqs if r.true_object is not None]
-    targets = [r.target_new for r in reqs] + [
-        r.true_object for r in reqs if r.true_object is not None
-    ]
-    scores = score_targets(ctx.model, ctx.tok, prompts, targets)
-    out: list[tuple[float, float | None]] = []
-    k = len(reqs)
-    for j, r in enumerate(reqs):
-        p_true = None
-        if r.true_object is not None:
-            p_true = scores[k].prob
-            k += 1
-        out.append((scores[j].prob, p_true))
-    return out
+    """(p(target_new), p(true object)) on each bare prompt."""
+    return probe_requests(ctx.model, ctx.tok, reqs)
 
 
 def _record(

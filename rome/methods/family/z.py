@@ -21,6 +21,7 @@ ball of radius ``clamp_norm_factor`` · ‖target_init‖. z = target_init + δ.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -143,6 +144,33 @@ def optimise_zs(
         [v.trace for v in out],
     )
     return z, "batched"
+
+
+#: the preset fields z does not read (the rest, new ones included, go into :func:`z_key`)
+NOT_IN_Z = frozenset(
+    {
+        "name", "notes", "aliases", "extends", "method", "layer", "layers", "method_settings",
+        "shared_settings", "covariance", "mom2_dataset", "mom2_n_samples", "mom2_max_len",
+        "mom2_dtype", "mom2_ridge", "max_update_ratio", "default_mode", "key_averaging",
+        "fact_token", "context_template_length_params", "context_templates", "template_seed",
+        "family_template_words", "family_template_length", "family_template_top_k",
+        "family_context_templates", "v_norm_anchor", "v_norm_anchor_samples",
+    }
+)  # fmt: skip
+
+
+def z_key(
+    requests: Sequence[EditRequest],
+    templates: Sequence[str],
+    block_name: str,
+    hp: EditHparams,
+    loop: str,
+) -> str:
+    """What :func:`optimise_zs` computes from besides the weights: the requests in order,
+    the templates, the block, the loop and every preset field but :data:`NOT_IN_Z`."""
+    fields = {k: v for k, v in hp.to_dict().items() if k not in NOT_IN_Z}
+    what = [[r.to_dict() for r in requests], list(templates), block_name, loop, fields]
+    return json.dumps(what, sort_keys=True, default=repr)
 
 
 def _loss_layer(model: nn.Module, hp: EditHparams, layer: int) -> int:

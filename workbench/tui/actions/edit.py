@@ -11,7 +11,6 @@ from rome.methods import METHODS
 from rome.progress import Progress
 from workbench.core.forms import EditForm, has_key_modes
 from workbench.core.generation import GenerationPair
-from workbench.core.method_edits import MethodEditOutcome
 from workbench.core.records import EditOutcome
 
 from ..base import AppBase, guarded
@@ -20,8 +19,6 @@ from ..messages import (
     CompareComputed,
     EditApplied,
     EditComputed,
-    MethodEditApplied,
-    MethodEditComputed,
     MethodsCompared,
     Notice,
     OwnGenerated,
@@ -62,7 +59,7 @@ class EditActions(AppBase):
             return None
         return form
 
-    def ready_outcome(self, form: EditForm) -> EditOutcome | MethodEditOutcome | None:
+    def ready_outcome(self, form: EditForm) -> EditOutcome | None:
         """An update already computed for ``form`` on the current weights, if one is on screen.
 
         The Edit tab's result counts when its request, layer and mode match; a
@@ -86,10 +83,7 @@ class EditActions(AppBase):
 
         def work(ctx: JobContext) -> None:
             cb = ctx.engine_callback(self._phase_text)
-            if form.is_rome:
-                ctx.post(EditComputed(self.session.compute(form, progress=cb)))
-            else:
-                ctx.post(MethodEditComputed(self.methods.compute(form, progress=cb)))
+            ctx.post(EditComputed(self.session.compute(form, progress=cb)))
 
         def ended(end: JobEnd) -> None:
             if end is not JobEnd.DONE:
@@ -145,17 +139,6 @@ class EditActions(AppBase):
     def on_methods_compared(self, msg: MethodsCompared) -> None:
         self.compare_pane.show_methods(msg.rows)
 
-    def on_method_edit_computed(self, msg: MethodEditComputed) -> None:
-        o = msg.outcome
-        self.edit_pane.show_method_outcome(o)
-        if o.verdict.disabling:
-            self.notify(
-                f"{o.method}: {o.verdict.summary}",
-                title="This update looks disabling",
-                severity="warning",
-                timeout=8,
-            )
-
     @on(EditPane.Submitted)
     def _form_submitted(self) -> None:
         self.action_compute()
@@ -172,16 +155,11 @@ class EditActions(AppBase):
 
         def work(ctx: JobContext) -> None:
             cb = ctx.engine_callback(self._phase_text)
-            outcome: EditOutcome | MethodEditOutcome
-            if form.is_rome:
-                # no trial: the update is written once, by the apply (probes after, then)
-                outcome = self.session.compute(form, progress=cb, trial=False)
-                if outcome.verdict.disabling:  # not applied: its probes after from a trial
-                    ctx.post(EditComputed(self.session.tried(outcome)))
-            else:
-                outcome = self.methods.compute(form, progress=cb)
-                ctx.post(MethodEditComputed(outcome))
-            if outcome.verdict.disabling:
+            # no trial of the session's: the update is written once, by the apply (the
+            # probes after then, unless the method scored them in its own trial)
+            outcome = self.session.compute(form, progress=cb, trial=False)
+            if outcome.verdict.disabling:  # not applied: its probes after from a trial
+                ctx.post(EditComputed(self.session.tried(outcome)))
                 ctx.post(
                     Notice(
                         "Not applied. Review it in the Edit tab; F7 applies it anyway.",
@@ -190,7 +168,7 @@ class EditActions(AppBase):
                     )
                 )
                 return
-            ctx.check()  # a ROME outcome is shown once applied (EditApplied)
+            ctx.check()  # the outcome is shown once applied (EditApplied)
             self._apply_in_job(ctx, outcome, cb)
 
         what = self._what(form)
@@ -198,16 +176,11 @@ class EditActions(AppBase):
         if self.start_job(JobId.APPLY, label, work):
             self.edit_pane.show_computing(f"Computing the {what} update, then applying it")
 
-    def _apply_in_job(
-        self, ctx: JobContext, o: EditOutcome | MethodEditOutcome, progress: Progress
-    ) -> None:
-        """In a job: apply ``o`` through the session (ROME) or the batch methods."""
-        if isinstance(o, MethodEditOutcome):
-            ctx.post(MethodEditApplied(self.methods.apply(o, progress=progress)))
-        else:
-            ctx.post(EditApplied(self.session.apply(o, progress=progress)))
+    def _apply_in_job(self, ctx: JobContext, o: EditOutcome, progress: Progress) -> None:
+        """In a job: apply ``o`` through the session (every method)."""
+        ctx.post(EditApplied(self.session.apply(o, progress=progress)))
 
-    def apply_outcome(self, o: EditOutcome | MethodEditOutcome, confirmed: bool = False) -> None:
+    def apply_outcome(self, o: EditOutcome, confirmed: bool = False) -> None:
         if self.refuse_busy() or not self.need_model():
             return
         if o.version != self.session.version:
@@ -228,7 +201,7 @@ class EditActions(AppBase):
 
         self.start_job(JobId.APPLY, f"Applying the {o.mode} edit", work)
 
-    def _confirm_disabling(self, o: EditOutcome | MethodEditOutcome) -> None:
+    def _confirm_disabling(self, o: EditOutcome) -> None:
         from ..screens.dialogs import ConfirmDialog
 
         def answer(yes: bool | None) -> None:
@@ -258,13 +231,13 @@ class EditActions(AppBase):
     def apply_compare_row(self, label: str) -> None:
         """Apply the comparison's method row ``label`` as the Edit tab's F7 would, with the
         update the comparison computed (not recomputed): a ``rome/<mode>`` row is that key
-        mode's outcome, a batch method's row its update (``MethodEdits.outcome_of``; its
+        mode's outcome, a batch method's row its update (``MethodCompare.outcome_of``; its
         probes before are scored in the apply job). ``apply_outcome`` refuses a stale
         (``Session.version`` moved on) or REFUSED one with a notice, nothing applied, and
         asks before a DISABLING one."""
         pane = self.compare_pane
         row = next((r for r in pane.method_rows if r.label == label), None)
-        o: EditOutcome | MethodEditOutcome | None = None
+        o: EditOutcome | None = None
         if row is not None and has_key_modes(row.method):  # a key mode's row: rome/<mode>
             o = pane.outcomes.get(label.removeprefix(f"{row.method}/"))  # emptied once applied
         elif row is not None and len(row.updates) == 1 and pane.version is not None and pane.form:
@@ -283,28 +256,13 @@ class EditActions(AppBase):
     def on_edit_applied(self, msg: EditApplied) -> None:
         info = msg.info
         o = info.outcome
-        r = o.result
+        req = o.form.request()
         self.edit_pane.show_outcome(o, info)
         self._show_applied(
-            r.mode,
-            info.number,
-            f"{r.request.subject} → {r.request.target_new}",
-            r.update_norm,
-            info.generations,
-            info.store_error,
-        )
-
-    @guarded("Showing the applied edit")
-    def on_method_edit_applied(self, msg: MethodEditApplied) -> None:
-        info = msg.info
-        o = info.outcome
-        req = o.form.request()
-        self.edit_pane.show_method_outcome(o, info)
-        self._show_applied(
-            o.method,
+            o.mode,
             info.number,
             f"{req.subject} → {req.target_new}",
-            o.row.norm,
+            o.norm,
             info.generations,
             info.store_error,
         )

@@ -133,7 +133,7 @@ class ModelActions(AppBase):
         info = msg.info
         self.model_pane.show_info(info)
         self.edit_pane.set_model(info.n_layers, info.layer, info.default_mode)
-        self.edit_pane.set_methods(self.methods.layers())
+        self.edit_pane.set_methods(self.session.method_layers(self.methods.family()))
         self.update_bar()
         self.weights_pane.show([], None)
         self.refresh_history()

@@ -12,7 +12,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.message import Message
 from textual.widgets import Button, DataTable, Static
 
-from rome import MODES
+from rome import MODES, EditResult
 from workbench.core.format import farrow, fnum
 from workbench.core.forms import EditForm
 from workbench.core.methods import MethodOutcome
@@ -64,6 +64,12 @@ def method_cells(o: MethodOutcome) -> tuple[str | Text, ...]:
     )
 
 
+def key_mode_result(o: EditOutcome) -> EditResult:
+    """A key mode's rank-one record (every outcome of the key-mode comparison has one)."""
+    assert o.result is not None, "a key mode's outcome keeps its rank-one record"
+    return o.result
+
+
 def compare_table(outcomes: dict[str, EditOutcome]) -> Table:
     modes = [m for m in MODES if m in outcomes]
     t = Table(box=None, padding=(0, 1), show_edge=False, header_style="bold", expand=False)
@@ -75,7 +81,7 @@ def compare_table(outcomes: dict[str, EditOutcome]) -> Table:
     def row(label: str, values: list[str]) -> None:
         t.add_row(label, *values)
 
-    rs = [outcomes[m].result for m in modes]
+    rs = [key_mode_result(outcomes[m]) for m in modes]
     row("‖ΔW‖", [fnum(r.update_norm) for r in rs])
     row("‖ΔW‖ / ‖W‖", [fnum(r.update_norm_ratio) for r in rs])
     row("denominator", [fnum(r.denominator) for r in rs])
@@ -210,7 +216,7 @@ class ComparePane(VerticalScroll):
         self.outcomes = dict(outcomes)
         any_o = next(iter(outcomes.values()))
         self.form, self.version = any_o.form, any_o.version
-        r = any_o.result
+        r = key_mode_result(any_o)
         head = Text()
         head.append(f"{r.request.subject} → {r.request.target_new}", style="bold")
         head.append(

@@ -21,7 +21,6 @@ from workbench.core.forms import (
     form_from_values,
     has_key_modes,
 )
-from workbench.core.method_edits import MethodApplied, MethodEditOutcome
 from workbench.core.records import AppliedInfo, EditOutcome
 from workbench.core.verdict import Verdict
 
@@ -83,7 +82,9 @@ def verdict_text(v: Verdict, label: bool = True) -> Text:
 
 
 def outcome_table(o: EditOutcome) -> Table:
+    """A rank-one record's figures (ROME's)."""
     r = o.result
+    assert r is not None
     t = Table.grid(padding=(0, 2))
     t.add_column(style="dim", no_wrap=True)
     t.add_column()
@@ -105,7 +106,19 @@ def outcome_table(o: EditOutcome) -> Table:
     return t
 
 
-def probes_table(o: EditOutcome | MethodEditOutcome) -> Table:
+def method_table(o: EditOutcome) -> Table:
+    """A step's figures without a rank-one record (the batch methods): norms per layer."""
+    t = Table.grid(padding=(0, 2))
+    t.add_column(style="dim", no_wrap=True)
+    t.add_column()
+    t.add_row("method", f"{o.method} (preset {o.preset})")
+    t.add_row("‖ΔW‖", f"{fnum(o.norm)}  ({fnum(o.ratio)} × ‖W‖ of the edited layers)")
+    for layer, norm in o.layer_norms.items():
+        t.add_row(f"  layer {layer}", fnum(norm))
+    return t
+
+
+def probes_table(o: EditOutcome) -> Table:
     t = Table(box=None, padding=(0, 1), show_edge=False, header_style="dim")
     t.add_column("probe", no_wrap=True)
     t.add_column("p(new) before→after", no_wrap=True)
@@ -128,8 +141,8 @@ class EditPane(Vertical):
 
     def __init__(self) -> None:
         super().__init__(id="edit-pane")
-        self.outcome: EditOutcome | MethodEditOutcome | None = None
-        self.applied: AppliedInfo | MethodApplied | None = None
+        self.outcome: EditOutcome | None = None
+        self.applied: AppliedInfo | None = None
         self.method_layers: dict[str, tuple[str, list[int]]] = {}  # method -> (preset, layers)
         self.generation_prompts: tuple[str, ...] = ()
         self.n_layers: int | None = None
@@ -337,62 +350,30 @@ class EditPane(Vertical):
         self.query_one("#edit-result-body", Static).update(Text(what + "…", style="italic"))
         self.reveal_result()
 
-    def show_outcome(
-        self,
-        outcome: EditOutcome | MethodEditOutcome,
-        applied: AppliedInfo | MethodApplied | None = None,
-    ) -> None:
-        if isinstance(outcome, MethodEditOutcome):
-            self.show_method_outcome(outcome, applied)
-            return
-        self.outcome = outcome
-        self.applied = applied
-        r = outcome.result
-        head = Text()
-        head.append(f"{r.request.subject} → {r.request.target_new}", style="bold")
-        head.append(
-            f"   rome/{r.mode} · layer {r.layer} · {fseconds(outcome.seconds)}\n", style="dim"
-        )
-        self._applied_line(head, applied)
-        verdict = Text("verdict  ", style="dim")
-        verdict.append_text(verdict_text(outcome.verdict))
-        body = Group(
-            head, Text(""), verdict, outcome_table(outcome), Text(""), probes_table(outcome)
-        )
-        self.query_one("#edit-result-body", Static).update(body)
-        self.reveal_result()
-
-    def show_method_outcome(
-        self, outcome: MethodEditOutcome, applied: AppliedInfo | MethodApplied | None = None
-    ) -> None:
-        """A batch method's update: per-layer norms, probes, verdict."""
+    def show_outcome(self, outcome: EditOutcome, applied: AppliedInfo | None = None) -> None:
+        """A computed (or applied) update of any method: verdict, figures, probes."""
         self.outcome = outcome
         self.applied = applied
         req = outcome.form.request()
-        row = outcome.row
+        r = outcome.result
         head = Text()
         head.append(f"{req.subject} → {req.target_new}", style="bold")
-        layers = ", ".join(str(x) for x in row.layer_norms)
-        head.append(
-            f"   {outcome.method} · layers {layers} · {row.preset} · {fseconds(outcome.seconds)}\n",
-            style="dim",
-        )
+        if r is not None:  # a rank-one record (ROME's key mode, its one layer)
+            where = f"{outcome.method}/{r.mode} · layer {r.layer}"
+        else:
+            layers = ", ".join(str(x) for x in outcome.layer_norms)
+            where = f"{outcome.method} · layers {layers} · {outcome.preset}"
+        head.append(f"   {where} · {fseconds(outcome.seconds)}\n", style="dim")
         self._applied_line(head, applied)
         verdict = Text("verdict  ", style="dim")
         verdict.append_text(verdict_text(outcome.verdict))
-        t = Table.grid(padding=(0, 2))
-        t.add_column(style="dim", no_wrap=True)
-        t.add_column()
-        t.add_row("method", f"{outcome.method} (preset {row.preset})")
-        t.add_row("‖ΔW‖", f"{fnum(row.norm)}  ({fnum(row.ratio)} × ‖W‖ of the edited layers)")
-        for layer, norm in row.layer_norms.items():
-            t.add_row(f"  layer {layer}", fnum(norm))
-        body = Group(head, Text(""), verdict, t, Text(""), probes_table(outcome))
+        table = outcome_table(outcome) if r is not None else method_table(outcome)
+        body = Group(head, Text(""), verdict, table, Text(""), probes_table(outcome))
         self.query_one("#edit-result-body", Static).update(body)
         self.reveal_result()
 
     @staticmethod
-    def _applied_line(head: Text, applied: AppliedInfo | MethodApplied | None) -> None:
+    def _applied_line(head: Text, applied: AppliedInfo | None) -> None:
         if applied is not None:
             head.append(f"Applied as session edit #{applied.number}", style="bold green")
             if applied.run_id is not None:
