@@ -198,11 +198,13 @@ def report_steps(args: Any, ours: dict[str, Any], ref: dict[str, Any], rel: Any)
             k = rel(mine["keys"][layer], theirs["keys"][i])
             worst["dW"], worst["K"] = max(worst["dW"], d), max(worst["K"], k)
             extra = ""
-            if args.method == "rect":
+            if args.method == "rect":  # a hard cutoff: float noise flips entries at its edge
                 a, b = mine["applied"][layer] != 0, theirs["applied"][i] != 0
+                both = rel(mine["applied"][layer][a & b], theirs["applied"][i][a & b])
+                worst["both"] = max(worst.get("both", 0.0), both)
                 extra = (
                     f"  kept ours {int(a.sum())} published {int(b.sum())}, on one side only "
-                    f"{int((a ^ b).sum())}"
+                    f"{int((a ^ b).sum())}, dW rel on the entries kept on both {both:.2e}"
                 )
             lines.append(f"step {s + 1} layer {layer}: dW rel {d:.2e}  K rel {k:.2e}{extra}")
         assert len(theirs["keys"]) == m
@@ -215,6 +217,7 @@ def report_steps(args: Any, ours: dict[str, Any], ref: dict[str, Any], rel: Any)
         )
     lines.append(
         f"worst over both steps: dW {worst['dW']:.2e}  K {worst['K']:.2e}  z {worst['z']:.2e}"
+        + (f"  dW on entries kept on both sides {worst['both']:.2e}" if "both" in worst else "")
     )
     if ours.get("anchor"):
         a, b = ours["anchor"], ref["anchor"]
