@@ -23,13 +23,9 @@ of the keys K per layer, and of z over the requests; for AlphaEdit also the
 kept-direction count of each projector on both sides; and the CPU seconds of
 the batch's edit on each side (one thread each: run with OMP_NUM_THREADS=1).
 
-Run-time shims in the reference subprocess (nothing in the checkout is changed):
-on a machine without CUDA, ``"cuda"`` devices become the CPU (the published
-code hard-codes ``"cuda"``); under transformers 5 a decoder block returns a
-bare tensor, so the reference's ``nethook`` sees it as a one-element tuple
-(its edit functions and ``.output[0]`` assume the tuple of transformers 4);
-``config.n_embd`` is set to ``hidden_size`` for Llama-family models
-(kmeng01/memit reads ``n_embd``). For AlphaEdit the projector comes from the
+Run-time shims in the reference subprocess (nothing in the checkout is changed): those
+of ``benchmarks/reference_side.py`` ("cuda" mapped to the CPU, a block's bare tensor
+shown as a tuple, ``n_embd``). For AlphaEdit the projector comes from the
 reference's ``experiments.evaluate.get_project`` when that module imports, else
 from the same rule computed in the subprocess (said in the output).
 """
@@ -39,8 +35,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,6 +43,21 @@ from typing import Any
 
 import torch
 from parity_steps import NAS_MAIN, dsets_shim, ours_two_steps, reference_steps, report_steps
+from reference_side import (
+    REQUESTS,
+    cpu_factories,
+    cpu_shim,
+    head_name,
+    inject_statistics,
+    isolate,
+    load_reference_model,
+    projectors,
+    rel,
+    run_worker,
+    spy,
+    tuple_shim,
+    z_hparams,
+)
 
 MAIN = {
     "memit": ("memit.memit_main", "memit", "MEMITHyperParams"),
@@ -56,14 +65,6 @@ MAIN = {
     "alphaedit": ("AlphaEdit.AlphaEdit_main", "AlphaEdit", "AlphaEditHyperParams"),
 }
 MAIN.update({m: (v[0], v[1], v[2]) for m, v in NAS_MAIN.items()})
-REQUESTS = [
-    ("{} is located in the city of", "The Eiffel Tower", "Rome"),
-    ("The capital of {} is", "Japan", "London"),
-    ("{} was written by", "Hamlet", "Charles Dickens"),
-    ("{} is a company from", "Toyota", "Brazil"),
-    ("The mother tongue of {} is", "Danielle Darrieux", "English"),
-    ("{} plays the sport of", "Lionel Messi", "basketball"),
-]
 
 
 # ------------------------------------------------------------------ our side
@@ -92,13 +93,6 @@ def _model(name: str, seed: int) -> tuple[Any, Any, Any]:
     return lm.model, lm.tokenizer, load_preset(preset)
 
 
-def _head_name(model: Any) -> str:
-    """The LM head's module name; the input embedding's when tied (no lm_head.weight then)."""
-    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    target = emb if head.weight is emb.weight else head
-    return next(n for n, m in model.named_modules() if m is target)
-
-
 def _reference_hparams(
     hp: Any, method: str, settings: Any, n_layers: int, head: str
 ) -> dict[str, Any]:
@@ -111,24 +105,10 @@ def _reference_hparams(
     out = {
         "layers": hp.edited_layers(),
         "layer_selection": "all",
-        "fact_token": "subject_last",
-        "v_num_grad_steps": hp.v_num_grad_steps,
-        "v_lr": hp.v_lr,
-        "v_loss_layer": n_layers - 1 if hp.v_loss_layer is None else hp.v_loss_layer,
-        "v_weight_decay": hp.v_weight_decay,
-        "clamp_norm_factor": hp.clamp_norm_factor,
-        "kl_factor": hp.kl_factor,
-        "mom2_adjustment": True,
+        **z_hparams(hp, n_layers, head),
         "mom2_update_weight": weight,
-        "rewrite_module_tmp": hp.mlp_out_module,
-        "layer_module_tmp": hp.layers_module + ".{}",
         "mlp_module_tmp": hp.layers_module + ".{}.mlp",
         "attn_module_tmp": hp.layers_module + ".{}.attn",
-        "ln_f_module": hp.final_norm_module,
-        "lm_head_module": head,
-        "mom2_dataset": hp.mom2_dataset,
-        "mom2_n_samples": hp.mom2_n_samples,
-        "mom2_dtype": "float32",
     }
     if method == "emmet":
         out.update(
@@ -191,7 +171,7 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     method.prepare(ed.context(method), hp.edited_layers(), settings)  # type: ignore[attr-defined]
     if args.method in NAS_MAIN:
         n_layers = len(model.get_submodule(hp.layers_module))
-        hparams = _reference_hparams(hp, args.method, settings, n_layers, _head_name(model))
+        hparams = _reference_hparams(hp, args.method, settings, n_layers, head_name(model))
         return ours_two_steps(args, work, ed, method, templates, c0, REQUESTS, hparams, options)
     seen: list[Any] = []
     solve = method.solve  # type: ignore[attr-defined]
@@ -222,7 +202,7 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             }
             for i, r in enumerate(reqs)
         ],
-        "hparams": _reference_hparams(hp, args.method, settings, n_layers, _head_name(model)),
+        "hparams": _reference_hparams(hp, args.method, settings, n_layers, head_name(model)),
     }
     (work / "spec.json").write_text(json.dumps(spec, indent=1))
     torch.save({k: v.float().cpu() for k, v in c0.items()}, work / "c0.pt")
@@ -234,10 +214,6 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "layers": hp.edited_layers(),
         "seconds": seconds,
     }
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
 def main() -> None:
@@ -279,15 +255,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="parity-") as tmp:
         work = Path(tmp)
         ours = run_ours(args, work)
-        env = dict(os.environ, PYTHONPATH=str(args.reference_src.resolve()))
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--method", args.method]
-        cmd += ["--reference-src", str(args.reference_src), "--worker", str(work)]
-        with open(work / "reference.log", "w") as log:
-            done = subprocess.run(cmd, cwd=args.reference_src, env=env, stdout=log, stderr=log)
-        if done.returncode != 0:
-            sys.stdout.write((work / "reference.log").read_text()[-4000:])
-            raise SystemExit(f"the reference run failed (exit {done.returncode})")
-        ref = torch.load(work / "reference.pt")
+        ref = run_worker(Path(__file__).resolve(), args.method, args.reference_src, work)
     report(args, ours, ref)
 
 
@@ -326,43 +294,28 @@ def report(args: argparse.Namespace, ours: dict[str, Any], ref: dict[str, Any]) 
 # ------------------------------------------------------------------ the reference side
 def reference_worker(work: Path, src: Path) -> None:
     """Runs inside the published checkout (cwd and PYTHONPATH): never imports our package."""
-    here = str(Path(__file__).resolve().parent)
-    sys.path[:] = [str(src)] + [p for p in sys.path if p not in ("", here, str(Path(here).parent))]
+    isolate(src)
     spec = json.loads((work / "spec.json").read_text())
     method = spec["method"]
     if not torch.cuda.is_available():
-        _cpu_shim()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    nethook = importlib.import_module("util.nethook")
-    _tuple_shim(nethook)
+        cpu_shim()
+    tuple_shim(importlib.import_module("util.nethook"))
     mod_name, pkg, hp_cls = MAIN[method]
     if method in NAS_MAIN:
         dsets_shim()
     main_mod = importlib.import_module(mod_name)
     hparams = getattr(importlib.import_module(pkg), hp_cls)(**spec["hparams"])
     if not torch.cuda.is_available():
-        _cpu_factories(src)
+        cpu_factories(src)
     if method in NAS_MAIN:
         reference_steps(work, spec, main_mod, hparams)
         return
-    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32).eval()
-    if not hasattr(model.config, "n_embd"):
-        model.config.n_embd = model.config.hidden_size
-    tok = AutoTokenizer.from_pretrained(work / "model")
-    tok.padding_side = "right"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    main_mod.CONTEXT_TEMPLATES_CACHE = [["{}"], spec["templates"][1:]]
+    model, tok = load_reference_model(work / "model")
     c0 = torch.load(work / "c0.pt")
-    name = model.config._name_or_path.replace("/", "_")
-    for layer in hparams.layers:
-        module = hparams.rewrite_module_tmp.format(layer)
-        main_mod.COV_CACHE[(name, module)] = c0[layer]
-        main_mod.COV_CACHE[(name, module, "preserved_keys")] = None
+    inject_statistics(main_mod, model, hparams, spec["templates"], c0, preserved=True)
     rec: dict[str, list[Any]] = {"keys": [], "z": [], "upd": []}
-    _spy(main_mod, "compute_ks", lambda out: rec["keys"].append(out.T.double().cpu()))
-    _spy(main_mod, "compute_z", lambda out: rec["z"].append(out.detach().double().cpu()))
+    spy(main_mod, "compute_ks", lambda out: rec["keys"].append(out.T.double().cpu()))
+    spy(main_mod, "compute_z", lambda out: rec["z"].append(out.detach().double().cpu()))
     orig_match = main_mod.upd_matrix_match_shape
 
     def match(matrix: torch.Tensor, shape: Any) -> torch.Tensor:
@@ -391,17 +344,6 @@ def reference_worker(work: Path, src: Path) -> None:
     torch.save(out, work / "reference.pt")
 
 
-def _spy(module: Any, name: str, record: Any) -> None:
-    fn = getattr(module, name)
-
-    def wrapped(*a: Any, **k: Any) -> Any:
-        res = fn(*a, **k)
-        record(res)
-        return res
-
-    setattr(module, name, wrapped)
-
-
 def _projectors(model: Any, tok: Any, hparams: Any, c0: dict[int, torch.Tensor]) -> Any:
     try:
         from experiments.evaluate import get_project
@@ -409,92 +351,10 @@ def _projectors(model: Any, tok: Any, hparams: Any, c0: dict[int, torch.Tensor])
         ps = [get_project(model, tok, layer, hparams) for layer in hparams.layers]
         source = "experiments.evaluate.get_project"
     except Exception as exc:  # its imports (GLUE, baselines) may not all be installed
-        ps = []
-        for layer in hparams.layers:
-            u, s, _ = torch.linalg.svd(c0[layer].cpu(), full_matrices=False)
-            keep = (s < hparams.nullspace_threshold).nonzero(as_tuple=True)[0]
-            ps.append(u[:, keep] @ u[:, keep].T)
+        ps = list(projectors(c0, hparams))
         source = f"the same rule in the subprocess (get_project did not import: {exc!r:.80})"
     kept = [round(float(p.trace())) for p in ps]
     return torch.stack([p.cpu() for p in ps]), kept, source
-
-
-def _fix_device(dev: Any) -> Any:
-    if isinstance(dev, str) and dev.startswith("cuda"):
-        return "cpu"
-    if isinstance(dev, torch.device) and dev.type == "cuda":
-        return torch.device("cpu")
-    return dev
-
-
-class _TorchOnCpu:
-    """``torch`` as the published modules see it: factories given ``device="cuda"`` make
-    CPU tensors. Only those modules get it; replacing ``torch.tensor`` itself with a Python
-    wrapper changes transformers' Llama forward (keys 0.86 apart on SmolLM2)."""
-
-    FACTORIES = ("zeros", "ones", "tensor", "eye", "full", "arange", "empty", "randn")
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(torch, name)
-        if name not in self.FACTORIES:
-            return attr
-
-        def factory(*a: Any, **k: Any) -> Any:
-            if "device" in k:
-                k["device"] = _fix_device(k["device"])
-            return attr(*a, **k)
-
-        return factory
-
-
-def _cpu_shim() -> None:
-    """Map the published code's hard-coded "cuda" to the CPU (no CUDA here): ``.to`` and
-    ``.cuda`` of tensors everywhere (transparent for every other device)."""
-    orig_to = torch.Tensor.to
-
-    def to(self: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
-        a = tuple(_fix_device(x) for x in a)
-        if "device" in k:
-            k["device"] = _fix_device(k["device"])
-        return orig_to(self, *a, **k)
-
-    torch.Tensor.to = to  # type: ignore[method-assign]
-    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
-
-
-def _cpu_factories(src: Path) -> None:
-    """Give every imported module of the checkout the CPU-mapping ``torch``."""
-    proxy = _TorchOnCpu()
-    for mod in list(sys.modules.values()):
-        path = getattr(mod, "__file__", None) or ""
-        if path.startswith(str(src)) and getattr(mod, "torch", None) is torch:
-            mod.torch = proxy  # type: ignore[attr-defined]
-
-
-def _tuple_shim(nethook: Any) -> None:
-    """Under transformers 5 a block returns a tensor: show it to the reference as ``(h,)``."""
-    orig_invoke = nethook.invoke_with_optional_args
-    orig_copy = nethook.recursive_copy
-    depth = [0]
-
-    def invoke(fn: Any, *a: Any, **k: Any) -> Any:
-        out = k.get("output")
-        if isinstance(out, torch.Tensor):
-            k["output"] = (out,)
-            res = orig_invoke(fn, *a, **k)
-            return res[0] if isinstance(res, tuple) else res
-        return orig_invoke(fn, *a, **k)
-
-    def copy(x: Any, *a: Any, **k: Any) -> Any:
-        depth[0] += 1
-        try:
-            y = orig_copy(x, *a, **k)
-        finally:
-            depth[0] -= 1
-        return (y,) if depth[0] == 0 and isinstance(y, torch.Tensor) else y
-
-    nethook.invoke_with_optional_args = invoke
-    nethook.recursive_copy = copy
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from reference_side import TorchOnCpu, inject_statistics, load_reference_model, projectors, spy
 
 #: method -> (module of its main, package of its hparams class, class name, apply function)
 NAS_MAIN = {
@@ -197,11 +198,13 @@ def report_steps(args: Any, ours: dict[str, Any], ref: dict[str, Any], rel: Any)
             k = rel(mine["keys"][layer], theirs["keys"][i])
             worst["dW"], worst["K"] = max(worst["dW"], d), max(worst["K"], k)
             extra = ""
-            if args.method == "rect":
+            if args.method == "rect":  # a hard cutoff: float noise flips entries at its edge
                 a, b = mine["applied"][layer] != 0, theirs["applied"][i] != 0
+                both = rel(mine["applied"][layer][a & b], theirs["applied"][i][a & b])
+                worst["both"] = max(worst.get("both", 0.0), both)
                 extra = (
                     f"  kept ours {int(a.sum())} published {int(b.sum())}, on one side only "
-                    f"{int((a ^ b).sum())}"
+                    f"{int((a ^ b).sum())}, dW rel on the entries kept on both {both:.2e}"
                 )
             lines.append(f"step {s + 1} layer {layer}: dW rel {d:.2e}  K rel {k:.2e}{extra}")
         assert len(theirs["keys"]) == m
@@ -214,6 +217,7 @@ def report_steps(args: Any, ours: dict[str, Any], ref: dict[str, Any], rel: Any)
         )
     lines.append(
         f"worst over both steps: dW {worst['dW']:.2e}  K {worst['K']:.2e}  z {worst['z']:.2e}"
+        + (f"  dW on entries kept on both sides {worst['both']:.2e}" if "both" in worst else "")
     )
     if ours.get("anchor"):
         a, b = ours["anchor"], ref["anchor"]
@@ -232,21 +236,10 @@ def report_steps(args: Any, ours: dict[str, Any], ref: dict[str, Any], rel: Any)
 # ------------------------------------------------------------------ the reference side
 def reference_steps(work: Path, spec: dict[str, Any], main_mod: Any, hparams: Any) -> None:
     """Runs inside the published checkout: the two steps with its own apply function."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     method = spec["method"]
-    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32).eval()
-    if not hasattr(model.config, "n_embd"):
-        model.config.n_embd = model.config.hidden_size
-    tok = AutoTokenizer.from_pretrained(work / "model")
-    tok.padding_side = "right"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    main_mod.CONTEXT_TEMPLATES_CACHE = [["{}"], spec["templates"][1:]]
+    model, tok = load_reference_model(work / "model")
     c0 = torch.load(work / "c0.pt")
-    name = model.config._name_or_path.replace("/", "_")
-    for layer in hparams.layers:
-        main_mod.COV_CACHE[(name, hparams.rewrite_module_tmp.format(layer))] = c0[layer]
+    inject_statistics(main_mod, model, hparams, spec["templates"], c0, preserved=False)
     rec: dict[str, list[Any]] = {"keys": [], "z": []}
     spy(main_mod, "compute_ks", lambda out: rec["keys"].append(out.T.double().cpu()))
     rec["z_steps"] = []
@@ -269,7 +262,7 @@ def reference_steps(work: Path, spec: dict[str, Any], main_mod: Any, hparams: An
     extra: dict[str, Any] = {}
     anchor_out = None
     if method == "prune" and not torch.cuda.is_available():  # its block names "cuda"
-        extra["cuda_torch"] = sys.modules["__main__"]._TorchOnCpu()
+        extra["cuda_torch"] = TorchOnCpu()
     if method == "nas":
         extra["P"] = projectors(c0, hparams)
     if method in ANCHORED:
@@ -373,31 +366,3 @@ def _weight(model: Any, hparams: Any, layer: int) -> torch.Tensor:
     module = model.get_submodule(hparams.rewrite_module_tmp.format(layer))
     w = module.weight.detach().clone()
     return w.T if type(module).__name__ == "Conv1D" else w
-
-
-def projectors(c0: dict[int, torch.Tensor], hparams: Any) -> torch.Tensor:
-    """AlphaEdit's rule (the published get_project), computed here from the same C₀."""
-    ps = []
-    for layer in hparams.layers:
-        u, s, _ = torch.linalg.svd(c0[layer].cpu(), full_matrices=False)
-        keep = (s < hparams.nullspace_threshold).nonzero(as_tuple=True)[0]
-        ps.append(u[:, keep] @ u[:, keep].T)
-    return torch.stack(ps)
-
-
-def spy(module: Any, name: str, record: Any) -> None:
-    fn = getattr(module, name)
-
-    def wrapped(*a: Any, **k: Any) -> Any:
-        res = fn(*a, **k)
-        record(res)
-        return res
-
-    setattr(module, name, wrapped)
-
-
-def load_reference(method: str, spec_hparams: dict[str, Any]) -> tuple[Any, Any]:
-    mod_name, pkg, cls, _ = NAS_MAIN[method]
-    main_mod = importlib.import_module(mod_name)
-    hparams = getattr(importlib.import_module(pkg), cls)(**spec_hparams)
-    return main_mod, hparams

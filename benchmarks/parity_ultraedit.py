@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import types
@@ -31,23 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from reference_side import REQUESTS, isolate, rel, run_worker
 
-STEPS = [
-    [
-        ("{} is located in the city of", "The Eiffel Tower", "Rome"),
-        ("The capital of {} is", "Japan", "London"),
-        ("{} was written by", "Hamlet", "Charles Dickens"),
-    ],
-    [
-        ("{} is a company from", "Toyota", "Brazil"),
-        ("The mother tongue of {} is", "Danielle Darrieux", "English"),
-        ("{} plays the sport of", "Lionel Messi", "basketball"),
-    ],
-]
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+STEPS = [REQUESTS[:3], REQUESTS[3:]]
 
 
 def _model(name: str) -> tuple[Any, Any, Any]:
@@ -141,15 +125,7 @@ def main(args: argparse.Namespace, script: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="parity-ultraedit-") as tmp:
         work = Path(tmp)
         ours = run_ours(args, work)
-        env = dict(os.environ, PYTHONPATH=str(args.reference_src.resolve()))
-        cmd = [sys.executable, str(script), "--method", "ultraedit"]
-        cmd += ["--reference-src", str(args.reference_src), "--worker", str(work)]
-        with open(work / "reference.log", "w") as log:
-            done = subprocess.run(cmd, cwd=args.reference_src, env=env, stdout=log, stderr=log)
-        if done.returncode != 0:
-            sys.stdout.write((work / "reference.log").read_text()[-4000:])
-            raise SystemExit(f"the reference run failed (exit {done.returncode})")
-        ref = torch.load(work / "reference.pt")
+        ref = run_worker(script, "ultraedit", args.reference_src, work)
     report(args, ours, ref)
 
 
@@ -160,8 +136,7 @@ def _ns(**k: Any) -> types.SimpleNamespace:
 
 def reference_worker(work: Path, src: Path) -> None:
     """Runs inside the published checkout (cwd and PYTHONPATH): never imports our package."""
-    here = str(Path(__file__).resolve().parent)
-    sys.path[:] = [str(src)] + [p for p in sys.path if p not in ("", here, str(Path(here).parent))]
+    isolate(src)
     import importlib.machinery
 
     import transformers.integrations.accelerate  # noqa: F401  (before the stubs: it probes wandb)

@@ -11,7 +11,7 @@ package would clash with ours), never vendored. Both sides get the same model
 (saved to a temporary folder, float32), layer, C (the reference's
 ``inv_mom2_cache`` is filled with ``torch.inverse(C)``, as its ``get_inv_cov``
 computes it), requests and context templates (its ``CONTEXT_TEMPLATES_CACHE``).
-The run-time shims are those of ``benchmarks/parity.py`` (imported from it).
+The run-time shims are those of ``benchmarks/reference_side.py`` (imported from it).
 
 Edits run interleaved, ours then each reference's, repeat after repeat, so that
 load from other processes falls on both sides alike. Printed per thread count
@@ -40,10 +40,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import parity
 import torch
-
-REQUESTS = parity.REQUESTS
+from reference_side import (
+    REQUESTS,
+    cpu_factories,
+    cpu_shim,
+    head_name,
+    isolate,
+    load_reference_model,
+    rel,
+    z_hparams,
+)
 
 
 # ------------------------------------------------------------------ our side
@@ -58,24 +65,10 @@ def reference_hparams(hp: Any, n_layers: int, head: str, kind: str) -> dict[str,
     """The published ROMEHyperParams for our preset (``kind``: ``rrome`` or ``original``)."""
     out = {
         "layers": [hp.layer],
-        "fact_token": "subject_last",
-        "v_num_grad_steps": hp.v_num_grad_steps,
-        "v_lr": hp.v_lr,
-        "v_loss_layer": n_layers - 1 if hp.v_loss_layer is None else hp.v_loss_layer,
-        "v_weight_decay": hp.v_weight_decay,
-        "clamp_norm_factor": hp.clamp_norm_factor,
-        "kl_factor": hp.kl_factor,
-        "mom2_adjustment": True,
+        **z_hparams(hp, n_layers, head),
         "context_template_length_params": hp.context_template_length_params,
-        "rewrite_module_tmp": hp.mlp_out_module,
-        "layer_module_tmp": hp.layers_module + ".{}",
         "mlp_module_tmp": hp.mlp_out_module.rsplit(".", 1)[0],
         "attn_module_tmp": hp.layers_module + ".{}.self_attn",
-        "ln_f_module": hp.final_norm_module,
-        "lm_head_module": head,
-        "mom2_dataset": hp.mom2_dataset,
-        "mom2_n_samples": hp.mom2_n_samples,
-        "mom2_dtype": "float32",
     }
     if kind == "rrome":
         out.update(
@@ -188,7 +181,7 @@ def run(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     tok.save_pretrained(work / "model")
     torch.save(c, work / "c.pt")
     n_layers = len(base.model.get_submodule(hp.layers_module))
-    head = parity._head_name(model)
+    head = head_name(model)
     refs = [Reference(src, work, i) for i, src in enumerate(args.reference_src)]
     reqs = [EditRequest(p, s, t) for p, s, t in REQUESTS[: args.requests]]
     variants = [parse_variant(v) for v in args.variant]
@@ -284,7 +277,7 @@ def run_config(
                 (lb for lb, sd, md in sides if isinstance(sd, Reference) and md == mode), None
             )
             if rep >= 0 and ref_label is not None and ref_label != label:
-                stats[label]["dw"].append(parity.rel(deltas[label], deltas[ref_label]))
+                stats[label]["dw"].append(rel(deltas[label], deltas[ref_label]))
     return [summarise(label, threads, len(templates), stats[label]) for label, _, _ in sides]
 
 
@@ -376,27 +369,18 @@ def reference_worker(work: Path, src: Path) -> None:
     code's prints go to stderr (the log)."""
     proto = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
-    here = str(Path(__file__).resolve().parent)
-    sys.path[:] = [str(src)] + [p for p in sys.path if p not in ("", here, str(Path(here).parent))]
+    isolate(src)
     if not torch.cuda.is_available():
-        parity._cpu_shim()
+        cpu_shim()
     import importlib
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # (no tuple shim: ROME edits the MLP's output, a tensor under transformers 4 and 5 alike)
     main_mod = importlib.import_module("rome.rome_main")
     hp_cls = importlib.import_module("rome").ROMEHyperParams
     compute_u = importlib.import_module("rome.compute_u")
     if not torch.cuda.is_available():
-        parity._cpu_factories(src)
-    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32).eval()
-    if not hasattr(model.config, "n_embd"):
-        model.config.n_embd = model.config.hidden_size
-    tok = AutoTokenizer.from_pretrained(work / "model")
-    tok.padding_side = "right"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+        cpu_factories(src)
+    model, tok = load_reference_model(work / "model")
     c = torch.load(work / "c.pt")
     name = model.config._name_or_path.replace("/", "_")
     for count, line in enumerate(sys.stdin):

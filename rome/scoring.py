@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .batching import pad_id_of, pad_right, prompt_ids, target_ids
 from .devices import model_device
+from .request import EditRequest
 
 
 def trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -91,4 +92,25 @@ def score_targets(
         for t in t_ids:
             out.append(TargetScore(logp[k : k + len(t)].tolist()))
             k += len(t)
+    return out
+
+
+def probe_requests(
+    model: nn.Module, tok: PreTrainedTokenizerBase, reqs: Sequence[EditRequest]
+) -> list[tuple[float, float | None]]:
+    """(p(target_new), p(true object)) on each request's bare prompt, scored in one
+    call; the second is None where the request has no true object (no ``target_true``,
+    or zsRE's end-of-text marker: :attr:`EditRequest.true_object`)."""
+    trues = [(r.text, r.true_object) for r in reqs if r.true_object is not None]
+    prompts = [r.text for r in reqs] + [p for p, _ in trues]
+    targets = [r.target_new for r in reqs] + [t for _, t in trues]
+    scores = score_targets(model, tok, prompts, targets)
+    out: list[tuple[float, float | None]] = []
+    k = len(reqs)
+    for j, r in enumerate(reqs):
+        p_true = None
+        if r.true_object is not None:
+            p_true = scores[k].prob
+            k += 1
+        out.append((scores[j].prob, p_true))
     return out

@@ -8,6 +8,7 @@ text: no download, a few seconds at most. Loaded through
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -65,6 +66,13 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
+#: the tiny architectures of Llama's shape: (model class, config class)
+LLAMA_LIKE: dict[str, tuple[Any, Any]] = {
+    "llama": (LlamaForCausalLM, LlamaConfig),
+    "qwen2": (Qwen2ForCausalLM, Qwen2Config),  # Qwen2.5
+}
+
+
 def tiny_model(arch: str = "gpt2", seed: int = 0) -> tuple[nn.Module, PreTrainedTokenizerFast]:
     """A 4-layer model with random weights (seeded) and its tokenizer."""
     tok = tiny_tokenizer()
@@ -72,51 +80,29 @@ def tiny_model(arch: str = "gpt2", seed: int = 0) -> tuple[nn.Module, PreTrained
     torch.manual_seed(seed)
     try:
         model: nn.Module
+        common: dict[str, Any] = {
+            "vocab_size": len(tok),
+            "initializer_range": 0.2,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+        }
         if arch == "gpt2":
             model = GPT2LMHeadModel(
-                GPT2Config(
-                    vocab_size=len(tok),
-                    n_positions=2048,
-                    n_embd=64,
-                    n_layer=4,
-                    n_head=4,
-                    initializer_range=0.2,
-                    bos_token_id=tok.bos_token_id,
-                    eos_token_id=tok.eos_token_id,
-                )
+                GPT2Config(n_positions=2048, n_embd=64, n_layer=4, n_head=4, **common)
             )
-        elif arch == "llama":
-            model = LlamaForCausalLM(
-                LlamaConfig(
-                    vocab_size=len(tok),
+        elif arch in LLAMA_LIKE:  # qwen2: Llama's shape with biased q/k/v projections
+            model_cls, config_cls = LLAMA_LIKE[arch]
+            model = model_cls(
+                config_cls(
                     hidden_size=64,
                     intermediate_size=160,
                     num_hidden_layers=4,
                     num_attention_heads=4,
                     num_key_value_heads=2,
                     max_position_embeddings=2048,
-                    initializer_range=0.2,
-                    bos_token_id=tok.bos_token_id,
-                    eos_token_id=tok.eos_token_id,
                     pad_token_id=tok.pad_token_id,
                     tie_word_embeddings=True,
-                )
-            )
-        elif arch == "qwen2":  # Llama's shape with biased q/k/v projections (Qwen2.5)
-            model = Qwen2ForCausalLM(
-                Qwen2Config(
-                    vocab_size=len(tok),
-                    hidden_size=64,
-                    intermediate_size=160,
-                    num_hidden_layers=4,
-                    num_attention_heads=4,
-                    num_key_value_heads=2,
-                    max_position_embeddings=2048,
-                    initializer_range=0.2,
-                    bos_token_id=tok.bos_token_id,
-                    eos_token_id=tok.eos_token_id,
-                    pad_token_id=tok.pad_token_id,
-                    tie_word_embeddings=True,
+                    **common,
                 )
             )
         else:

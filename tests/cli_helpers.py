@@ -6,8 +6,8 @@ from typer.testing import CliRunner
 
 runner = CliRunner()
 
-#: an edit on the tiny model that runs in a second or two
-EDIT = [
+#: one request on the tiny model
+REQUEST = [
     "edit",
     "--model",
     "tiny-gpt2",
@@ -17,9 +17,9 @@ EDIT = [
     "the Eiffel Tower",
     "--target-new",
     "Rome",
-    "--generate-tokens",
-    "2",
 ]
+#: an edit on the tiny model that runs in a second or two
+EDIT = [*REQUEST, "--generate-tokens", "2"]
 
 
 def one_line(text: str) -> str:

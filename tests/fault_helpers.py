@@ -1,9 +1,13 @@
 """What the fault tests (issue 20) share: the CLI runner, the one-error-line check,
-preset files, replay arguments and a small finished replay."""
+preset files, replay arguments, a small finished replay, and a replay killed once it
+stored some edits."""
 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 from cli_helpers import runner
@@ -78,3 +82,40 @@ class Done:
 def run_of(db: Path, run_id: str | None = None):
     with Store.open(db) as store:
         return store.get_run(run_id) if run_id else store.list_runs()[0]
+
+
+def stored_edits(
+    db: Path, n: int, proc: subprocess.Popen, timeout: float = 300, writer: bool = False
+) -> tuple[str | None, int, int | None]:
+    """Poll ``db`` every 0.2 s while ``proc`` runs until its first run holds ``n`` edits
+    (and, with ``writer``, a writer's pid): (the run's id, the edits stored, the writer's
+    pid); what was last seen if ``proc`` ends or ``timeout`` passes first."""
+    deadline = time.time() + timeout
+    run_id, done, pid = None, 0, None
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        if not db.exists():
+            continue
+        with Store.open(db) as s:
+            runs = s.list_runs()
+            if runs:
+                run_id, done = runs[0].id, len(s.edits(runs[0].id))
+                holder = s.writer_info(run_id) if writer else None
+                pid = holder.pid if holder is not None else None
+        if done >= n and (pid or not writer):
+            break
+    return run_id, done, pid
+
+
+def kill_after(db: Path, n: int, child: subprocess.Popen, timeout: float = 300):
+    """SIGKILL ``child`` once the replay it runs stored ``n`` edits in ``db`` (killed in
+    any case when it outlives this): (the run's id, the edits stored when killed)."""
+    try:
+        run_id, done, _ = stored_edits(db, n, child, timeout)
+        if done >= n:
+            child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    return run_id, done

@@ -6,25 +6,12 @@ import dataclasses
 import json
 
 import pytest
-from typer.testing import CliRunner
+from cli_helpers import REQUEST, runner
 
 from rome import BadRequestError, EditRequest, load_model
 from workbench.cli import app
 
-runner = CliRunner()
-EDIT = [
-    "edit",
-    "--model",
-    "tiny-gpt2",
-    "--prompt",
-    "The city of {}",
-    "--subject",
-    "the Eiffel Tower",
-    "--target-new",
-    "Rome",
-    "--target-true",
-    "Paris",
-]
+EDIT = [*REQUEST, "--target-true", "Paris"]
 
 
 def test_edit_json_record():

@@ -9,12 +9,12 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import typer
+from fault_helpers import stored_edits
 
 from tests.cli_helpers import one_line, runner
 from workbench.cli import app
@@ -277,18 +277,10 @@ def _compare(spec: Path, *extra: str) -> subprocess.Popen[str]:
 def _kill_replay_of(db: Path, at_least: int, proc: subprocess.Popen[str]) -> int:
     """SIGKILL the replay writing ``db`` once it stored ``at_least`` edits; the edits
     stored when it was killed."""
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-        if not db.exists():
-            continue
-        with Store.open(db) as s:
-            runs = s.list_runs()
-            n = len(s.edits(runs[0].id)) if runs else 0
-            holder = s.writer_info(runs[0].id) if runs else None
-        if n >= at_least and holder is not None and holder.pid:
-            os.kill(holder.pid, signal.SIGKILL)
-            return n
+    _, n, pid = stored_edits(db, at_least, proc, timeout=600, writer=True)
+    if n >= at_least and pid:
+        os.kill(pid, signal.SIGKILL)
+        return n
     raise AssertionError("the replay ended before it could be killed")
 
 
@@ -351,19 +343,9 @@ def test_ray_killed_worker_then_the_spec_again_finishes_each_run_once(tmp_path):
     try:
         first = _compare(spec, "--ray", "local")
         replay_db = node / "rome-sample-n8-b1.db"
-        deadline = time.time() + 600
-        while time.time() < deadline and first.poll() is None:
-            time.sleep(0.2)
-            if not replay_db.exists():
-                continue
-            with Store.open(replay_db) as s:
-                runs = s.list_runs()
-                n = len(s.edits(runs[0].id)) if runs else 0
-                holder = s.writer_info(runs[0].id) if runs else None
-            if n >= 2 and holder is not None and holder.pid:
-                worker = _parent(holder.pid)  # the Ray worker that runs the task
-                os.kill(worker, signal.SIGKILL)
-                break
+        _, n, pid = stored_edits(replay_db, 2, first, timeout=600, writer=True)
+        if n >= 2 and pid:
+            os.kill(_parent(pid), signal.SIGKILL)  # the Ray worker that runs the task
         text, _ = first.communicate(timeout=600)
         assert first.returncode == 1, text
         assert "rome-sample-n8-b1: failed" in text, text

@@ -35,7 +35,7 @@ from workbench.core.summary import run_summary, seconds_per_edit
 from workbench.store import AmbiguousRunError, RunLockedError, Store, StoreError, UnknownRunError
 
 
-@pytest.mark.parametrize("package", ["workbench.core", "workbench.store"])
+@pytest.mark.parametrize("package", ["rome", "evals", "workbench.core", "workbench.store"])
 def test_headless_packages_import_no_ui(package):
     code = (
         f"import {package}, importlib, pkgutil, sys\n"

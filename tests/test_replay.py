@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import torch
+from fault_helpers import kill_after
 
 from evals.replay import (
     CheckpointDone,
@@ -111,24 +110,7 @@ def test_resume_after_sigkill_rebuilds_the_same_weights(tmp_path):
     db = tmp_path / "kill.db"
     env = dict(os.environ)
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(db)], env=env)
-    try:
-        deadline = time.time() + 300
-        run_id, n = None, 0
-        while time.time() < deadline and child.poll() is None:
-            time.sleep(0.2)
-            if not db.exists():
-                continue
-            with Store.open(db) as s:
-                runs = s.list_runs()
-                if runs:
-                    run_id, n = runs[0].id, len(s.edits(runs[0].id))
-            if n >= 2:
-                child.send_signal(signal.SIGKILL)
-                break
-        child.wait(timeout=60)
-    finally:
-        if child.poll() is None:
-            child.kill()
+    run_id, n = kill_after(db, 2, child)
     assert run_id is not None and 2 <= n < 8, "the child should be killed mid-run"
 
     store = Store.open(db)

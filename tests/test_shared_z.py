@@ -129,3 +129,34 @@ def test_app_compare_of_the_three_methods_optimises_z_once(
         assert all(r.error is None for r in rows)
         assert len(z_runs) == 1
         session.finish()
+
+
+def test_statistics_read_once_and_emmet_inverts_once_per_layer(
+    lm: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """C₀ comes from disk once for an editor and its variants (the same statistics
+    settings), and EMMET's (w·C₀)⁻¹ is made once per editor and layer, not per step."""
+    import rome.caches
+    import rome.methods.emmet
+
+    hp = load_preset("tiny-gpt2-family")
+    first = Editor(lm.model, lm.tokenizer, hp, cache_dir=tmp_path)
+    first.stats(0), first.stats(1)  # collected and saved
+    reads: list[Path] = []
+    inverses: list[int] = []
+    real_load, real_inv = rome.caches.cov.load_stats, rome.methods.emmet.emmet_c_inv
+    monkeypatch.setattr(
+        rome.caches.cov, "load_stats", lambda p, **k: reads.append(p) or real_load(p, **k)
+    )
+    monkeypatch.setattr(
+        rome.methods.emmet,
+        "emmet_c_inv",
+        lambda c0, w, nu=0.0: inverses.append(1) or real_inv(c0, w, nu),
+    )
+    ed = Editor(lm.model, lm.tokenizer, hp, cache_dir=tmp_path)
+    em = ed.variant(emmet_preset())
+    ed.edit([REQ], "memit")
+    em.edit([REQ], "emmet")
+    em.edit([EditRequest(REQ.prompt, REQ.subject, "Berlin", "Paris")], "emmet")
+    assert [p.name for p in reads] == [ed.stats_file(0).name, ed.stats_file(1).name]
+    assert len(inverses) == 1  # layer 1, two steps

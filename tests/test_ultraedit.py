@@ -3,15 +3,19 @@ undo, a replay killed and resumed), and a refused architecture."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import threading
 
 import pytest
 import torch
 
 from evals.replay import EditDone, ReplayConfig, ReplayFinished, replay
+from evals.zsre import ZSRE_PATH, zsre_records_from
 from rome import Editor, EditRequest, load_model, load_preset
 from rome.errors import UnsupportedArchitectureError
 from rome.methods.ultraedit import Normaliser, trace
+from rome.request import END_OF_TEXT
 from workbench.store import Store
 
 REQS = [
@@ -111,6 +115,24 @@ def test_compute_leaves_the_model_and_the_edit_raises_p_new():
     assert all(torch.equal(before[n], p) for n, p in ed.model.named_parameters())
     assert all(r["p_new_after"] > r["p_new_before"] for r in upd.records)
     assert [lu.weight_name for lu in upd.layers] == ["+".join(names(ed, x)) for x in (1, 2)]
+
+
+def test_zsre_requests_have_no_true_object_and_their_edit_is_the_answers():
+    """zsRE's target_true is the end-of-text marker, not a true object (evals/zsre.py, as
+    kmeng01/memit's reader): UltraEdit's records score no p(true) for it, as the family's
+    do, and the update is that of the same requests without target_true (UltraEdit edits
+    towards the answer only, as its published ``ZSREDataset.tok_tuples`` does)."""
+    rows = json.loads(ZSRE_PATH.read_text())[:3]
+    zsre = [rec.to_request() for rec in zsre_records_from(enumerate(rows)).records]
+    assert [r.target_true for r in zsre] == [END_OF_TEXT] * 3
+    ed = editor(lr=0.05)
+    upd = ed.edit(zsre, method="ultraedit")
+    bare = ed.edit([dataclasses.replace(r, target_true=None) for r in zsre], method="ultraedit")
+    assert all(r["p_true_before"] is None and r["p_true_after"] is None for r in upd.records)
+    for a, b in zip(upd.layers, bare.layers, strict=True):
+        assert torch.equal(a.U, b.U) and torch.equal(a.V, b.V)
+    assert [r["p_new_after"] for r in upd.records] == [r["p_new_after"] for r in bare.records]
+    assert all(r["p_new_after"] > r["p_new_before"] for r in upd.records)
 
 
 def test_an_architecture_without_the_modules_is_refused():

@@ -6,15 +6,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from fault_helpers import GLUE, SAMPLE, error_line, invoke
+from fault_helpers import GLUE, SAMPLE, error_line, invoke, kill_after
 
 from evals.counterfact import CounterFactRecord
 from evals.datasets import detect_format, load_records, order_of
@@ -282,24 +280,7 @@ for ev in replay(load_model("tiny-gpt2"), Store.open(sys.argv[1]), cfg):
 def _kill_after(db: Path, n: int) -> str:
     """Run the child replay and SIGKILL it once ``n`` edits are stored; the run's id."""
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(db)], env=dict(os.environ))
-    run_id, done = None, 0
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and child.poll() is None:
-            time.sleep(0.2)
-            if not db.exists():
-                continue
-            with Store.open(db) as s:
-                runs = s.list_runs()
-                if runs:
-                    run_id, done = runs[0].id, len(s.edits(runs[0].id))
-            if done >= n:
-                child.send_signal(signal.SIGKILL)
-                break
-        child.wait(timeout=60)
-    finally:
-        if child.poll() is None:
-            child.kill()
+    run_id, done = kill_after(db, n, child)
     assert run_id is not None and n <= done < 6, "the child should be killed mid-run"
     return run_id
 

@@ -36,9 +36,9 @@ from ..context import EditContext
 from ..errors import BadRequestError
 from ..optimise import StepFacts, StopRule, ZStop
 from .base import Update, setting
-from .family import FamilyMethod, LayerContext, Solved, moment
+from .family import FamilyMethod, LayerContext, Solved
 from .family.loop import FamilySettings
-from .memit import memit_solve
+from .memit import accumulated, add_keys, solve_layer
 
 
 @dataclass(frozen=True)
@@ -92,11 +92,6 @@ def mpes_rule(prob_cutoff: float) -> StopRule:
     return rule
 
 
-def seq_cache(ctx: EditContext, layer: int) -> torch.Tensor | None:
-    """Σ K Kᵀ (float64) of the applied steps' loop keys for ``layer``, if any."""
-    return None if ctx.state is None else ctx.state.get(layer)
-
-
 class Encore(FamilyMethod):
     """ENCORE: ``norm_lambda``, ``add_prev_edits``, ``prob_cutoff``; λ = ``mom2_update_weight``."""
 
@@ -116,23 +111,10 @@ class Encore(FamilyMethod):
         return None if cut == 0 else (lambda: mpes_rule(cut))
 
     def solve(self, ctx: EditContext, lc: LayerContext, settings: Any) -> Solved:
-        prev = seq_cache(ctx, lc.layer) if settings.add_prev_edits else None
-        u, v = memit_solve(
-            moment(ctx, lc.layer),
-            lc.keys,
-            lc.resid,
-            settings.mom2_update_weight,
-            prev,
-            settings.norm_lambda,
+        prev = accumulated(ctx, lc.layer) if settings.add_prev_edits else None  # float64
+        return solve_layer(
+            ctx, lc, settings.mom2_update_weight, prev, settings.norm_lambda, "previous_keys"
         )
-        return Solved(u, v, {"previous_keys": prev is not None})
 
     def fold(self, state: Any, update: Update) -> Any:
-        if all(lu.keys is None for lu in update.layers):
-            return state
-        out = dict(state or {})
-        for lu in update.layers:
-            if lu.keys is not None:
-                k = lu.keys.double().cpu()
-                out[lu.layer] = k @ k.T if lu.layer not in out else out[lu.layer] + k @ k.T
-        return out
+        return add_keys(state, update, torch.float64)

@@ -39,19 +39,36 @@ def memit_solve(
     return adj.T.contiguous(), resid.double()
 
 
+def solve_layer(
+    ctx: EditContext,
+    lc: LayerContext,
+    weight: float,
+    extra: torch.Tensor | None,
+    nu: float,
+    flag: str,
+) -> Solved:
+    """MEMIT's solve of one layer with C₀'s weight ``weight``, ``extra`` (Σ K Kᵀ of
+    earlier steps, or None) and ν; ``flag`` names, in the layer's info, whether
+    ``extra`` took part."""
+    u, v = memit_solve(moment(ctx, lc.layer), lc.keys, lc.resid, weight, extra, nu)
+    return Solved(u, v, {flag: extra is not None})
+
+
 def accumulated(ctx: EditContext, layer: int) -> torch.Tensor | None:
-    """The Σ K Kᵀ (float32) the method has carried for ``layer``, if any."""
+    """The Σ K Kᵀ the method has carried for ``layer``, if any."""
     return None if ctx.state is None else ctx.state.get(layer)
 
 
-def add_keys(state: dict[int, torch.Tensor] | None, update: Update) -> Any:
-    """``state`` with each layer's stored keys folded in: ``Σ K Kᵀ += K Kᵀ`` (float32);
-    a new dict of new tensors (the old state is what undo puts back)."""
+def add_keys(
+    state: dict[int, torch.Tensor] | None, update: Update, dtype: torch.dtype = torch.float32
+) -> Any:
+    """``state`` with each layer's stored keys folded in: ``Σ K Kᵀ += K Kᵀ`` (in
+    ``dtype``); a new dict of new tensors (the old state is what undo puts back)."""
     out = dict(state or {})
     for lu in update.layers:
         if lu.keys is None:
             continue
-        k = lu.keys.float().cpu()
+        k = lu.keys.to(dtype).cpu()
         prev = out.get(lu.layer)
         out[lu.layer] = k @ k.T if prev is None else prev + k @ k.T
     return out or state
@@ -82,15 +99,9 @@ class Memit(FamilyMethod):
 
     def solve(self, ctx: EditContext, lc: LayerContext, settings: Any) -> Solved:
         extra = accumulated(ctx, lc.layer) if settings.accumulate else None
-        u, v = memit_solve(
-            moment(ctx, lc.layer),
-            lc.keys,
-            lc.resid,
-            settings.mom2_update_weight,
-            extra,
-            settings.update_norm_lambda,
+        return solve_layer(
+            ctx, lc, settings.mom2_update_weight, extra, settings.update_norm_lambda, "accumulated"
         )
-        return Solved(u, v, {"accumulated": extra is not None})
 
     def fold(self, state: Any, update: Update) -> Any:
         return add_keys(state, update)

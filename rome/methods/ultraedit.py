@@ -41,7 +41,7 @@ from ..errors import BadRequestError, RomeError, UnsupportedArchitectureError
 from ..nethook import get_module
 from ..progress import Progress
 from ..request import EditRequest
-from ..scoring import score_targets
+from ..scoring import probe_requests
 from ..update import add_delta, restore, weight_out_in
 from .base import Capabilities, LayerUpdate, MethodBase, Update, setting, settings_dict
 
@@ -202,7 +202,7 @@ class UltraEdit(MethodBase):
             out.append(
                 self._layer(editor, layer, per_layer[layer], keys, grads, new_state, settings)
             )
-        before = probe(editor, reqs)
+        before = probe_requests(editor.model, editor.tok, reqs)
         after = self._probe_with(editor, out, reqs)
         records = [
             {
@@ -269,7 +269,7 @@ class UltraEdit(MethodBase):
                 for _, module, r0, r1 in targets:
                     d = lu.delta() if len(targets) == 1 else lu.V[r0:r1] @ lu.U
                     saved.append((module, add_delta(module, d)))
-            return probe(editor, reqs)
+            return probe_requests(editor.model, editor.tok, reqs)
         finally:
             for module, w in reversed(saved):
                 restore(module, w)
@@ -339,19 +339,3 @@ def trace(
         raise UnsupportedArchitectureError("ultraedit: an edited module is not on the loss's path")
     gmap = {n: g[bi, pi].detach().float() for n, g in zip(order, grads, strict=True)}
     return ins, gmap
-
-
-def probe(editor: EditContext, reqs: list[EditRequest]) -> list[tuple[float, float | None]]:
-    """(p(target_new), p(target_true)) on each bare prompt."""
-    prompts = [r.text for r in reqs] + [r.text for r in reqs if r.target_true is not None]
-    targets = [r.target_new for r in reqs] + [r.target_true for r in reqs if r.target_true]
-    scores = score_targets(editor.model, editor.tok, prompts, targets)
-    out: list[tuple[float, float | None]] = []
-    k = len(reqs)
-    for j, r in enumerate(reqs):
-        p_true = None
-        if r.target_true is not None:
-            p_true = scores[k].prob
-            k += 1
-        out.append((scores[j].prob, p_true))
-    return out

@@ -25,7 +25,7 @@ from ...hparams import V_STOPS
 from ...optimise import ZStop
 from ...progress import Progress
 from ...request import EditRequest
-from ...scoring import score_targets
+from ...scoring import probe_requests
 from ...update import add_delta, restore, weight_out_in
 from ..base import Capabilities, LayerUpdate, MethodBase, Update, setting, settings_dict
 from .reprs import Located, group_average, locate, reprs_at
@@ -265,21 +265,8 @@ def _keys(ctx: EditContext, items: list[Located], name: str, n_templates: int) -
 
 
 def _probe(ctx: EditContext, reqs: list[EditRequest]) -> list[tuple[float, float | None]]:
-    """(p(target_new), p(target_true)) on each bare prompt."""
-    prompts = [r.text for r in reqs] + [r.text for r in reqs if r.true_object is not None]
-    targets = [r.target_new for r in reqs] + [
-        r.true_object for r in reqs if r.true_object is not None
-    ]
-    scores = score_targets(ctx.model, ctx.tok, prompts, targets)
-    out: list[tuple[float, float | None]] = []
-    k = len(reqs)
-    for j, r in enumerate(reqs):
-        p_true = None
-        if r.true_object is not None:
-            p_true = scores[k].prob
-            k += 1
-        out.append((scores[j].prob, p_true))
-    return out
+    """(p(target_new), p(true object)) on each bare prompt."""
+    return probe_requests(ctx.model, ctx.tok, reqs)
 
 
 def _record(
