@@ -18,14 +18,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rome import Editor
-from rome.methods import Update
+from rome import Editor, EditResult
+from rome.methods import Method, Update, options_of
 
 from .counterfact import CounterFactRecord
 from .events import EditDone
 from .flags import norm_flag
 from .metrics import record_metrics
 from .run_state import RunState
+
+#: the setting of a method whose compute scores its update in a trial of its own (ROME's)
+PROBE_AFTER = "probe_after"
+#: what that trial fills in a rank-one result
+AFTER_KEYS = ("p_new_after", "p_true_after", "p_new_after_templated")
 
 
 def layer_drift(ed: Editor, layers: Sequence[int]) -> dict[str, Any]:
@@ -122,6 +127,44 @@ class StepFacts:
         )
 
 
+def without_trial(method: Method, options: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The run's options for ``method``'s compute, with its own trial off where it has
+    one (it declares ``probe_after``) and the run did not set it: the step scores its
+    probes after once it is applied (:func:`score_applied`) instead of adding and
+    restoring the update first. Also whether it did."""
+    declared = any(o.name == PROBE_AFTER for o in options_of(method.Settings))
+    if not declared or PROBE_AFTER in options:
+        return dict(options), False
+    return {**options, PROBE_AFTER: False}, True
+
+
+def score_applied(ed: Editor, upd: Update) -> None:
+    """Fill the probes after of each rank-one result of ``upd`` computed without a trial,
+    and its record, from the model as it is (``upd`` applied): what the trial measures,
+    on the same weights."""
+    for i, res in enumerate(upd.results):
+        if isinstance(res, EditResult) and math.isnan(res.p_new_after):
+            ed.score_applied(res)
+            if i < len(upd.records):
+                upd.records[i].update({k: getattr(res, k) for k in AFTER_KEYS})
+
+
+def trial_scores(ed: Editor, upd: Update) -> None:
+    """A refused step's probes after, as compute's trial scored them: its update added
+    for a moment (then put back bit for bit; a non-finite one is not added: NaN)."""
+    if not all(bool(lu.U.isfinite().all() and lu.V.isfinite().all()) for lu in upd.layers):
+        return
+    keep, ed.keep_undo = ed.keep_undo, True  # a replay's editor keeps no undo copies
+    try:
+        ed.apply_step(upd, force=True)
+        try:
+            score_applied(ed, upd)
+        finally:
+            ed.undo()
+    finally:
+        ed.keep_undo = keep
+
+
 def _pre(m: Any) -> dict[str, Any]:
     """The ``pre`` metrics stored with a request (no generations)."""
     return {k: v for k, v in m.as_dict().items() if k != "generations"}
@@ -148,7 +191,8 @@ def edit_step(
     model, tok = st.lm.model, st.lm.tokenizer
     pre = [record_metrics(model, tok, r) for r in recs] if cfg.pre_metrics else None
     t_pre = time.perf_counter() - t0
-    upd = ed.edit([r.to_request() for r in recs], st.method.name, **st.options)
+    options, untried = without_trial(st.method, st.options)
+    upd = ed.edit([r.to_request() for r in recs], st.method.name, **options)
     t_edit = time.perf_counter() - t0 - t_pre
     single = in_row(upd, len(recs))
     first = upd.records[0] if upd.records else {}
@@ -159,8 +203,12 @@ def edit_step(
     unsafe = upd.unsafe_reason or ed.update_unsafe_reason(upd)
     refused = unsafe or (reason if cfg.guard and reason else None)
     if refused is None:
-        ed.apply_step(upd, force=True)
+        ed.apply_step(upd, force=True)  # the step's one write of each edited weight
         norms.append(norm)
+        if untried:
+            score_applied(ed, upd)
+    elif untried:
+        trial_scores(ed, upd)
     t1 = time.perf_counter()
     posts = [record_metrics(model, tok, r, generation=cfg.generation_metrics) for r in recs]
     drift = layer_drift(ed, layers)

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import PreTrainedTokenizerBase
 
-from . import nethook
+from . import fastlinear, nethook
 from .batching import pad_id_of
 from .devices import module_device
 from .hparams import EditHparams
@@ -199,6 +199,32 @@ def _length_groups(
     return [members for _, members in merged]
 
 
+def kl_sources(rows: Rows, cuts: list[int]) -> dict[int, int]:
+    """KL rows whose logits a rewriting row of their request already has: ``{kl: row}``.
+
+    The KL loss reads the logits at the subject's last token of the KL prompt
+    (``"{} is a"``). A rewriting row with the same tokens up to and including that
+    position, the subject's last token at the same index and the same cut (the bare
+    ``"{}"`` row of a prompt that starts with the subject: ``"{} is located in"``)
+    computes the same hidden states there at every step, ``δ`` included (the model is
+    causal), so the KL row need not run: its logits are read from that row.
+    """
+    out: dict[int, int] = {}
+    for i, kl in enumerate(rows.is_kl):
+        if not kl:
+            continue
+        end = rows.subject[i] + 1
+        for j in range(rows.first_row[rows.request[i]], i):
+            if (
+                rows.subject[j] == rows.subject[i]
+                and cuts[j] == cuts[i]
+                and rows.seqs[j][:end] == rows.seqs[i][:end]
+            ):
+                out[i] = j
+                break
+    return out
+
+
 def _activate(
     model: nn.Module,
     hp: EditHparams,
@@ -210,21 +236,25 @@ def _activate(
     pad: int,
     device: torch.device,
     skip_module: str | None = None,
+    share_kl: bool = True,
 ) -> _Active:
     """The batch of the requests in ``requests``, in groups of one suffix length each
-    (``hp.v_length_buckets``; else one group padded to its longest suffix)."""
+    (``hp.v_length_buckets``; else one group padded to its longest suffix). With
+    ``share_kl``, a KL row that :func:`kl_sources` finds in a rewriting row is not run."""
     keep = set(requests)
-    act_rows = [i for i in range(len(rows.seqs)) if rows.request[i] in keep]
+    shared = kl_sources(rows, cuts) if share_kl else {}
+    every = [i for i in range(len(rows.seqs)) if rows.request[i] in keep]
+    act_rows = [i for i in every if i not in shared]
     local = {r: j for j, r in enumerate(act_rows)}
     local_req = {r: j for j, r in enumerate(requests)}
     work = work_dtype(model)
     rewrite = [i for i in act_rows if not rows.is_kl[i]]
     rw_local = {r: j for j, r in enumerate(rewrite)}
     entries = [e for e in rows.loss if e[0] in local]
-    kl_rows = [i for i in act_rows if rows.is_kl[i]]
-    # every loss entry: (row, column in its suffix)
+    kl_rows = [i for i in every if rows.is_kl[i]]
+    # every loss entry: (row, column in its suffix); a shared KL row's is its source's
     where = [(e[0], e[1] - cuts[e[0]]) for e in entries]
-    where += [(i, rows.subject[i] - cuts[i]) for i in kl_rows]
+    where += [(shared.get(i, i), rows.subject[i] - cuts[i]) for i in kl_rows]
 
     def t(x: list[int]) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.long, device=device)
@@ -300,6 +330,8 @@ def optimise_targets(
     target_tokens: Sequence[Sequence[int]] | None = None,
     stop_rule: StopRule | None = None,
     skip_edited_block: bool = True,
+    packed: bool = True,
+    share_kl: bool = True,
 ) -> list[VStar]:
     """Optimise one ``δ`` per request together; returns each request's :class:`VStar`.
 
@@ -314,6 +346,9 @@ def optimise_targets(
     ``stop_rule``: a method's extra stopping rule (:data:`StopRule`).
     ``skip_edited_block``: run block ``layer`` once and each step from ``layer + 1`` (see
     :meth:`rome.upper.UpperRun._run_edited_block_once`; float rounding only).
+    ``packed``: the blocks above ``layer`` and the head on oneDNN's prepacked weights
+    (:mod:`rome.fastlinear`; float rounding only). ``share_kl``: a KL row whose logits a
+    rewriting row already computes is not run (:func:`kl_sources`; float rounding only).
     Each :class:`VStar` also carries, per template row, the hooked module's input at the
     subject (ROME's keys) and the target's log-probability, both from the first step
     (δ = 0: the unedited model; ``None`` under bf16 autocast, whose values they are not).
@@ -347,11 +382,14 @@ def optimise_targets(
     keys = torch.zeros(0)
     mpes = hp.v_stop == "most_probable"
     with frozen(model), contextlib.ExitStack() as stack:
+        stack.enter_context(_packed_upper(model, hp, layer, rows, cuts, packed and not bf16))
         prefix = compute_prefix(model, rows, cuts, pad)
         stack.enter_context(_hooked(model, name, state))
         for step in range(hp.v_num_grad_steps):
             if act is None or act.requests != active:
-                act = _activate(model, hp, layer, rows, active, cuts, prefix, pad, device, skip)
+                act = _activate(
+                    model, hp, layer, rows, active, cuts, prefix, pad, device, skip, share_kl
+                )
             sel = torch.tensor(active, device=device)
             for r in active:
                 opts[r].zero_grad()
@@ -428,6 +466,22 @@ def optimise_targets(
             )
         )
     return out
+
+
+def _packed_upper(
+    model: nn.Module, hp: EditHparams, layer: int, rows: Rows, cuts: list[int], enabled: bool
+) -> contextlib.ExitStack:
+    """The blocks above ``layer`` and the head on packed weights (see :mod:`rome.fastlinear`),
+    with a step's token count and loss-entry count as the packings' row hints."""
+    blocks = list(nethook.get_module(model, hp.layers_module))  # type: ignore[call-overload]
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    tokens = sum(len(s) - c for s, c in zip(rows.seqs, cuts, strict=True))
+    stack = contextlib.ExitStack()
+    stack.enter_context(fastlinear.packed_linears(blocks[layer + 1 :], tokens, enabled))
+    if isinstance(head, nn.Module):
+        entries = len(rows.loss) + sum(rows.is_kl)
+        stack.enter_context(fastlinear.packed_linears([head], entries, enabled))
+    return stack
 
 
 def _rule_stops(

@@ -113,3 +113,41 @@ def test_no_first_step_values_under_bf16_autocast():
     hp = lm.hparams.replace(v_autocast="bf16", v_num_grad_steps=2)
     (vs,) = optimise_targets(lm.model, lm.tokenizer, hp, REQUESTS[:1], [TEMPLATES], hp.layer)
     assert vs.keys is None and vs.row_logprob is None
+
+
+def test_kl_rows_are_shared_where_a_rewriting_row_has_the_same_tokens():
+    """The KL row ``"{} is a"`` of a prompt that starts with the subject begins like its
+    bare ``"{}"`` row; the other prompt's does not."""
+    from rome.optimise import kl_sources
+    from rome.upper import build_rows
+
+    lm = tiny("llama", torch.float32)
+    rows = build_rows(lm.tokenizer, REQUESTS, [TEMPLATES] * len(REQUESTS))
+    kl = [i for i, k in enumerate(rows.is_kl) if k]
+    # Eiffel Tower and Hamlet start their prompts; "The capital of {} is" does not
+    assert kl_sources(rows, list(rows.subject)) == {
+        kl[0]: rows.first_row[0],
+        kl[1]: rows.first_row[1],
+    }
+    assert kl_sources(rows, [0] * len(rows.seqs)) == {
+        kl[0]: rows.first_row[0],
+        kl[1]: rows.first_row[1],
+    }
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("reuse", [True, False])
+def test_shared_kl_row_equals_its_own_row_float64(arch, reuse):
+    """Reading the KL logits from the bare row (causal model: the same hidden states at
+    the subject's last token, δ included) changes only how the products and the
+    gradient's sums are grouped."""
+    lm = tiny(arch, torch.float64)
+    shared, own = run(lm, True, reuse), run(lm, True, reuse, share_kl=False)
+    for a, b in zip(shared, own, strict=True):
+        assert a.steps == b.steps
+        for key in ("loss", "kl", "nll"):  # δ = 0: the same sums to float64 rounding
+            assert a.trace[0][key] == pytest.approx(b.trace[0][key], rel=1e-12, abs=1e-15)
+        # Adam divides each coordinate's gradient by that coordinate's running RMS, so
+        # one whose gradient is at rounding level moves by up to lr whatever its size:
+        # regrouped float64 sums (1e-16) grow to 3.6e-8 over 20 steps on tiny-llama
+        assert rel(a.delta, b.delta) < 1e-6

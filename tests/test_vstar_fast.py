@@ -156,8 +156,17 @@ def test_batch_equals_one_at_a_time_float64(arch, reuse, buckets):
     hp = hp.replace(v_early_stop_loss=stop_threshold(reference(lm, hp)))
     refs = reference(lm, hp)
     assert len({r.steps for r in refs}) >= 2, "the requests should stop at different steps"
+    # share_kl off: reading a KL row's logits from its bare row regroups the gradient's
+    # sums, which Adam's eps amplifies past 1e-10 (its own test: test_speed_levers.py)
     got = optimise_targets(
-        lm.model, lm.tokenizer, hp, REQUESTS, [TEMPLATES] * 4, hp.layer, prefix_reuse=reuse
+        lm.model,
+        lm.tokenizer,
+        hp,
+        REQUESTS,
+        [TEMPLATES] * 4,
+        hp.layer,
+        prefix_reuse=reuse,
+        share_kl=False,
     )
     for g, r in zip(got, refs, strict=True):
         assert g.steps == r.steps

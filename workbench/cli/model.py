@@ -320,7 +320,10 @@ def edit(
         check_request_length(lm.tokenizer, req)
         ed = make_editor(lm, chosen)
         with progress_bar() as bar:
-            pv = preview_edit(lm, ed, req, modes, generate_tokens, phase_progress(bar))
+            # the process ends next: the last mode's update may stay on the model
+            pv = preview_edit(
+                lm, ed, req, modes, generate_tokens, phase_progress(bar), restore=False
+            )
         if as_json:
             payload = pv.records()
             out.print_json(json.dumps(payload if len(payload) > 1 else payload[0]))
@@ -352,6 +355,7 @@ def _edit_methods(
 ) -> None:
     """``edit --method M`` / ``--batch FILE``: the methods side by side (nothing kept)."""
     from rome import MODES, EditRequest
+    from rome.hparams import method_preset
     from workbench.core.edits import make_editor
     from workbench.core.limits import check_request_length
     from workbench.core.methods import (
@@ -389,12 +393,14 @@ def _edit_methods(
             ) from None
     for note in batch_conflicts(reqs):
         say("warning", f"{batch}: {note}")
-    ed = make_editor(lm)
+    # one method: one editor, with the method's own settings (no variant of the preset's)
+    ed = make_editor(lm, hparams=method_preset(lm.hparams, method) if len(methods) == 1 else None)
     if method == ALL_METHODS:  # side by side: what cannot edit this model is left out, said once
         methods, left = editable_methods(ed, methods)
         for name, why in left:
             say("note", f"{name} left out: {why}")
-    outs = compare_methods(lm, ed, reqs, methods, None if mode == "all" else mode, options)
+    chosen = None if mode == "all" else mode  # the process ends next: the last update may stay
+    outs = compare_methods(lm, ed, reqs, methods, chosen, options, restore=False)
     if as_json:
         out.print_json(json.dumps([o.to_dict() for o in outs]))
     else:

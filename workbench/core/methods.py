@@ -257,7 +257,7 @@ def editable_methods(
     for name in names:
         m = get_method(name)
         hp = method_preset(editor.hp, name)
-        ed = editor if hp is editor.hp else editor.variant(hp)
+        ed = editor if hp == editor.hp else editor.variant(hp)
         why = m.cannot_edit(ed.context(m), m.settings(hp))
         if why is None:
             kept.append(name)
@@ -274,14 +274,16 @@ def run_method(
     mode: str | None,
     label: str = "",
     options: dict[str, Any] | None = None,
+    restore: bool = True,
 ) -> MethodOutcome:
-    """One method's update on ``reqs``, applied for a moment to score them, then undone.
+    """One method's update on ``reqs``, applied for a moment to score them, then undone
+    (not when ``restore`` is false: a caller about to drop the model saves the writes).
 
     ``editor`` edits with the method's own settings when its preset is already the
     method's (``method_preset``); otherwise an editor with the shipped variant is made.
     """
     hp = method_preset(editor.hp, method)
-    if hp is not editor.hp:  # the method's own settings on this model (its shipped variant):
+    if hp != editor.hp:  # the method's own settings on this model (its shipped variant):
         editor = editor.variant(hp)  # the same model and edits, caches of its own
     out = MethodOutcome(method, label=label, preset=hp.name)
     out.p_new_before, out.p_true_before = _probe(lm, reqs)
@@ -307,7 +309,7 @@ def run_method(
             for lu in u.layers
         }
     finally:
-        for _ in range(applied):
+        for _ in range(applied if restore or out.error else 0):
             editor.undo()  # the weights and the carried state as they were
     for u in out.updates:
         for layer, n in u.layer_norms().items():
@@ -325,10 +327,17 @@ def compare_methods(
     methods: Sequence[str],
     mode: str | None = None,
     options: dict[str, Any] | None = None,
+    restore: bool = True,
 ) -> list[MethodOutcome]:
-    """Each method's update on ``reqs`` (model unchanged afterwards), with a verdict
-    (``options``: settings of the one method compared)."""
-    outs = [run_method(lm, editor, reqs, m, mode, options=options) for m in methods]
+    """Each method's update on ``reqs``, with a verdict (``options``: settings of the
+    one method compared). The model is unchanged afterwards, but when ``restore`` is
+    false the last method's update stays (a caller about to drop the model)."""
+    outs = [
+        run_method(
+            lm, editor, reqs, m, mode, options=options, restore=restore or i < len(methods) - 1
+        )
+        for i, m in enumerate(methods)
+    ]
     return judge_outcomes(outs, editor.hp.max_update_ratio)
 
 
