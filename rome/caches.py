@@ -158,8 +158,10 @@ class Caches:
     def _stats_key(self, layer: int, corpus: str | None) -> tuple[Any, ...]:
         """Everything that names the statistics file or makes the statistics."""
         hp = self.hp
+        # no corpus: the shipped statistics where there are some; a corpus named: collected
+        # from it (so ``corpus=None`` and the preset's own corpus are two keys)
         return (
-            str(self.cache), self.model_key, hp.weight_module(layer), corpus or hp.mom2_dataset,
+            str(self.cache), self.model_key, hp.weight_module(layer), corpus, hp.mom2_dataset,
             hp.mom2_n_samples, hp.mom2_max_len, hp.mom2_dtype, hp.template_seed,
         )  # fmt: skip
 

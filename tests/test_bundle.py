@@ -115,6 +115,6 @@ def test_shipped_smollm2_stats_fit_the_loaded_model():
     ]
     assert bundle.weights_fingerprint(lm.model, names) == index["made_with"]["weights_fingerprint"]
     ed = Editor(lm.model, lm.tokenizer, hp, cache_dir=None)
-    st = ed._bundled_stats(hp.layer, 1536)
+    st = ed.caches._bundled_stats(hp.layer, 1536)
     assert st is not None and st.meta.n_texts == hp.mom2_n_samples
     assert st.matrix.shape == (1536, 1536)

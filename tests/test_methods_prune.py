@@ -58,10 +58,11 @@ def test_restrain_maps_only_the_singular_values_above_sigma_max():
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_an_update_under_w0s_largest_singular_value_is_memits(arch):
-    """λ = 1000 keeps the tiny models' updates under σ_max(W₀): PRUNE is then MEMIT."""
+    """λ = 3000 keeps the tiny models' updates under σ_max(W₀): PRUNE is then MEMIT (at
+    1000 GPT-2's layer-1 update, C₀ read on the base model, is over it: 1.75 > 1.68)."""
     a, b, base = editor(arch), editor(arch), editor(arch)
     for ed in (a, b):
-        ed.hp = ed.hp.replace(mom2_update_weight=1000.0)
+        ed.hp = ed.hp.replace(mom2_update_weight=3000.0)
     for step in (REQS[:2], REQS[2:]):
         pr, me = a.edit(step, "prune"), b.edit(step, "memit")
         assert all(x["adjusted"] for x in pr.options["per_layer"])

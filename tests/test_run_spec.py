@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import sqlite3
 from pathlib import Path
@@ -95,3 +96,32 @@ def test_every_stored_run_reads_through_the_spec_and_reports(db: Path, tmp_path:
             assert f"method {spec.method};" in _settings(run)
         page = report_markdown(store, [r.id for r in runs], None)
     assert all(r.label in page for r in runs)
+
+
+def _picks_the_spec_apart(node: ast.AST) -> bool:
+    """``x.get("replay")``, ``x.get("hparams")``, ``x["replay"]`` or ``run.hparams["hparams"]``
+    (the ways the stored JSON was read by hand before RunSpec)."""
+    keys = ("replay", "hparams")
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+        first = node.args[0] if node.args else None
+        return node.func.attr == "get" and isinstance(first, ast.Constant) and first.value in keys
+    if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+        key = node.slice.value
+        on_run = isinstance(node.value, (ast.Attribute, ast.Call, ast.Subscript, ast.BoolOp))
+        typing = isinstance(node.value, ast.Name) and node.value.id == "Literal"
+        return (key == "replay" and not typing) or (key == "hparams" and on_run)
+    return False
+
+
+def test_nothing_but_the_spec_picks_the_stored_settings_apart() -> None:
+    found = []
+    for pkg in ("rome", "evals", "workbench", "scripts"):
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            if path == ROOT / "evals" / "spec.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if _picks_the_spec_apart(node):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert found == []
+    assert _picks_the_spec_apart(ast.parse('(run.hparams or {}).get("replay")').body[0].value)
+    assert _picks_the_spec_apart(ast.parse('json.loads(t)["hparams"]').body[0].value)

@@ -170,3 +170,47 @@ def test_the_apps_compute_apply_undo_and_history(tmp_path, monkeypatch):
         (step,) = list(store.iter_steps(info.run_id, applied_only=False))
         assert step.method == NAME and [lu.layer for lu in step.layers] == [0, 1]
         session.finish()
+
+
+async def test_the_apps_edit_tab_lists_computes_applies_and_undoes_it(tmp_path, monkeypatch):
+    """In the app itself (Pilot): the method list offers it (read from the registry when
+    the form is made), F5 computes it, F7 applies it, History lists it, F8 undoes it."""
+    pytest.importorskip("textual")
+    from test_tui import SIZE, text_of
+    from textual.widgets import DataTable, Select
+    from tui_helpers import settle, wait_idle
+
+    from workbench.tui.app import WorkbenchApp
+
+    monkeypatch.setenv("ROME_WORKBENCH_CACHE", str(tmp_path / "cache"))
+    app = WorkbenchApp(db_path=tmp_path / "wb.db", model="tiny-gpt2", device="cpu")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_idle(app, pilot)
+        app.action_example("eiffel")
+        await pilot.pause()
+        app.edit_pane.choose_method(NAME)  # a value not in the list would raise
+        await pilot.pause()
+        assert app.query_one("#f-method", Select).value == NAME
+        _, ed = app.session.require()
+        base = {x: ed.module(x).weight.detach().clone() for x in range(ed.n_layers)}
+        await pilot.press("f5")
+        await wait_idle(app, pilot)
+        body = text_of(app.query_one("#edit-result-body"))
+        assert "Computed, not applied" in body and NAME in body
+        await pilot.press("f7")
+        await wait_idle(app, pilot)
+        if app.session.n_applied == 0:  # looked disabling: confirm in the dialog
+            await pilot.press("y")
+            await wait_idle(app, pilot)
+        assert app.session.n_applied == 1
+        assert app.session.editor.applied[-1].update.method == NAME
+        assert any(not torch.equal(base[x], ed.module(x).weight) for x in base)
+        await pilot.pause(0.2)
+        await settle(app)
+        await pilot.pause()
+        table = app.query_one("#history-table", DataTable)
+        assert table.row_count == 1 and NAME in [str(c) for c in table.get_row_at(0)]
+        await pilot.press("f8")
+        await wait_idle(app, pilot)
+        assert app.session.n_applied == 0
+        assert all(torch.equal(base[x], ed.module(x).weight) for x in base)

@@ -131,13 +131,15 @@ def test_a_method_with_a_shipped_variant_edits_with_one_editor(
         (["--generate-tokens", "5"], "--generate-tokens applies"),
         (["--templates", "{file}"], "--templates applies"),
         (["--templates", "{file}", "--generate-tokens", "1"], "--templates and --generate-tokens"),
+        (["--mode", "original"], "--mode picks a key mode, and memit has none"),
     ],
 )
 def test_the_table_refuses_what_it_cannot_show(
     flags: list[str], named: str, family_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``edit --method M`` shows no text and reads its own templates: --templates and
-    --generate-tokens N > 0 are refused in one line, exit 2, before anything loads."""
+    --generate-tokens N > 0 are refused in one line, exit 2, before anything loads (and
+    --mode, for a method without key modes)."""
     templates = family_file.with_name("templates.json")
     templates.write_text(json.dumps(["{}", "Hello. {}"]))
     args = [f.format(file=templates) for f in flags]

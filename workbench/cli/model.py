@@ -432,8 +432,9 @@ def _methods_table(name: str, reqs: list, outs: list) -> None:
 
 
 def _refuse_unshown(ctx: typer.Context, method: str, generate_tokens: int) -> None:
-    """``--templates`` and ``--generate-tokens N`` (N > 0) are the single ROME edit's:
-    refused in one line where the side-by-side table would ignore them."""
+    """``--templates`` and ``--generate-tokens N`` (N > 0) are the single ROME edit's,
+    ``--mode`` a method's with key modes: refused in one line where the side-by-side
+    table would ignore them."""
     given = [
         flag
         for name, flag in (("templates", "--templates"), ("generate_tokens", "--generate-tokens"))
@@ -445,6 +446,15 @@ def _refuse_unshown(ctx: typer.Context, method: str, generate_tokens: int) -> No
             f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to one ROME "
             f"edit; edit --method {method} (or --batch) shows the methods side by side "
             "without text or templates: leave them out"
+        )
+    from rome.methods import get_method
+    from workbench.core.methods import ALL_METHODS
+
+    given_mode = getattr(ctx.get_parameter_source("mode"), "name", None) == "COMMANDLINE"
+    if given_mode and method != ALL_METHODS and not get_method(method).capabilities.key_modes:
+        raise rome_errors.BadRequestError(
+            f"--mode picks a key mode, and {method} has none (`methods` lists each "
+            "method's): leave it out"
         )
 
 

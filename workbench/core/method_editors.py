@@ -28,7 +28,7 @@ class MethodEditors:
         if self._for is not ed:  # a model was (re)loaded: nothing of ours is on it
             self._for, self._variants = ed, {}
         mhp = method_preset(hp, method)
-        if mhp is ed.hp:
+        if mhp == ed.hp:  # its settings are the model's: the session's editor
             return ed
         med = self._variants.get(method)
         if med is None:

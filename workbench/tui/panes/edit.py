@@ -15,7 +15,6 @@ from rome import MODES
 from rome.methods import get_method, method_names
 from workbench.core.format import farrow, fnum, fseconds
 from workbench.core.forms import (
-    FORM_METHODS,
     EditForm,
     field_errors,
     form_from_values,
@@ -64,8 +63,14 @@ KEY_MODE_HINT = Text.assemble(
     " compares the key modes and the methods · examples: Ctrl+P, type 'Example'",
     style="dim",
 )
-#: each method's line in the method list: its name and its own summary
-METHOD_HELP = {name: f"{name}: {get_method(name).summary}" for name in method_names()}
+
+
+def method_choices() -> list[tuple[str, str]]:
+    """The method list, read from the registry when the form is made (a method registered
+    by a test or a plug-in before the app starts is in it): each method's own summary."""
+    return [(f"{name}: {get_method(name).summary}", name) for name in method_names()]
+
+
 MODE_HELP = {
     "original": "original (ROME): k* direction, k(s) in Λ",
     "rrome": "rrome (r-ROME): k* for both",
@@ -171,7 +176,7 @@ class EditPane(Vertical):
             yield FormField(
                 "Method",
                 Select(
-                    [(METHOD_HELP.get(m, m), m) for m in FORM_METHODS],
+                    method_choices(),
                     value="rome",
                     allow_blank=False,
                     id="f-method",
