@@ -416,17 +416,24 @@ def method_preset(hp: EditHparams, method: str) -> EditHparams:
 
     A preset made for ``method`` keeps ``hp``; otherwise the shipped variant
     ``<preset>-<method>`` (``smollm2-135m-memit``: its sweep-chosen layers and λ), or
-    ``<the preset it extends>-<method>``, when there is one for the same model, else
+    ``<a preset it extends, directly or not>-<method>``, when there is one for the same
+    model (one whose ``method`` is ``method`` first), else
     ``hp`` itself (its single ``layer``).
     """
     if hp.method == method:
         return hp
     presets = list_presets()
-    for base in (hp.name, hp.extends):
-        variant = presets.get(f"{base}-{method}") if base else None
-        if variant is not None and variant.model == hp.model:
-            return variant
-    return hp
+    bases = [hp.name, hp.extends]  # and on up the chain of presets each extends
+    while bases[-1] in presets and presets[bases[-1]].extends and len(bases) < 8:
+        bases.append(presets[bases[-1]].extends)
+    found = [
+        v
+        for base in bases
+        if base and (v := presets.get(f"{base}-{method}")) is not None and v.model == hp.model
+    ]
+    # a name can match another method's variant (``smollm2-135m-memit`` + ``-nas`` is
+    # memit-nas's preset): one made for ``method`` first, then the first by name
+    return next((v for v in found if v.method == method), found[0] if found else hp)
 
 
 def load_preset(name_or_path: str | Path) -> EditHparams:

@@ -116,3 +116,17 @@ def test_edit_refuses_a_request_over_the_token_limit(family):
     for method in ("memit", "rome"):
         with pytest.raises(BadRequestError, match="the limit is 256 tokens"):
             ed.edit([long], method)
+
+
+def test_a_methods_preset_is_the_variant_made_for_it():
+    from rome.hparams import method_preset
+
+    # ``smollm2-135m-memit`` + ``-nas`` names memit-nas's preset: nas gets its own
+    for base in ("smollm2-135m", "smollm2-135m-memit", "smollm2-135m-alphaedit"):
+        hp = load_preset(base)
+        for name in ("memit", "emmet", "alphaedit", "nas", "memit-nas", "prune", "ultraedit"):
+            assert method_preset(hp, name).method == name, (base, name)
+    # a variant found up the chain of presets a preset extends
+    assert method_preset(load_preset("smollm2-135m-alphaedit"), "memit").name == (
+        "smollm2-135m-memit"
+    )
