@@ -24,7 +24,7 @@ from rome.methods import METHODS, Update, get_method, method_names, options_of
 from rome.methods.base import parse_pairs
 from rome.scoring import score_targets
 
-from .verdict import DISABLING_FRACTION, MODE_NORM_FACTOR
+from .verdict import DISABLING_FRACTION, Figures, Held, judge
 
 #: the ``--method`` value that asks for every method
 ALL_METHODS = "all"
@@ -342,39 +342,18 @@ def compare_methods(
 
 
 def judge_outcomes(outs: list[MethodOutcome], max_update_ratio: float) -> list[MethodOutcome]:
-    """Set each outcome's verdict, judged against the weight and the others (in place).
-
-    The relative rule compares a row's ‖ΔW‖ with the smallest update among the rows
-    whose edit holds (every request won after and its p(new) rose: :attr:`took`): an
-    update that did not take is no yardstick, however small it is.
-    """
-    limit = DISABLING_FRACTION * max_update_ratio
+    """Set each outcome's verdict (in place), by :func:`~.verdict.judge` with the row's
+    figures and the smallest update among the rows whose edit holds (every request won
+    after and its p(new) rose: :attr:`MethodOutcome.took`)."""
     held = [o for o in outs if o.norm > 0 and o.error is None and o.took >= 1.0]
     ref = min(held, key=lambda o: o.norm) if len(outs) > 1 and held else None
     for o in outs:
-        o.verdict, o.reasons = "", []
-        if o.error:
-            o.verdict, o.reasons = "REFUSED", [o.error]
-            continue
-        if o.ratio >= limit:
-            o.reasons.append(f"‖ΔW‖ is {o.ratio:.2f}× ‖W‖")
-        if ref is not None and ref is not o and o.norm >= MODE_NORM_FACTOR * ref.norm:
-            o.reasons.append(
-                f"‖ΔW‖ is {o.norm / ref.norm:.1f}× {ref.label}'s, "
-                "the smallest update whose edit holds"
-            )
-        eff = o.efficacy
-        if o.reasons:
-            o.verdict = "DISABLING"
-        elif eff < 1.0:
-            o.verdict = "check"
-            o.reasons.append(f"{eff:.0%} of the requests hold on the bare prompt")
-        elif o.took < 1.0:
-            o.verdict = "check"
-            o.reasons.append(
-                f"p(new) barely rose on {1 - o.took:.0%} of the requests "
-                "(target_new already won before)"
-            )
-        else:
-            o.verdict = "ok"
+        figures = Figures(o.label, o.norm, o.ratio, unsafe_reason=o.error)
+        yardstick = (ref.label, ref.norm) if ref is not None and ref is not o else None
+        v = judge(
+            figures,
+            disabling_ratio=DISABLING_FRACTION * max_update_ratio,
+            held=Held(yardstick, o.efficacy, o.took),
+        )
+        o.verdict, o.reasons = v.label, list(v.reasons)
     return outs

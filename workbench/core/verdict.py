@@ -94,6 +94,18 @@ class Figures:
     p_new_after_templated: float = math.nan
 
 
+@dataclass(frozen=True)
+class Held:
+    """What a row of a comparison table is judged on beside its own figures: the
+    smallest update among the rows whose edit holds (its label and ‖ΔW‖; None where
+    no other row holds), the fraction of requests won after the update, and the
+    fraction it moved (won and p(new) rose: ``MethodOutcome.took``)."""
+
+    yardstick: tuple[str, float] | None
+    efficacy: float
+    took: float
+
+
 def judge(
     result: Judged,
     before: Sequence[Probe] = (),
@@ -101,8 +113,10 @@ def judge(
     others: Iterable[EditResult] = (),
     history_norms: Sequence[float] = (),
     disabling_ratio: float = 0.5,
+    held: Held | None = None,
 ) -> Verdict:
-    """Say whether an update looks disabling, and why (see the thresholds above)."""
+    """Say whether an update looks disabling, and why (see the thresholds above): one
+    edit of the app or the CLI, or one row of a comparison table (``held``)."""
     if result.unsafe_reason:
         return Verdict("refused", (result.unsafe_reason,))
     bad: list[str] = []
@@ -110,6 +124,8 @@ def judge(
     ratio = result.update_norm_ratio
     if ratio >= disabling_ratio:
         bad.append(f"‖ΔW‖ is {ratio:.2f}× ‖W‖")
+    if held is not None:
+        _judge_row(result, held, bad, warn)
     norms = [o.update_norm for o in others if o.mode != result.mode and o.update_norm > 0]
     if norms and result.update_norm >= MODE_NORM_FACTOR * min(norms):
         low = min((o for o in others if o.mode != result.mode), key=lambda o: o.update_norm)
@@ -141,3 +157,22 @@ def judge(
     if warn:
         return Verdict("warn", tuple(warn))
     return Verdict("ok", ())
+
+
+def _judge_row(result: Judged, held: Held, bad: list[str], warn: list[str]) -> None:
+    """A comparison row's rules: far above the smallest update that holds (an update
+    that did not take is no yardstick, however small), and whether its edit holds."""
+    if held.yardstick is not None:
+        label, norm = held.yardstick
+        if result.update_norm >= MODE_NORM_FACTOR * norm:
+            bad.append(
+                f"‖ΔW‖ is {result.update_norm / norm:.1f}× {label}'s, "
+                "the smallest update whose edit holds"
+            )
+    if held.efficacy < 1.0:
+        warn.append(f"{held.efficacy:.0%} of the requests hold on the bare prompt")
+    elif held.took < 1.0:
+        warn.append(
+            f"p(new) barely rose on {1 - held.took:.0%} of the requests "
+            "(target_new already won before)"
+        )
