@@ -46,7 +46,7 @@ from .session_run import SessionRun, reapplied_rows, step_rows
 from .verdict import DISABLING_FRACTION, Probe, Verdict, judge
 
 if TYPE_CHECKING:
-    from workbench.store import Run, Store
+    from workbench.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -434,12 +434,6 @@ class Session:
         if model is None and self.lm is not None:
             model = self.lm.name
         return history_rows(self.store, model, self.run_id)
-
-    def replay_runs(self) -> list[Run]:
-        if self.store is None:
-            return []
-        model = self.lm.name if self.lm is not None else None
-        return self.store.list_runs(model=model, kind="replay")
 
     # ----------------------------------------------------------- replay
     def replay_layer(self, cfg: ReplayConfig | None = None, resume: str | None = None) -> int:

@@ -171,10 +171,6 @@ class ReplayPane(Vertical):
             )
             table.move_cursor(row=table.get_row_index(r.id))
 
-    def stored_run(self, run_id: str) -> Any | None:
-        """The stored run ``run_id`` as last listed (None if not listed)."""
-        return next((r for r in self.runs if r.id == run_id), None)
-
     def selected_run(self) -> str | None:
         table = self.query_one("#replay-runs", DataTable)
         if table.row_count == 0:

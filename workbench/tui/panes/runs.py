@@ -134,10 +134,6 @@ class RunsPane(Horizontal):
         except Exception:
             return None
 
-    def select_run(self, run_id: str) -> None:
-        table = self.query_one("#runs-table", DataTable)
-        table.move_cursor(row=table.get_row_index(run_id))
-
     @on(Button.Pressed, "#runs-open, #runs-overlay")
     def _show_button(self, event: Button.Pressed) -> None:
         event.stop()
