@@ -32,6 +32,7 @@ def _exec_script(conn: sqlite3.Connection, script: str) -> None:
 
 
 def _m001_initial(conn: sqlite3.Connection) -> None:
+    """Schema 1 (long: its SQL is the tables as first shipped; a migration never changes)."""
     _exec_script(
         conn,
         """

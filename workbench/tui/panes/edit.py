@@ -154,6 +154,7 @@ class EditPane(Vertical):
         self.preset_layer: int | None = None
 
     def compose(self) -> ComposeResult:
+        """The form's fields in screen order (long: a layout, read top to bottom)."""
         with VerticalScroll(id="edit-form"):
             yield FormField(
                 "Example",

@@ -44,6 +44,7 @@ class ModelPane(VerticalScroll):
         self.initial_map = device_map if device_map in DEVICE_MAP_STRATEGIES else NO_MAP
 
     def compose(self) -> ComposeResult:
+        """The pane's widgets in screen order (long: a layout, read top to bottom)."""
         name, device, dtype = self.initial
         presets = ", ".join(preset_names(aliases=False))
         yield Static(

@@ -101,6 +101,7 @@ class ReplaySettings(Vertical):
         yield self._select(key, defaults[key])
 
     def compose(self) -> ComposeResult:
+        """The settings grid in screen order (long: a layout, read top to bottom)."""
         d = form_defaults()
         with Grid(id="replay-config"):
             yield Label("Data", classes="rc-label")
