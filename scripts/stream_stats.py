@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from family_stats import table  # scripts/, this script's folder, is on sys.path
+
 from evals.stats import mcnemar, median, paired_bootstrap
 from workbench.core.run_stats import (
     RunEvidence,
@@ -35,14 +37,6 @@ from workbench.core.run_stats import (
 )
 from workbench.core.summary import layer_figures
 from workbench.store import Store
-
-
-def table(head: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
-    for r in rows:
-        print("| " + " | ".join(str(c) for c in r) + " |")
-    print()
 
 
 def snapshot(db: Path, into: Path) -> Path:
