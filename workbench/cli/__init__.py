@@ -2,8 +2,8 @@
 
 Each command parses its options, calls core, and renders the result with rich:
 ``common`` (the app, the error handler, options), ``model`` (info, stats,
-edit), ``replay``, ``runs`` (runs, history, export, plot, save), ``compare``
-(compare, merge).
+edit; ``editing`` holds edit's phases), ``replay``, ``runs`` (runs, history,
+export, plot, save), ``compare`` (compare, merge).
 Exit codes come from one table (``workbench.core.errors``): 0 ok, 1 runtime
 error (weights unavailable, unsafe update, store failure, memory, system),
 2 usage or bad input (bad request, unknown preset / model / run, layer out of

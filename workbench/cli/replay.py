@@ -35,10 +35,23 @@ from .common import (
 )
 
 if TYPE_CHECKING:
-    from evals.replay import CheckpointDone, EditDone, ReplayStarted, ReplayWarning
-    from workbench.store import Store
+    import threading
+
+    from evals.replay import (
+        CheckpointDone,
+        EditDone,
+        ReplayConfig,
+        ReplayFinished,
+        ReplayStarted,
+        ReplayWarning,
+    )
+    from rome import LoadedModel
+    from rome.hparams import EditHparams
+    from workbench.store import Run, Store
 
 
+# Long by its signature alone (88 lines): typer reads each option's flag, help text and
+# default there. The body builds the run's settings and calls one helper per phase.
 @app.command()
 def replay(
     ctx: typer.Context,
@@ -132,20 +145,13 @@ def replay(
     method), with GLUE, perplexity, fluency and retention checkpoints."""
     import threading
 
-    from workbench.core.replay import edit_hparams, make_config, run_replay
+    from workbench.core.replay import edit_hparams, make_config
     from workbench.core.save import stored_layer
     from workbench.core.stores import NewDatabase
 
     cancel = threading.Event()
     with handled(), sigterm_as_interrupt():
-        if rescore and not resume:
-            raise rome_errors.BadRequestError(
-                "--rescore re-scores a finished run: give --resume RUN"
-            )
-        if extend_to is not None and not resume:
-            raise rome_errors.BadRequestError("--extend-to extends a stored run: give --resume RUN")
-        if json_out is not None:
-            output_file(json_out, example="run.json")
+        _check_flags(resume, rescore, extend_to, json_out)
         cfg = make_config(
             {
                 "dataset": dataset,
@@ -172,72 +178,114 @@ def replay(
         # and removed again when the replay fails before its run exists
         with NewDatabase(db, active=not resume) as new:
             if resume:
-                store = open_db(db, create=False)
-                run = store.get_run(resume)  # a bad or ambiguous id stops here, before loading
-                resume = run.id
-                model = model or run.model
-                ignored = _not_taken_on_resume(ctx)
-                if ignored:
-                    err.print(
-                        f"note: a resumed run keeps its own settings and preset; ignoring "
-                        f"{', '.join(ignored)}"
-                        + (
-                            " (--extend-to N goes on to more edits)"
-                            if "--n-edits" in ignored
-                            else ""
-                        ),
-                        highlight=False,
-                    )
-                if rescore and run.status != "finished" and extend_to is None:
-                    err.print(
-                        f"note: run {run.id} is {run.status}, not finished: --rescore resumes "
-                        f"it from edit {run.n_edits} of {run.n_edits_planned or '?'}; it is "
-                        "re-scored when it finishes",
-                        highlight=False,
-                    )
-                layer = stored_layer(run)
+                store, run = _open_resumed(ctx, db, resume, rescore, extend_to)
+                resume, model, layer = run.id, model or run.model, stored_layer(run)
             lm = load(model, device, dtype, hparams, layer, device_map)
             edit_hp = edit_hparams(
                 lm, None if resume else v_stop, None if resume else norm_anchor, method
             )
             if not resume:
                 store = new.open()
-            with progress_bar() as bar:
-                shown = _ReplayProgress(bar, n_edits, resume, cfg.dataset)
-                try:
-                    finished = run_replay(
-                        lm,
-                        store,
-                        shown,
-                        cfg,
-                        resume=resume,
-                        cancel=cancel,
-                        hparams=edit_hp,
-                        rescore_finished=rescore,
-                        extend_to=extend_to,
-                    )
-                except KeyboardInterrupt:
-                    if shown.run_id is None:
-                        raise
-                    err.print(
-                        f"[yellow]interrupted[/yellow]: finished edits are saved; "
-                        f"resume with --resume {shown.run_id}"
-                    )
-                    raise typer.Exit(1) from None
-                finally:
-                    shown.report_skipped()
+            finished = _run_shown(
+                lm, store, cfg, n_edits, cancel, resume, edit_hp, rescore, extend_to
+            )
         assert finished is not None
         _summary(store, finished.run_id, finished.status, finished.summary)
         if json_out is not None:
-            rid = finished.run_id
-            kept = (
-                f"; run {rid} is {finished.status} and stored in {store.path}: export it with "
-                f"rome-workbench export {rid} --json -o FILE --db {store.path}"
+            _write_json(store, finished, json_out)
+
+
+def _check_flags(
+    resume: str | None, rescore: bool, extend_to: int | None, json_out: Path | None
+) -> None:
+    """The options that need ``--resume``, and ``--json-out``'s file, checked first."""
+    if rescore and not resume:
+        raise rome_errors.BadRequestError("--rescore re-scores a finished run: give --resume RUN")
+    if extend_to is not None and not resume:
+        raise rome_errors.BadRequestError("--extend-to extends a stored run: give --resume RUN")
+    if json_out is not None:
+        output_file(json_out, example="run.json")
+
+
+def _open_resumed(
+    ctx: typer.Context, db: Path | None, resume: str, rescore: bool, extend_to: int | None
+) -> tuple[Store, Run]:
+    """The store and the run ``--resume`` names (a bad or ambiguous id stops here, before
+    the model loads), with a note for the options the resumed run does not take, and
+    one when ``--rescore`` has to finish the run first."""
+    store = open_db(db, create=False)
+    run = store.get_run(resume)
+    ignored = _not_taken_on_resume(ctx)
+    if ignored:
+        err.print(
+            f"note: a resumed run keeps its own settings and preset; ignoring "
+            f"{', '.join(ignored)}"
+            + (" (--extend-to N goes on to more edits)" if "--n-edits" in ignored else ""),
+            highlight=False,
+        )
+    if rescore and run.status != "finished" and extend_to is None:
+        err.print(
+            f"note: run {run.id} is {run.status}, not finished: --rescore resumes "
+            f"it from edit {run.n_edits} of {run.n_edits_planned or '?'}; it is "
+            "re-scored when it finishes",
+            highlight=False,
+        )
+    return store, run
+
+
+def _run_shown(
+    lm: LoadedModel,
+    store: Store,
+    cfg: ReplayConfig,
+    n_edits: int,
+    cancel: threading.Event,
+    resume: str | None,
+    edit_hp: EditHparams,
+    rescore: bool,
+    extend_to: int | None,
+) -> ReplayFinished | None:
+    """The replay run under a progress bar; interrupted once its run exists: where to
+    resume it, exit 1."""
+    from workbench.core.replay import run_replay
+
+    with progress_bar() as bar:
+        shown = _ReplayProgress(bar, n_edits, resume, cfg.dataset)
+        try:
+            return run_replay(
+                lm,
+                store,
+                shown,
+                cfg,
+                resume=resume,
+                cancel=cancel,
+                hparams=edit_hp,
+                rescore_finished=rescore,
+                extend_to=extend_to,
             )
-            with writing(json_out, kept):
-                output_file(json_out, example=f"run-{rid}.json")
-                store.export_run(rid, "json", json_out)
-            err.print(f"wrote {json_out}", highlight=False)
+        except KeyboardInterrupt:
+            if shown.run_id is None:
+                raise
+            err.print(
+                f"[yellow]interrupted[/yellow]: finished edits are saved; "
+                f"resume with --resume {shown.run_id}"
+            )
+            raise typer.Exit(1) from None
+        finally:
+            shown.report_skipped()
+
+
+def _write_json(store: Store, finished: ReplayFinished, json_out: Path) -> None:
+    """``--json-out``: the run exported as JSON (where that fails: the run is kept, and how
+    to export it)."""
+    rid = finished.run_id
+    kept = (
+        f"; run {rid} is {finished.status} and stored in {store.path}: export it with "
+        f"rome-workbench export {rid} --json -o FILE --db {store.path}"
+    )
+    with writing(json_out, kept):
+        output_file(json_out, example=f"run-{rid}.json")
+        store.export_run(rid, "json", json_out)
+    err.print(f"wrote {json_out}", highlight=False)
 
 
 #: the options that set up a new run; a resumed run keeps the ones it started with
