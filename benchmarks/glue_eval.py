@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -92,7 +93,7 @@ def bf16(fn, model, *args):
         return fn(model, *args)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-path", default=None)
     ap.add_argument("--device", default="cpu")
@@ -107,12 +108,11 @@ def main() -> None:
         action="store_true",
         help="also time the published loop (generate + a full forward per label word)",
     )
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tok = load(args.model_path, args.device)
-    print(f"torch threads: {torch.get_num_threads()}, device: {args.device}")
+
+def scorers(model, tok, args: argparse.Namespace) -> dict[str, Callable]:
+    """The timed methods, by name: each maps (task, examples) to predictions."""
     methods = {"logprob": lambda t, ex: predict(model, tok, t, ex, "logprob", args.batch_size)}
     if args.bf16:
         methods["logprob bf16"] = lambda t, ex: bf16(
@@ -122,6 +122,30 @@ def main() -> None:
         methods["generate x1"] = lambda t, ex: hf_generate_one_by_one(model, tok, t, ex)
     if args.published_loop:
         methods["published x1"] = lambda t, ex: published_loop(model, tok, t, ex)
+    return methods
+
+
+def print_totals(methods: dict, secs: dict[str, float], cpu: dict[str, float], n: int) -> None:
+    for method, dt in secs.items():
+        print(
+            f"{method:14s} {n / dt:7.2f} examples/s wall, {n / cpu[method]:7.2f} "
+            f"per CPU-second, over {n} examples"
+        )
+    for slow in (m for m in methods if "x1" in m):
+        for fast in (m for m in methods if m.startswith("logprob")):
+            print(
+                f"ratio {fast} vs {slow}: {secs[slow] / secs[fast]:.1f}x wall, "
+                f"{cpu[slow] / cpu[fast]:.1f}x CPU time (target >= 10x)"
+            )
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load(args.model_path, args.device)
+    print(f"torch threads: {torch.get_num_threads()}, device: {args.device}")
+    methods = scorers(model, tok, args)
     secs = dict.fromkeys(methods, 0.0)
     cpu = dict.fromkeys(methods, 0.0)  # process CPU time: steadier on a shared machine
     n_total = 0
@@ -143,17 +167,7 @@ def main() -> None:
                 f"  f1 {r.f1:.3f}  mcc {r.mcc:+.3f}  invalid {r.invalid}",
                 flush=True,
             )
-    for method, dt in secs.items():
-        print(
-            f"{method:14s} {n_total / dt:7.2f} examples/s wall, {n_total / cpu[method]:7.2f} "
-            f"per CPU-second, over {n_total} examples"
-        )
-    for slow in (m for m in methods if "x1" in m):
-        for fast in (m for m in methods if m.startswith("logprob")):
-            print(
-                f"ratio {fast} vs {slow}: {secs[slow] / secs[fast]:.1f}x wall, "
-                f"{cpu[slow] / cpu[fast]:.1f}x CPU time (target >= 10x)"
-            )
+    print_totals(methods, secs, cpu, n_total)
 
 
 if __name__ == "__main__":

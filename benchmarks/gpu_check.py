@@ -37,25 +37,13 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from gpu_check_models import TEMPLATES, Shape, build, shapes
 
-TEMPLATES = [
-    "{}",
-    "The news today. {}",
-    "In the city of Paris. {}",
-    "He said that the. {}",
-    "A new study shows. {}",
-    "The company was founded. {}",
-    "Last year the team. {}",
-    "She wrote a book. {}",
-    "It was a long day. {}",
-    "The river flows through. {}",
-    "According to the report. {}",
-]
 REQUESTS = [
     ("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris"),
     ("The capital of {} is", "Japan", "Berlin", "Tokyo"),
@@ -69,110 +57,6 @@ def note(what: str) -> None:
     """Progress on stderr, so a slow phase shows where it is."""
     sys.stderr.write(f"[{time.perf_counter() - T0:7.1f} s] {what}\n")
     sys.stderr.flush()
-
-
-@dataclass
-class Shape:
-    name: str
-    arch: str  # gpt2 or gptj
-    preset: str
-    n_layer: int
-    width: int
-    n_head: int
-    vocab: int
-    dtype: torch.dtype
-    layer: int
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def shapes(small: bool) -> list[Shape]:
-    if small:
-        return [
-            Shape("gpt2-xl-shape (small)", "gpt2", "gpt2-xl", 6, 256, 4, 4096, torch.float32, 3),
-            Shape(
-                "gpt-j-6b-shape (small)",
-                "gptj",
-                "gpt-j-6b",
-                4,
-                256,
-                4,
-                4096,
-                torch.bfloat16,
-                2,
-                {"rotary_dim": 16},
-            ),
-        ]
-    return [
-        Shape("gpt2-xl-shape", "gpt2", "gpt2-xl", 48, 1600, 25, 50257, torch.float32, 17),
-        Shape(
-            "gpt-j-6b-shape",
-            "gptj",
-            "gpt-j-6b",
-            28,
-            4096,
-            16,
-            50400,
-            torch.bfloat16,
-            5,
-            {"rotary_dim": 64},
-        ),
-    ]
-
-
-def build(shape: Shape, device: torch.device):
-    """The model from its config, random weights, built on ``device`` in its dtype."""
-    from transformers import GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM
-
-    from rome.hparams import find_preset
-    from rome.models import LoadedModel
-    from rome.testing import tiny_tokenizer
-
-    tok = tiny_tokenizer()
-    common = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    config: Any
-    if shape.arch == "gpt2":
-        config = GPT2Config(
-            vocab_size=shape.vocab,
-            n_positions=1024,
-            n_embd=shape.width,
-            n_layer=shape.n_layer,
-            n_head=shape.n_head,
-            **common,
-        )
-        cls: Any = GPT2LMHeadModel
-    else:
-        config = GPTJConfig(
-            vocab_size=shape.vocab,
-            n_positions=2048,
-            n_embd=shape.width,
-            n_layer=shape.n_layer,
-            n_head=shape.n_head,
-            **shape.extra,
-            **common,
-        )
-        cls = GPTJForCausalLM
-    torch.manual_seed(0)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(shape.dtype)
-    try:
-        with device:
-            model = cls(config).eval()
-    finally:
-        torch.set_default_dtype(old)
-    preset = find_preset(shape.preset)
-    assert preset is not None
-    hp = preset.replace(
-        name=f"random-{shape.preset}",
-        model=f"random-{shape.preset}",
-        layer=shape.layer,
-        mom2_dataset="sampled",
-        mom2_n_samples=64,
-        mom2_max_len=64,
-        context_templates=TEMPLATES,
-        max_update_ratio=1e9,  # random weights: the safety limit is not the point here
-    )
-    tok.padding_side = "right"
-    return LoadedModel(model, tok, hp, hp.name, "random", device, shape.dtype)
 
 
 def texts(n: int, seed: int = 0) -> list[str]:
@@ -385,7 +269,7 @@ def replay_seconds(
     return {"seconds": time.perf_counter() - t0, "edits": done, "status": status}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
     ap.add_argument("--small", action="store_true", help="small shapes (for a CPU)")
@@ -395,28 +279,113 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cov-texts", type=int, default=None, help="texts for the covariance rate")
     ap.add_argument("--z-requests", type=int, default=None, help="z batch (100; 4 --small)")
     ap.add_argument("--json-out", type=Path, default=None)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+@dataclass
+class Sizes:
+    """How much work each phase does: the flags, else the defaults of the device."""
+
+    device: torch.device
+    on_gpu: bool
+    cpu_small: bool
+    n_cov: int
+    n_cov16: int
+    n_edits: int
+    n_replay: int
+    steps: int | None
+    batch_tokens: int
+    n_z: int
+
+
+def sizes(args: argparse.Namespace, device: torch.device) -> Sizes:
+    on_gpu = device.type == "cuda"
+    n_cov = args.cov_texts or (512 if on_gpu else 48)
+    # On a CPU (--small) the same code runs on less work: bf16 matmuls without
+    # avx512_bf16 are some 50x slower than fp32 there, so bf16 gets a token run.
+    cpu_small = args.small and not on_gpu
+    return Sizes(
+        device=device,
+        on_gpu=on_gpu,
+        cpu_small=cpu_small,
+        n_cov=n_cov,
+        n_cov16=max(4, n_cov // 12) if cpu_small else n_cov,
+        n_edits=args.edits or (1 if cpu_small else 3),
+        n_replay=args.replay_edits or (5 if cpu_small else 20),
+        steps=args.steps or (5 if cpu_small else None),
+        batch_tokens=16384 if on_gpu else 2048,
+        n_z=args.z_requests or (4 if cpu_small else 100),
+    )
+
+
+def timed_edits(lm, shape: Shape, sz: Sizes, entry: dict[str, Any]) -> torch.Tensor:
+    """Covariance rates, then the edits of each run, their identity asserted; returns the
+    (well-conditioned) covariance the edits used."""
+    note(f"{shape.name}: covariance")
+    rate32, ms = covariance_rate(lm, "float32", sz.n_cov, sz.batch_tokens)
+    rate16, _ = covariance_rate(lm, "bf16", sz.n_cov16, sz.batch_tokens)
+    entry["cov_tokens_per_s"] = {"float32": rate32, "bf16": rate16}
+    c = ms.mean()
+    c = c + 1e-3 * float(c.diagonal().mean()) * torch.eye(c.shape[0])  # well conditioned
+    runs = (
+        {"bf16 weights": None}
+        if shape.dtype == torch.bfloat16
+        else {"fp32": None, "bf16 autocast": "bf16"}
+    )
+    entry["edits"] = {}
+    for label, ac in runs.items():
+        note(f"{shape.name}: edits ({label})")
+        entry["edits"][label] = edits(lm, ac, c, sz.n_edits, sz.steps)
+    for label, e in entry["edits"].items():
+        tol = 1e-4 if label == "fp32" else 2e-2
+        assert e["identity_rel_err"] < tol, (
+            f"{shape.name} {label}: (W+dW)k_v + b != v* ({e['identity_rel_err']:.2e})"
+        )
+    return c
+
+
+def check_shape(shape: Shape, sz: Sizes, first: bool) -> dict[str, Any]:
+    """Every figure of one model shape (the replay on the first shape only)."""
+    t0 = time.perf_counter()
+    note(f"{shape.name}: building")
+    lm = build(shape, sz.device)
+    entry: dict[str, Any] = {
+        "layers": shape.n_layer,
+        "width": shape.width,
+        "dtype": str(shape.dtype).replace("torch.", ""),
+        "layer": shape.layer,
+        "params_M": sum(p.numel() for p in lm.model.parameters()) / 1e6,
+        "build_s": time.perf_counter() - t0,
+    }
+    c = timed_edits(lm, shape, sz, entry)
+    note(f"{shape.name}: z for {sz.n_z} requests (the two levers)")
+    entry["z"] = z_levers(lm, sz.n_z, min(sz.n_z, 2 if sz.cpu_small else 10), sz.steps)
+    if first:
+        note(f"{shape.name}: a {sz.n_replay}-edit replay")
+        entry["replay"] = replay_seconds(lm, c, sz.n_replay, 16 if sz.on_gpu else 4, sz.steps)
+    if sz.on_gpu:
+        entry["peak_gib"] = torch.cuda.max_memory_allocated(sz.device) / 2**30
+    return entry
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     os.environ.setdefault("ROME_WORKBENCH_CACHE", tempfile.mkdtemp(prefix="gpu_check_"))
 
     from rome.devices import resolve_device
 
     device = resolve_device(args.device)
-    on_gpu = device.type == "cuda"
-    if on_gpu:
+    sz = sizes(args, device)
+    if sz.on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
-    n_cov = args.cov_texts or (512 if on_gpu else 48)
-    # On a CPU (--small) the same code runs on less work: bf16 matmuls without
-    # avx512_bf16 are some 50x slower than fp32 there, so bf16 gets a token run.
-    cpu_small = args.small and not on_gpu
-    n_edits = args.edits or (1 if cpu_small else 3)
-    n_replay = args.replay_edits or (5 if cpu_small else 20)
-    steps = args.steps or (5 if cpu_small else None)
-    n_cov16 = max(4, n_cov // 12) if cpu_small else n_cov
-    batch_tokens = 16384 if on_gpu else 2048
     t_start = time.perf_counter()
     report: dict[str, Any] = {"device": str(device), "small": args.small, "models": {}}
-    report["settings"] = {"edits_per_mode": n_edits, "replay_edits": n_replay, "v_steps": steps}
-    if on_gpu:
+    report["settings"] = {
+        "edits_per_mode": sz.n_edits,
+        "replay_edits": sz.n_replay,
+        "v_steps": sz.steps,
+    }
+    if sz.on_gpu:
         report["gpu"] = torch.cuda.get_device_name(device)
 
     note("tiny-gpt2: device vs CPU")
@@ -426,48 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         assert agree < 1e-4, f"device and CPU disagree on tiny-gpt2: {agree:.2e}"
 
     for i, shape in enumerate(shapes(args.small)):
-        t0 = time.perf_counter()
-        note(f"{shape.name}: building")
-        lm = build(shape, device)
-        entry: dict[str, Any] = {
-            "layers": shape.n_layer,
-            "width": shape.width,
-            "dtype": str(shape.dtype).replace("torch.", ""),
-            "layer": shape.layer,
-            "params_M": sum(p.numel() for p in lm.model.parameters()) / 1e6,
-            "build_s": time.perf_counter() - t0,
-        }
-        note(f"{shape.name}: covariance")
-        rate32, ms = covariance_rate(lm, "float32", n_cov, batch_tokens)
-        rate16, _ = covariance_rate(lm, "bf16", n_cov16, batch_tokens)
-        entry["cov_tokens_per_s"] = {"float32": rate32, "bf16": rate16}
-        c = ms.mean()
-        c = c + 1e-3 * float(c.diagonal().mean()) * torch.eye(c.shape[0])  # well conditioned
-        runs = (
-            {"bf16 weights": None}
-            if shape.dtype == torch.bfloat16
-            else {"fp32": None, "bf16 autocast": "bf16"}
-        )
-        entry["edits"] = {}
-        for label, ac in runs.items():
-            note(f"{shape.name}: edits ({label})")
-            entry["edits"][label] = edits(lm, ac, c, n_edits, steps)
-        for label, e in entry["edits"].items():
-            tol = 1e-4 if label == "fp32" else 2e-2
-            assert e["identity_rel_err"] < tol, (
-                f"{shape.name} {label}: (W+dW)k_v + b != v* ({e['identity_rel_err']:.2e})"
-            )
-        n_z = args.z_requests or (4 if cpu_small else 100)
-        note(f"{shape.name}: z for {n_z} requests (the two levers)")
-        entry["z"] = z_levers(lm, n_z, min(n_z, 2 if cpu_small else 10), steps)
-        if i == 0:
-            note(f"{shape.name}: a {n_replay}-edit replay")
-            entry["replay"] = replay_seconds(lm, c, n_replay, 16 if on_gpu else 4, steps)
-        if on_gpu:
-            entry["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        report["models"][shape.name] = entry
-        del lm
-        if on_gpu:
+        report["models"][shape.name] = check_shape(shape, sz, i == 0)
+        if sz.on_gpu:
             torch.cuda.empty_cache()
     report["total_s"] = time.perf_counter() - t_start
     print_table(report)

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -94,7 +95,7 @@ def started(proc: subprocess.Popen[str], lines: list[str]) -> threading.Event:
     return ready
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--n", type=int, default=40, help="edits in the replay")
@@ -106,78 +107,114 @@ def main() -> None:
         help="seconds after the replay starts editing before a kill, at most "
         "(default: the time of two edits in the uninterrupted run)",
     )
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def launch(db: Path, n: int, resume: str | None, env: dict[str, str]) -> subprocess.Popen[str]:
+    """A replay into ``db`` (resuming ``resume`` if given), its stderr piped."""
+    return subprocess.Popen(
+        replay_cmd(db, n, resume),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@dataclass
+class Soak:
+    """What the killed-and-resumed replay went through."""
+
+    kills: int = 0
+    resumes: int = 0
+    stored_at_kill: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def uninterrupted(db: Path, n: int, env: dict[str, str]) -> tuple[float, float, str]:
+    """The reference replay: its seconds in all, its seconds from the start of editing,
+    and its run id. Exits with its stderr's tail if it fails."""
+    t0 = time.perf_counter()
+    ref = launch(db, n, None, env)
+    ref_lines: list[str] = []
+    started(ref, ref_lines).wait()
+    work_t0 = time.perf_counter()
+    if ref.wait() != 0:
+        sys.exit(f"the uninterrupted replay failed: {''.join(ref_lines)[-500:]}")
+    ref_s, work_s = time.perf_counter() - t0, time.perf_counter() - work_t0
+    ref_id = run_id_in(db)
+    assert ref_id is not None
+    return ref_s, work_s, ref_id
+
+
+def soak(
+    db: Path, n: int, n_kills: int, max_delay: float, rng: random.Random, env: dict[str, str]
+) -> Soak:
+    """Start (or resume) the replay, SIGKILL it at a random moment after it starts editing,
+    ``n_kills`` times, then let it finish. Exits if the last resume fails."""
+    out, t0 = Soak(), time.perf_counter()
+    while True:
+        run_id = run_id_in(db)
+        proc = launch(db, n, run_id, env)
+        lines: list[str] = []
+        ready = started(proc, lines)
+        out.resumes += run_id is not None
+        if out.kills < n_kills:
+            ready.wait()
+            try:
+                proc.wait(timeout=rng.uniform(0.0, max_delay))
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                out.kills += 1
+                out.stored_at_kill.append(edits_in(db))
+                continue
+        proc.wait()
+        if proc.returncode == 0 and status_of(db) == "finished":
+            break
+        if proc.returncode != 0 and out.kills >= n_kills:
+            sys.exit(f"the last resume failed ({proc.returncode}): {''.join(lines)[-500:]}")
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def check(
+    ref_db: Path, ref_id: str, soak_db: Path, n: int, ran: Soak, max_delay: float, ref_s: float
+) -> bool:
+    """Print the checks and timings; True when every check holds."""
+    run_id = run_id_in(soak_db)
+    assert run_id is not None
+    with sqlite3.connect(soak_db) as conn:
+        seqs = [r[0] for r in conn.execute("SELECT seq FROM edits WHERE run_id = ?", (run_id,))]
+        integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
+        status = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
+    w_ref, fp_ref = final_weight(ref_db, ref_id)
+    w_soak, fp_soak = final_weight(soak_db, run_id)
+    once = sorted(seqs) == list(range(n))
+    same = torch.equal(w_ref, w_soak)
+    soak_s = ran.seconds
+    print(f"kills {ran.kills}, resumes {ran.resumes}, run status {status}")
+    print(f"edits stored when each kill landed: {ran.stored_at_kill}")
+    print(f"edits stored {len(seqs)} of {n}, each exactly once: {once}")
+    print(f"PRAGMA integrity_check: {integrity}")
+    print(f"final weights torch.equal to the uninterrupted run: {same}")
+    print(f"last fingerprints equal: {fp_ref == fp_soak}")
+    print(f"kill delay after the start of editing: 0 to {max_delay:.1f} s")
+    print(f"uninterrupted {ref_s:.1f} s, soak {soak_s:.1f} s ({soak_s / ref_s:.1f}x)")
+    return once and same and integrity == "ok" and fp_ref == fp_soak
+
+
+def main() -> None:
+    args = parse_args()
     rng = random.Random(args.seed)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         env.setdefault("ROME_WORKBENCH_CACHE", str(Path(tmp) / "cache"))
         ref_db, soak_db = Path(tmp) / "ref.db", Path(tmp) / "soak.db"
-        t0 = time.perf_counter()
-        ref = subprocess.Popen(
-            replay_cmd(ref_db, args.n, None),
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        ref_lines: list[str] = []
-        started(ref, ref_lines).wait()
-        work_t0 = time.perf_counter()
-        if ref.wait() != 0:
-            sys.exit(f"the uninterrupted replay failed: {''.join(ref_lines)[-500:]}")
-        ref_s, work_s = time.perf_counter() - t0, time.perf_counter() - work_t0
-        ref_id = run_id_in(ref_db)
-        assert ref_id is not None
+        ref_s, work_s, ref_id = uninterrupted(ref_db, args.n, env)
         max_delay = args.max_delay or 2 * work_s / args.n
-        kills, resumes, t0 = 0, 0, time.perf_counter()
-        stored_at_kill: list[int] = []
-        while True:
-            run_id = run_id_in(soak_db)
-            proc = subprocess.Popen(
-                replay_cmd(soak_db, args.n, run_id),
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            lines: list[str] = []
-            ready = started(proc, lines)
-            resumes += run_id is not None
-            if kills < args.kills:
-                ready.wait()
-                try:
-                    proc.wait(timeout=rng.uniform(0.0, max_delay))
-                except subprocess.TimeoutExpired:
-                    proc.send_signal(signal.SIGKILL)
-                    proc.wait()
-                    kills += 1
-                    stored_at_kill.append(edits_in(soak_db))
-                    continue
-            proc.wait()
-            if proc.returncode == 0 and status_of(soak_db) == "finished":
-                break
-            if proc.returncode != 0 and kills >= args.kills:
-                sys.exit(f"the last resume failed ({proc.returncode}): {''.join(lines)[-500:]}")
-        soak_s = time.perf_counter() - t0
-        run_id = run_id_in(soak_db)
-        assert run_id is not None
-        with sqlite3.connect(soak_db) as conn:
-            seqs = [r[0] for r in conn.execute("SELECT seq FROM edits WHERE run_id = ?", (run_id,))]
-            integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
-            status = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
-        w_ref, fp_ref = final_weight(ref_db, ref_id)
-        w_soak, fp_soak = final_weight(soak_db, run_id)
-        once = sorted(seqs) == list(range(args.n))
-        same = torch.equal(w_ref, w_soak)
-        print(f"kills {kills}, resumes {resumes}, run status {status}")
-        print(f"edits stored when each kill landed: {stored_at_kill}")
-        print(f"edits stored {len(seqs)} of {args.n}, each exactly once: {once}")
-        print(f"PRAGMA integrity_check: {integrity}")
-        print(f"final weights torch.equal to the uninterrupted run: {same}")
-        print(f"last fingerprints equal: {fp_ref == fp_soak}")
-        print(f"kill delay after the start of editing: 0 to {max_delay:.1f} s")
-        print(f"uninterrupted {ref_s:.1f} s, soak {soak_s:.1f} s ({soak_s / ref_s:.1f}x)")
-        if not (once and same and integrity == "ok" and fp_ref == fp_soak):
+        ran = soak(soak_db, args.n, args.kills, max_delay, rng, env)
+        if not check(ref_db, ref_id, soak_db, args.n, ran, max_delay, ref_s):
             sys.exit(1)
 
 

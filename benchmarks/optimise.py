@@ -80,7 +80,11 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-def main() -> None:
+PathSpec = tuple[str, str, int, list[EditRequest], EditHparams]  # label, path, batch, requests, hp
+Results = dict[str, tuple[float, list[VStar], int]]  # label: seconds compared, results, requests
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--n", type=int, default=16, help="requests for fast / reuse / batches")
@@ -101,24 +105,15 @@ def main() -> None:
     ap.add_argument(
         "--padded-batches", action="store_true", help="also each batch with padded rows"
     )
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    lm = load_model(args.model, device="cpu")
-    hp = lm.hparams
-    ed = Editor(lm.model, lm.tokenizer, hp)
-    templates = ed.templates()
-    reqs = [r.to_request() for r in load_counterfact("sample", limit=args.n).records]
+
+def plan(args: argparse.Namespace, hp: EditHparams, reqs: list[EditRequest]) -> list[PathSpec]:
+    """The paths to time, in the printed order; those given no requests left out."""
     batches = [int(b) for b in args.batches.split(",") if b]
-    print(
-        f"model {lm.name} ({lm.dtype}), layer {hp.layer}, {len(templates)} templates, "
-        f"{len(reqs)} requests, {hp.v_num_grad_steps} steps max, "
-        f"{torch.get_num_threads()} thread(s)"
-    )
-    run_path(lm, hp, reqs[:1], templates[:3], "reuse")  # warm-up
-
     padded = hp.replace(v_length_buckets=False)
     n_fast = len(reqs) if args.n_fast is None else args.n_fast
-    paths: list[tuple[str, str, int, list[EditRequest], EditHparams]] = [
+    paths: list[PathSpec] = [
         ("published", "published", 1, reqs[: args.n_published], hp),
         ("fast", "fast", 1, reqs[:n_fast], hp),
         ("reuse padded", "reuse", 1, reqs, padded),
@@ -129,20 +124,29 @@ def main() -> None:
         if args.padded_batches:
             paths.append((f"batch {b} padded", "reuse", b, reqs, padded))
         paths.append((f"reuse+batch {b}", "reuse", b, reqs, hp))
-    results: dict[str, tuple[float, list[VStar], int]] = {}
+    return paths
+
+
+def measure(
+    lm, paths: list[PathSpec], templates: list[str], clock: str
+) -> tuple[Results, dict[str, float]]:
+    """Each path run once: (the seconds ``clock`` compares, results, requests) per label, and
+    the wall seconds per request."""
+    results: Results = {}
     walls: dict[str, float] = {}
     for label, path, batch, rs, php in paths:
         wall, secs, out = run_path(lm, php, rs, templates, path, batch)
-        results[label] = (wall if args.clock == "wall" else secs, out, len(rs))
+        results[label] = (wall if clock == "wall" else secs, out, len(rs))
         walls[label] = wall / len(rs)
+    return results, walls
 
+
+def print_table(
+    tok, paths: list[PathSpec], templates: list[str], results: Results, walls: dict[str, float]
+) -> None:
+    """One row per path: speed, tokens per step, speed-ups and δ agreement."""
     pub = results["published"][1] if "published" in results else []
     fast = results["fast"][1] if "fast" in results else []
-    print(
-        f"\nseconds compared: {args.clock} (--clock). CPU seconds of this process\n"
-        "(time.process_time): with one thread a shared machine's load does not enter them;\n"
-        "with more threads use --clock wall on an otherwise idle machine"
-    )
     print(
         f"\n{'path':16s}{'requests':>9s}{'s/request':>11s}{'steps/s':>9s}{'tokens/step':>12s}"
         f"{'vs prev':>9s}{'vs publ.':>9s}{'max dδ publ.':>14s}{'max dδ fast':>13s}{'steps eq':>9s}"
@@ -156,11 +160,7 @@ def main() -> None:
         tps = (
             sum(
                 tokens_per_step(
-                    lm.tokenizer,
-                    rs[i : i + batch],
-                    templates,
-                    path == "reuse",
-                    php.v_length_buckets,
+                    tok, rs[i : i + batch], templates, path == "reuse", php.v_length_buckets
                 )
                 * len(rs[i : i + batch])
                 for i in range(0, n, batch)
@@ -182,6 +182,29 @@ def main() -> None:
             f"{walls[label]:11.2f}"
         )
         prev = per
+
+
+def main() -> None:
+    args = parse_args()
+    lm = load_model(args.model, device="cpu")
+    hp = lm.hparams
+    ed = Editor(lm.model, lm.tokenizer, hp)
+    templates = ed.templates()
+    reqs = [r.to_request() for r in load_counterfact("sample", limit=args.n).records]
+    paths = plan(args, hp, reqs)
+    print(
+        f"model {lm.name} ({lm.dtype}), layer {hp.layer}, {len(templates)} templates, "
+        f"{len(reqs)} requests, {hp.v_num_grad_steps} steps max, "
+        f"{torch.get_num_threads()} thread(s)"
+    )
+    run_path(lm, hp, reqs[:1], templates[:3], "reuse")  # warm-up
+    results, walls = measure(lm, paths, templates, args.clock)
+    print(
+        f"\nseconds compared: {args.clock} (--clock). CPU seconds of this process\n"
+        "(time.process_time): with one thread a shared machine's load does not enter them;\n"
+        "with more threads use --clock wall on an otherwise idle machine"
+    )
+    print_table(lm.tokenizer, paths, templates, results, walls)
     if args.edit:
         edit_times(lm, reqs[: args.n_published])
 

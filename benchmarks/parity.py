@@ -141,11 +141,9 @@ def _reference_hparams(
     return out
 
 
-def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Our update, keys and z; writes the reference's inputs into ``work``."""
-    import rome.methods
-    from rome import Editor, load_preset
-    from rome.methods.family import family_templates, moment
+def _our_hparams(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """(model, tokenizer, hparams, the method's options) as the flags ask."""
+    from rome import load_preset
 
     model, tok, hp = _model(args.model, args.seed)
     if args.method in NAS_MAIN and args.model == "smollm2-135m":
@@ -162,7 +160,61 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         options["nullspace_threshold"] = args.threshold
     if args.settings:  # the method's declared settings, as a JSON object
         options.update(json.loads(args.settings))
-    hp = hp.replace(**changes, v_stop="loss")
+    return model, tok, hp.replace(**changes, v_stop="loss"), options
+
+
+def _timed_edit(
+    ed: Any, method: Any, name: str, reqs: list[Any], options: dict[str, Any]
+) -> tuple[Any, list[Any], float, float]:
+    """The batch's edit with the solver spied on: (update, each layer's solve context,
+    CPU seconds, wall seconds)."""
+    seen: list[Any] = []
+    solve = method.solve
+
+    def spy(ctx: Any, lc: Any, settings: Any) -> Any:
+        seen.append(lc)
+        return solve(ctx, lc, settings)
+
+    method.solve = spy
+    try:
+        t0, w0 = time.process_time(), time.perf_counter()
+        upd = ed.edit(reqs, name, **options)
+        seconds, wall = time.process_time() - t0, time.perf_counter() - w0
+    finally:
+        del method.solve
+    return upd, seen, seconds, wall
+
+
+def _write_reference_inputs(
+    work: Path, name: str, model: Any, tok: Any, templates: Any, reqs: list[Any], hparams: Any
+) -> None:
+    """The model, the spec (templates, requests, the reference's hparams) into ``work``."""
+    model.save_pretrained(work / "model", safe_serialization=True)
+    tok.save_pretrained(work / "model")
+    spec = {
+        "method": name,
+        "templates": templates,
+        "requests": [
+            {
+                "case_id": i,
+                "prompt": r.prompt,
+                "subject": r.subject,
+                "target_new": {"str": r.target_new},
+            }
+            for i, r in enumerate(reqs)
+        ],
+        "hparams": hparams,
+    }
+    (work / "spec.json").write_text(json.dumps(spec, indent=1))
+
+
+def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Our update, keys and z; writes the reference's inputs into ``work``."""
+    import rome.methods
+    from rome import Editor
+    from rome.methods.family import family_templates, moment
+
+    model, tok, hp, options = _our_hparams(args)
     ed = Editor(model, tok, hp)
     reqs = batch_requests(args.n)
     templates = family_templates(ed)
@@ -174,38 +226,10 @@ def run_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         n_layers = len(model.get_submodule(hp.layers_module))
         hparams = _reference_hparams(hp, args.method, settings, n_layers, head_name(model))
         return ours_two_steps(args, work, ed, method, templates, c0, REQUESTS, hparams, options)
-    seen: list[Any] = []
-    solve = method.solve  # type: ignore[attr-defined]
-
-    def spy(ctx: Any, lc: Any, settings: Any) -> Any:
-        seen.append(lc)
-        return solve(ctx, lc, settings)
-
-    method.solve = spy  # type: ignore[attr-defined]
-    try:
-        t0, w0 = time.process_time(), time.perf_counter()
-        upd = ed.edit(reqs, args.method, **options)
-        seconds, wall = time.process_time() - t0, time.perf_counter() - w0
-    finally:
-        del method.solve  # type: ignore[attr-defined]
-    model.save_pretrained(work / "model", safe_serialization=True)
-    tok.save_pretrained(work / "model")
+    upd, seen, seconds, wall = _timed_edit(ed, method, args.method, reqs, options)
     n_layers = len(ed.model.get_submodule(hp.layers_module))
-    spec = {
-        "method": args.method,
-        "templates": templates,
-        "requests": [
-            {
-                "case_id": i,
-                "prompt": r.prompt,
-                "subject": r.subject,
-                "target_new": {"str": r.target_new},
-            }
-            for i, r in enumerate(reqs)
-        ],
-        "hparams": _reference_hparams(hp, args.method, settings, n_layers, head_name(model)),
-    }
-    (work / "spec.json").write_text(json.dumps(spec, indent=1))
+    hparams = _reference_hparams(hp, args.method, settings, n_layers, head_name(model))
+    _write_reference_inputs(work, args.method, model, tok, templates, reqs, hparams)
     torch.save({k: v.float().cpu() for k, v in c0.items()}, work / "c0.pt")
     return {
         "delta": {lu.layer: (lu.V.double() @ lu.U.double()).cpu() for lu in upd.layers},

@@ -22,6 +22,8 @@ RETENTION_TASK = "retention"
 #: the checkpoint task of the fluency probe (generation entropy in ``value``; the
 #: store names it too, as ``workbench.store.FLUENCY_TASK``)
 FLUENCY_TASK = "fluency"
+#: the checkpoint task of the held-out perplexity (its mean NLL in ``value``)
+PERPLEXITY_TASK = "perplexity"
 
 #: one line per protocol, for legends, table notes and help texts
 DESCRIPTIONS = {
@@ -35,6 +37,7 @@ __all__ = [
     "END_OF_STREAM",
     "FLUENCY_TASK",
     "IMMEDIATE",
+    "PERPLEXITY_TASK",
     "PROTOCOLS",
     "RETENTION",
     "RETENTION_TASK",

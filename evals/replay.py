@@ -1,9 +1,5 @@
 """Sequential replay: N CounterFact edits applied in order to one model, evaluated as it goes.
 
-(Over 500 lines: the loop and its resume checks read and write the same
-run state; the steps live in evals/steps.py, the probes in evals/probes.py,
-the run's figures in evals/figures.py.)
-
 ``replay`` is a generator of events (a CLI or a TUI consumes them). Every
 finished edit is committed to the store with its factors, the weight
 fingerprint after it, the CounterFact record it came from, its metrics before
@@ -15,22 +11,20 @@ the data the run was started on, and goes on from the next edit.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import signal
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rome import Editor, LoadedModel, RomeError
+from rome import Editor, LoadedModel
 from rome.errors import BadRequestError, UnsupportedArchitectureError
 from rome.hparams import EditHparams, method_preset
-from rome.methods import LayerUpdate, Update, get_method
+from rome.methods import Capabilities, get_method
 from rome.methods.alphaedit_state import start_from
 
-from .counterfact import CounterFactRecord
+from .counterfact import CounterFactRecord, LoadResult
 from .datasets import load_records
 from .events import (
     CheckpointDone,
@@ -42,10 +36,23 @@ from .events import (
 )
 from .figures import stored_figures
 from .flags import fluency_flag, norm_flag, perplexity_flag
-from .glue import evaluate_glue, load_glue
+from .glue import evaluate_glue
 from .metrics import aggregate, record_metrics
 from .probes import FLUENCY_PROMPTS, fluency, perplexity
-from .protocols import FLUENCY_TASK, RETENTION_TASK
+from .protocols import FLUENCY_TASK, PERPLEXITY_TASK, RETENTION_TASK
+from .resume import (
+    ReplayError,
+    ResumeRefused,
+    check_covariance,
+    check_extension,
+    check_same_data,
+    covariance_fingerprint,
+    dataset_fingerprint,
+    extend,
+    freeze_templates,
+    glue_fingerprint,
+    rebuild,
+)
 from .retention import first_edits, retention_checkpoint
 from .run_state import RunState, run_layers, run_options
 from .sink import ReplaySink, RunRow
@@ -72,35 +79,6 @@ __all__ = [
     "perplexity_flag",
     "replay",
 ]
-
-PERPLEXITY_TASK = "perplexity"
-
-
-class ReplayError(RomeError):
-    """A replay that cannot start or resume (wrong model, fingerprint mismatch...)."""
-
-
-class ResumeRefused(ReplayError):
-    """A resume refused before anything is written: the run is left as it was."""
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def dataset_fingerprint(records: Sequence[CounterFactRecord]) -> str:
-    """A hash of the records a run edits (their content, in order)."""
-    return _digest([r.to_dict() for r in records])
-
-
-def glue_fingerprint(cfg: ReplayConfig) -> str:
-    """A hash of the GLUE examples a run scores."""
-    return _digest(
-        {
-            t: [(e.idx, e.label, e.text) for e in load_glue(t, cfg.glue_dir, cfg.glue_limit)]
-            for t in cfg.glue_tasks
-        }
-    )
 
 
 def _record_of(data: dict[str, Any]) -> CounterFactRecord:
@@ -208,44 +186,6 @@ def _hparams_of(run: RunRow, lm: LoadedModel) -> EditHparams:
     return RunSpec.of(run).edit_hparams(lm.hparams)
 
 
-def _freeze_templates(store: ReplaySink, run: RunRow, ed: Editor) -> Editor:
-    """Store the context templates in use with a run that has none stored."""
-    hp = ed.hp.replace(context_templates=list(ed.templates()))
-    store.update_run(run.id, hparams=RunSpec.of(run).with_hparams(hp).to_dict())
-    ed.hp = hp
-    return ed
-
-
-def _check_covariance(store: ReplaySink, run: RunRow, ed: Editor, cfg: ReplayConfig) -> list[str]:
-    """Warn when the statistics here are not the ones the run started with (they are
-    sampled, so another machine may have others); a run without a record gets one."""
-    now = covariance_fingerprint(ed, cfg)
-    if cfg.covariance_fingerprint == now:
-        return []
-    if cfg.covariance_fingerprint is None:
-        cfg.covariance_fingerprint = now
-        stored = RunSpec.of(store.get_run(run.id)).with_replay(cfg)
-        store.update_run(run.id, hparams=stored.to_dict())
-        return [
-            "this run stored no covariance fingerprint; the statistics used from now on "
-            f"({now}) are recorded with it"
-        ]
-    return [
-        f"the covariance statistics differ from the ones this run started with "
-        f"({cfg.covariance_fingerprint} -> {now}); the next edits use these. To keep the "
-        "run's own, copy the statistics file of the machine it started on into this cache"
-    ]
-
-
-def covariance_fingerprint(ed: Editor, cfg: ReplayConfig) -> str:
-    """The fingerprint of the statistics of every layer the run edits (one layer: as before;
-    "" for a method that reads none: ``needs_c0`` false)."""
-    if not get_method(cfg.method).capabilities.needs_c0:
-        return ""
-    prints = [ed.caches.stats_fingerprint(layer) for layer in run_layers(ed, cfg)]
-    return prints[0] if len(prints) == 1 else _digest(prints)
-
-
 def _editor_for(lm: LoadedModel, hp: EditHparams, cfg: ReplayConfig) -> Editor:
     """The one editor of a replay (its caches: templates, covariance, method state)."""
     if cfg.batch_size < 1:
@@ -257,56 +197,6 @@ def _editor_for(lm: LoadedModel, hp: EditHparams, cfg: ReplayConfig) -> Editor:
         )
     hp = hp if cfg.layer is None else hp.replace(layer=cfg.layer)
     return Editor(lm.model, lm.tokenizer, hp, keep_undo=False)
-
-
-def _check_extension(run: RunRow, cfg: ReplayConfig, records: list[CounterFactRecord]) -> list[str]:
-    """Whether the run can go on to ``records``: the ones it edited must come first,
-    unchanged. Writes nothing (:func:`_extend` does, under the writer lock)."""
-    planned = cfg.n_edits
-    if len(records) <= planned:
-        raise BadRequestError(
-            f"{cfg.dataset!r} holds no usable records beyond the {planned} run {run.id} planned"
-        )
-    return _check_same_data(cfg, records[:planned])
-
-
-def _extend(
-    store: ReplaySink, run: RunRow, cfg: ReplayConfig, records: list[CounterFactRecord]
-) -> str:
-    """Plan the run's next records, with the status ``running``, in one transaction
-    (a run killed after it is resumable: never ``finished`` with edits to go)."""
-    planned = cfg.n_edits
-    cfg.n_edits = len(records)
-    cfg.dataset_fingerprint = dataset_fingerprint(records)
-    store.set_status(
-        run.id,
-        "running",
-        n_edits_planned=len(records),
-        hparams=RunSpec.of(store.get_run(run.id)).with_replay(cfg).to_dict(),
-    )
-    return f"run {run.id} extended from {planned} to {len(records)} edits"
-
-
-def _check_same_data(cfg: ReplayConfig, records: list[CounterFactRecord]) -> list[str]:
-    """Refuse a resume onto changed data; returns warnings for runs without fingerprints."""
-    notes = []
-    now = dataset_fingerprint(records)
-    if cfg.dataset_fingerprint is None:
-        notes.append("this run stored no dataset fingerprint; the records were not checked")
-    elif now != cfg.dataset_fingerprint:
-        raise ReplayError(
-            f"the CounterFact records in {cfg.dataset!r} changed since the run started "
-            f"(fingerprint {cfg.dataset_fingerprint} -> {now}); resume needs the same data"
-        )
-    if cfg.glue_fingerprint is not None:
-        glue_now = glue_fingerprint(cfg)
-        if glue_now != cfg.glue_fingerprint:
-            where = cfg.glue_dir or "the bundled subsets"
-            raise ReplayError(
-                f"the GLUE examples in {where} changed since the run started "
-                f"(fingerprint {cfg.glue_fingerprint} -> {glue_now}); resume needs the same data"
-            )
-    return notes
 
 
 def replay(
@@ -334,97 +224,180 @@ def replay(
         raise BadRequestError("extending a run needs the run to resume")
     if resume is not None:
         run = store.get_run(resume)
-        if run.model != lm.name:
-            raise ReplayError(f"run {run.id} was made with {run.model}, not {lm.name}")
-        cfg = _config_of(run)
-        hp = _hparams_of(run, lm)
-        if extend_to is not None and extend_to <= cfg.n_edits:
-            raise BadRequestError(
-                f"run {run.id} already plans {cfg.n_edits} edits; extend it to more than that"
-            )
+        cfg, hp = _resumable(run, lm, extend_to)
         if run.status == "finished" and not rescore_finished and extend_to is None:
             yield ReplayWarning(f"run {run.id} is already finished; nothing to do")
             yield ReplayFinished(run.id, "finished", stored_figures(store, run.id))
             return
-        ed = _editor_for(lm, hp, cfg)
-        if cfg.initial_state:
-            start_from(ed, cfg.method, cfg.initial_state, cfg.initial_state_sha256 or "")
-        if hp.context_templates is None:
-            ed = _freeze_templates(store, run, ed)
-            notes.append(
-                "this run stored no context templates (made before they were kept with "
-                "the run): the ones sampled here are used from now on and stored with it"
-            )
+        ed = _resumed_editor(store, run, lm, hp, cfg, notes)
     elif cfg is None:
         raise BadRequestError("replay needs a ReplayConfig or a run id to resume")
     else:
         hp = hparams or method_preset(lm.hparams, cfg.method)
-        ed = _editor_for(lm, hp, cfg)
-        method = get_method(cfg.method)
-        why = method.cannot_edit(ed.context(method), method.settings(ed.hp, run_options(cfg)))
-        if why is not None:  # refused before the run exists (UltraEdit on GPT-2)
-            raise UnsupportedArchitectureError(why)
-        if cfg.initial_state:  # refused here, before the run exists, when it does not fit
-            cfg.initial_state = str(Path(cfg.initial_state).expanduser().absolute())
-            cfg.initial_state_sha256 = start_from(ed, cfg.method, cfg.initial_state)
+        ed = _new_editor(lm, hp, cfg)
+    loaded = _load(lm, cfg, extend_to)
+    records = loaded.records
+    if resume is not None:
+        notes += _resume_notes(store, run, ed, cfg, records, extend_to)
+    else:
+        run = _create_run(store, lm, cfg, ed, hp, records)
+    state = _Run(lm, store, cfg, run.id, ed)
+    resuming, extending = resume is not None, resume is not None and extend_to is not None
+    yield from _locked(state, records, notes, resuming, extending, cancel, loaded.skipped)
+
+
+def _resumable(
+    run: RunRow, lm: LoadedModel, extend_to: int | None
+) -> tuple[ReplayConfig, EditHparams]:
+    """The settings and preset of a run to resume on ``lm`` (refused: another model, no
+    replay settings, an extension to no more edits than it plans)."""
+    if run.model != lm.name:
+        raise ReplayError(f"run {run.id} was made with {run.model}, not {lm.name}")
+    cfg = _config_of(run)
+    hp = _hparams_of(run, lm)
+    if extend_to is not None and extend_to <= cfg.n_edits:
+        raise BadRequestError(
+            f"run {run.id} already plans {cfg.n_edits} edits; extend it to more than that"
+        )
+    return cfg, hp
+
+
+def _resumed_editor(
+    store: ReplaySink,
+    run: RunRow,
+    lm: LoadedModel,
+    hp: EditHparams,
+    cfg: ReplayConfig,
+    notes: list[str],
+) -> Editor:
+    """The editor of a resumed run: its initial state put back, the templates it edits
+    with stored with it when it kept none (and a note of that in ``notes``)."""
+    ed = _editor_for(lm, hp, cfg)
+    if cfg.initial_state:
+        start_from(ed, cfg.method, cfg.initial_state, cfg.initial_state_sha256 or "")
+    if hp.context_templates is None:
+        ed = freeze_templates(store, run, ed)
+        notes.append(
+            "this run stored no context templates (made before they were kept with "
+            "the run): the ones sampled here are used from now on and stored with it"
+        )
+    return ed
+
+
+def _new_editor(lm: LoadedModel, hp: EditHparams, cfg: ReplayConfig) -> Editor:
+    """The editor of a new run; refused before the run exists where the method cannot edit
+    this model or the initial state does not fit (then kept as an absolute path and hash)."""
+    ed = _editor_for(lm, hp, cfg)
+    method = get_method(cfg.method)
+    why = method.cannot_edit(ed.context(method), method.settings(ed.hp, run_options(cfg)))
+    if why is not None:  # refused before the run exists (UltraEdit on GPT-2)
+        raise UnsupportedArchitectureError(why)
+    if cfg.initial_state:  # refused here, before the run exists, when it does not fit
+        cfg.initial_state = str(Path(cfg.initial_state).expanduser().absolute())
+        cfg.initial_state_sha256 = start_from(ed, cfg.method, cfg.initial_state)
+    return ed
+
+
+def _load(lm: LoadedModel, cfg: ReplayConfig, extend_to: int | None) -> LoadResult:
+    """The records the run edits (``extend_to`` of them when extending); none: refused."""
     loaded = load_records(
         cfg.dataset, extend_to or cfg.n_edits, lm.tokenizer, order_seed=cfg.order_seed
     )
-    records = loaded.records
-    total = len(records)
-    if total == 0:
+    if len(loaded.records) == 0:
         why = "; ".join(f"case {c}: {w}" for c, w in loaded.skipped[:3])
         raise BadRequestError(
             f"no usable {loaded.kind} records in {cfg.dataset!r}"
             + (f" ({len(loaded.skipped)} skipped; {why})" if why else "")
         )
-    if resume is not None:
-        if extend_to is not None:
-            notes += _check_extension(run, cfg, records)
-        else:
-            notes += _check_same_data(cfg, records)
-        notes += _check_covariance(store, run, ed, cfg)
-    else:
-        cfg.dataset_fingerprint = dataset_fingerprint(records)
-        cfg.glue_fingerprint = glue_fingerprint(cfg)
-        if ed.hp.context_templates is None:
-            # Sampled templates depend on the machine (thread count, BLAS): kept with the
-            # run, so a resume anywhere edits with the same ones.
-            ed.hp = ed.hp.replace(context_templates=ed.templates())
-        caps = get_method(cfg.method).capabilities
-        if caps.templates == "family" and ed.hp.family_context_templates is None:
-            from rome.methods.family.templates import family_templates
+    return loaded
 
-            ed.hp = ed.hp.replace(family_context_templates=family_templates(ed))
-        hp = ed.hp if cfg.layer is None else ed.hp.replace(layer=hp.layer)
-        cfg.covariance_fingerprint = covariance_fingerprint(ed, cfg)
-        run = store.create_run(
-            model=lm.name,
-            kind="replay",
-            mode=cfg.mode if caps.key_modes else cfg.method,
-            preset=hp.name,
-            hparams=RunSpec.new(hp, cfg).to_dict(),
-            data_source=cfg.dataset,
-            n_edits_planned=total,
-            glue_every=cfg.glue_every,
-            glue_tasks=list(cfg.glue_tasks),
-            glue_limit=cfg.glue_limit,
-            guard=cfg.guard,
-            base_fingerprint=ed.fingerprint(run_layers(ed, cfg)),
-        )
-    state = _Run(lm, store, cfg, run.id, ed)
-    with store.acquire_writer(run.id):
-        if resume is not None and extend_to is not None:
-            notes.append(_extend(store, run, cfg, records))
+
+def _resume_notes(
+    store: ReplaySink,
+    run: RunRow,
+    ed: Editor,
+    cfg: ReplayConfig,
+    records: list[CounterFactRecord],
+    extend_to: int | None,
+) -> list[str]:
+    """A resume's checks of its data and statistics: refused on changed data, else notes."""
+    if extend_to is not None:
+        notes = check_extension(run, cfg, records)
+    else:
+        notes = check_same_data(cfg, records)
+    return notes + check_covariance(store, run, ed, cfg)
+
+
+def _create_run(
+    store: ReplaySink,
+    lm: LoadedModel,
+    cfg: ReplayConfig,
+    ed: Editor,
+    hp: EditHparams,
+    records: list[CounterFactRecord],
+) -> RunRow:
+    """A new run in the store, with the fingerprints of its data and statistics and the
+    templates it edits with (``hp``: the preset before the run's ``layer``)."""
+    cfg.dataset_fingerprint = dataset_fingerprint(records)
+    cfg.glue_fingerprint = glue_fingerprint(cfg)
+    caps = _keep_templates(ed, cfg)
+    hp = ed.hp if cfg.layer is None else ed.hp.replace(layer=hp.layer)
+    cfg.covariance_fingerprint = covariance_fingerprint(ed, cfg)
+    return store.create_run(
+        model=lm.name,
+        kind="replay",
+        mode=cfg.mode if caps.key_modes else cfg.method,
+        preset=hp.name,
+        hparams=RunSpec.new(hp, cfg).to_dict(),
+        data_source=cfg.dataset,
+        n_edits_planned=len(records),
+        glue_every=cfg.glue_every,
+        glue_tasks=list(cfg.glue_tasks),
+        glue_limit=cfg.glue_limit,
+        guard=cfg.guard,
+        base_fingerprint=ed.fingerprint(run_layers(ed, cfg)),
+    )
+
+
+def _keep_templates(ed: Editor, cfg: ReplayConfig) -> Capabilities:
+    """Sample the templates a new run edits with into the editor's preset (kept with the
+    run); the method's capabilities."""
+    if ed.hp.context_templates is None:
+        # Sampled templates depend on the machine (thread count, BLAS): kept with the
+        # run, so a resume anywhere edits with the same ones.
+        ed.hp = ed.hp.replace(context_templates=ed.templates())
+    caps = get_method(cfg.method).capabilities
+    if caps.templates == "family" and ed.hp.family_context_templates is None:
+        from rome.methods.family.templates import family_templates
+
+        ed.hp = ed.hp.replace(family_context_templates=family_templates(ed))
+    return caps
+
+
+def _locked(
+    st: _Run,
+    records: list[CounterFactRecord],
+    notes: list[str],
+    resuming: bool,
+    extending: bool,
+    cancel: threading.Event,
+    skipped: list[Any],
+) -> Iterator[ReplayEvent]:
+    """The run driven under its writer lock (an extension planned first); a failure or
+    an interruption is stored as the run's status, a refused resume leaves it as it was."""
+    store, run_id = st.store, st.run_id
+    with store.acquire_writer(run_id):
+        if extending:
+            notes.append(extend(store, run_id, st.cfg, records))
         try:
             for note in notes:
                 yield ReplayWarning(note)
-            yield from _drive(state, records, total, resume is not None, cancel, loaded.skipped)
+            yield from _drive(st, records, len(records), resuming, cancel, skipped)
         except ResumeRefused:
             raise  # nothing was written: the run keeps its status
         except BaseException as exc:
             store.set_status(
-                run.id,
+                run_id,
                 "failed" if isinstance(exc, Exception) else "interrupted",
                 error=_stopped_by(exc),
             )
@@ -439,49 +412,6 @@ def _stopped_by(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return f"signal {int(signal.SIGINT)}"
     return type(exc).__name__
-
-
-def _rebuild(st: _Run) -> int:
-    """Apply the stored updates in order onto the base weights; the next seq to run."""
-    store, run_id = st.store, st.run_id
-    run = store.get_run(run_id)
-    if st.editor.fingerprint(st.layers) != run.base_fingerprint:
-        raise ResumeRefused("the loaded model is not the base model this run started from")
-    rho: float | None = None
-    keyed = st.method.stores_keys(st.method.settings(st.editor.hp, st.options))
-    for step in store.iter_steps(run_id):
-        if step.method != st.method.name:
-            raise ResumeRefused(
-                f"step {step.step} of run {run_id} was made by {step.method}, "
-                f"not {st.method.name}: the method's state does not match the run"
-            )
-        keyless = [x.layer for x in step.layers if keyed and x.keys is None]
-        if keyless:  # its Σ KKᵀ would be rebuilt short: later steps would differ
-            raise ResumeRefused(
-                f"step {step.step} of run {run_id} has no stored keys for layer(s) "
-                f"{', '.join(map(str, keyless))}: {st.method.name}'s carried state cannot "
-                "be rebuilt, so the run cannot resume onto the state it had"
-            )
-        layers = [LayerUpdate(x.layer, x.weight_name, x.U, x.V, x.keys) for x in step.layers]
-        st.editor.apply_step(Update(step.method, layers, []), force=True)
-        st.norms.append(float(step.edits[0].update_norm or 0.0))
-        rho = step.edits[-1].record.get("norm_anchor", rho)
-    if rho is not None:  # the ρ the earlier edits were anchored to, not a new calibration
-        st.editor.use_norm_anchor(st.layer, rho)
-    last = store.last_edit(run_id)
-    st.last_step_start = None if last is None else last.step_index
-    if last is not None and last.fingerprint != st.editor.fingerprint(st.layers):
-        raise ResumeRefused(
-            "rebuilt weights do not match the stored fingerprint of edit "
-            f"{last.seq}; the run cannot be resumed onto the same weights"
-        )
-    for c in store.checkpoints(run_id):
-        if c.step == 0 and c.task == FLUENCY_TASK:
-            st.base_fluency = c.value
-        if c.step == 0 and c.task == PERPLEXITY_TASK:
-            st.base_ppl = (c.extra or {}).get("perplexity")
-    store.set_status(run_id, "running")
-    return 0 if last is None else last.seq + 1
 
 
 def _expected(st: _Run, step: int) -> set[str]:
@@ -515,7 +445,7 @@ def _drive(
     kind = "zsRE" if records and isinstance(records[0], ZsreRecord) else "CounterFact"
     for case_id, why in skipped:
         yield ReplayWarning(f"skipped {kind} record {case_id}: {why}")
-    start = _rebuild(st) if resuming else 0
+    start = rebuild(st) if resuming else 0
     yield ReplayStarted(run_id, total, start)
     # A checkpoint killed or failed half-way, or never begun (a kill right after its
     # step's commit), lacks some rows: done again, on the weights it measures (the

@@ -18,19 +18,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rome import Editor, EditResult
-from rome.methods import Method, Update, options_of
+from rome import Editor
+from rome.methods import Update
 
 from .counterfact import CounterFactRecord
 from .events import EditDone
 from .flags import norm_flag
 from .metrics import record_metrics
+from .probe_after import score_applied, trial, without_trial
 from .run_state import RunState
-
-#: the setting of a method whose compute scores its update in a trial of its own (ROME's)
-PROBE_AFTER = "probe_after"
-#: what that trial fills in a rank-one result
-AFTER_KEYS = ("p_new_after", "p_true_after", "p_new_after_templated")
 
 
 def layer_drift(ed: Editor, layers: Sequence[int]) -> dict[str, Any]:
@@ -127,44 +123,6 @@ class StepFacts:
         )
 
 
-def without_trial(method: Method, options: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    """The run's options for ``method``'s compute, with its own trial off where it has
-    one (it declares ``probe_after``) and the run did not set it: the step scores its
-    probes after once it is applied (:func:`score_applied`) instead of adding and
-    restoring the update first. Also whether it did."""
-    declared = any(o.name == PROBE_AFTER for o in options_of(method.Settings))
-    if not declared or PROBE_AFTER in options:
-        return dict(options), False
-    return {**options, PROBE_AFTER: False}, True
-
-
-def score_applied(ed: Editor, upd: Update) -> None:
-    """Fill the probes after of each rank-one result of ``upd`` computed without a trial,
-    and its record, from the model as it is (``upd`` applied): what the trial measures,
-    on the same weights."""
-    for i, res in enumerate(upd.results):
-        if isinstance(res, EditResult) and math.isnan(res.p_new_after):
-            ed.score_applied(res)
-            if i < len(upd.records):
-                upd.records[i].update({k: getattr(res, k) for k in AFTER_KEYS})
-
-
-def trial_scores(ed: Editor, upd: Update) -> None:
-    """A refused step's probes after, as compute's trial scored them: its update added
-    for a moment (then put back bit for bit; a non-finite one is not added: NaN)."""
-    if not all(bool(lu.U.isfinite().all() and lu.V.isfinite().all()) for lu in upd.layers):
-        return
-    keep, ed.keep_undo = ed.keep_undo, True  # a replay's editor keeps no undo copies
-    try:
-        ed.apply_step(upd, force=True)
-        try:
-            score_applied(ed, upd)
-        finally:
-            ed.undo()
-    finally:
-        ed.keep_undo = keep
-
-
 def _pre(m: Any) -> dict[str, Any]:
     """The ``pre`` metrics stored with a request (no generations)."""
     return {k: v for k, v in m.as_dict().items() if k != "generations"}
@@ -186,50 +144,91 @@ def edit_step(
 ) -> list[EditDone]:
     """Edit ``recs`` as one step of the run's method starting at ``first_seq``; store it
     whole; one event per request."""
-    ed, cfg, layers, norms = st.editor, st.cfg, st.layers, st.norms
+    ed, layers = st.editor, st.layers
     t0 = time.perf_counter()
     model, tok = st.lm.model, st.lm.tokenizer
-    pre = [record_metrics(model, tok, r) for r in recs] if cfg.pre_metrics else None
+    pre = [record_metrics(model, tok, r) for r in recs] if st.cfg.pre_metrics else None
     t_pre = time.perf_counter() - t0
     options, untried = without_trial(st.method, st.options)
     upd = ed.edit([r.to_request() for r in recs], st.method.name, **options)
     t_edit = time.perf_counter() - t0 - t_pre
     single = in_row(upd, len(recs))
     first = upd.records[0] if upd.records else {}
+    norm, ratio, flag, refused = _judge_and_write(st, upd, first, single, untried)
+    t1 = time.perf_counter()
+    posts = [record_metrics(model, tok, r, generation=st.cfg.generation_metrics) for r in recs]
+    drift = layer_drift(ed, layers)
+    if len(layers) == 1:
+        drift.pop("layers")
+    timings = dict(first.get("timings") or {}) if single else {}
+    timings.update(edit=t_edit, pre_metrics=t_pre, post_metrics=time.perf_counter() - t1)
+    fingerprint = ed.fingerprint(layers)
+    facts = _facts(upd, first, single, norm, ratio, flag, refused, fingerprint, drift, timings)
+    rows, metrics_all = _rows(st, upd, facts, first_seq, recs, posts, pre, drift)
+    stored = upd.layers if not refused and not single else []
+    st.store.add_step(st.run_id, first_seq, rows, stored)
+    seconds = (time.perf_counter() - t0) / len(recs)
+    return [
+        facts.event(first_seq + i, total, rec, metrics_all[i], seconds)
+        for i, rec in enumerate(recs)
+    ]
+
+
+def _judge_and_write(
+    st: RunState, upd: Update, first: dict[str, Any], single: bool, untried: bool
+) -> tuple[float, float, str | None, bool]:
+    """The step's norm, its ratio to the norm of the weights it writes (before it), why
+    it is flagged (the run's norm rule, or unsafe), and whether it is refused (unsafe, or
+    flagged under the run's guard). Unless refused, the step is written (the step's one
+    write of each edited weight) and its probes after scored on it; a refused step's
+    probes after are scored in a trial."""
+    ed, cfg = st.editor, st.cfg
     # a method that states its rank-one norm in its record (ROME's float32 ‖u‖‖v‖) keeps it
     norm = float(first["update_norm"]) if single and "update_norm" in first else upd.norm
-    w_norm = math.sqrt(sum(ed.weight_norm(lu) ** 2 for lu in upd.layers)) or weight_norm(ed, layers)
-    reason = norm_flag(norm, norms, cfg)
+    w_norm = math.sqrt(sum(ed.weight_norm(lu) ** 2 for lu in upd.layers))
+    w_norm = w_norm or weight_norm(ed, st.layers)
+    reason = norm_flag(norm, st.norms, cfg)
     unsafe = upd.unsafe_reason or ed.update_unsafe_reason(upd)
     refused = unsafe or (reason if cfg.guard and reason else None)
     if refused is None:
         ed.apply_step(upd, force=True)  # the step's one write of each edited weight
-        norms.append(norm)
+        st.norms.append(norm)
         if untried:
             score_applied(ed, upd)
     elif untried:
-        trial_scores(ed, upd)
-    t1 = time.perf_counter()
-    posts = [record_metrics(model, tok, r, generation=cfg.generation_metrics) for r in recs]
-    drift = layer_drift(ed, layers)
-    if len(layers) == 1:
-        drift.pop("layers")
+        trial(ed, upd, lambda: None)
+    ratio = norm / w_norm if w_norm else math.inf
+    return norm, ratio, reason or unsafe, refused is not None
+
+
+def _facts(
+    upd: Update,
+    first: dict[str, Any],
+    single: bool,
+    norm: float,
+    ratio: float,
+    flag: str | None,
+    refused: bool,
+    fingerprint: str,
+    drift: dict[str, Any],
+    timings: dict[str, Any],
+) -> StepFacts:
+    """What the step did, the same for each request; a rank-one step (``single``) keeps
+    its ``u``, ``v``, denominator and cos(k*, k(s)) in its row."""
     last = upd.layers[-1]
-    timings = dict(first.get("timings") or {}) if single else {}
-    timings.update(edit=t_edit, pre_metrics=t_pre, post_metrics=time.perf_counter() - t1)
     extra: dict[str, Any] = {
         k: first[k] for k in ("denominator", "cos_kstar_ks") if single and k in first
     }
-    facts = StepFacts(
+    return StepFacts(
         method=upd.method,
         mode=upd.mode,
         layer=last.layer,
         weight_name=last.weight_name,
         update_norm=norm,
-        update_norm_ratio=norm / w_norm if w_norm else math.inf,
-        flag=reason or unsafe,
-        refused=refused is not None,
-        fingerprint=ed.fingerprint(layers),
+        update_norm_ratio=ratio,
+        flag=flag,
+        refused=refused,
+        fingerprint=fingerprint,
         w_delta_norm=drift["w_delta_norm"],
         w_norm_ratio=drift["w_norm_ratio"],
         timings=timings,
@@ -237,14 +236,6 @@ def edit_step(
         cos_kstar_ks=extra.get("cos_kstar_ks"),
         denominator=extra.get("denominator"),
     )
-    rows, metrics_all = _rows(st, upd, facts, first_seq, recs, posts, pre, drift)
-    stored = upd.layers if refused is None and not single else []
-    st.store.add_step(st.run_id, first_seq, rows, stored)
-    seconds = (time.perf_counter() - t0) / len(recs)
-    return [
-        facts.event(first_seq + i, total, rec, metrics_all[i], seconds)
-        for i, rec in enumerate(recs)
-    ]
 
 
 def _rows(

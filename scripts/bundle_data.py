@@ -35,21 +35,18 @@ from rome.templates import sample_templates
 LAYERS = (3, 4, 5, 6, 7)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--out", default=str(Path(__file__).parents[1] / "rome" / "bundled"))
     ap.add_argument("--family-templates", help="JSON list of the family's six templates")
     ap.add_argument("--family-settings", help="JSON object: the settings they were made with")
-    args = ap.parse_args()
-    lm = load_model(args.model)
+    return ap.parse_args()
+
+
+def write_templates(lm, folder: Path, index: dict, args: argparse.Namespace) -> None:
+    """ROME's sampled templates (and the family's, if given) into ``folder`` and ``index``."""
     hp = lm.hparams
-    key = slug(hp.model)
-    folder = Path(args.out) / key
-    folder.mkdir(parents=True, exist_ok=True)
-    index_path = folder / "index.json"
-    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
-    index.update(model_key=key, model=hp.model, preset=hp.name)
     templates = index.setdefault("templates", {})
     t0 = time.perf_counter()
     rome_t = sample_templates(
@@ -68,7 +65,12 @@ def main() -> None:
             "file": "templates_family.json",
             "settings": json.loads(args.family_settings),
         }
-    index_path.write_text(json.dumps(index, indent=1))
+
+
+def write_stats(lm, folder: Path, key: str, index: dict) -> float:
+    """The second moment of every layer of :data:`LAYERS`, from one pass over the corpus,
+    into ``folder`` and ``index``; returns the seconds of that pass."""
+    hp = lm.hparams
     modules = [hp.weight_module(layer) for layer in LAYERS]
     t0 = time.perf_counter()
     texts = cov.corpus_texts(
@@ -92,12 +94,6 @@ def main() -> None:
     settings = stats_settings(
         hp.mom2_dataset, hp.mom2_n_samples, hp.mom2_max_len, hp.mom2_dtype, hp.template_seed
     )
-    depends = [
-        n
-        for n, _ in lm.model.named_parameters()
-        if n.startswith("model.embed_tokens")
-        or any(n.startswith(f"model.layers.{i}.") for i in range(max(LAYERS) + 1))
-    ]
     stats_index = index.setdefault("stats", {})
     for layer, name in zip(LAYERS, modules, strict=True):
         meta = cov.stats_meta(
@@ -114,7 +110,18 @@ def main() -> None:
         meta.extra["made_by"] = "scripts/bundle_data.py (one pass over layers 3-7)"
         st = cov.SecondMoment(sums[name].mean(), meta)
         stats_index[name] = write_bundled_stats(folder, st, settings)
-    index["made_with"] = {
+    return seconds
+
+
+def made_with(lm, seconds: float) -> dict:
+    """The versions, threads, seconds and the fingerprint of the weights the stats depend on."""
+    depends = [
+        n
+        for n, _ in lm.model.named_parameters()
+        if n.startswith("model.embed_tokens")
+        or any(n.startswith(f"model.layers.{i}.") for i in range(max(LAYERS) + 1))
+    ]
+    return {
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
@@ -124,6 +131,22 @@ def main() -> None:
         "weights_fingerprint_of": "model.embed_tokens and model.layers.0-7 (what the keys of "
         "layers 3-7 depend on), rome.bundle.weights_fingerprint",
     }
+
+
+def main() -> None:
+    args = parse_args()
+    lm = load_model(args.model)
+    hp = lm.hparams
+    key = slug(hp.model)
+    folder = Path(args.out) / key
+    folder.mkdir(parents=True, exist_ok=True)
+    index_path = folder / "index.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    index.update(model_key=key, model=hp.model, preset=hp.name)
+    write_templates(lm, folder, index, args)
+    index_path.write_text(json.dumps(index, indent=1))
+    seconds = write_stats(lm, folder, key, index)
+    index["made_with"] = made_with(lm, seconds)
     index_path.write_text(json.dumps(index, indent=1))
     print("wrote", folder)
 

@@ -35,3 +35,18 @@ def tiny_gpt2():
     from rome import load_model
 
     return load_model("tiny-gpt2")
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    """A fresh store file's path (the store's test modules)."""
+    return tmp_path / "wb.db"
+
+
+@pytest.fixture
+def store(db_path: Path):
+    """An open store on ``db_path``, closed after the test."""
+    from workbench.store import Store
+
+    with Store.open(db_path) as s:
+        yield s

@@ -176,9 +176,8 @@ async def test_the_apps_edit_tab_lists_computes_applies_and_undoes_it(tmp_path, 
     """In the app itself (Pilot): the method list offers it (read from the registry when
     the form is made), F5 computes it, F7 applies it, History lists it, F8 undoes it."""
     pytest.importorskip("textual")
-    from test_tui import SIZE, text_of
     from textual.widgets import DataTable, Select
-    from tui_helpers import settle, wait_idle
+    from tui_helpers import SIZE, settle, text_of, wait_idle
 
     from workbench.tui.app import WorkbenchApp
 

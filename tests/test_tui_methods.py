@@ -1,7 +1,7 @@
 """The app's methods: MEMIT, EMMET and AlphaEdit chosen in the Edit tab and compared
 beside ROME's key modes, driven with Pilot on the tiny random GPT-2 (real models)."""
 
-# ruff: noqa: F811  (the fixtures imported from test_tui are used as arguments)
+# ruff: noqa: F811  (the fixtures imported from tui_helpers are used as arguments)
 from __future__ import annotations
 
 import math
@@ -14,9 +14,8 @@ import torch
 pytest.importorskip("textual")
 pytest.importorskip("textual_plotext")
 
-from test_tui import SIZE, app_factory, cache_dir, text_of  # noqa: E402, F401
 from textual.widgets import DataTable, Input, Select  # noqa: E402
-from tui_helpers import settle, wait_idle  # noqa: E402
+from tui_helpers import SIZE, app_factory, cache_dir, settle, text_of, wait_idle  # noqa: E402, F401
 
 from workbench.core.forms import FORM_METHODS, EditForm, field_errors  # noqa: E402
 from workbench.core.session import NotReapplicableError  # noqa: E402

@@ -5,7 +5,7 @@ model is loaded; tab keys that work in a text field; Apply after Compare without
 recomputing; "Save model…"; store reads off the UI thread; bindings described.
 """
 
-# ruff: noqa: F811  (the fixtures imported from test_tui are used as arguments)
+# ruff: noqa: F811  (the fixtures imported from tui_helpers are used as arguments)
 from __future__ import annotations
 
 import logging
@@ -18,9 +18,8 @@ import pytest
 pytest.importorskip("textual")
 pytest.importorskip("textual_plotext")
 
-from test_tui import SIZE, app_factory, cache_dir, text_of  # noqa: E402, F401
 from textual.widgets import Input, Select  # noqa: E402
-from tui_helpers import settle, wait_idle  # noqa: E402
+from tui_helpers import SIZE, app_factory, cache_dir, settle, text_of, wait_idle  # noqa: E402, F401
 
 from workbench.store import Store  # noqa: E402
 from workbench.tui.app import WorkbenchApp  # noqa: E402

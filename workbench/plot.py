@@ -96,65 +96,112 @@ def plot_runs(
     rescores: dict[str, list[Rescore]] = {r.id: store.rescores(r.id) for r in runs}
 
     panels, tasks = plot_panels(checkpoints, edits, rescores)
-
-    ncols = min(3, len(panels)) if len(panels) != 4 else 2
-    nrows = math.ceil(len(panels) / ncols)
-    width = max(7.0, 5.0 * ncols)
-    fig = Figure(figsize=(width, 3.5 * nrows + 0.8), dpi=dpi, layout="constrained")
-    FigureCanvasAgg(fig)
-    axes_grid = fig.subplots(nrows, ncols, squeeze=False)
-    flat: list[Axes] = [ax for row in axes_grid for ax in row]
-    for ax in flat[len(panels) :]:
-        ax.remove()
-
+    fig, flat, width = _figure(len(panels), dpi)
     colours = [f"C{i % 10}" for i in range(len(runs))]
-    max_x = 1
-    for run in runs:
-        for c in checkpoints[run.id]:
-            max_x = max(max_x, c.step)
-        for e in edits[run.id]:
-            max_x = max(max_x, e.seq + 1)
+    max_x = _last_step(runs, checkpoints, edits)
 
     any_flagged = False
     any_refused = False
     for ax, panel in zip(flat, panels, strict=False):
         if panel == "norm":
             any_flagged, any_refused = _norm_panel(ax, runs, edits, colours)
-        elif panel == "drift":
-            _drift_panel(ax, runs, edits, colours, "w_delta_norm")
-        elif panel == "ratio":
-            _drift_panel(ax, runs, edits, colours, "w_norm_ratio")
-        elif panel == PERPLEXITY_TASK:
-            _perplexity_panel(ax, runs, checkpoints, colours)
-        elif panel == FLUENCY_TASK:
-            _fluency_panel(ax, runs, checkpoints, colours)
-        elif panel == RETENTION_TASK:
-            _retention_panel(ax, runs, checkpoints, colours)
-        elif panel == SURVIVAL:
-            _survival_panel(ax, runs, rescores, colours)
         else:
-            _task_panel(ax, panel, runs, checkpoints, colours)
+            _draw_panel(ax, panel, runs, checkpoints, edits, rescores, colours)
         ax.set_xlim(0, max_x * 1.02 + 0.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
         ax.grid(True, alpha=0.3, which="major")
 
+    handles = _legend_handles(runs, colours, bool(tasks), any_flagged, any_refused)
+    models = sorted({r.model for r in runs})
+    _legend(fig, handles, width, title or f"{', '.join(models)}: {len(runs)} run(s)")
+
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    log.info("plotted runs %s to %s", ", ".join(r.id for r in runs), out)
+    return out
+
+
+def _figure(n_panels: int, dpi: int) -> tuple[Figure, list[Axes], float]:
+    """A figure with a grid of ``n_panels`` axes (2 columns for 4 panels, else up to 3;
+    the unused cells removed): the figure, its axes in reading order, its width."""
+    ncols = min(3, n_panels) if n_panels != 4 else 2
+    nrows = math.ceil(n_panels / ncols)
+    width = max(7.0, 5.0 * ncols)
+    fig = Figure(figsize=(width, 3.5 * nrows + 0.8), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes_grid = fig.subplots(nrows, ncols, squeeze=False)
+    flat: list[Axes] = [ax for row in axes_grid for ax in row]
+    for ax in flat[n_panels:]:
+        ax.remove()
+    return fig, flat, width
+
+
+def _last_step(
+    runs: Sequence[Run], checkpoints: dict[str, list[Checkpoint]], edits: dict[str, list[Edit]]
+) -> int:
+    """The furthest edit number any run reached (a checkpoint's step or an edit), at least 1."""
+    max_x = 1
+    for run in runs:
+        for c in checkpoints[run.id]:
+            max_x = max(max_x, c.step)
+        for e in edits[run.id]:
+            max_x = max(max_x, e.seq + 1)
+    return max_x
+
+
+def _draw_panel(
+    ax: Axes,
+    panel: str,
+    runs: Sequence[Run],
+    checkpoints: dict[str, list[Checkpoint]],
+    edits: dict[str, list[Edit]],
+    rescores: dict[str, list[Rescore]],
+    colours: Sequence[str],
+) -> None:
+    """Draw one panel other than the update norm's (a GLUE task where none else fits)."""
+    if panel == "drift":
+        _drift_panel(ax, runs, edits, colours, "w_delta_norm")
+    elif panel == "ratio":
+        _drift_panel(ax, runs, edits, colours, "w_norm_ratio")
+    elif panel == PERPLEXITY_TASK:
+        _perplexity_panel(ax, runs, checkpoints, colours)
+    elif panel == FLUENCY_TASK:
+        _fluency_panel(ax, runs, checkpoints, colours)
+    elif panel == RETENTION_TASK:
+        _retention_panel(ax, runs, checkpoints, colours)
+    elif panel == SURVIVAL:
+        _survival_panel(ax, runs, rescores, colours)
+    else:
+        _task_panel(ax, panel, runs, checkpoints, colours)
+
+
+def _legend_handles(
+    runs: Sequence[Run], colours: Sequence[str], tasks: bool, flagged: bool, refused: bool
+) -> list[Line2D]:
+    """One entry per run, then the chance line (``tasks``: a GLUE panel is drawn) and the
+    flagged and refused markers where some panel shows them."""
     handles: list[Line2D] = [
         Line2D([], [], color=col, marker="o", ms=4, lw=1.8, label=run.label)
         for run, col in zip(runs, colours, strict=True)
     ]
     if tasks:
         handles.append(Line2D([], [], color="0.4", ls="--", lw=1, label=f"chance ({CHANCE:g})"))
-    if any_flagged:
+    if flagged:
         handles.append(
             Line2D([], [], color="red", marker="x", ls="none", ms=8, mew=2, label="flagged edit")
         )
-    if any_refused:
+    if refused:
         handles.append(
             Line2D(
                 [], [], color="0.3", marker="s", mfc="none", ls="none", ms=6, label="refused edit"
             )
         )
-    models = sorted({r.model for r in runs})
+    return handles
+
+
+def _legend(fig: Figure, handles: list[Line2D], width: float, title: str) -> None:
+    """The legend above the panels, carrying the title."""
     # The title rides on the legend: constrained layout stacks an "outside"
     # legend with the axes but not with a suptitle (they would overlap).
     # About 2.3 inches per legend entry, so the legend wraps instead of clipping.
@@ -164,15 +211,9 @@ def plot_runs(
         ncol=max(1, min(len(handles), int(width // 2.3))),
         frameon=False,
         fontsize=10,
-        title=title or f"{', '.join(models)}: {len(runs)} run(s)",
+        title=title,
         title_fontproperties={"size": 13},
     )
-
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
-    log.info("plotted runs %s to %s", ", ".join(r.id for r in runs), out)
-    return out
 
 
 Point = tuple[float, float | None]

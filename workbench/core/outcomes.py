@@ -1,5 +1,6 @@
 """A computed step of any method as the app shows it: the form's probes, scored before
 and after (in the method's own trial when it has one), the figures the verdict reads.
+The trial and the probes after of a rank-one record are :mod:`evals.probe_after`'s.
 
 No Textual and no rich here; nothing here holds the session's lock (its callers do).
 """
@@ -7,11 +8,11 @@ No Textual and no rich here; nothing here holds the session's lock (its callers 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
+from evals.probe_after import PROBE_AFTER, declares_trial
 from rome import Editor, LoadedModel
-from rome.methods import Method, Update, options_of
+from rome.methods import Method, Update
 from rome.scoring import score_targets
 
 from .forms import EditForm
@@ -46,8 +47,8 @@ def form_options(method: Method, form: EditForm, trial: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if method.capabilities.key_modes:
         out["mode"] = form.mode
-    if any(o.name == "probe_after" for o in options_of(method.Settings)):
-        out["probe_after"] = trial
+    if declares_trial(method):
+        out[PROBE_AFTER] = trial
     return out
 
 
@@ -67,25 +68,3 @@ def figures(ed: Editor, update: Update) -> Judged:
         return res
     reason = update.unsafe_reason or ed.update_unsafe_reason(update)
     return Figures(update.method, update.norm, update_ratio(ed, update), reason)
-
-
-def trial(ed: Editor, update: Update, score: Callable[[], list[Probe]]) -> list[Probe] | None:
-    """``score()`` with ``update`` added for a moment (then undone, bit for bit, with the
-    carried state); a rank-one record's own probes after are filled in the same trial.
-    None for a non-finite update (nothing added)."""
-    if not all(lu.is_finite() for lu in update.layers):
-        return None
-    ed.apply_step(update, force=True)
-    try:
-        score_applied(ed, update)
-        return score()
-    finally:
-        ed.undo()
-
-
-def score_applied(ed: Editor, update: Update) -> None:
-    """Fill a rank-one record's probes after (computed without a trial) from the model
-    as it is, with ``update`` on it."""
-    res = result_of(update)
-    if res is not None and math.isnan(res.p_new_after):
-        ed.score_applied(res)

@@ -145,6 +145,26 @@ def report_markdown(
     ``groups`` (name -> run ids that differ only by order) adds their mean ± spread."""
     runs = [store.get_run(r) for r in run_ids]
     stats = {r.id: run_stats(store, r.id) for r in runs}
+    lines = _head(store, runs, command)
+    scores, missing_retention, retention_pending = _scores_section(store, runs, stats)
+    lines += scores
+    lines += _zsre_section(store, runs, stats)
+    lines += _retention_notes(missing_retention, retention_pending)
+    lines += needed_section(runs, stats)
+    lines += _retention_section(store, runs)
+    lines += glue_change_section(store, runs)
+    lines += paired_section(store, runs)
+    lines += groups_section(store, groups or {})
+    lines += _run_figures_section(store, runs)
+    lines += _layers_section(store, runs)
+    lines += _flagged_section(store, runs)
+    if plot_file:
+        lines += _plot_section(store, runs, plot_file, retention=len(missing_retention) < len(runs))
+    return "\n".join(lines) + "\n"
+
+
+def _head(store: Store, runs: Sequence[Run], command: str) -> list[str]:
+    """The title, where the runs come from, and the table of the runs' settings."""
     models = sorted({r.model for r in runs})
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
@@ -156,7 +176,7 @@ def report_markdown(
         "## Runs",
         "",
     ]
-    lines += _table(
+    return lines + _table(
         ("run", "status", "edits", "created", "settings"),
         [
             (
@@ -169,7 +189,14 @@ def report_markdown(
             for r in runs
         ],
     )
-    lines += ["", "## Scores under the three protocols", ""]
+
+
+def _scores_section(
+    store: Store, runs: Sequence[Run], stats: Mapping[str, RunStats]
+) -> tuple[list[str], list[str], list[str]]:
+    """The scores under the three protocols, with the runs whose retention rows are empty:
+    (lines, runs that stored no retention passes, runs whose first pass is still to come)."""
+    lines = ["", "## Scores under the three protocols", ""]
     lines += [f"- **{p}**: {DESCRIPTIONS[p]}." for p in PROTOCOLS]
     lines += [
         "",
@@ -180,7 +207,8 @@ def report_markdown(
         "",
     ]
     rows: list[list[str]] = []
-    missing_retention, retention_pending = [], []
+    missing_retention: list[str] = []
+    retention_pending: list[str] = []
     for r in runs:
         for p in protocol_scores(store, r.id, stats=stats[r.id]):
             if p.protocol == RETENTION and not p.recorded:
@@ -192,7 +220,12 @@ def report_markdown(
             cells = [p.with_interval(k) if p.recorded else fmt(None) for k in SCORE_KEYS]
             rows.append([r.label, p.protocol, *cells, hold, p.note])
     lines += _table(("run", "protocol", "ES", "PS", "NS", "S", "hold", "what was scored"), rows)
-    lines += _zsre_section(store, runs, stats)
+    return lines, missing_retention, retention_pending
+
+
+def _retention_notes(missing_retention: list[str], retention_pending: list[str]) -> list[str]:
+    """Why a run's retention rows are empty: no passes stored, or none yet."""
+    lines: list[str] = []
     if missing_retention:
         lines += [
             "",
@@ -207,12 +240,11 @@ def report_markdown(
             f"Run(s) {', '.join(retention_pending)} record retention but have no checkpoint "
             "after the start yet (there is no retention pass at step 0).",
         ]
-    lines += needed_section(runs, stats)
-    lines += _retention_section(store, runs)
-    lines += glue_change_section(store, runs)
-    lines += paired_section(store, runs)
-    lines += groups_section(store, groups or {})
-    lines += ["", "## Run figures", ""]
+    return lines
+
+
+def _run_figures_section(store: Store, runs: Sequence[Run]) -> list[str]:
+    """One column per run: its edit, stored and checkpoint figures (``-`` where it has none)."""
     per_run = {
         r.id: dict(
             edit_rows(store, r.id)
@@ -224,33 +256,33 @@ def report_markdown(
     labels: list[str] = []
     for figs in per_run.values():
         labels += [k for k in figs if k not in labels]
-    lines += _table(
+    return ["", "## Run figures", ""] + _table(
         ("figure", *(r.label for r in runs)),
         [[k, *(per_run[r.id].get(k, "-") for r in runs)] for k in labels],
     )
-    lines += _layers_section(store, runs)
-    lines += _flagged_section(store, runs)
-    if plot_file:
-        lines += [
-            "",
-            "## Plot",
-            "",
-            f"![{', '.join(r.id for r in runs)}]({plot_file})",
-            "",
-            "GLUE accuracy per task, update norm per step (one edit, or one batch of a batch "
-            "method; flagged edits marked with a red x), "
-            "cumulative change and norm growth of the edited matrix, held-out perplexity, "
-            "fluency"
-            + (", the retention curve" if len(missing_retention) < len(runs) else "")
-            + ", against the number of edits applied"
-            + (
-                "; and, for runs that finished, the end-of-stream re-scoring by position in "
-                "the stream (the fraction of each block of edits still holding at the end)."
-                if any(store.rescores(r.id) for r in runs)
-                else "."
-            ),
-        ]
-    return "\n".join(lines) + "\n"
+
+
+def _plot_section(store: Store, runs: Sequence[Run], plot_file: str, retention: bool) -> list[str]:
+    """The plot's link and what its panels show (``retention``: some run has the curve)."""
+    return [
+        "",
+        "## Plot",
+        "",
+        f"![{', '.join(r.id for r in runs)}]({plot_file})",
+        "",
+        "GLUE accuracy per task, update norm per step (one edit, or one batch of a batch "
+        "method; flagged edits marked with a red x), "
+        "cumulative change and norm growth of the edited matrix, held-out perplexity, "
+        "fluency"
+        + (", the retention curve" if retention else "")
+        + ", against the number of edits applied"
+        + (
+            "; and, for runs that finished, the end-of-stream re-scoring by position in "
+            "the stream (the fraction of each block of edits still holding at the end)."
+            if any(store.rescores(r.id) for r in runs)
+            else "."
+        ),
+    ]
 
 
 def _figures(store: Store, run_id: str) -> dict[str, Any]:

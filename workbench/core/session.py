@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from evals.probe_after import score_applied, trial
 from evals.replay import ReplayConfig, ReplayFinished
 from evals.spec import RunSpec
 from rome import EditHparams, Editor, EditResult, LoadedModel, RomeError, load_model
@@ -39,7 +40,7 @@ from .generation import GenerationPair, greedy
 from .history import history_rows
 from .method_editors import MethodEditors, method_layers
 from .model_facts import covariance_status, model_info
-from .outcomes import figures, form_options, score_applied, score_probes, trial, update_ratio
+from .outcomes import figures, form_options, score_probes, update_ratio
 from .records import AppliedInfo, EditOutcome, HistoryRow, ModelInfo, NormPoint
 from .replay import ReplayHandler, replay_layer, replay_layers, run_replay
 from .session_run import SessionRun, reapplied_rows, step_rows

@@ -100,10 +100,19 @@ def protocol_scores(
     with its 95 % intervals (:mod:`workbench.core.run_stats`)."""
     figs = figures if figures is not None else stored_figures(store, run_id)
     st = stats if stats is not None else run_stats(store, run_id)
+    return [
+        _immediate_scores(figs, st),
+        _end_of_stream_scores(figs, st),
+        _retention_scores(store, run_id, st),
+    ]
+
+
+def _immediate_scores(figs: Mapping[str, Any], st: RunStats) -> ProtocolScores:
+    """Each record scored right after its edit (and, in the note, just before it)."""
     post, pre = figs.get("post") or {}, figs.get("pre") or {}
     n_post = int(post.get("n") or 0)
     before = " / ".join(fmt(_num(pre, k), 2) for k in ("es", "ps", "ns"))
-    immediate = ProtocolScores(
+    return ProtocolScores(
         IMMEDIATE,
         _num(post, "es"),
         _num(post, "ps"),
@@ -114,11 +123,15 @@ def protocol_scores(
         + (f"; just before it: ES/PS/NS {before}" if pre else ""),
         rates=dict(st.immediate),
     )
+
+
+def _end_of_stream_scores(figs: Mapping[str, Any], st: RunStats) -> ProtocolScores:
+    """Every record re-scored on the final model (empty where the run was not re-scored)."""
     final = figs.get("final") or {}
     n_final = int(final.get("n") or 0)
     survived = figs.get("survived")
     hold = int(survived) if survived is not None else None
-    end = ProtocolScores(
+    return ProtocolScores(
         END_OF_STREAM,
         _num(final, "es"),
         _num(final, "ps"),
@@ -133,23 +146,25 @@ def protocol_scores(
         ),
         rates={**st.final, **({"hold": st.hold} if st.hold is not None else {})},
     )
+
+
+def _retention_scores(store: Store, run_id: str, st: RunStats) -> ProtocolScores:
+    """The first M edits at the last retention pass (empty where none was stored)."""
     curve = retention_curve(store.checkpoints(run_id, task=RETENTION_TASK))
-    if curve:
-        last = curve[-1]
-        ret = ProtocolScores(
-            RETENTION,
-            last.es,
-            last.ps,
-            last.ns,
-            last.s,
-            n=last.m,
-            hold=last.n_hold,
-            note=f"first {last.m} edits after {last.step} edits; {last.n_hold} of {last.m} hold",
-            rates={**st.retention_scores, "hold": count_rate(last.n_hold, last.m)},
-        )
-    else:
-        ret = ProtocolScores(RETENTION, note="no retention passes stored with this run")
-    return [immediate, end, ret]
+    if not curve:
+        return ProtocolScores(RETENTION, note="no retention passes stored with this run")
+    last = curve[-1]
+    return ProtocolScores(
+        RETENTION,
+        last.es,
+        last.ps,
+        last.ns,
+        last.s,
+        n=last.m,
+        hold=last.n_hold,
+        note=f"first {last.m} edits after {last.step} edits; {last.n_hold} of {last.m} hold",
+        rates={**st.retention_scores, "hold": count_rate(last.n_hold, last.m)},
+    )
 
 
 def protocol_rows(protocols: Sequence[ProtocolScores]) -> list[tuple[str, str]]:
