@@ -268,12 +268,38 @@ def run_stats(
     module = hp.weight_module(hp.layer)
     width = cov.expected_width(lm.model, module)
     root = cache if cache is not None else cache_dir()
-    model_key = slug(hp.model)
     if path is None:
-        path = cov.stats_path(root, model_key, corpus, module, hp.mom2_dtype, hp.mom2_n_samples)
+        path = cov.stats_path(
+            root, slug(hp.model), corpus, module, hp.mom2_dtype, hp.mom2_n_samples
+        )
     check_agreement(descriptor(lm, hp, corpus, forward, accumulate, batch_tokens), info)
     if _broadcast_decision(path.is_file() and not force, info):
         return StatsOutcome(cov.load_stats(path, width), path, True, info.world_size)
+    stats = _collect(lm, hp, corpus, root, info, progress, batch_tokens, forward, accumulate)
+    if info.is_main:
+        cov.save_stats(path, stats, width)
+        n_tokens = stats.meta.n_tokens
+        log.info("rank 0 wrote %s (%d tokens, %d ranks)", path, n_tokens, info.world_size)
+    if info.active:
+        dist.barrier()
+    return StatsOutcome(stats, path, False, info.world_size)
+
+
+def _collect(
+    lm: LoadedModel,
+    hp: EditHparams,
+    corpus: str,
+    root: Path,
+    info: DistInfo,
+    progress: StepProgress | None,
+    batch_tokens: int,
+    forward: str,
+    accumulate: str,
+) -> cov.SecondMoment:
+    """This rank's share of the corpus collected, every rank's sums added, and the
+    statistics' metadata (with the world size and, on several ranks, each rank's share)."""
+    model_key = slug(hp.model)
+    module = hp.weight_module(hp.layer)
     t0 = time.perf_counter()
     texts = _corpus_for_rank(lm, hp, corpus, root / "stats" / model_key, info)
     share = math.ceil(hp.mom2_n_samples / info.world_size)
@@ -310,13 +336,7 @@ def run_stats(
     )
     if info.active:
         meta.extra["per_rank"] = [{"n_tokens": t, "n_texts": n} for t, n in shares]
-    stats = cov.SecondMoment(ms.mean(), meta)
-    if info.is_main:
-        cov.save_stats(path, stats, width)
-        log.info("rank 0 wrote %s (%d tokens, %d ranks)", path, ms.n_tokens, info.world_size)
-    if info.active:
-        dist.barrier()
-    return StatsOutcome(stats, path, False, info.world_size)
+    return cov.SecondMoment(ms.mean(), meta)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -141,57 +141,12 @@ def load_model(
     dmap = resolve_device_map(device_map)
     dev = resolve_device(device)
     if source.startswith(TESTING_PREFIX):
-        if dmap is not None:
-            raise DeviceMapError(
-                f"device maps do not apply to {name!r}: it is built in-process, not loaded "
-                "from weights; use --device instead"
-            )
-        return _load_tiny(source, preset, dev, torch_dtype, layer, t0)
+        return _load_tiny(name, source, preset, dev, torch_dtype, layer, t0, dmap)
     if dmap is not None and device != "auto":
         log.info("--device %s is not used with a device map (%s)", device, dmap)
-    path: str | Path
-    local_only = False
-    if source.startswith(EMBEDDED_PREFIX):
-        path = embedded_smollm2_dir()
-    elif Path(source).exists():
-        path = source
-    else:
-        path = source
-        if not hub_reachable():
-            if not in_hub_cache(source):
-                raise_offline(name, source, preset)
-            local_only = True  # cached: load it without a round of retries
-    kwargs: dict[str, Any] = {"dtype": torch_dtype}
-    if local_only:
-        kwargs["local_files_only"] = True
-    if dmap is not None:
-        kwargs["device_map"] = dmap
-        kwargs["offload_folder"] = str(cache_dir() / "offload" / slug(str(source)))
-        if max_memory is not None:
-            kwargs["max_memory"] = max_memory
-    try:
-        with quiet_hub(), no_load_bars(local=local_only or Path(path).exists()):
-            config = AutoConfig.from_pretrained(path, local_files_only=local_only)
-            tok = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as exc:
-        if preset is None and not Path(name).exists():
-            names = ", ".join(sorted(list_presets()))
-            raise UnknownPresetError(
-                f"unknown model {name!r}: not a preset ({names}), not a local folder, "
-                "and not loadable from the hub"
-            ) from None
-        raise WeightsUnavailableError(
-            f"cannot load {source!r}: {str(exc).splitlines()[0]} "
-            "Offline, download it first where there is a network (huggingface-cli download "
-            f"{source}) and pass the local folder, or use the embedded smollm2-135m."
-        ) from None
-    except ValueError as exc:
-        if dmap is None:
-            raise
-        raise DeviceMapError(
-            f"cannot place {source!r} with device map {dmap!r}: {str(exc).splitlines()[0]}"
-        ) from None
+    path, local_only = _weights_path(name, source, preset)
+    kwargs = _load_kwargs(source, torch_dtype, local_only, dmap, max_memory)
+    config, tok, model = _from_pretrained(name, source, path, preset, local_only, kwargs)
     if dmap is None:
         model.to(dev)  # type: ignore[arg-type]
     model.eval()
@@ -223,14 +178,90 @@ def load_model(
     )
 
 
+def _weights_path(name: str, source: str, preset: EditHparams | None) -> tuple[str | Path, bool]:
+    """Where ``source``'s weights load from, and whether only from local files (a hub id
+    already in the cache while the hub is unreachable); offline and not cached raises."""
+    if source.startswith(EMBEDDED_PREFIX):
+        return embedded_smollm2_dir(), False
+    if Path(source).exists() or hub_reachable():
+        return source, False
+    if not in_hub_cache(source):
+        raise_offline(name, source, preset)
+    return source, True  # cached: load it without a round of retries
+
+
+def _load_kwargs(
+    source: str,
+    torch_dtype: torch.dtype,
+    local_only: bool,
+    dmap: str | dict[str, Any] | None,
+    max_memory: dict[Any, Any] | None,
+) -> dict[str, Any]:
+    """The keyword arguments of ``AutoModelForCausalLM.from_pretrained``."""
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if local_only:
+        kwargs["local_files_only"] = True
+    if dmap is not None:
+        kwargs["device_map"] = dmap
+        kwargs["offload_folder"] = str(cache_dir() / "offload" / slug(str(source)))
+        if max_memory is not None:
+            kwargs["max_memory"] = max_memory
+    return kwargs
+
+
+def _from_pretrained(
+    name: str,
+    source: str,
+    path: str | Path,
+    preset: EditHparams | None,
+    local_only: bool,
+    kwargs: dict[str, Any],
+) -> tuple[Any, PreTrainedTokenizerBase, nn.Module]:
+    """The config, tokenizer and model at ``path``; a load that fails raises one of the
+    package's errors (unknown model, weights unavailable, a device map that does not fit)."""
+    try:
+        with quiet_hub(), no_load_bars(local=local_only or Path(path).exists()):
+            config = AutoConfig.from_pretrained(path, local_files_only=local_only)
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        if preset is None and not Path(name).exists():
+            names = ", ".join(sorted(list_presets()))
+            raise UnknownPresetError(
+                f"unknown model {name!r}: not a preset ({names}), not a local folder, "
+                "and not loadable from the hub"
+            ) from None
+        raise WeightsUnavailableError(
+            f"cannot load {source!r}: {str(exc).splitlines()[0]} "
+            "Offline, download it first where there is a network (huggingface-cli download "
+            f"{source}) and pass the local folder, or use the embedded smollm2-135m."
+        ) from None
+    except ValueError as exc:
+        if "device_map" not in kwargs:
+            raise
+        raise DeviceMapError(
+            f"cannot place {source!r} with device map {kwargs['device_map']!r}: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
+    return config, tok, model
+
+
 def _load_tiny(
+    name: str,
     source: str,
     preset: EditHparams | None,
     dev: torch.device,
     dtype: torch.dtype,
     layer: int | None,
     t0: float,
+    dmap: str | dict[str, Any] | None,
 ) -> LoadedModel:
+    """A tiny in-process test model (:mod:`rome.testing`): built here, no device map."""
+    if dmap is not None:
+        raise DeviceMapError(
+            f"device maps do not apply to {name!r}: it is built in-process, not loaded "
+            "from weights; use --device instead"
+        )
     assert preset is not None
     model, tok = tiny_model(source[len(TESTING_PREFIX) :])
     model.to(device=dev, dtype=dtype)

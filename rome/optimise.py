@@ -21,16 +21,16 @@ float error (tests/test_vstar_fast.py).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from transformers import PreTrainedTokenizerBase
 
 from . import fastlinear, nethook
+from .active_rows import Active, AddDelta, Group, hooked, request_losses
 from .batching import pad_id_of
 from .devices import module_device
 from .hparams import EditHparams
@@ -39,7 +39,7 @@ from .request import EditRequest
 from .tokens import encode_with_subject
 from .update import weight_out_in
 from .upper import KL_PROMPT, Encoder, Rows, UpperRun, build_rows, compute_prefix
-from .vstar import VStar, frozen, resolve_autocast, trace_rows, work_dtype
+from .vstar import VStar, clamp_to_ball_, frozen, resolve_autocast, trace_rows, work_dtype
 
 ClampReference = str | Sequence[float]
 
@@ -62,45 +62,6 @@ StopRule = Callable[[StepFacts], list[bool]]
 ZStop = Callable[[], StopRule]
 
 
-class _AddDelta:
-    """Forward hook state: ``δ`` of each row's request added at its subject token.
-
-    Handles a module returning a tensor (an MLP projection; a decoder block
-    under transformers 5) or a tuple whose first item is the hidden states.
-    With ``capture`` set, the output at those positions before ``δ`` is kept
-    (``v_init`` is read there on the first step).
-    """
-
-    def __init__(self) -> None:
-        self.rows = torch.zeros(0, dtype=torch.long)
-        self.cols = torch.zeros(0, dtype=torch.long)
-        self.deltas: torch.Tensor | None = None  # (rows, d): each row's request's δ
-        self.capture = False
-        self.captured: torch.Tensor | None = None
-        self.captured_in: torch.Tensor | None = None
-
-    def __call__(self, _mod: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
-        if self.deltas is None:
-            return None
-        h = out[0] if isinstance(out, tuple) else out
-        if self.capture:
-            self.captured = h[self.rows, self.cols].detach().clone()
-            if args:
-                self.captured_in = args[0][self.rows, self.cols].detach().clone()
-        h = h.clone()
-        h[self.rows, self.cols] = h[self.rows, self.cols] + self.deltas.to(h.dtype)
-        return (h, *out[1:]) if isinstance(out, tuple) else h
-
-
-@contextlib.contextmanager
-def _hooked(model: nn.Module, name: str, state: _AddDelta) -> Iterator[None]:
-    handle = nethook.get_module(model, name).register_forward_hook(state)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def _output_width(model: nn.Module, name: str) -> int:
     """Width of the hooked module's output: a projection's out-features, else the hidden size."""
     module = nethook.get_module(model, name)
@@ -114,72 +75,6 @@ def _output_width(model: nn.Module, name: str) -> int:
 #: tokens in all: one more pass through the upper blocks costs more than that on a CPU
 #: (measured: a request's one KL row in a pass of its own made v* 0.82x as fast)
 _MERGE_PAD_TOKENS = 32
-
-
-@dataclass
-class _Group:
-    """Active rows of one suffix length, run as one unpadded batch (one :class:`UpperRun`)."""
-
-    run: UpperRun
-    members: torch.Tensor  # local (active-set) index of each of its rows
-    cols: torch.Tensor  # each row's subject column in its suffix (δ is added there)
-    loss_rows: torch.Tensor  # in-group row / suffix column of each of its loss entries
-    loss_cols: torch.Tensor
-
-
-@dataclass
-class _Active:
-    """The rows and loss entries of the requests still running, as device tensors.
-
-    Loss entries are ordered: every rewrite entry, then one per KL row; ``order``
-    puts the groups' logits back in that order.
-    """
-
-    requests: list[int]
-    rows: list[int]
-    groups: list[_Group]
-    order: torch.Tensor
-    row_req: torch.Tensor  # local request index of each rewrite row
-    delta_req: torch.Tensor  # local request index of every active row
-    loss_row: torch.Tensor  # local rewrite-row index of each loss entry
-    loss_req: torch.Tensor
-    loss_first: torch.Tensor  # whether each loss entry is in its request's first row
-    labels: torch.Tensor
-    row_tlen: torch.Tensor  # target length of each rewrite row
-    n_rewrite: torch.Tensor  # per local request
-    n_loss: int
-
-    def logits(
-        self, state: _AddDelta, deltas: torch.Tensor, capture: bool
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        """Logits at every loss entry with ``deltas`` (per local request) added; and, with
-        ``capture``, the hooked module's output and input at every active row's subject
-        before δ (in active-row order)."""
-        row_deltas = deltas[self.delta_req]
-        outs, caught, caught_in = [], [], []
-        for g in self.groups:
-            rows = torch.arange(g.members.numel(), device=g.cols.device)
-            if g.run.skipped:  # block ``layer`` ran once: δ goes onto its output
-                add = (rows, g.cols, row_deltas[g.members])
-                outs.append(g.run.logits_at(g.loss_rows, g.loss_cols, add))
-                if capture:
-                    assert g.run.module_out is not None and g.run.module_in is not None
-                    caught.append(g.run.module_out[rows, g.cols])
-                    caught_in.append(g.run.module_in[rows, g.cols])
-                continue
-            state.rows, state.cols, state.deltas = rows, g.cols, row_deltas[g.members]
-            state.capture = capture
-            outs.append(g.run.logits_at(g.loss_rows, g.loss_cols))
-            if capture:
-                assert state.captured is not None and state.captured_in is not None
-                caught.append(state.captured)
-                caught_in.append(state.captured_in)
-        state.deltas, state.capture, state.captured, state.captured_in = None, False, None, None
-        logits = torch.cat(outs)[self.order] if len(outs) > 1 else outs[0]
-        if not capture:
-            return logits, None
-        back = torch.argsort(torch.cat([g.members for g in self.groups]))
-        return logits, (torch.cat(caught)[back], torch.cat(caught_in)[back])
 
 
 def _length_groups(
@@ -237,7 +132,7 @@ def _activate(
     device: torch.device,
     skip_module: str | None = None,
     share_kl: bool = True,
-) -> _Active:
+) -> Active:
     """The batch of the requests in ``requests``, in groups of one suffix length each
     (``hp.v_length_buckets``; else one group padded to its longest suffix). With
     ``share_kl``, a KL row that :func:`kl_sources` finds in a rewriting row is not run."""
@@ -245,35 +140,23 @@ def _activate(
     shared = kl_sources(rows, cuts) if share_kl else {}
     every = [i for i in range(len(rows.seqs)) if rows.request[i] in keep]
     act_rows = [i for i in every if i not in shared]
-    local = {r: j for j, r in enumerate(act_rows)}
     local_req = {r: j for j, r in enumerate(requests)}
     work = work_dtype(model)
     rewrite = [i for i in act_rows if not rows.is_kl[i]]
     rw_local = {r: j for j, r in enumerate(rewrite)}
+    local = {r: j for j, r in enumerate(act_rows)}
     entries = [e for e in rows.loss if e[0] in local]
     kl_rows = [i for i in every if rows.is_kl[i]]
     # every loss entry: (row, column in its suffix); a shared KL row's is its source's
     where = [(e[0], e[1] - cuts[e[0]]) for e in entries]
     where += [(shared.get(i, i), rows.subject[i] - cuts[i]) for i in kl_rows]
+    run = (model, hp, layer, rows, cuts, prefix, pad, skip_module)
+    groups, order = _groups(run, act_rows, where, device)
 
     def t(x: list[int]) -> torch.Tensor:
-        return torch.tensor(x, dtype=torch.long, device=device)
+        return _long(x, device)
 
-    groups, order = [], []
-    for members in _length_groups(rows, act_rows, cuts, hp.v_length_buckets):
-        in_group = {r: j for j, r in enumerate(members)}
-        mine = [k for k, (r, _) in enumerate(where) if r in in_group]
-        order += mine
-        groups.append(
-            _Group(
-                run=UpperRun(model, hp, layer, rows, members, cuts, prefix, pad, skip_module),
-                members=t([local[i] for i in members]),
-                cols=t([rows.subject[i] - cuts[i] for i in members]),
-                loss_rows=t([in_group[where[k][0]] for k in mine]),
-                loss_cols=t([where[k][1] for k in mine]),
-            )
-        )
-    return _Active(
+    return Active(
         requests=requests,
         rows=act_rows,
         groups=groups,
@@ -292,26 +175,33 @@ def _activate(
     )
 
 
-def _losses(
-    act: _Active, logits: torch.Tensor, kl_init: torch.Tensor, hp: EditHparams
-) -> tuple[torch.Tensor, ...]:
-    """Per request (local order): nll, kl, p_target, argmax_all, as ``compute_v_star`` has
-    them; and per rewrite row (active order), the target's summed log-probability."""
-    n_req, n_loss = len(act.requests), act.n_loss
-    dev = logits.device
-    logp = logits[:n_loss].log_softmax(-1)
-    tok_lp = logp[torch.arange(n_loss, device=dev), act.labels]
-    per_row = torch.zeros(act.row_tlen.numel(), device=dev, dtype=logits.dtype)
-    per_row = per_row.index_add(0, act.loss_row, tok_lp)
-    nll_each = -per_row / act.row_tlen
-    zeros = torch.zeros(n_req, device=dev, dtype=logits.dtype)
-    nll = zeros.index_add(0, act.row_req, nll_each) / act.n_rewrite
-    p_target = zeros.index_add(0, act.row_req, torch.exp(-nll_each.detach())) / act.n_rewrite
-    kl_logp = logits[n_loss:].log_softmax(-1)
-    kl = hp.kl_factor * F.kl_div(kl_init, kl_logp, log_target=True, reduction="none").sum(-1)
-    wrong = (logits[:n_loss].detach().argmax(-1) != act.labels).to(logits.dtype)
-    argmax_all = zeros.index_add(0, act.loss_req, wrong) == 0
-    return nll, kl, p_target, argmax_all, per_row
+def _groups(
+    run: tuple[Any, ...], act_rows: list[int], where: list[tuple[int, int]], device: torch.device
+) -> tuple[list[Group], list[int]]:
+    """The groups of :func:`_length_groups`, each with its loss entries (``where``: each
+    entry's row and suffix column), and the entries' indices in the groups' order.
+    ``run``: what :class:`~rome.upper.UpperRun` takes besides a group's members."""
+    model, hp, layer, rows, cuts, prefix, pad, skip_module = run
+    local = {r: j for j, r in enumerate(act_rows)}
+    groups, order = [], []
+    for members in _length_groups(rows, act_rows, cuts, hp.v_length_buckets):
+        in_group = {r: j for j, r in enumerate(members)}
+        mine = [k for k, (r, _) in enumerate(where) if r in in_group]
+        order += mine
+        groups.append(
+            Group(
+                run=UpperRun(model, hp, layer, rows, members, cuts, prefix, pad, skip_module),
+                members=_long([local[i] for i in members], device),
+                cols=_long([rows.subject[i] - cuts[i] for i in members], device),
+                loss_rows=_long([in_group[where[k][0]] for k in mine], device),
+                loss_cols=_long([where[k][1] for k in mine], device),
+            )
+        )
+    return groups, order
+
+
+def _long(x: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.long, device=device)
 
 
 def optimise_targets(
@@ -352,120 +242,193 @@ def optimise_targets(
     Each :class:`VStar` also carries, per template row, the hooked module's input at the
     subject (ROME's keys) and the target's log-probability, both from the first step
     (δ = 0: the unedited model; ``None`` under bf16 autocast, whose values they are not).
-    (Over 60 lines: one loop whose steps must stay in the reference order.)
     """
     name = hook_module_name or hp.weight_module(layer)
     residual = (hp.weight_module(layer), f"{hp.layers_module}.{layer}")
     skip = name if skip_edited_block and name in residual else None
     reuse = hp.v_prefix_reuse if prefix_reuse is None else prefix_reuse
     rows = build_rows(tok, requests, templates_per_request, kl_prompt, encode, target_tokens)
-    n = rows.n_requests
-    if not isinstance(clamp_reference, str) and len(clamp_reference) != n:
+    if not isinstance(clamp_reference, str) and len(clamp_reference) != rows.n_requests:
         raise ValueError("clamp_reference: one norm per request")
-    device = module_device(model, name)
-    work = work_dtype(model)
-    pad = pad_id_of(tok)
     cuts = list(rows.subject) if reuse else [0] * len(rows.seqs)
-    deltas = [
-        torch.zeros(_output_width(model, name), device=device, dtype=work, requires_grad=True)
-        for _ in range(n)
-    ]
-    opts = [torch.optim.Adam([d], lr=hp.v_lr) for d in deltas]
-    bf16 = resolve_autocast(hp.v_autocast, device) == "bf16"
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
-    state = _AddDelta()
-    trace: list[list[torch.Tensor]] = [[] for _ in range(n)]
-    active = list(range(n))
-    act: _Active | None = None
-    kl_init = v_init = ref = None
-    first: tuple[torch.Tensor, torch.Tensor] | None = None  # (keys, per-row log-prob), step 0
-    keys = torch.zeros(0)
-    mpes = hp.v_stop == "most_probable"
+    run = _Optimisation(model, hp, layer, rows, name, cuts, pad_id_of(tok), clamp_reference)
+    run.skip, run.share_kl, run.on_step, run.stop_rule = skip, share_kl, on_step, stop_rule
     with frozen(model), contextlib.ExitStack() as stack:
-        stack.enter_context(_packed_upper(model, hp, layer, rows, cuts, packed and not bf16))
-        prefix = compute_prefix(model, rows, cuts, pad)
-        stack.enter_context(_hooked(model, name, state))
+        stack.enter_context(_packed_upper(model, hp, layer, rows, cuts, packed and not run.bf16))
+        prefix = compute_prefix(model, rows, cuts, run.pad)
+        stack.enter_context(hooked(model, name, run.state))
         for step in range(hp.v_num_grad_steps):
-            if act is None or act.requests != active:
-                act = _activate(
-                    model, hp, layer, rows, active, cuts, prefix, pad, device, skip, share_kl
-                )
-            sel = torch.tensor(active, device=device)
-            for r in active:
-                opts[r].zero_grad()
-            stacked = torch.stack([deltas[r] for r in active])
-            with autocast:
-                logits, caught = act.logits(state, stacked, capture=v_init is None)
-                logits = logits.to(device, work)
-            if v_init is None:
-                assert caught is not None
-                v_init = caught[0][[act.rows.index(rows.first_row[r]) for r in range(n)]]
-                rewrite = [j for j, i in enumerate(act.rows) if not rows.is_kl[i]]
-                keys = caught[1][rewrite]
-                v_init = v_init.to(device, work)
-                if isinstance(clamp_reference, str):
-                    ref = v_init.norm(dim=-1)
-                else:
-                    ref = torch.tensor(list(clamp_reference), device=device, dtype=work)
-                kl_init = logits[act.n_loss :].log_softmax(-1).detach().clone()
-            assert kl_init is not None and ref is not None
-            nll, kl, p_target, argmax_all, per_row = _losses(
-                act, logits, kl_init.index_select(0, sel), hp
-            )
-            if first is None:
-                first = (keys, per_row.detach())
-            d_norm = torch.stack([deltas[r].norm() for r in active])
-            wd = hp.v_weight_decay * (d_norm / ref.index_select(0, sel) ** 2)
-            loss = nll + kl + wd
-            with torch.no_grad():
-                table = torch.stack(
-                    [loss, nll, kl, wd, p_target, argmax_all.to(work)], dim=1
-                ).detach()
-                for j, r in enumerate(active):
-                    trace[r].append(table[j])
-            if on_step is not None:
-                on_step(step + 1, hp.v_num_grad_steps)
-            if step == hp.v_num_grad_steps - 1:
+            if not run.step(step, prefix):
                 break
-            # The one host sync per step: the stopping rule needs it.
-            stop = loss.detach() < hp.v_early_stop_loss
-            if mpes:
-                stop = stop | argmax_all
-            if stop_rule is not None:
-                stop = stop | _rule_stops(stop_rule, act, active, logits, p_target)
-            go = [j for j, s in enumerate(stop.tolist()) if not s]
-            if not go:
-                break
-            loss[go].sum().backward()
-            with torch.no_grad():
-                for j in go:
-                    r = active[j]
-                    opts[r].step()
-                    # the ball of radius clamp_norm_factor·reference; a factor of exactly 1
-                    # leaves δ bit for bit as it was
-                    max_norm = hp.clamp_norm_factor * ref[r]
-                    dn = deltas[r].norm()
-                    deltas[r].mul_(torch.where(dn > max_norm, max_norm / dn, torch.ones_like(dn)))
-            active = [active[j] for j in go]
-    assert v_init is not None and first is not None
-    out, at = [], 0
-    for r in range(n):
-        d = deltas[r].detach()
-        tr = trace_rows(trace[r])
-        k = slice(at, at + rows.n_rewrite[r])
-        at += rows.n_rewrite[r]
-        out.append(
-            VStar(
-                v_star=v_init[r] + d,
-                v_init=v_init[r],
-                delta=d,
-                trace=tr,
-                steps=len(tr),
-                keys=None if bf16 else first[0][k],
-                row_logprob=None if bf16 else first[1][k],
-            )
+    return run.results()
+
+
+class _Optimisation:
+    """The state of one :func:`optimise_targets`: each request's ``δ`` and Adam, the
+    requests still running, what the first step reads (v_init, the reference norms, the
+    KL rows' log-probabilities, the keys) and each request's trace."""
+
+    #: set by :func:`optimise_targets`: its arguments of the same names (``skip``: the
+    #: hooked module when block ``layer`` runs once)
+    skip: str | None = None
+    share_kl: bool = True
+    on_step: StepProgress | None = None
+    stop_rule: StopRule | None = None
+
+    def __init__(
+        self,
+        model: nn.Module,
+        hp: EditHparams,
+        layer: int,
+        rows: Rows,
+        name: str,
+        cuts: list[int],
+        pad: int,
+        clamp_reference: ClampReference,
+    ) -> None:
+        self.model, self.hp, self.layer, self.rows = model, hp, layer, rows
+        self.cuts, self.pad, self.clamp_reference = cuts, pad, clamp_reference
+        n = rows.n_requests
+        self.device = device = module_device(model, name)
+        self.work = work = work_dtype(model)
+        width = _output_width(model, name)
+        self.deltas = [
+            torch.zeros(width, device=device, dtype=work, requires_grad=True) for _ in range(n)
+        ]
+        self.opts = [torch.optim.Adam([d], lr=hp.v_lr) for d in self.deltas]
+        self.bf16 = resolve_autocast(hp.v_autocast, device) == "bf16"
+        self.autocast = torch.autocast(
+            device_type=device.type, dtype=torch.bfloat16, enabled=self.bf16
         )
-    return out
+        self.state = AddDelta()
+        self.trace: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        self.active = list(range(n))
+        self.act: Active | None = None
+        self.kl_init: torch.Tensor | None = None
+        self.v_init: torch.Tensor | None = None
+        self.ref: torch.Tensor | None = None
+        # (keys, per-row log-prob) of step 0
+        self.first: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.keys = torch.zeros(0)
+
+    def step(self, step: int, prefix: Any) -> bool:
+        """One forward and, unless the loop ends here, one backward and Adam step over the
+        requests still running; False when the loop ends."""
+        hp, active = self.hp, self.active
+        if self.act is None or self.act.requests != active:
+            self.act = _activate(
+                self.model, hp, self.layer, self.rows, active, self.cuts, prefix, self.pad,
+                self.device, self.skip, self.share_kl,
+            )  # fmt: skip
+        act = self.act
+        sel = torch.tensor(active, device=self.device)
+        logits = self._forward(act)
+        assert self.kl_init is not None and self.ref is not None
+        nll, kl, p_target, argmax_all, per_row = request_losses(
+            act, logits, self.kl_init.index_select(0, sel), hp
+        )
+        if self.first is None:
+            self.first = (self.keys, per_row.detach())
+        d_norm = torch.stack([self.deltas[r].norm() for r in active])
+        wd = hp.v_weight_decay * (d_norm / self.ref.index_select(0, sel) ** 2)
+        loss = nll + kl + wd
+        with torch.no_grad():
+            row = [loss, nll, kl, wd, p_target, argmax_all.to(self.work)]
+            table = torch.stack(row, dim=1).detach()
+            for j, r in enumerate(active):
+                self.trace[r].append(table[j])
+        if self.on_step is not None:
+            self.on_step(step + 1, hp.v_num_grad_steps)
+        if step == hp.v_num_grad_steps - 1:
+            return False
+        go = self._going(act, loss, argmax_all, logits, p_target)
+        if not go:
+            return False
+        loss[go].sum().backward()
+        self._adam_and_clamp(go)
+        self.active = [active[j] for j in go]
+        return True
+
+    def _forward(self, act: Active) -> torch.Tensor:
+        """The logits of every loss entry with the active ``δ`` added; on the first step
+        also what it reads of the unedited model (:meth:`_read_first`)."""
+        for r in self.active:
+            self.opts[r].zero_grad()
+        stacked = torch.stack([self.deltas[r] for r in self.active])
+        with self.autocast:
+            logits, caught = act.logits(self.state, stacked, capture=self.v_init is None)
+            logits = logits.to(self.device, self.work)
+        if self.v_init is None:
+            assert caught is not None
+            self._read_first(act, caught, logits)
+        return logits
+
+    def _read_first(
+        self, act: Active, caught: tuple[torch.Tensor, torch.Tensor], logits: torch.Tensor
+    ) -> None:
+        """v_init, the keys, the reference norms and the KL rows' log-probabilities, from
+        the first step (δ = 0)."""
+        rows, n = self.rows, self.rows.n_requests
+        v_init = caught[0][[act.rows.index(rows.first_row[r]) for r in range(n)]]
+        rewrite = [j for j, i in enumerate(act.rows) if not rows.is_kl[i]]
+        self.keys = caught[1][rewrite]
+        self.v_init = v_init = v_init.to(self.device, self.work)
+        if isinstance(self.clamp_reference, str):
+            self.ref = v_init.norm(dim=-1)
+        else:
+            ref = list(self.clamp_reference)
+            self.ref = torch.tensor(ref, device=self.device, dtype=self.work)
+        self.kl_init = logits[act.n_loss :].log_softmax(-1).detach().clone()
+
+    def _going(
+        self,
+        act: Active,
+        loss: torch.Tensor,
+        argmax_all: torch.Tensor,
+        logits: torch.Tensor,
+        p_target: torch.Tensor,
+    ) -> list[int]:
+        """The local indices of the requests that do not stop at this step."""
+        # The one host sync per step: the stopping rule needs it.
+        stop = loss.detach() < self.hp.v_early_stop_loss
+        if self.hp.v_stop == "most_probable":
+            stop = stop | argmax_all
+        if self.stop_rule is not None:
+            stop = stop | _rule_stops(self.stop_rule, act, self.active, logits, p_target)
+        return [j for j, s in enumerate(stop.tolist()) if not s]
+
+    def _adam_and_clamp(self, go: list[int]) -> None:
+        """Adam's step for each request in ``go``, then its ``δ`` back into the ball of
+        radius clamp_norm_factor·reference."""
+        assert self.ref is not None
+        with torch.no_grad():
+            for j in go:
+                r = self.active[j]
+                self.opts[r].step()
+                clamp_to_ball_(self.deltas[r], self.hp.clamp_norm_factor * self.ref[r])
+
+    def results(self) -> list[VStar]:
+        """Each request's :class:`VStar` (keys and row log-probabilities: ``None`` under
+        bf16 autocast)."""
+        assert self.v_init is not None and self.first is not None
+        out, at = [], 0
+        for r in range(self.rows.n_requests):
+            d = self.deltas[r].detach()
+            tr = trace_rows(self.trace[r])
+            k = slice(at, at + self.rows.n_rewrite[r])
+            at += self.rows.n_rewrite[r]
+            out.append(
+                VStar(
+                    v_star=self.v_init[r] + d,
+                    v_init=self.v_init[r],
+                    delta=d,
+                    trace=tr,
+                    steps=len(tr),
+                    keys=None if self.bf16 else self.first[0][k],
+                    row_logprob=None if self.bf16 else self.first[1][k],
+                )
+            )
+        return out
 
 
 def _packed_upper(
@@ -485,7 +448,7 @@ def _packed_upper(
 
 
 def _rule_stops(
-    rule: StopRule, act: _Active, active: list[int], logits: torch.Tensor, p_target: torch.Tensor
+    rule: StopRule, act: Active, active: list[int], logits: torch.Tensor, p_target: torch.Tensor
 ) -> torch.Tensor:
     """``rule`` on this step's facts, as a bool per active request (on the loss's device)."""
     right = (logits[: act.n_loss].detach().argmax(-1) == act.labels) & ~act.loss_first

@@ -190,90 +190,112 @@ def compute_v_star(
     device = module_device(model, module)  # the edited layer's device under a device map
     b = _build_batch(tok, req, templates, device)
     ids, mask = b.ids.to(model_device(model)), b.mask.to(model_device(model))
-    width = nethook.get_module(model, module)
-    d_out = _out_features(width)
     work = work_dtype(model)
+    d_out = _out_features(nethook.get_module(model, module))
     delta = torch.zeros(d_out, device=device, dtype=work, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
     edit = nethook.OutputEdit(b.lookup_rows, b.lookup_cols, delta)
-    kl_row = torch.tensor([b.n_rewrite], device=device)
-    kl_col = b.lookup_cols[b.n_rewrite :]
-    rows = torch.cat([b.loss_rows, kl_row])
-    cols = torch.cat([b.loss_cols, kl_col])
-    n_loss = b.loss_rows.numel()
-    autocast = torch.autocast(
-        device_type=device.type,
-        dtype=torch.bfloat16,
-        enabled=resolve_autocast(hp.v_autocast, device) == "bf16",
-    )
+    # the loss entries, then the KL row's subject
+    rows = torch.cat([b.loss_rows, torch.tensor([b.n_rewrite], device=device)])
+    cols = torch.cat([b.loss_cols, b.lookup_cols[b.n_rewrite :]])
+    bf16 = resolve_autocast(hp.v_autocast, device) == "bf16"
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+    objective = _Objective(hp, b, work, device)
     steps: list[torch.Tensor] = []  # per step on the device, read once at the end
-    kl_init: torch.Tensor | None = None
-    v_init: torch.Tensor | None = None
-    most_probable = hp.v_stop == "most_probable"
     freeze = frozen(model) if fast else contextlib.nullcontext()
     with freeze, nethook.add_to_output(model, module, edit):
         upper = UpperStack(model, hp, layer, ids, mask) if fast else None
         for step in range(hp.v_num_grad_steps):
             opt.zero_grad()
             with autocast:
-                if upper is not None:
-                    logits = upper.logits_at(rows, cols).to(device, work)
-                else:
-                    full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                    logits = full.to(work)[rows.to(full.device), cols.to(full.device)].to(device)
-            if v_init is None:
+                logits = _step_logits(model, upper, ids, mask, rows, cols, work, device)
+            if objective.v_init is None:
                 assert edit.first_output is not None
-                v_init = edit.first_output.to(work)
-            logp = logits[:n_loss].log_softmax(-1)
-            tok_lp = logp[torch.arange(n_loss, device=device), b.loss_labels]
-            per_prompt = torch.zeros(b.n_rewrite, device=device, dtype=work)
-            per_prompt = per_prompt.index_add(0, b.loss_rows, tok_lp)
-            nll_each = -per_prompt / b.target_len
-            nll = nll_each.mean()
-            kl_logp = logits[n_loss:].log_softmax(-1)
-            if kl_init is None:
-                kl_init = kl_logp.detach().clone()
-            kl = hp.kl_factor * torch.nn.functional.kl_div(
-                kl_init, kl_logp, log_target=True, reduction="batchmean"
-            )
-            wd = hp.v_weight_decay * (delta.norm() / v_init.norm() ** 2)
-            loss = nll + kl + wd
-            argmax_all = (logits[:n_loss].detach().argmax(-1) == b.loss_labels).all()
-            with torch.no_grad():
-                steps.append(
-                    torch.stack(
-                        [
-                            loss.detach(),
-                            nll.detach(),
-                            kl.detach(),
-                            wd.detach(),
-                            torch.exp(-nll_each.detach()).mean(),
-                            argmax_all.float(),
-                        ]
-                    )
-                )
+                objective.v_init = edit.first_output.to(work)
+            loss, stop, figures = objective(logits, delta)
+            steps.append(figures)
             if on_step is not None:
                 on_step(step + 1, hp.v_num_grad_steps)
-            if step == hp.v_num_grad_steps - 1:
-                break
-            # The one host sync per step: the stopping rule needs it.
-            stop = loss.detach() < hp.v_early_stop_loss
-            if most_probable:
-                stop = stop | argmax_all
-            if bool(stop):
+            # The one host sync per step (bool(stop)): the stopping rule needs it.
+            if step == hp.v_num_grad_steps - 1 or bool(stop):
                 break
             loss.backward()
             opt.step()
-            with torch.no_grad():
-                # Project onto the ball of radius clamp_norm_factor·‖v_init‖, no host sync:
-                # a factor of exactly 1 leaves δ bit for bit as it was.
-                max_norm = hp.clamp_norm_factor * v_init.norm()
-                n = delta.norm()
-                delta.mul_(torch.where(n > max_norm, max_norm / n, torch.ones_like(n)))
+            clamp_to_ball_(delta, hp.clamp_norm_factor * objective.v_init.norm())
     trace = trace_rows(steps)
+    v_init = objective.v_init
     assert v_init is not None
     d = delta.detach()
     return VStar(v_star=v_init + d, v_init=v_init, delta=d, trace=trace, steps=len(trace))
+
+
+def _step_logits(
+    model: nn.Module,
+    upper: UpperStack | None,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    work: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """The logits at (``rows``, ``cols``) in ``work`` on ``device``: from the blocks above
+    the edit (``upper``) or, without it, from the whole model at every position."""
+    if upper is not None:
+        return upper.logits_at(rows, cols).to(device, work)
+    full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return full.to(work)[rows.to(full.device), cols.to(full.device)].to(device)
+
+
+class _Objective:
+    """ROME's ``compute_v`` loss of one step: the target's NLL (per prompt over its length,
+    then the mean over the prompts), ``kl_factor`` × the KL row's divergence from its
+    first-step distribution, and ``v_weight_decay`` × ‖δ‖ / ‖v_init‖²."""
+
+    def __init__(self, hp: EditHparams, b: _Batch, work: torch.dtype, device: torch.device):
+        self.hp, self.b, self.work, self.device = hp, b, work, device
+        self.n_loss = b.loss_rows.numel()
+        self.kl_init: torch.Tensor | None = None  # the KL row's log-probabilities at step 0
+        self.v_init: torch.Tensor | None = None  # set by the caller on the first step
+
+    def __call__(
+        self, logits: torch.Tensor, delta: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The loss, whether the stopping rule stops here (a device bool) and the step's
+        row of :data:`TRACE_KEYS`."""
+        hp, b, n_loss, work, device = self.hp, self.b, self.n_loss, self.work, self.device
+        assert self.v_init is not None
+        logp = logits[:n_loss].log_softmax(-1)
+        tok_lp = logp[torch.arange(n_loss, device=device), b.loss_labels]
+        per_prompt = torch.zeros(b.n_rewrite, device=device, dtype=work)
+        per_prompt = per_prompt.index_add(0, b.loss_rows, tok_lp)
+        nll_each = -per_prompt / b.target_len
+        nll = nll_each.mean()
+        kl_logp = logits[n_loss:].log_softmax(-1)
+        if self.kl_init is None:
+            self.kl_init = kl_logp.detach().clone()
+        kl = hp.kl_factor * torch.nn.functional.kl_div(
+            self.kl_init, kl_logp, log_target=True, reduction="batchmean"
+        )
+        wd = hp.v_weight_decay * (delta.norm() / self.v_init.norm() ** 2)
+        loss = nll + kl + wd
+        argmax_all = (logits[:n_loss].detach().argmax(-1) == b.loss_labels).all()
+        with torch.no_grad():
+            p_target = torch.exp(-nll_each.detach()).mean()
+            parts = [loss, nll, kl, wd]
+            figures = torch.stack([x.detach() for x in parts] + [p_target, argmax_all.float()])
+        stop = loss.detach() < hp.v_early_stop_loss
+        if hp.v_stop == "most_probable":
+            stop = stop | argmax_all
+        return loss, stop, figures
+
+
+def clamp_to_ball_(delta: torch.Tensor, max_norm: torch.Tensor) -> None:
+    """Project ``delta`` in place onto the ball of radius ``max_norm``, with no host sync;
+    a ``delta`` inside the ball is multiplied by exactly 1 (bit for bit as it was)."""
+    with torch.no_grad():
+        n = delta.norm()
+        delta.mul_(torch.where(n > max_norm, max_norm / n, torch.ones_like(n)))
 
 
 TRACE_KEYS = ("loss", "nll", "kl", "weight_decay", "p_target", "argmax_all")

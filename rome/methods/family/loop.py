@@ -134,11 +134,9 @@ class FamilyMethod(MethodBase):
         settings: Any,
         progress: Progress | None = None,
     ) -> Update:
-        """The update for ``requests`` on the model as it is now (model unchanged after).
-
-        The first ~60 lines are one sequence (z, then the layer loop, then the
-        records); splitting it would scatter the saved weights' restore.
-        """
+        """The update for ``requests`` on the model as it is now (model unchanged after):
+        z, then the layer loop (:meth:`_write_layers`; every weight it writes is restored
+        here, also when it fails), then the records."""
         if not requests:
             raise BadRequestError(f"{self.name} needs at least one request")
         reqs = [r.validate() for r in requests]
@@ -151,46 +149,19 @@ class FamilyMethod(MethodBase):
             for layer in layers:
                 moment(ctx, layer)
         self.prepare(ctx, layers, settings)
-        z_layer = layers[-1]
-        block = f"{hp.layers_module}.{z_layer}"
-        model, tok = ctx.model, ctx.tok
-        bare = [locate(tok, r.prompt, r.subject, hp.subject_index) for r in reqs]
-        key_items = [
-            locate(tok, t.format(r.prompt), r.subject, hp.subject_index)
-            for r in reqs
-            for t in templates
-        ]
+        where = _Where.of(ctx, hp, reqs, templates, layers[-1])
         before = _probe(ctx, reqs)
-        zr, z_loop = self._z(ctx, reqs, templates, z_layer, hp, settings, progress)
+        zr, z_loop = self._z(ctx, reqs, templates, layers[-1], hp, settings, progress)
         zr = self.adjust_z(ctx, zr, reqs, settings)
         saved: list[tuple[int, torch.Tensor]] = []
-        out: list[LayerUpdate] = []
-        infos: list[dict[str, Any]] = []
-        resid_norms: list[list[float]] = []
         try:
-            for i, layer in enumerate(layers):
-                name = hp.weight_module(layer)
-                keys = _keys(ctx, key_items, name, len(templates))
-                cur_z = reprs_at(model, tok, bare, block, "out").to(zr.z.device)
-                err = zr.z - cur_z  # (n, d)
-                resid_norms.append(err.norm(dim=1).tolist())
-                resid = (err / (len(layers) - i)).T.to(keys.device)  # under a device map
-                lc = LayerContext(layer, i, len(layers), keys, resid)
-                solved = self.solve(ctx, lc, settings)
-                lu = LayerUpdate(layer, name, solved.U.float(), solved.V.float())
-                if self.keys_on == "loop" and self.stores_keys(settings):
-                    lu.keys = keys.cpu()
-                saved.append((layer, add_delta(ctx.module(layer), lu.delta())))
-                out.append(lu)
-                infos.append(solved.info)
-                if progress:
-                    progress("layers", i + 1, len(layers))
-            final_err = (zr.z - reprs_at(model, tok, bare, block, "out").to(zr.z.device)).norm(
-                dim=1
+            out, infos, resid_norms = self._write_layers(
+                ctx, hp, layers, zr, where, settings, saved, progress
             )
+            final_err = (zr.z - where.cur_z(ctx, zr.z.device)).norm(dim=1)
             if self.keys_on == "edited" and self.stores_keys(settings):
                 for lu in out:
-                    lu.keys = _keys(ctx, key_items, lu.weight_name, len(templates)).cpu()
+                    lu.keys = _keys(ctx, where.key_items, lu.weight_name, len(templates)).cpu()
             after = _probe(ctx, reqs)
             if ctx.while_applied is not None and self.finish_keeps_layers:
                 ctx.while_applied()  # the loop's weights are the update's
@@ -201,19 +172,7 @@ class FamilyMethod(MethodBase):
             _record(j, r, zr, resid_norms, final_err, layers, before, after)
             for j, r in enumerate(reqs)
         ]
-        opts = {
-            "layers": layers,
-            "subject_index": hp.subject_index,
-            "v_stop": hp.v_stop,
-            "z_loop": z_loop,
-            "v_prefix_reuse": hp.v_prefix_reuse if z_loop == "batched" else False,
-            "v_max_requests": hp.v_max_requests if z_loop == "batched" else 1,
-            "v_length_buckets": hp.v_length_buckets if z_loop == "batched" else False,
-            "n_requests": len(reqs),
-            "templates": templates,
-            **{k: v for k, v in settings_dict(settings).items() if k not in ("z_loop", "v_stop")},
-            "per_layer": [{"layer": lu.layer, **inf} for lu, inf in zip(out, infos, strict=True)],
-        }
+        opts = _options(hp, settings, layers, z_loop, len(reqs), templates, out, infos)
         results = [
             {"z": zr.z[j].cpu(), "target_init": zr.target_init[j].cpu()} for j in range(len(reqs))
         ]
@@ -221,6 +180,40 @@ class FamilyMethod(MethodBase):
         self.finish(ctx, upd, settings)
         upd.unsafe_reason = ctx.unsafe_reason(upd)
         return upd
+
+    def _write_layers(
+        self,
+        ctx: EditContext,
+        hp: Any,
+        layers: list[int],
+        zr: ZResult,
+        where: _Where,
+        settings: Any,
+        saved: list[tuple[int, torch.Tensor]],
+        progress: Progress | None,
+    ) -> tuple[list[LayerUpdate], list[dict[str, Any]], list[list[float]]]:
+        """Each layer's keys, residual, solve and write, in order; each written layer's
+        previous weight is appended to ``saved`` (the caller restores them). Returns the
+        layers' updates, their solves' infos and the residual norms per layer."""
+        out: list[LayerUpdate] = []
+        infos: list[dict[str, Any]] = []
+        resid_norms: list[list[float]] = []
+        for i, layer in enumerate(layers):
+            name = hp.weight_module(layer)
+            keys = _keys(ctx, where.key_items, name, where.n_templates)
+            err = zr.z - where.cur_z(ctx, zr.z.device)  # (n, d)
+            resid_norms.append(err.norm(dim=1).tolist())
+            resid = (err / (len(layers) - i)).T.to(keys.device)  # under a device map
+            solved = self.solve(ctx, LayerContext(layer, i, len(layers), keys, resid), settings)
+            lu = LayerUpdate(layer, name, solved.U.float(), solved.V.float())
+            if self.keys_on == "loop" and self.stores_keys(settings):
+                lu.keys = keys.cpu()
+            saved.append((layer, add_delta(ctx.module(layer), lu.delta())))
+            out.append(lu)
+            infos.append(solved.info)
+            if progress:
+                progress("layers", i + 1, len(layers))
+        return out, infos, resid_norms
 
     def _z(
         self,
@@ -256,6 +249,61 @@ class FamilyMethod(MethodBase):
         copy = ZResult(zr.z.clone(), zr.target_init.clone(), list(zr.steps))
         copy.traces = [[dict(t) for t in trace] for trace in zr.traces]
         return copy, loop
+
+
+@dataclass
+class _Where:
+    """Where the layer loop reads: each request's subject in its bare prompt (cur_z, at
+    the output of the last edited layer's block) and in every template (the keys)."""
+
+    bare: list[Located]
+    key_items: list[Located]  # per request, its templates in order
+    n_templates: int
+    block: str
+
+    @classmethod
+    def of(
+        cls, ctx: EditContext, hp: Any, reqs: list[EditRequest], templates: list[str], z_layer: int
+    ) -> _Where:
+        tok = ctx.tok
+        bare = [locate(tok, r.prompt, r.subject, hp.subject_index) for r in reqs]
+        key_items = [
+            locate(tok, t.format(r.prompt), r.subject, hp.subject_index)
+            for r in reqs
+            for t in templates
+        ]
+        return cls(bare, key_items, len(templates), f"{hp.layers_module}.{z_layer}")
+
+    def cur_z(self, ctx: EditContext, device: torch.device) -> torch.Tensor:
+        """The block's output at each bare prompt's subject on the model as it is now."""
+        return reprs_at(ctx.model, ctx.tok, self.bare, self.block, "out").to(device)
+
+
+def _options(
+    hp: Any,
+    settings: Any,
+    layers: list[int],
+    z_loop: str,
+    n_requests: int,
+    templates: list[str],
+    out: list[LayerUpdate],
+    infos: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """What an update records of how it was computed (``Update.options``)."""
+    batched = z_loop == "batched"
+    return {
+        "layers": layers,
+        "subject_index": hp.subject_index,
+        "v_stop": hp.v_stop,
+        "z_loop": z_loop,
+        "v_prefix_reuse": hp.v_prefix_reuse if batched else False,
+        "v_max_requests": hp.v_max_requests if batched else 1,
+        "v_length_buckets": hp.v_length_buckets if batched else False,
+        "n_requests": n_requests,
+        "templates": templates,
+        **{k: v for k, v in settings_dict(settings).items() if k not in ("z_loop", "v_stop")},
+        "per_layer": [{"layer": lu.layer, **inf} for lu, inf in zip(out, infos, strict=True)],
+    }
 
 
 def _keys(ctx: EditContext, items: list[Located], name: str, n_templates: int) -> torch.Tensor:
