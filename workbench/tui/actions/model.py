@@ -33,9 +33,13 @@ class ModelActions(AppBase):
                 exists = database_path(db_path).exists()
                 access: Access = "read-until-write" if exists else "write"
                 store = open_store(db_path, access=access)
-                store.on_migrate = lambda note: self.post_message(
-                    Notice(note[:1].upper() + note[1:], "warning", "Database migrated")
-                )
+
+                def on_migrate(note: str) -> None:
+                    self.post_message(
+                        Notice(note[:1].upper() + note[1:], "warning", "Database migrated")
+                    )
+
+                store.on_migrate = on_migrate
                 return StoreOpened(store, [])
             except StoreError as exc:
                 return StoreOpened(None, [], exc, "Opening the database")

@@ -14,6 +14,7 @@ from textual.widgets import Button, DataTable, Static
 
 from workbench.core.format import fnum, fprob
 from workbench.core.records import HistoryRow
+from workbench.tui.tables import cursor_key
 
 
 def plural(n: int, word: str) -> str:
@@ -211,14 +212,8 @@ class HistoryPane(Vertical):
         self._show_detail(self.selected())
 
     def selected(self) -> HistoryRow | None:
-        table = self.query_one("#history-table", DataTable)
-        if table.row_count == 0:
-            return None
-        try:
-            key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
-        except Exception:
-            return None
-        return self.rows.get(str(key))
+        key = cursor_key(self.query_one("#history-table", DataTable))
+        return None if key is None else self.rows.get(key)
 
     @on(DataTable.RowHighlighted, "#history-table")
     def _highlighted(self, event: DataTable.RowHighlighted) -> None:

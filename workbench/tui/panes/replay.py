@@ -16,6 +16,7 @@ from evals.protocols import END_OF_STREAM, IMMEDIATE, RETENTION
 from evals.replay import CheckpointDone, EditDone, ReplayFinished, ReplayWarning
 from workbench.core.format import fnum, fseconds
 from workbench.core.stores import resumable
+from workbench.tui.tables import cursor_key
 
 from ..replay_data import ReplaySeries, metric
 from ..widgets.run_charts import RunCharts
@@ -172,13 +173,7 @@ class ReplayPane(Vertical):
             table.move_cursor(row=table.get_row_index(r.id))
 
     def selected_run(self) -> str | None:
-        table = self.query_one("#replay-runs", DataTable)
-        if table.row_count == 0:
-            return None
-        try:
-            return str(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
-        except Exception:
-            return None
+        return cursor_key(self.query_one("#replay-runs", DataTable))
 
     @on(Button.Pressed, "#run-open, #run-overlay, #run-resume")
     def _run_button(self, event: Button.Pressed) -> None:

@@ -21,6 +21,7 @@ from textual.widgets import Button, DataTable, Static
 
 from workbench.core.run_stats import compare_runs, p_text
 from workbench.core.summary import SCORE_KEYS, ProtocolScores, fmt
+from workbench.tui.tables import cursor_key
 
 from ..replay_data import ReplaySeries
 from ..widgets.flagged_edits import FlaggedEdits
@@ -126,13 +127,7 @@ class RunsPane(Horizontal):
             table.move_cursor(row=table.get_row_index(selected))
 
     def selected_run(self) -> str | None:
-        table = self.query_one("#runs-table", DataTable)
-        if table.row_count == 0:
-            return None
-        try:
-            return str(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
-        except Exception:
-            return None
+        return cursor_key(self.query_one("#runs-table", DataTable))
 
     @on(Button.Pressed, "#runs-open, #runs-overlay")
     def _show_button(self, event: Button.Pressed) -> None:

@@ -13,6 +13,8 @@ from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.widgets import DataTable, Static
 
+from workbench.tui.tables import cursor_key
+
 if TYPE_CHECKING:
     from ..replay_data import ReplaySeries
 
@@ -66,13 +68,7 @@ class FlaggedEdits(Vertical):
         self._detail(self.selected())
 
     def selected(self) -> str | None:
-        table = self.query_one(".flag-table", DataTable)
-        if table.row_count == 0:
-            return None
-        try:
-            return str(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
-        except Exception:
-            return None
+        return cursor_key(self.query_one(".flag-table", DataTable))
 
     def select(self, run_id: str, seq: int) -> None:
         """Move the cursor to edit ``seq`` of ``run_id`` (and show its record)."""
