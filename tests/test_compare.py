@@ -121,6 +121,19 @@ def test_dry_run_lists_runs_and_commands_and_writes_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.toml"]
 
 
+def test_only_runs_the_runs_it_matches_and_a_pattern_that_matches_none_is_refused(tmp_path):
+    spec = _spec(tmp_path)
+    res = runner.invoke(app, ["compare", str(spec), "--dry-run", "--only", "memit-*"])
+    assert res.exit_code == 0, res.output
+    assert "tiny: 1 runs (1 to start, 0 to resume, 0 finished)" in res.output
+    assert "memit-sample-n4-b2  start" in res.output and "rome-sample" not in res.output
+    res = runner.invoke(app, ["compare", str(spec), "--only", "ultra*"])
+    assert res.exit_code == 2, res.output
+    line = one_line(res.output)
+    assert "--only 'ultra*' matches no run" in line and "rome-sample-n8-b1" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.toml"]
+
+
 BAD = {
     "unknown method": ('methods = ["rome", "nope"]', "unknown method 'nope'"),
     "unknown dataset": ('methods = ["rome"]\ndatasets = ["nowhere.json"]', "unknown dataset"),
@@ -262,6 +275,49 @@ def test_a_file_that_is_not_a_workbench_database_is_refused(tmp_path):
         assert res.exit_code == 2, res.output
         assert str(bad) in one_line(res.output)
         assert not out.exists()
+
+
+def test_merge_run_takes_only_the_runs_it_names_and_refuses_an_unknown_one(tmp_path):
+    a = _store(tmp_path / "a.db", "run_a", 3)
+    b = _store(tmp_path / "b.db", "run_b", 2, seed=1)
+    out = tmp_path / "one.db"
+    res = runner.invoke(app, ["merge", str(a), str(b), "--run", "run_b", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "1 run(s) added (run_b)" in res.output
+    assert _rows(out) == {"runs": 1, "edits": 2, "checkpoints": 1}
+    for bad, why in (("nope", "no run"), ("run_", "2 runs (run_a, run_b)")):
+        target = tmp_path / f"{bad}.db"
+        res = runner.invoke(app, ["merge", str(a), str(b), "--run", bad, "-o", str(target)])
+        assert res.exit_code == 2, res.output
+        assert f"--run {bad}: {why} in the sources" in one_line(res.output)
+        assert not target.exists()
+
+
+def test_a_run_made_by_hand_adopted_with_merge_run_counts_as_the_specs_run(tmp_path):
+    """A replay made by hand with a spec run's settings, merged alone into that run's
+    database, is that run: compare skips it and its report shows it (found by id, not by
+    the notes compare writes)."""
+    spec = _spec(tmp_path)
+    res = runner.invoke(app, ["compare", str(spec), "--dry-run", "--only", "memit-*"])
+    argv = next(ln.split()[3:] for ln in res.output.splitlines() if "replay --db" in ln)
+    hand = tmp_path / "hand.db"
+    argv[argv.index("--db") + 1] = str(hand)
+    other = _store(tmp_path / "other.db", "run_other", 1)  # a second run beside it
+    merged = runner.invoke(app, ["merge", str(other), "-o", str(hand)])
+    assert merged.exit_code == 0, merged.output
+    made = runner.invoke(app, argv)
+    assert made.exit_code == 0, made.output
+    with Store.open(hand) as s:
+        (rid,) = [r.id for r in s.list_runs() if r.id != "run_other"]
+    runs = tmp_path / "tiny-runs"
+    runs.mkdir()
+    res = runner.invoke(app, ["merge", str(hand), "--run", rid[:6], "-o",
+                              str(runs / "memit-sample-n4-b2.db")])  # fmt: skip
+    assert res.exit_code == 0 and f"1 run(s) added ({rid})" in res.output, res.output
+    res = runner.invoke(app, ["compare", str(spec), "--only", "memit-*"])
+    assert res.exit_code == 0, res.output
+    assert "finished before" in res.output
+    assert rid in (runs / "report" / "README.md").read_text(encoding="utf-8")
 
 
 # ------------------------------------------------------------- the local path, killed

@@ -83,28 +83,28 @@ def _runner(states: list[RunState], spec: CompareSpec, target: Path, workers: in
     return LocalRunner(states, local_workers(workers), target / "logs", shown, spec_name=spec.name)
 
 
-def _finish(spec: CompareSpec, states: Sequence[RunState], rows: Sequence[RunProgress],
-            merged: Path, report_dir: Path) -> None:  # fmt: skip
-    from workbench.core.compare import order_groups
+def _finish(spec: CompareSpec, finished: Sequence[RunState], merged: Path,
+            report_dir: Path) -> None:  # fmt: skip
+    """Merge the finished runs' databases and write the report of every finished run (by
+    the id in its own database, so that a run adopted with ``merge --run`` counts)."""
+    from workbench.core.compare import order_groups, read_run
     from workbench.core.report import report_markdown
     from workbench.plot import plot_runs
     from workbench.store import Store
     from workbench.store.merge import merge_databases
 
-    finished = [s.db for s, r in zip(states, rows, strict=True) if r.status == "done"]
     if not finished:
         return
-    result = merge_databases(finished, merged)
+    result = merge_databases([s.db for s in finished], merged)
     err.print(f"merged {len(finished)} run database(s) into {merged}: {len(result.added)} "
               f"run(s) added, {len(result.already)} already there", highlight=False)  # fmt: skip
+    ids = {}
+    for s in finished:
+        found = read_run(s.db)
+        if found is not None:
+            ids[s.run.name] = found[0]
     with Store.open(merged) as store:
-        done = {s.run.name for s, r in zip(states, rows, strict=True) if r.status == "done"}
-        ids = {}
-        for run in store.list_runs():
-            name = (run.notes or "").removeprefix(f"compare {spec.name}: ")
-            if name in done:
-                ids[name] = run.id
-        order = [s.run.name for s in states if s.run.name in ids]
+        order = [s.run.name for s in finished if s.run.name in ids]
         groups = {
             key: [ids[n] for n in names if n in ids] for key, names in order_groups(spec).items()
         }
@@ -142,18 +142,28 @@ def compare(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="list the runs and their commands; run nothing")
     ] = False,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--only",
+            metavar="PATTERN",
+            help="run only the runs whose names match (shell-style, e.g. 'ultraedit-*'; "
+            "repeatable); the report still takes every finished run",
+        ),
+    ] = None,
 ) -> None:
     """Run a comparison: every run of SPEC (methods x datasets x orders x edits x batch
     sizes) as its own replay, skipping finished runs and resuming interrupted ones; then
     merge their databases and write the comparison's report."""
-    from workbench.core.compare import CompareSpecError, load_spec, run_states
+    from workbench.core.compare import CompareSpecError, load_spec, run_states, selected
 
     with handled(), sigterm_as_interrupt():
         if ray is not None and workers is not None:
             raise CompareSpecError("--workers sets local workers; with --ray each run is a task")
         spec = load_spec(spec_file)
         target = out_dir or spec_file.parent / f"{spec.name}-runs"
-        states = run_states(spec, target)
+        every = run_states(spec, target)
+        states = selected(every, only)
         if dry_run:
             _dry_run(spec, states)
             return
@@ -172,7 +182,9 @@ def compare(
                 f"rome-workbench compare {spec_file}")  # fmt: skip
             raise typer.Exit(1) from None
         out.print(_table(rows, f"{spec.name}: {len(rows)} runs"))
-        _finish(spec, states, rows, db or target / f"{spec.name}.db", target / "report")
+        done = {r.name for r in rows if r.status == "done"}
+        finished = [s for s in every if s.run.name in done or s.action == "skip"]
+        _finish(spec, finished, db or target / f"{spec.name}.db", target / "report")
         failed = [r.name for r in rows if r.status != "done"]
         if failed:
             again = f"rome-workbench compare {spec_file}"
@@ -185,13 +197,19 @@ def compare(
 def merge(
     sources: Annotated[list[Path], typer.Argument(metavar="DB...", help="databases to merge")],
     output: Annotated[Path, typer.Option("-o", "--output", help="the merged database")],
+    runs: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--run", metavar="ID", help="merge only this run (an id or its prefix; repeatable)"
+        ),
+    ] = None,
 ) -> None:
     """Merge workbench databases into one: every run and step once (a merge repeated adds
     nothing); two different copies of one run are refused."""
     from workbench.store.merge import merge_databases
 
     with handled():
-        result = merge_databases(sources, output)
+        result = merge_databases(sources, output, runs)
         added = f" ({', '.join(result.added)})" if result.added else ""
         err.print(f"merged into {output}: {len(result.added)} run(s) added{added}, "
                   f"{len(result.already)} already there, {result.rows} rows written",

@@ -398,3 +398,17 @@ def run_states(spec: CompareSpec, out: Path) -> list[RunState]:
         action = "skip" if status == "finished" else "resume"
         states.append(RunState(run, db, action, rid, n))
     return states
+
+
+def selected(states: list[RunState], patterns: Sequence[str] | None) -> list[RunState]:
+    """The states whose run names match any of the shell-style ``patterns`` (all of them
+    when none are given); a pattern that matches no run is refused."""
+    from fnmatch import fnmatchcase
+
+    if not patterns:
+        return states
+    for pattern in patterns:
+        if not any(fnmatchcase(s.run.name, pattern) for s in states):
+            names = ", ".join(s.run.name for s in states)
+            raise CompareSpecError(f"--only {pattern!r} matches no run of the spec ({names})")
+    return [s for s in states if any(fnmatchcase(s.run.name, p) for p in patterns)]

@@ -10,6 +10,8 @@ not a workbench database (or one newer than this code) is refused the same way.
 
 Sources are opened read-only. A source of an older schema reads as it would after
 its migrations (the columns added since are NULL, as the migrations leave them).
+``runs`` picks some runs of the sources (by id or a prefix of one that names one run):
+a run made by hand, say, adopted into a comparison's database for that run.
 """
 
 from __future__ import annotations
@@ -169,9 +171,24 @@ def _differs(run_id: str, a: _Copy, b: _Copy) -> MergeInputError:
     )
 
 
-def plan_merge(sources: Sequence[Path], target: Path) -> tuple[dict[str, _Copy], list[str]]:
-    """Check everything before a write: the runs to add (the first copy of each, by id)
-    and those the target already holds. Raises :class:`MergeInputError`."""
+def _picked(found: Sequence[str], runs: Sequence[str]) -> set[str]:
+    """The run ids that ``runs`` (ids or prefixes) name among ``found``."""
+    picked = set()
+    for want in runs:
+        hits = sorted({rid for rid in found if rid.startswith(want)})
+        if len(hits) != 1:
+            what = "no run" if not hits else f"{len(hits)} runs ({', '.join(hits)})"
+            raise MergeInputError(f"--run {want}: {what} in the sources; nothing was merged")
+        picked.add(hits[0])
+    return picked
+
+
+def plan_merge(
+    sources: Sequence[Path], target: Path, runs: Sequence[str] | None = None
+) -> tuple[dict[str, _Copy], list[str]]:
+    """Check everything before a write: the runs to add (the first copy of each, by id;
+    only those ``runs`` names, when given) and those the target already holds. Raises
+    :class:`MergeInputError`."""
     if not sources:
         raise MergeInputError("give at least one database to merge")
     tgt = target.expanduser().absolute()
@@ -188,8 +205,12 @@ def plan_merge(sources: Sequence[Path], target: Path) -> tuple[dict[str, _Copy],
         have = _copies(target, layout)
     adding: dict[str, _Copy] = {}
     already: set[str] = set()
-    for src in sources:
-        for rid, copy in _copies(src, layout).items():
+    found = [_copies(src, layout) for src in sources]
+    picked = _picked([rid for f in found for rid in f], runs) if runs else None
+    for copies in found:
+        for rid, copy in copies.items():
+            if picked is not None and rid not in picked:
+                continue
             first = have.get(rid) or adding.get(rid)
             if first is None:
                 adding[rid] = copy
@@ -200,12 +221,14 @@ def plan_merge(sources: Sequence[Path], target: Path) -> tuple[dict[str, _Copy],
     return adding, sorted(already)
 
 
-def merge_databases(sources: Sequence[Path], target: Path) -> MergeResult:
-    """Merge the runs of ``sources`` into ``target`` (created where there is none), in
-    one transaction; see the module's rules."""
+def merge_databases(
+    sources: Sequence[Path], target: Path, runs: Sequence[str] | None = None
+) -> MergeResult:
+    """Merge the runs of ``sources`` (those ``runs`` names, when given) into ``target``
+    (created where there is none), in one transaction; see the module's rules."""
     from .store import Store
 
-    adding, already = plan_merge(sources, target)
+    adding, already = plan_merge(sources, target, runs)
     result = MergeResult(target, already=already)
     Store.open(target).close()  # created and migrated to this code's schema
     layout = _layout()
