@@ -125,7 +125,7 @@ def test_only_runs_the_runs_it_matches_and_a_pattern_that_matches_none_is_refuse
     spec = _spec(tmp_path)
     res = runner.invoke(app, ["compare", str(spec), "--dry-run", "--only", "memit-*"])
     assert res.exit_code == 0, res.output
-    assert "tiny: 1 runs (1 to start, 0 to resume, 0 finished)" in res.output
+    assert "tiny: 1 run (1 to start, 0 to resume, 0 finished)" in res.output
     assert "memit-sample-n4-b2  start" in res.output and "rome-sample" not in res.output
     res = runner.invoke(app, ["compare", str(spec), "--only", "ultra*"])
     assert res.exit_code == 2, res.output

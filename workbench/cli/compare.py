@@ -56,11 +56,15 @@ class _Shown:
                           highlight=False, markup=False)  # fmt: skip
 
 
+def _runs(n: int) -> str:
+    return f"{n} run" if n == 1 else f"{n} runs"
+
+
 def _dry_run(spec: CompareSpec, states: Sequence[RunState]) -> None:
     """The runs, what running the spec does to each, and its command (one line each)."""
     counts = {a: sum(s.action == a for s in states) for a in ("start", "resume", "skip")}
     out.print(
-        f"{spec.name}: {len(states)} runs ({counts['start']} to start, {counts['resume']} to "
+        f"{spec.name}: {_runs(len(states))} ({counts['start']} to start, {counts['resume']} to "
         f"resume, {counts['skip']} finished)",
         highlight=False,
     )
@@ -181,7 +185,7 @@ def compare(
             say("interrupted", f"finished edits are saved; run the spec again to resume: "
                 f"rome-workbench compare {spec_file}")  # fmt: skip
             raise typer.Exit(1) from None
-        out.print(_table(rows, f"{spec.name}: {len(rows)} runs"))
+        out.print(_table(rows, f"{spec.name}: {_runs(len(rows))}"))
         done = {r.name for r in rows if r.status == "done"}
         finished = [s for s in every if s.run.name in done or s.action == "skip"]
         _finish(spec, finished, db or target / f"{spec.name}.db", target / "report")
